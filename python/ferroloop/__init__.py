@@ -1,0 +1,83 @@
+"""ferroloop: Python's asyncio event loop, implemented in Rust.
+
+    import ferroloop
+    ferroloop.run(main())                     # like asyncio.run
+    asyncio.run(main(), loop_factory=ferroloop.new_event_loop)   # Python 3.12+
+    ferroloop.install()                       # every new loop is a ferroloop
+    python -m ferroloop app.py [args]         # run a script unchanged
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from asyncio import events
+from typing import Any, Coroutine, TypeVar
+
+from ._ferroloop import Handle, TimerHandle
+from ._loop import Loop
+
+__all__ = ["Loop", "Handle", "TimerHandle", "EventLoopPolicy", "new_event_loop", "install", "run"]
+__version__ = "0.1.0"
+
+_T = TypeVar("_T")
+
+
+def new_event_loop() -> Loop:
+    """A new ferroloop event loop."""
+    return Loop()
+
+
+class EventLoopPolicy(events.BaseDefaultEventLoopPolicy):
+    """An asyncio event loop policy whose loops are ferroloop loops."""
+
+    def _loop_factory(self) -> Loop:
+        return Loop()
+
+
+def install() -> None:
+    """Make ferroloop the loop of `asyncio.run`, `asyncio.new_event_loop` and friends."""
+    asyncio.set_event_loop_policy(EventLoopPolicy())
+
+
+def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None) -> _T:
+    """Run a coroutine on a new ferroloop loop: the contract of `asyncio.run`."""
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
+            return runner.run(main)
+    return _run_310(main, debug)
+
+
+def _run_310(main, debug):
+    """`asyncio.run` for Python 3.10, which has no `asyncio.Runner`."""
+    if events._get_running_loop() is not None:
+        raise RuntimeError("asyncio.run() cannot be called from a running event loop")
+    if not asyncio.iscoroutine(main):
+        raise ValueError(f"a coroutine was expected, got {main!r}")
+    loop = new_event_loop()
+    try:
+        events.set_event_loop(loop)
+        if debug is not None:
+            loop.set_debug(debug)
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            for task in tasks:
+                if not task.cancelled() and task.exception() is not None:
+                    loop.call_exception_handler(
+                        {
+                            "message": "unhandled exception during asyncio.run() shutdown",
+                            "exception": task.exception(),
+                            "task": task,
+                        }
+                    )
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            events.set_event_loop(None)
+            loop.close()

@@ -1,0 +1,745 @@
+//! `LoopCore`: the Rust half of `ferroloop.Loop`. It owns the ready queue, the timer
+//! heap and the poller, and runs the turn in asyncio's `_run_once` order.
+
+use std::collections::VecDeque;
+use std::mem;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyFloat, PyInt, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
+
+use crate::errors::{closed_loop, invalid_fd, os_error};
+use crate::gil_cell::GilCell;
+use crate::handles::{Handle, TimerHandle};
+use crate::poller::{self, Poller, Registry, Token, READABLE, WAKER_TOKEN, WRITABLE};
+use crate::timers::Timers;
+
+/// asyncio caps one poll at a day (`MAXIMUM_SELECT_TIMEOUT`).
+const MAX_POLL_TIMEOUT_S: f64 = 24.0 * 3600.0;
+const INITIAL_EVENTS: usize = 256;
+const MAX_EVENTS: usize = 64 * 1024;
+
+/// The `add_reader`/`add_writer` callbacks of one fd.
+#[derive(Default)]
+pub(crate) struct FdCallbacks {
+    reader: Option<Py<Handle>>,
+    writer: Option<Py<Handle>>,
+}
+
+impl FdCallbacks {
+    fn slot(&mut self, bit: u32) -> &mut Option<Py<Handle>> {
+        if bit == READABLE {
+            &mut self.reader
+        } else {
+            &mut self.writer
+        }
+    }
+}
+
+pub(crate) struct LoopState {
+    ready: VecDeque<Py<Handle>>,
+    timers: Timers,
+    fds: Registry<FdCallbacks>,
+    /// `None` once the loop is closed: its fds are released then.
+    poller: Option<Poller>,
+    events: Vec<libc::epoll_event>,
+    thread_id: Option<u64>,
+}
+
+/// Handles scheduled from other threads, and where to write to wake the loop.
+struct ThreadsafeQueue {
+    handles: Vec<Py<Handle>>,
+    /// The waker's write end; -1 once the loop is closed, so that no thread ever
+    /// writes to an fd number that may have been reused.
+    wake_fd: RawFd,
+}
+
+#[pyclass(module = "ferroloop._ferroloop", subclass, frozen)]
+pub struct LoopCore {
+    state: GilCell<LoopState>,
+    threadsafe: Mutex<ThreadsafeQueue>,
+    /// A wake-up byte is in flight; later `call_soon_threadsafe` calls need not write.
+    wake_pending: AtomicBool,
+    closed: AtomicBool,
+    stopping: AtomicBool,
+    debug: AtomicBool,
+    clock_resolution: f64,
+}
+
+/// `CLOCK_MONOTONIC` in seconds: the clock of `time.monotonic()`.
+pub fn monotonic() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+fn clock_resolution() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: as in `monotonic`.
+    unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC, &mut ts) };
+    let res = ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+    if res > 0.0 {
+        res
+    } else {
+        1e-9
+    }
+}
+
+fn current_thread_id() -> u64 {
+    // SAFETY: no preconditions; the same value `threading.get_ident()` returns.
+    u64::from(unsafe { ffi::PyThread_get_thread_ident() })
+}
+
+/// `selectors._fileobj_to_fd`: an int, or an object with `fileno()`.
+pub(crate) fn fileobj_to_fd(obj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
+    let fd: i64 = if obj.is_instance_of::<PyInt>() {
+        obj.extract()?
+    } else {
+        let invalid = || PyValueError::new_err(format!("Invalid file object: {}", obj.repr().map(|r| r.to_string()).unwrap_or_default()));
+        let fileno = obj.getattr("fileno").map_err(|_| invalid())?;
+        fileno.call0()?.extract::<i64>().map_err(|_| invalid())?
+    };
+    if fd < 0 || fd > i64::from(i32::MAX) {
+        return Err(invalid_fd(fd));
+    }
+    Ok(fd as RawFd)
+}
+
+/// A delay or deadline as asyncio computes it: `base + value`, with Python's own
+/// arithmetic for anything that is not a plain int or float.
+fn deadline(py: Python<'_>, base: f64, value: &Bound<'_, PyAny>) -> PyResult<f64> {
+    if let Ok(f) = value.cast::<PyFloat>() {
+        return Ok(base + f.value());
+    }
+    if value.is_instance_of::<PyInt>() {
+        return Ok(base + value.extract::<f64>()?);
+    }
+    let sum = PyFloat::new(py, base).add(value)?;
+    sum.extract::<f64>().map_err(|_| PyTypeError::new_err(format!("unsupported deadline type: {}", value.get_type().name().map(|n| n.to_string()).unwrap_or_default())))
+}
+
+impl LoopCore {
+    fn new_core() -> PyResult<LoopCore> {
+        let poller = Poller::new().map_err(os_error)?;
+        let wake_fd = poller.wake_tx_fd();
+        Ok(LoopCore {
+            state: GilCell::new(LoopState {
+                ready: VecDeque::new(),
+                timers: Timers::default(),
+                fds: Registry::default(),
+                poller: Some(poller),
+                events: vec![libc::epoll_event { events: 0, u64: 0 }; INITIAL_EVENTS],
+                thread_id: None,
+            }),
+            threadsafe: Mutex::new(ThreadsafeQueue { handles: Vec::new(), wake_fd }),
+            wake_pending: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            debug: AtomicBool::new(false),
+            clock_resolution: clock_resolution(),
+        })
+    }
+
+    /// `loop.get_debug()` for any loop object, read directly when it is ours.
+    pub(crate) fn debug_of(loop_: &Bound<'_, PyAny>) -> PyResult<bool> {
+        match loop_.cast::<LoopCore>() {
+            Ok(core) => Ok(core.get().debug.load(Ordering::Relaxed)),
+            Err(_) => loop_.call_method0("get_debug")?.is_truthy(),
+        }
+    }
+
+    /// A scheduled `TimerHandle` of `loop_` was cancelled.
+    pub(crate) fn timer_cancelled(loop_: &Bound<'_, PyAny>, handle: &Bound<'_, TimerHandle>) -> PyResult<()> {
+        match loop_.cast::<LoopCore>() {
+            Ok(core) => {
+                core.get().state.borrow_mut(loop_.py())?.timers.note_cancelled();
+                Ok(())
+            }
+            Err(_) => loop_.call_method1("_timer_handle_cancelled", (handle,)).map(|_| ()),
+        }
+    }
+
+    fn check_closed(&self) -> PyResult<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            Err(closed_loop())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Debug-mode checks of `call_soon` and friends, as asyncio makes them.
+    fn debug_checks(slf: &Bound<'_, LoopCore>, callback: &Bound<'_, PyAny>, method: &str, thread_check: bool) -> PyResult<()> {
+        let py = slf.py();
+        if thread_check {
+            let owner = slf.get().state.borrow_mut(py)?.thread_id;
+            if let Some(owner) = owner {
+                if owner != current_thread_id() {
+                    return Err(PyRuntimeError::new_err(
+                        "Non-thread-safe operation invoked on an event loop other than the current one",
+                    ));
+                }
+            }
+        }
+        slf.call_method1("_check_callback", (callback, method))?;
+        Ok(())
+    }
+
+    fn new_handle(
+        slf: &Bound<'_, LoopCore>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Handle> {
+        let debug = slf.get().debug.load(Ordering::Relaxed);
+        Handle::build(slf.py(), callback, Some(args), Some(slf.clone().into_any().unbind()), context, debug)
+    }
+
+    fn schedule_timer(
+        slf: &Bound<'_, LoopCore>,
+        when: f64,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<TimerHandle>> {
+        let py = slf.py();
+        let handle = Py::new(py, TimerHandle::new_initializer(LoopCore::new_handle(slf, callback, args, context)?, when))?;
+        handle.get().scheduled.store(true, Ordering::Relaxed);
+        slf.get().state.borrow_mut(py)?.timers.push(handle.clone_ref(py), when);
+        Ok(handle)
+    }
+
+    /// Moves handles queued by other threads onto the ready queue.
+    fn take_threadsafe(&self, py: Python<'_>) -> PyResult<()> {
+        let queued = match self.threadsafe.lock() {
+            Ok(mut q) if !q.handles.is_empty() => mem::take(&mut q.handles),
+            _ => return Ok(()),
+        };
+        self.state.borrow_mut(py)?.ready.extend(queued);
+        Ok(())
+    }
+
+    fn fd_callback_mut(slf: &Bound<'_, LoopCore>, fd: RawFd, handle: Option<Py<Handle>>, bit: u32) -> PyResult<Option<Py<Handle>>> {
+        let py = slf.py();
+        let mut st = slf.get().state.borrow_mut(py)?;
+        let st = &mut *st;
+        let Some(poller) = &st.poller else {
+            return Err(closed_loop());
+        };
+        match st.fds.token_of(fd) {
+            Some(token) => {
+                let Some((cbs, interest)) = st.fds.get_mut(token) else {
+                    return Ok(None);
+                };
+                let adding = handle.is_some();
+                let old = mem::replace(cbs.slot(bit), handle);
+                let interest = if adding { interest | bit } else { interest & !bit };
+                if interest == 0 {
+                    poller.deregister(&mut st.fds, token);
+                } else {
+                    poller.reregister(&mut st.fds, token, interest).map_err(os_error)?;
+                }
+                Ok(old)
+            }
+            None => {
+                let Some(handle) = handle else {
+                    return Ok(None);
+                };
+                let mut cbs = FdCallbacks::default();
+                *cbs.slot(bit) = Some(handle);
+                poller.register(&mut st.fds, fd, bit, cbs).map_err(os_error)?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn add_fd_callback(slf: &Bound<'_, LoopCore>, fd: &Bound<'_, PyAny>, callback: Bound<'_, PyAny>, args: Bound<'_, PyTuple>, bit: u32) -> PyResult<()> {
+        slf.get().check_closed()?;
+        let fd = fileobj_to_fd(fd)?;
+        let handle = Py::new(slf.py(), LoopCore::new_handle(slf, callback, args, None)?)?;
+        if let Some(old) = LoopCore::fd_callback_mut(slf, fd, Some(handle), bit)? {
+            old.bind(slf.py()).call_method0("cancel")?;
+        }
+        Ok(())
+    }
+
+    fn remove_fd_callback(slf: &Bound<'_, LoopCore>, fd: &Bound<'_, PyAny>, bit: u32) -> PyResult<bool> {
+        if slf.get().closed.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let fd = fileobj_to_fd(fd)?;
+        match LoopCore::fd_callback_mut(slf, fd, None, bit)? {
+            Some(old) => {
+                old.bind(slf.py()).call_method0("cancel")?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Queues the callbacks of the ready fds; returns signal numbers read from the waker.
+    fn dispatch_events(&self, py: Python<'_>, events: &[libc::epoll_event], dead: &mut Vec<Py<Handle>>) -> PyResult<(Vec<u8>, bool)> {
+        let mut signals = Vec::new();
+        let mut woken = false;
+        let mut st = self.state.borrow_mut(py)?;
+        let st = &mut *st;
+        let Some(poller) = &st.poller else {
+            return Ok((signals, woken));
+        };
+        for event in events {
+            let data = event.u64;
+            if data == WAKER_TOKEN {
+                poller.drain_waker(&mut signals);
+                woken = true;
+                continue;
+            }
+            let token = Token::decode(data);
+            let (readable, writable) = poller::readiness(event.events);
+            let Some((cbs, interest)) = st.fds.get_mut(token) else {
+                continue;
+            };
+            let mut drop_bits = 0;
+            for (ready, slot, bit) in [(readable, &mut cbs.reader, READABLE), (writable, &mut cbs.writer, WRITABLE)] {
+                if !ready {
+                    continue;
+                }
+                match slot {
+                    Some(h) if h.get().is_cancelled() => {
+                        dead.extend(slot.take());
+                        drop_bits |= bit;
+                    }
+                    Some(h) => st.ready.push_back(h.clone_ref(py)),
+                    None => {}
+                }
+            }
+            if drop_bits != 0 {
+                let interest = interest & !drop_bits;
+                if interest == 0 {
+                    if let Some(cbs) = poller.deregister(&mut st.fds, token) {
+                        dead.extend(cbs.reader);
+                        dead.extend(cbs.writer);
+                    }
+                } else {
+                    poller.reregister(&mut st.fds, token, interest).map_err(os_error)?;
+                }
+            }
+        }
+        Ok((signals, woken))
+    }
+
+    /// One turn of the loop, in the order of asyncio's `BaseEventLoop._run_once`.
+    fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        core.take_threadsafe(py)?;
+
+        let mut dead_timers = Vec::new();
+        let timeout_ms = {
+            let mut st = core.state.borrow_mut(py)?;
+            if st.poller.is_none() {
+                return Err(closed_loop());
+            }
+            st.timers.prune(py, &mut dead_timers);
+            if !st.ready.is_empty() || core.stopping.load(Ordering::Relaxed) {
+                0
+            } else if let Some(when) = st.timers.next_when() {
+                let timeout = (when - monotonic()).clamp(0.0, MAX_POLL_TIMEOUT_S);
+                // Rounded up to whole milliseconds, as selectors.EpollSelector does, so a
+                // timer is never polled for too briefly and spun on.
+                (timeout * 1e3).ceil() as i32
+            } else {
+                -1
+            }
+        };
+        drop(dead_timers);
+        if timeout_ms != 0 {
+            // A signal that arrived while we held the GIL would not interrupt the wait.
+            py.check_signals()?;
+        }
+
+        let (epoll_fd, mut events) = {
+            let mut st = core.state.borrow_mut(py)?;
+            let fd = st.poller.as_ref().map(Poller::epoll_fd).unwrap_or(-1);
+            (fd, mem::take(&mut st.events))
+        };
+        let result = if timeout_ms == 0 {
+            Poller::wait(epoll_fd, &mut events, 0)
+        } else {
+            py.detach(|| Poller::wait(epoll_fd, &mut events, timeout_ms))
+        };
+        let n = match result {
+            Ok(n) => n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(err) => {
+                core.state.borrow_mut(py)?.events = events;
+                return Err(os_error(err));
+            }
+        };
+
+        let mut dead = Vec::new();
+        let dispatched = core.dispatch_events(py, &events[..n], &mut dead);
+        if n == events.len() && events.len() < MAX_EVENTS {
+            events.resize(events.len() * 2, libc::epoll_event { events: 0, u64: 0 });
+        }
+        core.state.borrow_mut(py)?.events = events;
+        drop(dead);
+        let (signals, woken) = dispatched?;
+        if woken {
+            // After the waker was drained: a thread that sees `false` writes a new byte.
+            core.wake_pending.store(false, Ordering::Release);
+        }
+        core.take_threadsafe(py)?;
+        if n == 0 && timeout_ms != 0 {
+            py.check_signals()?;
+        }
+        if !signals.is_empty() {
+            slf.call_method1("_handle_signals", (PyBytes::new(py, &signals),))?;
+        }
+
+        let end_time = monotonic() + core.clock_resolution;
+        let mut dead_timers = Vec::new();
+        {
+            let mut st = core.state.borrow_mut(py)?;
+            while let Some((timer, cancelled)) = st.timers.pop_due(py, end_time) {
+                if cancelled {
+                    dead_timers.push(timer);
+                } else {
+                    st.ready.push_back(timer.into_bound(py).into_super().unbind());
+                }
+            }
+        }
+        drop(dead_timers);
+
+        let ntodo = core.state.borrow_mut(py)?.ready.len();
+        for _ in 0..ntodo {
+            let Some(handle) = core.state.borrow_mut(py)?.ready.pop_front() else {
+                break;
+            };
+            let handle = handle.into_bound(py);
+            if core.debug.load(Ordering::Relaxed) {
+                slf.call_method1("_run_handle_debug", (handle,))?;
+            } else {
+                Handle::run(&handle)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl LoopCore {
+    #[new]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn py_new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, pyo3::types::PyDict>>) -> PyResult<LoopCore> {
+        LoopCore::new_core()
+    }
+
+    fn time(&self) -> f64 {
+        monotonic()
+    }
+
+    #[pyo3(signature = (callback, *args, context=None))]
+    fn call_soon(
+        slf: &Bound<'_, LoopCore>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Handle>> {
+        let py = slf.py();
+        let core = slf.get();
+        core.check_closed()?;
+        if core.debug.load(Ordering::Relaxed) {
+            LoopCore::debug_checks(slf, &callback, "call_soon", true)?;
+        }
+        let handle = Py::new(py, LoopCore::new_handle(slf, callback, args, context)?)?;
+        core.state.borrow_mut(py)?.ready.push_back(handle.clone_ref(py));
+        Ok(handle)
+    }
+
+    #[pyo3(signature = (callback, *args, context=None))]
+    fn call_soon_threadsafe(
+        slf: &Bound<'_, LoopCore>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Handle>> {
+        let py = slf.py();
+        let core = slf.get();
+        core.check_closed()?;
+        if core.debug.load(Ordering::Relaxed) {
+            LoopCore::debug_checks(slf, &callback, "call_soon_threadsafe", false)?;
+        }
+        let handle = Py::new(py, LoopCore::new_handle(slf, callback, args, context)?)?;
+        let mut queue = core.threadsafe.lock().map_err(|_| PyRuntimeError::new_err("ferroloop: threadsafe queue poisoned"))?;
+        queue.handles.push(handle.clone_ref(py));
+        if !core.wake_pending.swap(true, Ordering::AcqRel) && queue.wake_fd >= 0 {
+            poller::wake_fd(queue.wake_fd);
+        }
+        Ok(handle)
+    }
+
+    #[pyo3(signature = (delay, callback, *args, context=None))]
+    fn call_later(
+        slf: &Bound<'_, LoopCore>,
+        delay: &Bound<'_, PyAny>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<TimerHandle>> {
+        if delay.is_none() {
+            return Err(PyTypeError::new_err("delay must not be None"));
+        }
+        let when = deadline(slf.py(), monotonic(), delay)?;
+        let core = slf.get();
+        core.check_closed()?;
+        if core.debug.load(Ordering::Relaxed) {
+            LoopCore::debug_checks(slf, &callback, "call_later", true)?;
+        }
+        LoopCore::schedule_timer(slf, when, callback, args, context)
+    }
+
+    #[pyo3(signature = (when, callback, *args, context=None))]
+    fn call_at(
+        slf: &Bound<'_, LoopCore>,
+        when: &Bound<'_, PyAny>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<TimerHandle>> {
+        if when.is_none() {
+            return Err(PyTypeError::new_err("when cannot be None"));
+        }
+        let when = deadline(slf.py(), 0.0, when)?;
+        let core = slf.get();
+        core.check_closed()?;
+        if core.debug.load(Ordering::Relaxed) {
+            LoopCore::debug_checks(slf, &callback, "call_at", true)?;
+        }
+        LoopCore::schedule_timer(slf, when, callback, args, context)
+    }
+
+    /// Appends an existing handle to the ready queue (signal handlers use this).
+    fn _add_callback(&self, py: Python<'_>, handle: Py<Handle>) -> PyResult<()> {
+        if !handle.get().is_cancelled() {
+            self.state.borrow_mut(py)?.ready.push_back(handle);
+        }
+        Ok(())
+    }
+
+    fn _timer_handle_cancelled(&self, py: Python<'_>, handle: &Bound<'_, TimerHandle>) -> PyResult<()> {
+        if handle.get().scheduled.load(Ordering::Relaxed) {
+            self.state.borrow_mut(py)?.timers.note_cancelled();
+        }
+        Ok(())
+    }
+
+    /// Interrupts a blocked poll (asyncio's name for it).
+    fn _write_to_self(&self) {
+        if let Ok(queue) = self.threadsafe.lock() {
+            if queue.wake_fd >= 0 {
+                poller::wake_fd(queue.wake_fd);
+            }
+        }
+    }
+
+    /// The fd `signal.set_wakeup_fd` should write signal numbers to; -1 once closed.
+    fn _wakeup_fd(&self) -> RawFd {
+        self.threadsafe.lock().map(|q| q.wake_fd).unwrap_or(-1)
+    }
+
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    fn is_running(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.state.borrow_mut(py)?.thread_id.is_some())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    fn get_debug(&self) -> bool {
+        self.debug.load(Ordering::Relaxed)
+    }
+
+    #[getter(_debug)]
+    fn debug_flag(&self) -> bool {
+        self.debug.load(Ordering::Relaxed)
+    }
+
+    #[setter(_debug)]
+    fn set_debug_flag(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.debug.store(value.is_truthy()?, Ordering::Relaxed);
+        Ok(())
+    }
+
+    #[getter(_closed)]
+    fn closed_flag(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    #[setter(_closed)]
+    fn set_closed_flag(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.closed.store(value.is_truthy()?, Ordering::Relaxed);
+        Ok(())
+    }
+
+    #[getter(_stopping)]
+    fn stopping_flag(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    #[setter(_stopping)]
+    fn set_stopping_flag(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.stopping.store(value.is_truthy()?, Ordering::Relaxed);
+        Ok(())
+    }
+
+    #[getter(_thread_id)]
+    fn thread_id(&self, py: Python<'_>) -> PyResult<Option<u64>> {
+        Ok(self.state.borrow_mut(py)?.thread_id)
+    }
+
+    #[setter(_thread_id)]
+    fn set_thread_id(&self, py: Python<'_>, value: Option<u64>) -> PyResult<()> {
+        self.state.borrow_mut(py)?.thread_id = value;
+        Ok(())
+    }
+
+    /// Number of handles waiting to run (for tests and introspection).
+    #[getter(_ready_count)]
+    fn ready_count(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.state.borrow_mut(py)?.ready.len())
+    }
+
+    /// Number of timers in the heap, cancelled ones not yet compacted included.
+    #[getter(_timer_count)]
+    fn timer_count(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.state.borrow_mut(py)?.timers.len())
+    }
+
+    /// Number of fds with `add_reader`/`add_writer` callbacks.
+    #[getter(_fd_count)]
+    fn fd_count(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.state.borrow_mut(py)?.fds.len())
+    }
+
+    fn _run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+        LoopCore::run_once(slf)
+    }
+
+    /// Runs turns until `stop()`; the Python `run_forever` wraps it with the
+    /// running-loop bookkeeping.
+    fn _run_forever_core(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+        loop {
+            LoopCore::run_once(slf)?;
+            if slf.get().stopping.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Releases the poller and every queued handle; the fds are closed exactly once here.
+    fn _close_core(&self, py: Python<'_>) -> PyResult<()> {
+        if self.state.borrow_mut(py)?.thread_id.is_some() {
+            return Err(PyRuntimeError::new_err("Cannot close a running event loop"));
+        }
+        self.closed.store(true, Ordering::Relaxed);
+        let queued = match self.threadsafe.lock() {
+            Ok(mut q) => {
+                q.wake_fd = -1;
+                mem::take(&mut q.handles)
+            }
+            Err(_) => Vec::new(),
+        };
+        let mut dead_timers = Vec::new();
+        let released = {
+            let mut st = self.state.borrow_mut(py)?;
+            st.timers.drain(&mut dead_timers);
+            let fds = mem::take(&mut st.fds);
+            (mem::take(&mut st.ready), fds, st.poller.take())
+        };
+        drop(queued);
+        drop(dead_timers);
+        drop(released);
+        Ok(())
+    }
+
+    #[pyo3(signature = (fd, callback, *args))]
+    fn add_reader(slf: &Bound<'_, LoopCore>, fd: &Bound<'_, PyAny>, callback: Bound<'_, PyAny>, args: Bound<'_, PyTuple>) -> PyResult<()> {
+        LoopCore::add_fd_callback(slf, fd, callback, args, READABLE)
+    }
+
+    #[pyo3(signature = (fd, callback, *args))]
+    fn add_writer(slf: &Bound<'_, LoopCore>, fd: &Bound<'_, PyAny>, callback: Bound<'_, PyAny>, args: Bound<'_, PyTuple>) -> PyResult<()> {
+        LoopCore::add_fd_callback(slf, fd, callback, args, WRITABLE)
+    }
+
+    fn remove_reader(slf: &Bound<'_, LoopCore>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        LoopCore::remove_fd_callback(slf, fd, READABLE)
+    }
+
+    fn remove_writer(slf: &Bound<'_, LoopCore>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        LoopCore::remove_fd_callback(slf, fd, WRITABLE)
+    }
+
+    /// The `add_reader` handle of an fd, if any (selector-loop helpers use this).
+    fn _get_reader(slf: &Bound<'_, LoopCore>, fd: RawFd) -> PyResult<Option<Py<Handle>>> {
+        LoopCore::fd_handle(slf, fd, READABLE)
+    }
+
+    fn _get_writer(slf: &Bound<'_, LoopCore>, fd: RawFd) -> PyResult<Option<Py<Handle>>> {
+        LoopCore::fd_handle(slf, fd, WRITABLE)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(st) = self.state.borrow_for_gc() {
+            for h in &st.ready {
+                visit.call(h)?;
+            }
+            for h in st.timers.handles() {
+                visit.call(h)?;
+            }
+            for cbs in st.fds.owners() {
+                for h in [&cbs.reader, &cbs.writer].into_iter().flatten() {
+                    visit.call(h)?;
+                }
+            }
+        }
+        if let Ok(q) = self.threadsafe.try_lock() {
+            for h in &q.handles {
+                visit.call(h)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        let released = self.state.borrow_mut_for_gc().map(|mut st| {
+            let mut timers = Vec::new();
+            st.timers.drain(&mut timers);
+            (mem::take(&mut st.ready), timers, mem::take(&mut st.fds))
+        });
+        drop(released);
+    }
+}
+
+impl LoopCore {
+    fn fd_handle(slf: &Bound<'_, LoopCore>, fd: RawFd, bit: u32) -> PyResult<Option<Py<Handle>>> {
+        let py = slf.py();
+        let mut st = slf.get().state.borrow_mut(py)?;
+        let Some(token) = st.fds.token_of(fd) else {
+            return Ok(None);
+        };
+        Ok(st.fds.get_mut(token).and_then(|(cbs, _)| {
+            let h = if bit == READABLE { &cbs.reader } else { &cbs.writer };
+            h.as_ref().map(|h| h.clone_ref(py))
+        }))
+    }
+}

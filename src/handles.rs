@@ -1,0 +1,406 @@
+//! `Handle` and `TimerHandle`: a callback scheduled on the loop, with asyncio's surface.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use pyo3::exceptions::{PyKeyboardInterrupt, PySystemExit};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::pyclass::CompareOp;
+use pyo3::types::{PyDict, PyString, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
+
+use crate::event_loop::LoopCore;
+use crate::gil_cell::GilCell;
+use crate::pyhelpers;
+
+pub(crate) struct HandleState {
+    pub callback: Option<Py<PyAny>>,
+    /// `None` for a callback taking no arguments.
+    pub args: Option<Py<PyTuple>>,
+    pub context: Option<Py<PyAny>>,
+    pub loop_: Option<Py<PyAny>>,
+    pub source_traceback: Option<Py<PyAny>>,
+    /// Kept from `cancel()` in debug mode, as asyncio does, so logs can still name it.
+    pub repr: Option<Py<PyAny>>,
+}
+
+/// A callback scheduled by `call_soon`, `add_reader` and friends.
+#[pyclass(module = "ferroloop._ferroloop", subclass, frozen, weakref)]
+pub struct Handle {
+    pub(crate) state: GilCell<HandleState>,
+    cancelled: AtomicBool,
+}
+
+/// A callback scheduled for a point in time (`call_later`, `call_at`).
+#[pyclass(module = "ferroloop._ferroloop", extends = Handle, frozen)]
+pub struct TimerHandle {
+    pub(crate) when: f64,
+    /// True while the timer sits in the loop's heap.
+    pub(crate) scheduled: AtomicBool,
+}
+
+impl Handle {
+    /// Builds a handle; `context=None` takes a copy of the current context, as asyncio does.
+    pub(crate) fn build(
+        py: Python<'_>,
+        callback: Bound<'_, PyAny>,
+        args: Option<Bound<'_, PyTuple>>,
+        loop_: Option<Py<PyAny>>,
+        context: Option<Bound<'_, PyAny>>,
+        debug: bool,
+    ) -> PyResult<Handle> {
+        let context = match context {
+            Some(ctx) if !ctx.is_none() => ctx.unbind(),
+            _ => copy_context(py)?,
+        };
+        let args = args.filter(|a| !a.is_empty()).map(Bound::unbind);
+        let source_traceback = if debug { Some(pyhelpers::extract_stack(py)?) } else { None };
+        Ok(Handle {
+            state: GilCell::new(HandleState {
+                callback: Some(callback.unbind()),
+                args,
+                context: Some(context),
+                loop_,
+                source_traceback,
+                repr: None,
+            }),
+            cancelled: AtomicBool::new(false),
+        })
+    }
+
+    #[inline]
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// Runs the callback inside its context. Exceptions other than `SystemExit` and
+    /// `KeyboardInterrupt` go to the loop's exception handler; those two propagate.
+    pub(crate) fn run(slf: &Bound<'_, Handle>) -> PyResult<()> {
+        let py = slf.py();
+        let handle = slf.get();
+        if handle.is_cancelled() {
+            return Ok(());
+        }
+        let (callback, args, context) = {
+            let state = handle.state.borrow_mut(py)?;
+            match (&state.callback, &state.context) {
+                (Some(cb), Some(ctx)) => (
+                    cb.clone_ref(py),
+                    state.args.as_ref().map(|a| a.clone_ref(py)),
+                    ctx.clone_ref(py),
+                ),
+                _ => return Ok(()),
+            }
+        };
+        match call_in_context(py, &callback, args.as_ref(), &context) {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                if err.is_instance_of::<PySystemExit>(py) || err.is_instance_of::<PyKeyboardInterrupt>(py) {
+                    return Err(err);
+                }
+                report_callback_error(slf, &callback, args.as_ref(), err)
+            }
+        }
+    }
+
+    fn do_cancel(slf: &Bound<'_, Handle>) -> PyResult<()> {
+        let py = slf.py();
+        let handle = slf.get();
+        if handle.cancelled.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let debug = match handle.state.borrow_mut(py)?.loop_.as_ref() {
+            Some(lp) => LoopCore::debug_of(lp.bind(py))?,
+            None => false,
+        };
+        let repr = if debug { Some(Handle::repr_of(slf)?.into_any().unbind()) } else { None };
+        // Taken out first and dropped after the borrow ends: dropping a callback may
+        // run arbitrary Python code (`__del__`) that touches this handle again.
+        let released = {
+            let mut state = handle.state.borrow_mut(py)?;
+            if repr.is_some() {
+                state.repr = repr;
+            }
+            (state.callback.take(), state.args.take())
+        };
+        drop(released);
+        Ok(())
+    }
+
+    fn repr_of<'py>(slf: &Bound<'py, Handle>) -> PyResult<Bound<'py, PyString>> {
+        let py = slf.py();
+        let handle = slf.get();
+        let (callback, args, traceback) = {
+            let state = handle.state.borrow_mut(py)?;
+            if let Some(repr) = &state.repr {
+                return Ok(repr.bind(py).cast::<PyString>()?.clone());
+            }
+            (
+                state.callback.as_ref().map(|c| c.clone_ref(py)),
+                state.args.as_ref().map(|a| a.clone_ref(py)),
+                state.source_traceback.as_ref().map(|t| t.clone_ref(py)),
+            )
+        };
+        let mut info: Vec<String> = vec![slf.get_type().name()?.to_string()];
+        if handle.is_cancelled() {
+            info.push("cancelled".into());
+        }
+        if let Ok(timer) = slf.cast::<TimerHandle>() {
+            let pos = if handle.is_cancelled() { 2 } else { 1 };
+            info.insert(pos, format!("when={}", py_float_repr(py, timer.get().when)?));
+        }
+        if let Some(cb) = callback {
+            info.push(pyhelpers::format_callback_source(py, cb.bind(py), args.as_ref().map(|a| a.bind(py)))?);
+        }
+        if let Some(tb) = traceback {
+            if let Some(frame_info) = pyhelpers::last_frame_location(tb.bind(py))? {
+                info.push(format!("created at {frame_info}"));
+            }
+        }
+        Ok(PyString::new(py, &format!("<{}>", info.join(" "))))
+    }
+}
+
+fn py_float_repr(py: Python<'_>, value: f64) -> PyResult<String> {
+    Ok(value.into_pyobject(py)?.repr()?.to_string())
+}
+
+/// `contextvars.copy_context()` through the C API.
+pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    // SAFETY: called with the GIL held; returns a new reference or NULL with an error set.
+    unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent()) }.map(Bound::unbind)
+}
+
+/// Calls `callback(*args)` with `context` entered, as `Context.run` would.
+fn call_in_context(
+    py: Python<'_>,
+    callback: &Py<PyAny>,
+    args: Option<&Py<PyTuple>>,
+    context: &Py<PyAny>,
+) -> PyResult<()> {
+    // SAFETY: `context` is a live contextvars.Context (built by copy_context or checked by
+    // the caller's `context=` argument being passed through); with the GIL held,
+    // PyContext_Enter either enters it or sets an error and returns -1.
+    if unsafe { ffi::PyContext_Enter(context.as_ptr()) } < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: callback and args are live references kept alive by the caller for the
+    // whole call; each call returns a new reference or NULL with an error set.
+    let result = unsafe {
+        match args {
+            None => ffi::PyObject_CallNoArgs(callback.as_ptr()),
+            Some(args) if ffi::PyTuple_GET_SIZE(args.as_ptr()) == 1 => {
+                ffi::PyObject_CallOneArg(callback.as_ptr(), ffi::PyTuple_GET_ITEM(args.as_ptr(), 0))
+            }
+            Some(args) => ffi::PyObject_Call(callback.as_ptr(), args.as_ptr(), std::ptr::null_mut()),
+        }
+    };
+    let outcome = if result.is_null() {
+        Err(PyErr::fetch(py))
+    } else {
+        // SAFETY: a non-NULL result is a new reference we own and release here.
+        unsafe { ffi::Py_DECREF(result) };
+        Ok(())
+    };
+    // SAFETY: exits the context entered above, on the same thread, with the GIL held.
+    if unsafe { ffi::PyContext_Exit(context.as_ptr()) } < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    outcome
+}
+
+fn report_callback_error(
+    slf: &Bound<'_, Handle>,
+    callback: &Py<PyAny>,
+    args: Option<&Py<PyTuple>>,
+    err: PyErr,
+) -> PyResult<()> {
+    let py = slf.py();
+    let (loop_, traceback) = {
+        let state = slf.get().state.borrow_mut(py)?;
+        (
+            state.loop_.as_ref().map(|l| l.clone_ref(py)),
+            state.source_traceback.as_ref().map(|t| t.clone_ref(py)),
+        )
+    };
+    let Some(loop_) = loop_ else {
+        return Err(err);
+    };
+    let source = pyhelpers::format_callback_source(py, callback.bind(py), args.map(|a| a.bind(py)))?;
+    let context = PyDict::new(py);
+    context.set_item("message", format!("Exception in callback {source}"))?;
+    context.set_item("exception", err.value(py))?;
+    context.set_item("handle", slf)?;
+    if let Some(tb) = traceback {
+        if tb.bind(py).is_truthy()? {
+            context.set_item("source_traceback", tb)?;
+        }
+    }
+    loop_.bind(py).call_method1("call_exception_handler", (context,))?;
+    Ok(())
+}
+
+#[pymethods]
+impl Handle {
+    #[new]
+    #[pyo3(signature = (callback, args, r#loop, context=None))]
+    fn py_new(
+        py: Python<'_>,
+        callback: Bound<'_, PyAny>,
+        args: Option<Bound<'_, PyTuple>>,
+        r#loop: Bound<'_, PyAny>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Handle> {
+        let debug = LoopCore::debug_of(&r#loop)?;
+        Handle::build(py, callback, args, Some(r#loop.unbind()), context, debug)
+    }
+
+    fn cancel(slf: &Bound<'_, Handle>) -> PyResult<()> {
+        Handle::do_cancel(slf)
+    }
+
+    fn cancelled(&self) -> bool {
+        self.is_cancelled()
+    }
+
+    fn get_context(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        Ok(self.state.borrow_mut(py)?.context.as_ref().map(|c| c.clone_ref(py)))
+    }
+
+    fn _run(slf: &Bound<'_, Handle>) -> PyResult<()> {
+        Handle::run(slf)
+    }
+
+    #[getter]
+    fn _cancelled(&self) -> bool {
+        self.is_cancelled()
+    }
+
+    #[getter]
+    fn _callback(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        Ok(self.state.borrow_mut(py)?.callback.as_ref().map(|c| c.clone_ref(py)))
+    }
+
+    #[getter]
+    fn _args<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let state = self.state.borrow_mut(py)?;
+        Ok(match (&state.callback, &state.args) {
+            (None, _) => None,
+            (Some(_), Some(args)) => Some(args.bind(py).clone()),
+            (Some(_), None) => Some(PyTuple::empty(py)),
+        })
+    }
+
+    #[getter]
+    fn _context(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        self.get_context(py)
+    }
+
+    #[getter]
+    fn _loop(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        Ok(self.state.borrow_mut(py)?.loop_.as_ref().map(|c| c.clone_ref(py)))
+    }
+
+    #[getter]
+    fn _source_traceback(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        Ok(self.state.borrow_mut(py)?.source_traceback.as_ref().map(|c| c.clone_ref(py)))
+    }
+
+    fn __repr__<'py>(slf: &Bound<'py, Handle>) -> PyResult<Bound<'py, PyString>> {
+        Handle::repr_of(slf)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // The GC runs with the GIL held. A borrow that is already active means we are in
+        // the middle of updating this handle; skipping one traversal is harmless.
+        if let Some(state) = self.state.borrow_for_gc() {
+            for obj in [&state.callback, &state.context, &state.loop_, &state.source_traceback] {
+                if let Some(obj) = obj {
+                    visit.call(obj)?;
+                }
+            }
+            if let Some(args) = &state.args {
+                visit.call(args)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        let taken = self.state.borrow_mut_for_gc().map(|mut state| {
+            (state.callback.take(), state.args.take(), state.context.take(), state.loop_.take())
+        });
+        drop(taken);
+    }
+}
+
+impl TimerHandle {
+    pub(crate) fn new_initializer(handle: Handle, when: f64) -> PyClassInitializer<TimerHandle> {
+        PyClassInitializer::from(handle).add_subclass(TimerHandle { when, scheduled: AtomicBool::new(false) })
+    }
+}
+
+#[pymethods]
+impl TimerHandle {
+    #[new]
+    #[pyo3(signature = (when, callback, args, r#loop, context=None))]
+    fn py_new(
+        py: Python<'_>,
+        when: f64,
+        callback: Bound<'_, PyAny>,
+        args: Option<Bound<'_, PyTuple>>,
+        r#loop: Bound<'_, PyAny>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<PyClassInitializer<TimerHandle>> {
+        let debug = LoopCore::debug_of(&r#loop)?;
+        let handle = Handle::build(py, callback, args, Some(r#loop.unbind()), context, debug)?;
+        Ok(TimerHandle::new_initializer(handle, when))
+    }
+
+    fn when(&self) -> f64 {
+        self.when
+    }
+
+    #[getter]
+    fn _when(&self) -> f64 {
+        self.when
+    }
+
+    #[getter]
+    fn _scheduled(&self) -> bool {
+        self.scheduled.load(Ordering::Relaxed)
+    }
+
+    fn cancel(slf: &Bound<'_, TimerHandle>) -> PyResult<()> {
+        let py = slf.py();
+        let base = slf.as_super();
+        if !base.get().is_cancelled() && slf.get().scheduled.load(Ordering::Relaxed) {
+            let loop_ = base.get().state.borrow_mut(py)?.loop_.as_ref().map(|l| l.clone_ref(py));
+            if let Some(loop_) = loop_ {
+                LoopCore::timer_cancelled(loop_.bind(py), slf)?;
+            }
+        }
+        Handle::do_cancel(base)
+    }
+
+    fn __hash__(&self) -> u64 {
+        self.when.to_bits()
+    }
+
+    fn __richcmp__(slf: &Bound<'_, TimerHandle>, other: &Bound<'_, PyAny>, op: CompareOp) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let Ok(other) = other.cast::<TimerHandle>() else {
+            return Ok(py.NotImplemented());
+        };
+        let (a, b) = (slf.get().when, other.get().when);
+        let result = match op {
+            CompareOp::Lt => a < b,
+            CompareOp::Le => a < b || slf.is(other) || a == b,
+            CompareOp::Gt => a > b,
+            CompareOp::Ge => a > b || slf.is(other) || a == b,
+            CompareOp::Eq => slf.is(other),
+            CompareOp::Ne => !slf.is(other),
+        };
+        Ok(result.into_pyobject(py)?.to_owned().into_any().unbind())
+    }
+}

@@ -1,0 +1,19 @@
+//! ferroloop: Python's asyncio event loop in Rust. This file only registers the module.
+
+mod errors;
+mod event_loop;
+mod gil_cell;
+mod handles;
+mod poller;
+mod pyhelpers;
+mod timers;
+
+use pyo3::prelude::*;
+
+#[pymodule(gil_used = true)]
+fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<event_loop::LoopCore>()?;
+    m.add_class::<handles::Handle>()?;
+    m.add_class::<handles::TimerHandle>()?;
+    Ok(())
+}
