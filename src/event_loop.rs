@@ -111,6 +111,13 @@ pub(crate) fn fileobj_to_fd(obj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
     Ok(fd as RawFd)
 }
 
+fn reject_non_empty(value: &Bound<'_, PyAny>, name: &str) -> PyResult<()> {
+    if value.len()? != 0 {
+        return Err(PyValueError::new_err(format!("{name} is owned by the Rust core; only an empty one may be assigned")));
+    }
+    Ok(())
+}
+
 /// A delay or deadline as asyncio computes it: `base + value`, with Python's own
 /// arithmetic for anything that is not a plain int or float.
 fn deadline(py: Python<'_>, base: f64, value: &Bound<'_, PyAny>) -> PyResult<f64> {
@@ -475,10 +482,24 @@ impl LoopCore {
             LoopCore::debug_checks(slf, &callback, "call_soon_threadsafe", false)?;
         }
         let handle = Py::new(py, LoopCore::new_handle(slf, callback, args, context)?)?;
-        let mut queue = core.threadsafe.lock().map_err(|_| PyRuntimeError::new_err("ferroloop: threadsafe queue poisoned"))?;
-        queue.handles.push(handle.clone_ref(py));
-        if !core.wake_pending.swap(true, Ordering::AcqRel) && queue.wake_fd >= 0 {
-            poller::wake_fd(queue.wake_fd);
+        // Holding the GIL, we can append to the ready queue itself, which keeps FIFO
+        // order with `call_soon`. Only if the loop thread is inside a borrow (we got the
+        // GIL from it mid-update) does the handle go to the side queue instead.
+        let queued_aside = match core.state.borrow_mut(py) {
+            Ok(mut st) => {
+                st.ready.push_back(handle.clone_ref(py));
+                false
+            }
+            Err(_) => true,
+        };
+        if queued_aside || !core.wake_pending.swap(true, Ordering::AcqRel) {
+            let mut queue = core.threadsafe.lock().map_err(|_| PyRuntimeError::new_err("ferroloop: threadsafe queue poisoned"))?;
+            if queued_aside {
+                queue.handles.push(handle.clone_ref(py));
+            }
+            if queue.wake_fd >= 0 {
+                poller::wake_fd(queue.wake_fd);
+            }
         }
         Ok(handle)
     }
@@ -609,6 +630,46 @@ impl LoopCore {
     #[setter(_thread_id)]
     fn set_thread_id(&self, py: Python<'_>, value: Option<u64>) -> PyResult<()> {
         self.state.borrow_mut(py)?.thread_id = value;
+        Ok(())
+    }
+
+    /// A snapshot of the ready queue (asyncio exposes its deque; tests read its length).
+    #[getter(_ready)]
+    fn ready_snapshot(&self, py: Python<'_>) -> PyResult<Vec<Py<Handle>>> {
+        Ok(self.state.borrow_mut(py)?.ready.iter().map(|h| h.clone_ref(py)).collect())
+    }
+
+    /// asyncio's `__init__` assigns an empty queue; the Rust queue is the real one.
+    #[setter(_ready)]
+    fn init_ready(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        reject_non_empty(value, "_ready")
+    }
+
+    /// A snapshot of the live timers, earliest first.
+    #[getter(_scheduled)]
+    fn scheduled_snapshot(&self, py: Python<'_>) -> PyResult<Vec<Py<TimerHandle>>> {
+        let st = self.state.borrow_mut(py)?;
+        let mut timers: Vec<Py<TimerHandle>> =
+            st.timers.handles().filter(|h| !h.bind(py).as_super().get().is_cancelled()).map(|h| h.clone_ref(py)).collect();
+        timers.sort_by(|a, b| a.get().when.total_cmp(&b.get().when));
+        Ok(timers)
+    }
+
+    #[setter(_scheduled)]
+    fn init_scheduled(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        reject_non_empty(value, "_scheduled")
+    }
+
+    #[getter(_timer_cancelled_count)]
+    fn timer_cancelled_count(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.state.borrow_mut(py)?.timers.cancelled_count())
+    }
+
+    #[setter(_timer_cancelled_count)]
+    fn init_timer_cancelled_count(&self, value: usize) -> PyResult<()> {
+        if value != 0 {
+            return Err(PyValueError::new_err("_timer_cancelled_count is maintained by the loop"));
+        }
         Ok(())
     }
 

@@ -61,6 +61,10 @@ impl Timers {
         self.heap.len()
     }
 
+    pub fn cancelled_count(&self) -> usize {
+        self.cancelled
+    }
+
     /// A scheduled timer was cancelled.
     pub fn note_cancelled(&mut self) {
         self.cancelled += 1;

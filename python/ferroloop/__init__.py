@@ -28,8 +28,12 @@ def new_event_loop() -> Loop:
     return Loop()
 
 
-class EventLoopPolicy(events.BaseDefaultEventLoopPolicy):
-    """An asyncio event loop policy whose loops are ferroloop loops."""
+class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """An asyncio event loop policy whose loops are ferroloop loops.
+
+    It derives from asyncio's default policy so that the child-watcher API of
+    Python 3.11 (`set_child_watcher`/`get_child_watcher`) stays available.
+    """
 
     def _loop_factory(self) -> Loop:
         return Loop()

@@ -71,8 +71,6 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
 
     def __init__(self) -> None:
         super().__init__()
-        # asyncio keeps these as Python containers; here the Rust core owns them.
-        del self._ready, self._scheduled, self._timer_cancelled_count
         self._signal_handlers: dict[int, Handle] = {}
         self._transports = weakref.WeakValueDictionary()
 
