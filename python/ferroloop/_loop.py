@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
+from operator import methodcaller
 import signal
 import socket
 import sys
@@ -224,8 +226,9 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         if self._debug and sock.gettimeout() != 0:
             raise ValueError("the socket must be non-blocking")
 
-    async def _sock_wait(self, sock, writable: bool, op, *args):
-        """Waits until `sock` is ready and `op(*args)` stops raising BlockingIOError."""
+    async def _sock_wait(self, sock, writable: bool, op):
+        """Waits until `sock` is ready and `op(sock)` stops raising BlockingIOError.
+        `op` looks the socket method up on each try, as asyncio does."""
         fut = self.create_future()
         fd = sock.fileno()
         self._ensure_fd_no_transport(fd)
@@ -234,7 +237,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             if writable
             else (self.add_reader, self._get_reader, self.remove_reader)
         )
-        add(fd, self._sock_retry, fut, op, args)
+        add(fd, self._sock_retry, fut, sock, op)
         handle = get(fd)
 
         def done(_fut):
@@ -249,11 +252,11 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             fut = None
 
     @staticmethod
-    def _sock_retry(fut, op, args) -> None:
+    def _sock_retry(fut, sock, op) -> None:
         if fut.done():
             return
         try:
-            result = op(*args)
+            result = op(sock)
         except (BlockingIOError, InterruptedError):
             return
         except (SystemExit, KeyboardInterrupt):
@@ -269,7 +272,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             return sock.recv(n)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._sock_wait(sock, False, sock.recv, n)
+        return await self._sock_wait(sock, False, methodcaller("recv", n))
 
     async def sock_recv_into(self, sock, buf):
         self._check_sock(sock)
@@ -277,7 +280,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             return sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._sock_wait(sock, False, sock.recv_into, buf)
+        return await self._sock_wait(sock, False, methodcaller("recv_into", buf))
 
     async def sock_recvfrom(self, sock, bufsize):
         self._check_sock(sock)
@@ -285,7 +288,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             return sock.recvfrom(bufsize)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._sock_wait(sock, False, sock.recvfrom, bufsize)
+        return await self._sock_wait(sock, False, methodcaller("recvfrom", bufsize))
 
     async def sock_recvfrom_into(self, sock, buf, nbytes=0):
         self._check_sock(sock)
@@ -295,7 +298,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             return sock.recvfrom_into(buf, nbytes)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._sock_wait(sock, False, sock.recvfrom_into, buf, nbytes)
+        return await self._sock_wait(sock, False, methodcaller("recvfrom_into", buf, nbytes))
 
     async def sock_sendto(self, sock, data, address):
         self._check_sock(sock)
@@ -303,7 +306,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             return sock.sendto(data, address)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._sock_wait(sock, True, sock.sendto, data, address)
+        return await self._sock_wait(sock, True, methodcaller("sendto", data, address))
 
     async def sock_sendall(self, sock, data):
         self._check_sock(sock)
@@ -314,7 +317,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
         total = len(view)
         while sent < total:
-            sent += await self._sock_wait(sock, True, sock.send, view[sent:])
+            sent += await self._sock_wait(sock, True, methodcaller("send", view[sent:]))
 
     async def sock_connect(self, sock, address):
         self._check_sock(sock)
@@ -330,7 +333,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             return
         except (BlockingIOError, InterruptedError):
             pass
-        await self._sock_wait(sock, True, self._sock_connect_result, sock, address)
+        await self._sock_wait(sock, True, functools.partial(self._sock_connect_result, address=address))
 
     @staticmethod
     def _sock_connect_result(sock, address) -> None:
@@ -346,7 +349,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             return self._accept_nonblocking(sock)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._sock_wait(sock, False, self._accept_nonblocking, sock)
+        return await self._sock_wait(sock, False, self._accept_nonblocking)
 
     @staticmethod
     def _accept_nonblocking(sock):

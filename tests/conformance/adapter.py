@@ -73,12 +73,12 @@ def apply_expectations(suite, module_name: str, marks: dict) -> None:
         if mark is None:
             continue
         kind, reason = mark
-        method = getattr(test, test._testMethodName)
         if kind == "skip":
-            wrapped = unittest.skip(f"excluded: {reason}")(method)
+            method = getattr(test, test._testMethodName)
+            setattr(test, test._testMethodName, unittest.skip(f"excluded: {reason}")(method))
         else:
-            wrapped = unittest.expectedFailure(method)
-        setattr(test, test._testMethodName, wrapped)
+            # What unittest.expectedFailure sets, on the test instance.
+            test.__unittest_expecting_failure__ = True
 
 
 def _iter(suite):
@@ -168,6 +168,19 @@ def _track_virtual_clock(result: Result) -> None:
     test_utils.TestCase.new_test_loop = new_test_loop
 
 
+def _patch_pep492_tests() -> None:
+    """test_pep492's base class drives a mocked BaseEventLoop; use a ferroloop loop."""
+    from test.test_asyncio import test_pep492
+    from test.test_asyncio import utils as test_utils
+
+    def setUp(self):
+        test_utils.TestCase.setUp(self)
+        self.loop = ferroloop.new_event_loop()
+        self.set_event_loop(self.loop)
+
+    test_pep492.BaseTest.setUp = setUp
+
+
 def _patch_runner_tests() -> None:
     """test_runners builds a mocked BaseEventLoop; give it a ferroloop loop instead,
     with the same `shutdown_ag_run` probe its tests read."""
@@ -209,6 +222,8 @@ def main() -> int:
 
     if args.module == "test_runners":
         _patch_runner_tests()
+    if args.module == "test_pep492":
+        _patch_pep492_tests()
     suite = load(args.module)
     if args.pattern:
         suite = unittest.TestSuite(t for t in _iter(suite) if args.pattern in t.id())
