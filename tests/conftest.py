@@ -1,0 +1,46 @@
+"""Every behaviour test runs twice from one body: on stock asyncio and on ferroloop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+import ferroloop
+
+LOOPS = {
+    "asyncio": asyncio.new_event_loop,
+    "ferroloop": ferroloop.new_event_loop,
+}
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def loop_name(request):
+    return request.param
+
+
+@pytest.fixture
+def new_loop(loop_name):
+    """A factory of loops of the parametrised kind, closed after the test."""
+    made = []
+
+    def make():
+        loop = LOOPS[loop_name]()
+        made.append(loop)
+        return loop
+
+    yield make
+    for loop in made:
+        if not loop.is_closed():
+            loop.close()
+    asyncio.set_event_loop(None)
+
+
+@pytest.fixture
+def loop(new_loop):
+    return new_loop()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))

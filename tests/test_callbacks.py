@@ -1,0 +1,295 @@
+"""Scheduling order, handles, contexts and errors of callbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+
+import pytest
+
+import ferroloop
+
+
+def test_call_soon_is_fifo_and_new_callbacks_run_next_turn(loop):
+    order = []
+
+    def first():
+        order.append("first")
+        loop.call_soon(order.append, "scheduled-during-turn")
+
+    loop.call_soon(first)
+    loop.call_soon(order.append, "second")
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    assert order == ["first", "second"]
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    assert order == ["first", "second", "scheduled-during-turn"]
+
+
+def test_timers_fire_in_time_order_and_equal_times_in_scheduling_order(loop):
+    order = []
+    now = loop.time()
+    loop.call_at(now + 0.03, order.append, "c")
+    loop.call_at(now + 0.01, order.append, "a1")
+    loop.call_at(now + 0.01, order.append, "a2")
+    loop.call_later(0.02, order.append, "b")
+    loop.call_later(0.05, loop.stop)
+    loop.run_forever()
+    assert order == ["a1", "a2", "b", "c"]
+
+
+def test_call_later_waits_at_least_its_delay(loop):
+    fired = []
+    start = loop.time()
+    loop.call_later(0.05, lambda: (fired.append(loop.time()), loop.stop()))
+    loop.run_forever()
+    assert fired[0] - start >= 0.05 - loop._clock_resolution
+
+
+def test_cancelled_handles_do_not_run(loop):
+    ran = []
+    h1 = loop.call_soon(ran.append, 1)
+    h2 = loop.call_later(0.001, ran.append, 2)
+    h1.cancel()
+    h2.cancel()
+    assert h1.cancelled() and h2.cancelled()
+    loop.call_later(0.02, loop.stop)
+    loop.run_forever()
+    assert ran == []
+
+
+def test_timer_handle_surface(loop):
+    h = loop.call_later(10, print)
+    assert isinstance(h.when(), float)
+    assert h.when() == pytest.approx(loop.time() + 10, abs=0.5)
+    assert "print" in repr(h) and "when=" in repr(h)
+    h.cancel()
+    assert "cancelled" in repr(h)
+
+
+def test_context_is_copied_at_scheduling_and_explicit_context_used(loop):
+    var = contextvars.ContextVar("var", default="unset")
+    seen = []
+    var.set("outer")
+    loop.call_soon(lambda: seen.append(var.get()))
+    ctx = contextvars.Context()
+    ctx.run(var.set, "explicit")
+    loop.call_soon(lambda: seen.append(var.get()), context=ctx)
+    var.set("changed-after")
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    assert seen == ["outer", "explicit"]
+
+
+def test_callback_exception_goes_to_handler_and_loop_goes_on(loop):
+    contexts = []
+    loop.set_exception_handler(lambda lp, ctx: contexts.append(ctx))
+    after = []
+
+    def boom():
+        raise ZeroDivisionError("x")
+
+    handle = loop.call_soon(boom)
+    loop.call_soon(after.append, "ran")
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    assert after == ["ran"]
+    (ctx,) = contexts
+    assert isinstance(ctx["exception"], ZeroDivisionError)
+    assert ctx["handle"] is handle
+    assert ctx["message"].startswith("Exception in callback")
+
+
+def test_keyboard_interrupt_in_callback_propagates_and_rest_stays_queued(loop):
+    ran = []
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    loop.call_soon(interrupt)
+    loop.call_soon(ran.append, "later")
+    with pytest.raises(KeyboardInterrupt):
+        loop.run_forever()
+    assert ran == []
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    assert ran == ["later"]
+
+
+def test_run_until_complete_result_and_stop_before_done(loop):
+    async def value():
+        await asyncio.sleep(0)
+        return 7
+
+    assert loop.run_until_complete(value()) == 7
+    fut = loop.create_future()
+    loop.call_soon(loop.stop)
+    with pytest.raises(RuntimeError, match="Event loop stopped before Future completed."):
+        loop.run_until_complete(fut)
+
+
+def test_running_loop_bookkeeping(loop):
+    async def inner():
+        assert asyncio.get_running_loop() is loop
+        assert loop.is_running()
+        coro = asyncio.sleep(0)
+        with pytest.raises(RuntimeError):
+            loop.run_until_complete(coro)
+        coro.close()
+        with pytest.raises(RuntimeError):
+            loop.close()
+        return True
+
+    assert loop.run_until_complete(inner())
+    assert not loop.is_running()
+
+
+def test_closed_loop_raises_runtime_error(loop):
+    loop.close()
+    assert loop.is_closed()
+    loop.close()  # idempotent
+    for call in (
+        lambda: loop.call_soon(print),
+        lambda: loop.call_later(1, print),
+        lambda: loop.call_at(1, print),
+        lambda: loop.call_soon_threadsafe(print),
+        lambda: loop.run_forever(),
+    ):
+        with pytest.raises(RuntimeError, match="Event loop is closed"):
+            call()
+
+
+def test_call_soon_threadsafe_wakes_a_blocked_loop(loop):
+    got = []
+
+    def worker():
+        time.sleep(0.05)
+        loop.call_soon_threadsafe(lambda: (got.append(threading.get_ident()), loop.stop()))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    started = time.monotonic()
+    loop.run_forever()  # nothing else scheduled: only the wake-up ends this
+    t.join()
+    assert got == [threading.get_ident()]
+    assert time.monotonic() - started < 5
+
+
+def test_tasks_futures_and_gather(loop):
+    async def child(i):
+        await asyncio.sleep(0.001 * i)
+        return i * i
+
+    async def main():
+        tasks = [loop.create_task(child(i), name=f"c{i}") for i in range(5)]
+        assert tasks[2].get_name() == "c2"
+        return await asyncio.gather(*tasks)
+
+    assert loop.run_until_complete(main()) == [0, 1, 4, 9, 16]
+
+
+def test_task_factory(loop):
+    made = []
+
+    def factory(lp, coro, **kwargs):
+        task = asyncio.Task(coro, loop=lp, **kwargs)
+        made.append(task)
+        return task
+
+    loop.set_task_factory(factory)
+    assert loop.get_task_factory() is factory
+    loop.run_until_complete(loop.create_task(asyncio.sleep(0)))
+    assert len(made) == 1
+
+
+def test_run_in_executor_and_shutdown_default_executor(loop):
+    async def main():
+        ident = await loop.run_in_executor(None, threading.get_ident)
+        assert ident != threading.get_ident()
+        await loop.shutdown_default_executor()
+
+    loop.run_until_complete(main())
+
+
+def test_async_generators_are_finalised_by_shutdown_asyncgens(loop):
+    closed = []
+
+    async def agen():
+        try:
+            yield 1
+            yield 2
+        finally:
+            closed.append(True)
+
+    async def main():
+        gen = agen()
+        assert await gen.__anext__() == 1
+        return gen
+
+    gen = loop.run_until_complete(main())
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    assert closed == [True]
+    del gen
+
+
+def test_debug_mode_logs_slow_callbacks(loop, caplog):
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.01
+    loop.call_soon(time.sleep, 0.03)
+    loop.call_soon(loop.stop)
+    with caplog.at_level("WARNING", logger="asyncio"):
+        loop.run_forever()
+    assert any("Executing" in r.getMessage() and "took" in r.getMessage() for r in caplog.records)
+
+
+def test_debug_mode_rejects_calls_from_other_threads(loop):
+    loop.set_debug(True)
+    errors = []
+
+    def other_thread():
+        try:
+            loop.call_soon(print)
+        except RuntimeError as exc:
+            errors.append(exc)
+        loop.call_soon_threadsafe(loop.stop)
+
+    loop.call_soon(lambda: threading.Thread(target=other_thread).start())
+    loop.run_forever()
+    assert len(errors) == 1 and "thread" in str(errors[0])
+
+
+def test_debug_mode_handles_carry_source_traceback(loop):
+    loop.set_debug(True)
+    handle = loop.call_soon(print)
+    assert handle._source_traceback
+    assert "created at" in repr(handle)
+    handle.cancel()
+
+
+def test_pythonasynciodebug_enables_debug(monkeypatch, loop_name):
+    from tests.conftest import LOOPS
+
+    monkeypatch.setenv("PYTHONASYNCIODEBUG", "1")
+    lp = LOOPS[loop_name]()
+    try:
+        assert lp.get_debug()
+    finally:
+        lp.close()
+
+
+def test_ferroloop_run_and_policy():
+    async def main():
+        return type(asyncio.get_running_loop())
+
+    assert ferroloop.run(main()) is ferroloop.Loop
+    with pytest.raises(ValueError):
+        ferroloop.run(42)
+    old = asyncio.get_event_loop_policy()
+    try:
+        ferroloop.install()
+        assert asyncio.run(main()) is ferroloop.Loop
+    finally:
+        asyncio.set_event_loop_policy(old)

@@ -1,0 +1,256 @@
+"""add_reader/add_writer, signals, name resolution and the sock_* calls."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+
+import pytest
+
+from tests.conftest import open_fds
+
+
+def test_add_reader_is_level_triggered_and_remove_returns_bool(loop):
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    calls = []
+
+    def on_readable():
+        calls.append(a.recv(1))  # one byte per call: the rest must still wake us
+        if len(calls) == 3:
+            assert loop.remove_reader(a) is True
+            loop.stop()
+
+    assert loop.add_reader(a, on_readable) is None
+    b.send(b"xyz")
+    loop.run_forever()
+    assert calls == [b"x", b"y", b"z"]
+    assert loop.remove_reader(a) is False
+    assert loop.remove_writer(a.fileno()) is False
+    a.close()
+    b.close()
+
+
+def test_add_writer_replaces_previous_callback(loop):
+    a, b = socket.socketpair()
+    calls = []
+    loop.add_writer(a.fileno(), calls.append, "old")
+    loop.add_writer(a.fileno(), lambda: (calls.append("new"), loop.remove_writer(a), loop.stop()))
+    loop.run_forever()
+    assert calls == ["new"]
+    a.close()
+    b.close()
+
+
+def test_reader_and_writer_on_the_same_fd(loop):
+    a, b = socket.socketpair()
+    seen = set()
+
+    def done(kind):
+        seen.add(kind)
+        (loop.remove_reader if kind == "r" else loop.remove_writer)(a)
+        if seen == {"r", "w"}:
+            loop.stop()
+
+    loop.add_reader(a, done, "r")
+    loop.add_writer(a, done, "w")
+    b.send(b"!")
+    loop.run_forever()
+    assert seen == {"r", "w"}
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("bad", [-1, "x", object(), 3.5])
+def test_add_reader_invalid_fd(loop, bad):
+    with pytest.raises(ValueError):
+        loop.add_reader(bad, print)
+
+
+def test_add_reader_regular_file_is_permission_error(loop, tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"data")
+    with open(path, "rb") as fh:
+        with pytest.raises(PermissionError):
+            loop.add_reader(fh, print)
+
+
+def test_signal_handler_runs_as_a_handle(loop):
+    got = []
+    loop.add_signal_handler(signal.SIGUSR1, lambda *a: (got.append(a), loop.stop()), "arg")
+    loop.call_soon(os.kill, os.getpid(), signal.SIGUSR1)
+    loop.run_forever()
+    assert got == [("arg",)]
+    assert loop.remove_signal_handler(signal.SIGUSR1) is True
+    assert loop.remove_signal_handler(signal.SIGUSR1) is False
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_signal_handler_bad_input(loop):
+    async def coro_fn():
+        pass
+
+    with pytest.raises(TypeError):
+        loop.add_signal_handler(signal.SIGUSR1, coro_fn)
+    with pytest.raises(TypeError):
+        loop.add_signal_handler("SIGUSR1", print)
+    with pytest.raises(ValueError):
+        loop.add_signal_handler(10_000, print)
+    with pytest.raises(RuntimeError):
+        loop.add_signal_handler(signal.SIGKILL, print)
+
+
+def test_signal_handler_outside_main_thread_is_runtime_error(loop):
+    import threading
+
+    errors = []
+
+    def other():
+        try:
+            loop.add_signal_handler(signal.SIGUSR2, print)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert len(errors) == 1
+
+
+def test_sigint_interrupts_a_blocked_loop_with_keyboard_interrupt(loop):
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        import threading
+
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(asyncio.sleep(30))
+        timer.join()
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def test_getaddrinfo_numeric_and_named(loop):
+    infos = loop.run_until_complete(loop.getaddrinfo("127.0.0.1", 80, type=socket.SOCK_STREAM))
+    assert infos[0][4] == ("127.0.0.1", 80)
+    named = loop.run_until_complete(loop.getaddrinfo("localhost", "80", type=socket.SOCK_STREAM))
+    assert named and all(info[1] == socket.SOCK_STREAM for info in named)
+    with pytest.raises(socket.gaierror):
+        loop.run_until_complete(loop.getaddrinfo("no-such-host.invalid", 80))
+    host, port = loop.run_until_complete(
+        loop.getnameinfo(("127.0.0.1", 80), socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+    )
+    assert (host, port) == ("127.0.0.1", "80")
+
+
+def _listener():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    srv.setblocking(False)
+    return srv
+
+
+def test_sock_echo_round_trip(loop):
+    payload = os.urandom(1 << 20)
+
+    async def main():
+        srv = _listener()
+        cli = socket.socket()
+        cli.setblocking(False)
+
+        async def serve():
+            conn, _ = await loop.sock_accept(srv)
+            with conn:
+                got = bytearray()
+                while len(got) < len(payload):
+                    chunk = await loop.sock_recv(conn, 65536)
+                    assert chunk
+                    got += chunk
+                await loop.sock_sendall(conn, bytes(got))
+
+        server = asyncio.ensure_future(serve())
+        await loop.sock_connect(cli, srv.getsockname())
+        await loop.sock_sendall(cli, payload)
+        echoed = bytearray(len(payload))
+        view = memoryview(echoed)
+        n = 0
+        while n < len(payload):
+            n += await loop.sock_recv_into(cli, view[n:])
+        await server
+        cli.close()
+        srv.close()
+        return bytes(echoed)
+
+    assert loop.run_until_complete(main()) == payload
+
+
+def test_sock_datagram_calls(loop):
+    async def main():
+        a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for s in (a, b):
+            s.setblocking(False)
+            s.bind(("127.0.0.1", 0))
+        sent = await loop.sock_sendto(a, b"ping", b.getsockname())
+        data, addr = await loop.sock_recvfrom(b, 100)
+        buf = bytearray(10)
+        await loop.sock_sendto(b, b"pong", a.getsockname())
+        n, addr2 = await loop.sock_recvfrom_into(a, buf)
+        a.close()
+        b.close()
+        return sent, data, addr, bytes(buf[:n])
+
+    sent, data, addr, back = loop.run_until_complete(main())
+    assert (sent, data, back) == (4, b"ping", b"pong")
+
+
+def test_sock_recv_cancellation_leaves_socket_usable_and_leaks_nothing(loop):
+    before = open_fds()
+
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        task = asyncio.ensure_future(loop.sock_recv(a, 10))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        b.send(b"after")
+        data = await loop.sock_recv(a, 10)
+        a.close()
+        b.close()
+        return data
+
+    assert loop.run_until_complete(main()) == b"after"
+    assert open_fds() == before
+
+
+def test_sock_connect_refused(loop):
+    port_holder = socket.socket()
+    port_holder.bind(("127.0.0.1", 0))
+    addr = port_holder.getsockname()
+    port_holder.close()
+
+    async def main():
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            await loop.sock_connect(s, addr)
+        finally:
+            s.close()
+
+    with pytest.raises(ConnectionRefusedError):
+        loop.run_until_complete(main())
+
+
+def test_loop_close_releases_its_fds(new_loop):
+    before = open_fds()
+    for _ in range(50):
+        lp = new_loop()
+        lp.run_until_complete(asyncio.sleep(0))
+        lp.close()
+    assert open_fds() == before
