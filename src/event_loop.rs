@@ -96,8 +96,18 @@ fn current_thread_id() -> u64 {
     u64::from(unsafe { ffi::PyThread_get_thread_ident() })
 }
 
-/// `selectors._fileobj_to_fd`: an int, or an object with `fileno()`.
-pub(crate) fn fileobj_to_fd(obj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
+/// A negative or out-of-range fd number is `ValueError`, as in `selectors`.
+fn checked_fd(fd: i64) -> PyResult<RawFd> {
+    if fd < 0 || fd > i64::from(i32::MAX) {
+        return Err(invalid_fd(fd));
+    }
+    Ok(fd as RawFd)
+}
+
+/// `selectors._fileobj_to_fd` without its range check: an int, or an object with
+/// `fileno()`. asyncio runs this before checking whether the loop is closed, and the
+/// range check (`checked_fd`) after.
+fn fileobj_to_int(obj: &Bound<'_, PyAny>) -> PyResult<i64> {
     let fd: i64 = if obj.is_instance_of::<PyInt>() {
         obj.extract()?
     } else {
@@ -105,10 +115,7 @@ pub(crate) fn fileobj_to_fd(obj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
         let fileno = obj.getattr("fileno").map_err(|_| invalid())?;
         fileno.call0()?.extract::<i64>().map_err(|_| invalid())?
     };
-    if fd < 0 || fd > i64::from(i32::MAX) {
-        return Err(invalid_fd(fd));
-    }
-    Ok(fd as RawFd)
+    Ok(fd)
 }
 
 fn reject_non_empty(value: &Bound<'_, PyAny>, name: &str) -> PyResult<()> {
@@ -266,8 +273,10 @@ impl LoopCore {
     }
 
     fn add_fd_callback(slf: &Bound<'_, LoopCore>, fd: &Bound<'_, PyAny>, callback: Bound<'_, PyAny>, args: Bound<'_, PyTuple>, bit: u32) -> PyResult<()> {
+        // asyncio validates the fd (checking it against transports) before the loop state.
+        let fd = fileobj_to_int(fd)?;
         slf.get().check_closed()?;
-        let fd = fileobj_to_fd(fd)?;
+        let fd = checked_fd(fd)?;
         let handle = Py::new(slf.py(), LoopCore::new_handle(slf, callback, args, None)?)?;
         if let Some(old) = LoopCore::fd_callback_mut(slf, fd, Some(handle), bit)? {
             old.bind(slf.py()).call_method0("cancel")?;
@@ -276,10 +285,11 @@ impl LoopCore {
     }
 
     fn remove_fd_callback(slf: &Bound<'_, LoopCore>, fd: &Bound<'_, PyAny>, bit: u32) -> PyResult<bool> {
+        let fd = fileobj_to_int(fd)?;
         if slf.get().closed.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        let fd = fileobj_to_fd(fd)?;
+        let fd = checked_fd(fd)?;
         match LoopCore::fd_callback_mut(slf, fd, None, bit)? {
             Some(old) => {
                 old.bind(slf.py()).call_method0("cancel")?;
@@ -535,9 +545,9 @@ impl LoopCore {
         if when.is_none() {
             return Err(PyTypeError::new_err("when cannot be None"));
         }
-        let when = deadline(slf.py(), 0.0, when)?;
         let core = slf.get();
         core.check_closed()?;
+        let when = deadline(slf.py(), 0.0, when)?;
         if core.debug.load(Ordering::Relaxed) {
             LoopCore::debug_checks(slf, &callback, "call_at", true)?;
         }
