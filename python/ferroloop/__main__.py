@@ -14,8 +14,12 @@ USAGE = "usage: python -m ferroloop (script.py | -m module) [args ...]"
 
 def _user_traceback(tb):
     """Drops the runner's own frames (this file, runpy) from the front of a traceback."""
-    skip = (os.path.abspath(__file__), runpy.__file__)
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in skip:
+    own = {os.path.abspath(__file__), os.path.abspath(runpy.__file__)}
+
+    def is_runner(filename: str) -> bool:
+        return filename == "<frozen runpy>" or os.path.abspath(filename) in own
+
+    while tb is not None and is_runner(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
     return tb
 

@@ -1,0 +1,74 @@
+"""Volume: a million callbacks, cancel-heavy timers, many threads scheduling at once."""
+
+from __future__ import annotations
+
+import threading
+
+import ferroloop
+
+
+def test_a_million_call_soon():
+    loop = ferroloop.new_event_loop()
+    count = [0]
+
+    def tick():
+        count[0] += 1
+
+    for _ in range(1_000_000):
+        loop.call_soon(tick)
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    assert count[0] == 1_000_000
+    assert loop._ready_count == 0
+    loop.close()
+
+
+def test_cancelled_timers_are_compacted():
+    loop = ferroloop.new_event_loop()
+    fired = []
+    handles = [loop.call_later(3600 + i * 1e-3, fired.append, i) for i in range(100_000)]
+    for i, handle in enumerate(handles):
+        if i % 10:
+            handle.cancel()
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    # 90% cancelled: the heap was compacted to the live tenth.
+    assert loop._timer_count == 10_000
+    assert loop._timer_cancelled_count == 0
+    for handle in handles:
+        handle.cancel()
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    assert loop._timer_count == 0
+    assert fired == []
+    loop.close()
+
+
+def test_call_soon_threadsafe_from_eight_threads_loses_and_reorders_nothing():
+    loop = ferroloop.new_event_loop()
+    per_thread = 100_000
+    seen: dict[int, list[int]] = {t: [] for t in range(8)}
+    finished = [0]
+
+    def record(thread, i):
+        seen[thread].append(i)
+
+    def producer(thread):
+        for i in range(per_thread):
+            loop.call_soon_threadsafe(record, thread, i)
+        loop.call_soon_threadsafe(done)
+
+    def done():
+        finished[0] += 1
+        if finished[0] == 8:
+            loop.stop()
+
+    threads = [threading.Thread(target=producer, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    loop.run_forever()
+    for t in threads:
+        t.join()
+    for thread in range(8):
+        assert seen[thread] == list(range(per_thread))
+    loop.close()
