@@ -73,14 +73,20 @@ pub struct LoopCore {
 
 /// `CLOCK_MONOTONIC` in seconds: the clock of `time.monotonic()`.
 pub fn monotonic() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid timespec for clock_gettime to fill; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 fn clock_resolution() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: as in `monotonic`.
     unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC, &mut ts) };
     let res = ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
@@ -93,6 +99,7 @@ fn clock_resolution() -> f64 {
 
 fn current_thread_id() -> u64 {
     // SAFETY: no preconditions; the same value `threading.get_ident()` returns.
+    #[allow(clippy::useless_conversion)] // c_ulong is not u64 on every target
     u64::from(unsafe { ffi::PyThread_get_thread_ident() })
 }
 
@@ -111,7 +118,12 @@ fn fileobj_to_int(obj: &Bound<'_, PyAny>) -> PyResult<i64> {
     let fd: i64 = if obj.is_instance_of::<PyInt>() {
         obj.extract()?
     } else {
-        let invalid = || PyValueError::new_err(format!("Invalid file object: {}", obj.repr().map(|r| r.to_string()).unwrap_or_default()));
+        let invalid = || {
+            PyValueError::new_err(format!(
+                "Invalid file object: {}",
+                obj.repr().map(|r| r.to_string()).unwrap_or_default()
+            ))
+        };
         let fileno = obj.getattr("fileno").map_err(|_| invalid())?;
         fileno.call0()?.extract::<i64>().map_err(|_| invalid())?
     };
@@ -120,7 +132,9 @@ fn fileobj_to_int(obj: &Bound<'_, PyAny>) -> PyResult<i64> {
 
 fn reject_non_empty(value: &Bound<'_, PyAny>, name: &str) -> PyResult<()> {
     if value.len()? != 0 {
-        return Err(PyValueError::new_err(format!("{name} is owned by the Rust core; only an empty one may be assigned")));
+        return Err(PyValueError::new_err(format!(
+            "{name} is owned by the Rust core; only an empty one may be assigned"
+        )));
     }
     Ok(())
 }
@@ -135,7 +149,16 @@ fn deadline(py: Python<'_>, base: f64, value: &Bound<'_, PyAny>) -> PyResult<f64
         return Ok(base + value.extract::<f64>()?);
     }
     let sum = PyFloat::new(py, base).add(value)?;
-    sum.extract::<f64>().map_err(|_| PyTypeError::new_err(format!("unsupported deadline type: {}", value.get_type().name().map(|n| n.to_string()).unwrap_or_default())))
+    sum.extract::<f64>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "unsupported deadline type: {}",
+            value
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        ))
+    })
 }
 
 impl LoopCore {
@@ -151,7 +174,10 @@ impl LoopCore {
                 events: vec![libc::epoll_event { events: 0, u64: 0 }; INITIAL_EVENTS],
                 thread_id: None,
             }),
-            threadsafe: Mutex::new(ThreadsafeQueue { handles: Vec::new(), wake_fd }),
+            threadsafe: Mutex::new(ThreadsafeQueue {
+                handles: Vec::new(),
+                wake_fd,
+            }),
             wake_pending: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -169,13 +195,22 @@ impl LoopCore {
     }
 
     /// A scheduled `TimerHandle` of `loop_` was cancelled.
-    pub(crate) fn timer_cancelled(loop_: &Bound<'_, PyAny>, handle: &Bound<'_, TimerHandle>) -> PyResult<()> {
+    pub(crate) fn timer_cancelled(
+        loop_: &Bound<'_, PyAny>,
+        handle: &Bound<'_, TimerHandle>,
+    ) -> PyResult<()> {
         match loop_.cast::<LoopCore>() {
             Ok(core) => {
-                core.get().state.borrow_mut(loop_.py())?.timers.note_cancelled();
+                core.get()
+                    .state
+                    .borrow_mut(loop_.py())?
+                    .timers
+                    .note_cancelled();
                 Ok(())
             }
-            Err(_) => loop_.call_method1("_timer_handle_cancelled", (handle,)).map(|_| ()),
+            Err(_) => loop_
+                .call_method1("_timer_handle_cancelled", (handle,))
+                .map(|_| ()),
         }
     }
 
@@ -188,7 +223,12 @@ impl LoopCore {
     }
 
     /// Debug-mode checks of `call_soon` and friends, as asyncio makes them.
-    fn debug_checks(slf: &Bound<'_, LoopCore>, callback: &Bound<'_, PyAny>, method: &str, thread_check: bool) -> PyResult<()> {
+    fn debug_checks(
+        slf: &Bound<'_, LoopCore>,
+        callback: &Bound<'_, PyAny>,
+        method: &str,
+        thread_check: bool,
+    ) -> PyResult<()> {
         let py = slf.py();
         if thread_check {
             let owner = slf.get().state.borrow_mut(py)?.thread_id;
@@ -211,7 +251,14 @@ impl LoopCore {
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Handle> {
         let debug = slf.get().debug.load(Ordering::Relaxed);
-        Handle::build(slf.py(), callback, Some(args), Some(slf.clone().into_any().unbind()), context, debug)
+        Handle::build(
+            slf.py(),
+            callback,
+            Some(args),
+            Some(slf.clone().into_any().unbind()),
+            context,
+            debug,
+        )
     }
 
     fn schedule_timer(
@@ -222,9 +269,16 @@ impl LoopCore {
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<TimerHandle>> {
         let py = slf.py();
-        let handle = Py::new(py, TimerHandle::new_initializer(LoopCore::new_handle(slf, callback, args, context)?, when))?;
+        let handle = Py::new(
+            py,
+            TimerHandle::new_initializer(LoopCore::new_handle(slf, callback, args, context)?, when),
+        )?;
         handle.get().scheduled.store(true, Ordering::Relaxed);
-        slf.get().state.borrow_mut(py)?.timers.push(handle.clone_ref(py), when);
+        slf.get()
+            .state
+            .borrow_mut(py)?
+            .timers
+            .push(handle.clone_ref(py), when);
         Ok(handle)
     }
 
@@ -238,7 +292,12 @@ impl LoopCore {
         Ok(())
     }
 
-    fn fd_callback_mut(slf: &Bound<'_, LoopCore>, fd: RawFd, handle: Option<Py<Handle>>, bit: u32) -> PyResult<Option<Py<Handle>>> {
+    fn fd_callback_mut(
+        slf: &Bound<'_, LoopCore>,
+        fd: RawFd,
+        handle: Option<Py<Handle>>,
+        bit: u32,
+    ) -> PyResult<Option<Py<Handle>>> {
         let py = slf.py();
         let mut st = slf.get().state.borrow_mut(py)?;
         let st = &mut *st;
@@ -252,11 +311,17 @@ impl LoopCore {
                 };
                 let adding = handle.is_some();
                 let old = mem::replace(cbs.slot(bit), handle);
-                let interest = if adding { interest | bit } else { interest & !bit };
+                let interest = if adding {
+                    interest | bit
+                } else {
+                    interest & !bit
+                };
                 if interest == 0 {
                     poller.deregister(&mut st.fds, token);
                 } else {
-                    poller.reregister(&mut st.fds, token, interest).map_err(os_error)?;
+                    poller
+                        .reregister(&mut st.fds, token, interest)
+                        .map_err(os_error)?;
                 }
                 Ok(old)
             }
@@ -266,13 +331,21 @@ impl LoopCore {
                 };
                 let mut cbs = FdCallbacks::default();
                 *cbs.slot(bit) = Some(handle);
-                poller.register(&mut st.fds, fd, bit, cbs).map_err(os_error)?;
+                poller
+                    .register(&mut st.fds, fd, bit, cbs)
+                    .map_err(os_error)?;
                 Ok(None)
             }
         }
     }
 
-    fn add_fd_callback(slf: &Bound<'_, LoopCore>, fd: &Bound<'_, PyAny>, callback: Bound<'_, PyAny>, args: Bound<'_, PyTuple>, bit: u32) -> PyResult<()> {
+    fn add_fd_callback(
+        slf: &Bound<'_, LoopCore>,
+        fd: &Bound<'_, PyAny>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+        bit: u32,
+    ) -> PyResult<()> {
         // asyncio validates the fd (checking it against transports) before the loop state.
         let fd = fileobj_to_int(fd)?;
         slf.get().check_closed()?;
@@ -284,7 +357,11 @@ impl LoopCore {
         Ok(())
     }
 
-    fn remove_fd_callback(slf: &Bound<'_, LoopCore>, fd: &Bound<'_, PyAny>, bit: u32) -> PyResult<bool> {
+    fn remove_fd_callback(
+        slf: &Bound<'_, LoopCore>,
+        fd: &Bound<'_, PyAny>,
+        bit: u32,
+    ) -> PyResult<bool> {
         let fd = fileobj_to_int(fd)?;
         if slf.get().closed.load(Ordering::Relaxed) {
             return Ok(false);
@@ -300,7 +377,12 @@ impl LoopCore {
     }
 
     /// Queues the callbacks of the ready fds; returns signal numbers read from the waker.
-    fn dispatch_events(&self, py: Python<'_>, events: &[libc::epoll_event], dead: &mut Vec<Py<Handle>>) -> PyResult<(Vec<u8>, bool)> {
+    fn dispatch_events(
+        &self,
+        py: Python<'_>,
+        events: &[libc::epoll_event],
+        dead: &mut Vec<Py<Handle>>,
+    ) -> PyResult<(Vec<u8>, bool)> {
         let mut signals = Vec::new();
         let mut woken = false;
         let mut st = self.state.borrow_mut(py)?;
@@ -321,7 +403,10 @@ impl LoopCore {
                 continue;
             };
             let mut drop_bits = 0;
-            for (ready, slot, bit) in [(readable, &mut cbs.reader, READABLE), (writable, &mut cbs.writer, WRITABLE)] {
+            for (ready, slot, bit) in [
+                (readable, &mut cbs.reader, READABLE),
+                (writable, &mut cbs.writer, WRITABLE),
+            ] {
                 if !ready {
                     continue;
                 }
@@ -342,7 +427,9 @@ impl LoopCore {
                         dead.extend(cbs.writer);
                     }
                 } else {
-                    poller.reregister(&mut st.fds, token, interest).map_err(os_error)?;
+                    poller
+                        .reregister(&mut st.fds, token, interest)
+                        .map_err(os_error)?;
                 }
             }
         }
@@ -426,7 +513,8 @@ impl LoopCore {
                 if cancelled {
                     dead_timers.push(timer);
                 } else {
-                    st.ready.push_back(timer.into_bound(py).into_super().unbind());
+                    st.ready
+                        .push_back(timer.into_bound(py).into_super().unbind());
                 }
             }
         }
@@ -452,7 +540,10 @@ impl LoopCore {
 impl LoopCore {
     #[new]
     #[pyo3(signature = (*_args, **_kwargs))]
-    fn py_new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, pyo3::types::PyDict>>) -> PyResult<LoopCore> {
+    fn py_new(
+        _args: &Bound<'_, PyTuple>,
+        _kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
+    ) -> PyResult<LoopCore> {
         LoopCore::new_core()
     }
 
@@ -474,7 +565,10 @@ impl LoopCore {
             LoopCore::debug_checks(slf, &callback, "call_soon", true)?;
         }
         let handle = Py::new(py, LoopCore::new_handle(slf, callback, args, context)?)?;
-        core.state.borrow_mut(py)?.ready.push_back(handle.clone_ref(py));
+        core.state
+            .borrow_mut(py)?
+            .ready
+            .push_back(handle.clone_ref(py));
         Ok(handle)
     }
 
@@ -503,7 +597,10 @@ impl LoopCore {
             Err(_) => true,
         };
         if queued_aside || !core.wake_pending.swap(true, Ordering::AcqRel) {
-            let mut queue = core.threadsafe.lock().map_err(|_| PyRuntimeError::new_err("ferroloop: threadsafe queue poisoned"))?;
+            let mut queue = core
+                .threadsafe
+                .lock()
+                .map_err(|_| PyRuntimeError::new_err("ferroloop: threadsafe queue poisoned"))?;
             if queued_aside {
                 queue.handles.push(handle.clone_ref(py));
             }
@@ -562,7 +659,11 @@ impl LoopCore {
         Ok(())
     }
 
-    fn _timer_handle_cancelled(&self, py: Python<'_>, handle: &Bound<'_, TimerHandle>) -> PyResult<()> {
+    fn _timer_handle_cancelled(
+        &self,
+        py: Python<'_>,
+        handle: &Bound<'_, TimerHandle>,
+    ) -> PyResult<()> {
         if handle.get().scheduled.load(Ordering::Relaxed) {
             self.state.borrow_mut(py)?.timers.note_cancelled();
         }
@@ -646,7 +747,13 @@ impl LoopCore {
     /// A snapshot of the ready queue (asyncio exposes its deque; tests read its length).
     #[getter(_ready)]
     fn ready_snapshot(&self, py: Python<'_>) -> PyResult<Vec<Py<Handle>>> {
-        Ok(self.state.borrow_mut(py)?.ready.iter().map(|h| h.clone_ref(py)).collect())
+        Ok(self
+            .state
+            .borrow_mut(py)?
+            .ready
+            .iter()
+            .map(|h| h.clone_ref(py))
+            .collect())
     }
 
     /// asyncio's `__init__` assigns an empty queue; the Rust queue is the real one.
@@ -659,8 +766,12 @@ impl LoopCore {
     #[getter(_scheduled)]
     fn scheduled_snapshot(&self, py: Python<'_>) -> PyResult<Vec<Py<TimerHandle>>> {
         let st = self.state.borrow_mut(py)?;
-        let mut timers: Vec<Py<TimerHandle>> =
-            st.timers.handles().filter(|h| !h.bind(py).as_super().get().is_cancelled()).map(|h| h.clone_ref(py)).collect();
+        let mut timers: Vec<Py<TimerHandle>> = st
+            .timers
+            .handles()
+            .filter(|h| !h.bind(py).as_super().get().is_cancelled())
+            .map(|h| h.clone_ref(py))
+            .collect();
         timers.sort_by(|a, b| a.get().when.total_cmp(&b.get().when));
         Ok(timers)
     }
@@ -678,7 +789,9 @@ impl LoopCore {
     #[setter(_timer_cancelled_count)]
     fn init_timer_cancelled_count(&self, value: usize) -> PyResult<()> {
         if value != 0 {
-            return Err(PyValueError::new_err("_timer_cancelled_count is maintained by the loop"));
+            return Err(PyValueError::new_err(
+                "_timer_cancelled_count is maintained by the loop",
+            ));
         }
         Ok(())
     }
@@ -743,12 +856,22 @@ impl LoopCore {
     }
 
     #[pyo3(signature = (fd, callback, *args))]
-    fn add_reader(slf: &Bound<'_, LoopCore>, fd: &Bound<'_, PyAny>, callback: Bound<'_, PyAny>, args: Bound<'_, PyTuple>) -> PyResult<()> {
+    fn add_reader(
+        slf: &Bound<'_, LoopCore>,
+        fd: &Bound<'_, PyAny>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+    ) -> PyResult<()> {
         LoopCore::add_fd_callback(slf, fd, callback, args, READABLE)
     }
 
     #[pyo3(signature = (fd, callback, *args))]
-    fn add_writer(slf: &Bound<'_, LoopCore>, fd: &Bound<'_, PyAny>, callback: Bound<'_, PyAny>, args: Bound<'_, PyTuple>) -> PyResult<()> {
+    fn add_writer(
+        slf: &Bound<'_, LoopCore>,
+        fd: &Bound<'_, PyAny>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+    ) -> PyResult<()> {
         LoopCore::add_fd_callback(slf, fd, callback, args, WRITABLE)
     }
 
@@ -809,7 +932,11 @@ impl LoopCore {
             return Ok(None);
         };
         Ok(st.fds.get_mut(token).and_then(|(cbs, _)| {
-            let h = if bit == READABLE { &cbs.reader } else { &cbs.writer };
+            let h = if bit == READABLE {
+                &cbs.reader
+            } else {
+                &cbs.writer
+            };
             h.as_ref().map(|h| h.clone_ref(py))
         }))
     }

@@ -54,7 +54,11 @@ impl Handle {
             _ => copy_context(py)?,
         };
         let args = args.filter(|a| !a.is_empty()).map(Bound::unbind);
-        let source_traceback = if debug { Some(pyhelpers::extract_stack(py)?) } else { None };
+        let source_traceback = if debug {
+            Some(pyhelpers::extract_stack(py)?)
+        } else {
+            None
+        };
         Ok(Handle {
             state: GilCell::new(HandleState {
                 callback: Some(callback.unbind()),
@@ -95,7 +99,9 @@ impl Handle {
         match call_in_context(py, &callback, args.as_ref(), &context) {
             Ok(()) => Ok(()),
             Err(err) => {
-                if err.is_instance_of::<PySystemExit>(py) || err.is_instance_of::<PyKeyboardInterrupt>(py) {
+                if err.is_instance_of::<PySystemExit>(py)
+                    || err.is_instance_of::<PyKeyboardInterrupt>(py)
+                {
                     return Err(err);
                 }
                 report_callback_error(slf, &callback, args.as_ref(), err)
@@ -113,7 +119,11 @@ impl Handle {
             Some(lp) => LoopCore::debug_of(lp.bind(py))?,
             None => false,
         };
-        let repr = if debug { Some(Handle::repr_of(slf)?.into_any().unbind()) } else { None };
+        let repr = if debug {
+            Some(Handle::repr_of(slf)?.into_any().unbind())
+        } else {
+            None
+        };
         // Taken out first and dropped after the borrow ends: dropping a callback may
         // run arbitrary Python code (`__del__`) that touches this handle again.
         let released = {
@@ -147,10 +157,17 @@ impl Handle {
         }
         if let Ok(timer) = slf.cast::<TimerHandle>() {
             let pos = if handle.is_cancelled() { 2 } else { 1 };
-            info.insert(pos, format!("when={}", py_float_repr(py, timer.get().when)?));
+            info.insert(
+                pos,
+                format!("when={}", py_float_repr(py, timer.get().when)?),
+            );
         }
         if let Some(cb) = callback {
-            info.push(pyhelpers::format_callback_source(py, cb.bind(py), args.as_ref().map(|a| a.bind(py)))?);
+            info.push(pyhelpers::format_callback_source(
+                py,
+                cb.bind(py),
+                args.as_ref().map(|a| a.bind(py)),
+            )?);
         }
         if let Some(tb) = traceback {
             if let Some(frame_info) = pyhelpers::last_frame_location(tb.bind(py))? {
@@ -192,7 +209,9 @@ fn call_in_context(
             Some(args) if ffi::PyTuple_GET_SIZE(args.as_ptr()) == 1 => {
                 ffi::PyObject_CallOneArg(callback.as_ptr(), ffi::PyTuple_GET_ITEM(args.as_ptr(), 0))
             }
-            Some(args) => ffi::PyObject_Call(callback.as_ptr(), args.as_ptr(), std::ptr::null_mut()),
+            Some(args) => {
+                ffi::PyObject_Call(callback.as_ptr(), args.as_ptr(), std::ptr::null_mut())
+            }
         }
     };
     let outcome = if result.is_null() {
@@ -226,7 +245,8 @@ fn report_callback_error(
     let Some(loop_) = loop_ else {
         return Err(err);
     };
-    let source = pyhelpers::format_callback_source(py, callback.bind(py), args.map(|a| a.bind(py)))?;
+    let source =
+        pyhelpers::format_callback_source(py, callback.bind(py), args.map(|a| a.bind(py)))?;
     let context = PyDict::new(py);
     context.set_item("message", format!("Exception in callback {source}"))?;
     context.set_item("exception", err.value(py))?;
@@ -236,7 +256,9 @@ fn report_callback_error(
             context.set_item("source_traceback", tb)?;
         }
     }
-    loop_.bind(py).call_method1("call_exception_handler", (context,))?;
+    loop_
+        .bind(py)
+        .call_method1("call_exception_handler", (context,))?;
     Ok(())
 }
 
@@ -264,7 +286,12 @@ impl Handle {
     }
 
     fn get_context(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        Ok(self.state.borrow_mut(py)?.context.as_ref().map(|c| c.clone_ref(py)))
+        Ok(self
+            .state
+            .borrow_mut(py)?
+            .context
+            .as_ref()
+            .map(|c| c.clone_ref(py)))
     }
 
     fn _run(slf: &Bound<'_, Handle>) -> PyResult<()> {
@@ -278,7 +305,12 @@ impl Handle {
 
     #[getter]
     fn _callback(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        Ok(self.state.borrow_mut(py)?.callback.as_ref().map(|c| c.clone_ref(py)))
+        Ok(self
+            .state
+            .borrow_mut(py)?
+            .callback
+            .as_ref()
+            .map(|c| c.clone_ref(py)))
     }
 
     #[getter]
@@ -298,12 +330,22 @@ impl Handle {
 
     #[getter]
     fn _loop(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        Ok(self.state.borrow_mut(py)?.loop_.as_ref().map(|c| c.clone_ref(py)))
+        Ok(self
+            .state
+            .borrow_mut(py)?
+            .loop_
+            .as_ref()
+            .map(|c| c.clone_ref(py)))
     }
 
     #[getter]
     fn _source_traceback(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        Ok(self.state.borrow_mut(py)?.source_traceback.as_ref().map(|c| c.clone_ref(py)))
+        Ok(self
+            .state
+            .borrow_mut(py)?
+            .source_traceback
+            .as_ref()
+            .map(|c| c.clone_ref(py)))
     }
 
     fn __repr__<'py>(slf: &Bound<'py, Handle>) -> PyResult<Bound<'py, PyString>> {
@@ -314,10 +356,16 @@ impl Handle {
         // The GC runs with the GIL held. A borrow that is already active means we are in
         // the middle of updating this handle; skipping one traversal is harmless.
         if let Some(state) = self.state.borrow_for_gc() {
-            for obj in [&state.callback, &state.context, &state.loop_, &state.source_traceback] {
-                if let Some(obj) = obj {
-                    visit.call(obj)?;
-                }
+            for obj in [
+                &state.callback,
+                &state.context,
+                &state.loop_,
+                &state.source_traceback,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                visit.call(obj)?;
             }
             if let Some(args) = &state.args {
                 visit.call(args)?;
@@ -328,7 +376,12 @@ impl Handle {
 
     fn __clear__(&self) {
         let taken = self.state.borrow_mut_for_gc().map(|mut state| {
-            (state.callback.take(), state.args.take(), state.context.take(), state.loop_.take())
+            (
+                state.callback.take(),
+                state.args.take(),
+                state.context.take(),
+                state.loop_.take(),
+            )
         });
         drop(taken);
     }
@@ -336,7 +389,10 @@ impl Handle {
 
 impl TimerHandle {
     pub(crate) fn new_initializer(handle: Handle, when: f64) -> PyClassInitializer<TimerHandle> {
-        PyClassInitializer::from(handle).add_subclass(TimerHandle { when, scheduled: AtomicBool::new(false) })
+        PyClassInitializer::from(handle).add_subclass(TimerHandle {
+            when,
+            scheduled: AtomicBool::new(false),
+        })
     }
 }
 
@@ -375,7 +431,13 @@ impl TimerHandle {
         let py = slf.py();
         let base = slf.as_super();
         if !base.get().is_cancelled() && slf.get().scheduled.load(Ordering::Relaxed) {
-            let loop_ = base.get().state.borrow_mut(py)?.loop_.as_ref().map(|l| l.clone_ref(py));
+            let loop_ = base
+                .get()
+                .state
+                .borrow_mut(py)?
+                .loop_
+                .as_ref()
+                .map(|l| l.clone_ref(py));
             if let Some(loop_) = loop_ {
                 LoopCore::timer_cancelled(loop_.bind(py), slf)?;
             }
@@ -387,7 +449,11 @@ impl TimerHandle {
         self.when.to_bits()
     }
 
-    fn __richcmp__(slf: &Bound<'_, TimerHandle>, other: &Bound<'_, PyAny>, op: CompareOp) -> PyResult<Py<PyAny>> {
+    fn __richcmp__(
+        slf: &Bound<'_, TimerHandle>,
+        other: &Bound<'_, PyAny>,
+        op: CompareOp,
+    ) -> PyResult<Py<PyAny>> {
         let py = slf.py();
         let Ok(other) = other.cast::<TimerHandle>() else {
             return Ok(py.NotImplemented());

@@ -28,7 +28,10 @@ impl Token {
         (u64::from(self.generation) << 32) | u64::from(self.index)
     }
     pub fn decode(data: u64) -> Token {
-        Token { index: data as u32, generation: (data >> 32) as u32 }
+        Token {
+            index: data as u32,
+            generation: (data >> 32) as u32,
+        }
     }
 }
 
@@ -56,7 +59,11 @@ pub struct Registry<T> {
 
 impl<T> Default for Registry<T> {
     fn default() -> Self {
-        Registry { slots: Vec::new(), free: Vec::new(), by_fd: HashMap::new() }
+        Registry {
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_fd: HashMap::new(),
+        }
     }
 }
 
@@ -64,7 +71,10 @@ impl<T> Registry<T> {
     pub fn token_of(&self, fd: RawFd) -> Option<Token> {
         let index = *self.by_fd.get(&fd)?;
         let slot = &self.slots[index as usize];
-        Some(Token { index, generation: slot.generation })
+        Some(Token {
+            index,
+            generation: slot.generation,
+        })
     }
 
     /// The owner and interest of a live registration, if the token is still current.
@@ -100,12 +110,20 @@ impl<T> Registry<T> {
                 index
             }
             None => {
-                self.slots.push(Slot { generation: 0, fd, interest, owner: Some(owner) });
+                self.slots.push(Slot {
+                    generation: 0,
+                    fd,
+                    interest,
+                    owner: Some(owner),
+                });
                 (self.slots.len() - 1) as u32
             }
         };
         self.by_fd.insert(fd, index);
-        Token { index, generation: self.slots[index as usize].generation }
+        Token {
+            index,
+            generation: self.slots[index as usize].generation,
+        }
     }
 
     /// Frees the slot and bumps its generation; returns the owner.
@@ -141,15 +159,26 @@ impl Poller {
     pub fn new() -> io::Result<Poller> {
         // SAFETY: epoll_create1 has no memory preconditions; a non-negative result is a
         // fresh fd that nothing else owns, so OwnedFd may take it.
-        let epoll = unsafe { OwnedFd::from_raw_fd(check(libc::epoll_create1(libc::EPOLL_CLOEXEC))?) };
+        let epoll =
+            unsafe { OwnedFd::from_raw_fd(check(libc::epoll_create1(libc::EPOLL_CLOEXEC))?) };
         let mut pair = [0 as libc::c_int; 2];
         let kind = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
         // SAFETY: `pair` is a valid array of two c_ints for socketpair to fill.
         check(unsafe { libc::socketpair(libc::AF_UNIX, kind, 0, pair.as_mut_ptr()) })?;
         // SAFETY: socketpair succeeded, so both are fresh fds owned by nobody else.
-        let (wake_rx, wake_tx) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
-        let poller = Poller { epoll, wake_rx, wake_tx };
-        poller.ctl(libc::EPOLL_CTL_ADD, poller.wake_rx.as_raw_fd(), READABLE, WAKER_TOKEN)?;
+        let (wake_rx, wake_tx) =
+            unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        let poller = Poller {
+            epoll,
+            wake_rx,
+            wake_tx,
+        };
+        poller.ctl(
+            libc::EPOLL_CTL_ADD,
+            poller.wake_rx.as_raw_fd(),
+            READABLE,
+            WAKER_TOKEN,
+        )?;
         Ok(poller)
     }
 
@@ -162,7 +191,10 @@ impl Poller {
     }
 
     fn ctl(&self, op: libc::c_int, fd: RawFd, interest: u32, data: u64) -> io::Result<()> {
-        let mut event = libc::epoll_event { events: interest, u64: data };
+        let mut event = libc::epoll_event {
+            events: interest,
+            u64: data,
+        };
         // SAFETY: `event` is a valid epoll_event for the duration of the call; epoll_ctl
         // only reads it.
         check(unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut event) })?;
@@ -170,7 +202,13 @@ impl Poller {
     }
 
     /// Registers `fd` with `interest` for `owner`.
-    pub fn register<T>(&self, reg: &mut Registry<T>, fd: RawFd, interest: u32, owner: T) -> io::Result<Token> {
+    pub fn register<T>(
+        &self,
+        reg: &mut Registry<T>,
+        fd: RawFd,
+        interest: u32,
+        owner: T,
+    ) -> io::Result<Token> {
         let token = reg.insert(fd, interest, owner);
         if let Err(err) = self.ctl(libc::EPOLL_CTL_ADD, fd, interest, token.encode()) {
             reg.remove(token);
@@ -180,7 +218,12 @@ impl Poller {
     }
 
     /// Changes the interest of a live registration.
-    pub fn reregister<T>(&self, reg: &mut Registry<T>, token: Token, interest: u32) -> io::Result<()> {
+    pub fn reregister<T>(
+        &self,
+        reg: &mut Registry<T>,
+        token: Token,
+        interest: u32,
+    ) -> io::Result<()> {
         let Some(slot) = reg.slots.get_mut(token.index as usize) else {
             return Ok(());
         };
@@ -207,7 +250,11 @@ impl Poller {
     }
 
     /// Waits for events; `timeout_ms < 0` waits forever. Blocks: call without the GIL.
-    pub fn wait(epoll_fd: RawFd, events: &mut [libc::epoll_event], timeout_ms: i32) -> io::Result<usize> {
+    pub fn wait(
+        epoll_fd: RawFd,
+        events: &mut [libc::epoll_event],
+        timeout_ms: i32,
+    ) -> io::Result<usize> {
         let max = events.len().min(i32::MAX as usize) as libc::c_int;
         // SAFETY: `events` is a valid, writable buffer of `max` epoll_event structs that
         // outlives the call; the kernel writes at most `max` of them.
@@ -221,7 +268,8 @@ impl Poller {
         let mut buf = [0u8; 256];
         loop {
             // SAFETY: reads into a valid stack buffer of the stated length.
-            let n = unsafe { libc::read(self.wake_rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let n =
+                unsafe { libc::read(self.wake_rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if n <= 0 {
                 break;
             }

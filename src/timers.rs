@@ -35,7 +35,10 @@ impl PartialOrd for Entry {
 impl Ord for Entry {
     /// Reversed, so that `BinaryHeap` (a max-heap) pops the earliest timer first.
     fn cmp(&self, other: &Self) -> CmpOrdering {
-        other.key.total_cmp(&self.key).then_with(|| other.seq.cmp(&self.seq))
+        other
+            .key
+            .total_cmp(&self.key)
+            .then_with(|| other.seq.cmp(&self.seq))
     }
 }
 
@@ -52,9 +55,17 @@ fn is_cancelled(py: Python<'_>, handle: &Py<TimerHandle>) -> bool {
 
 impl Timers {
     pub fn push(&mut self, handle: Py<TimerHandle>, when: f64) {
-        let key = if when.is_nan() { f64::NEG_INFINITY } else { when };
+        let key = if when.is_nan() {
+            f64::NEG_INFINITY
+        } else {
+            when
+        };
         self.next_seq += 1;
-        self.heap.push(Entry { key, seq: self.next_seq, handle });
+        self.heap.push(Entry {
+            key,
+            seq: self.next_seq,
+            handle,
+        });
     }
 
     pub fn len(&self) -> usize {
@@ -75,7 +86,8 @@ impl Timers {
     /// outside any borrow of the loop state.
     pub fn prune(&mut self, py: Python<'_>, dead: &mut Vec<Py<TimerHandle>>) {
         let n = self.heap.len();
-        if n > MIN_SCHEDULED_FOR_COMPACTION && self.cancelled as f64 / n as f64 > CANCELLED_FRACTION {
+        if n > MIN_SCHEDULED_FOR_COMPACTION && self.cancelled as f64 / n as f64 > CANCELLED_FRACTION
+        {
             let entries = std::mem::take(&mut self.heap).into_vec();
             let mut live = Vec::with_capacity(n - self.cancelled);
             for entry in entries {
@@ -124,7 +136,12 @@ impl Timers {
     /// Empties the heap (loop close), handing back the handles for release.
     pub fn drain(&mut self, dead: &mut Vec<Py<TimerHandle>>) {
         self.cancelled = 0;
-        dead.extend(std::mem::take(&mut self.heap).into_vec().into_iter().map(|e| e.handle));
+        dead.extend(
+            std::mem::take(&mut self.heap)
+                .into_vec()
+                .into_iter()
+                .map(|e| e.handle),
+        );
     }
 
     pub fn handles(&self) -> impl Iterator<Item = &Py<TimerHandle>> {

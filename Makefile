@@ -1,0 +1,30 @@
+# One target per habit. Every target sets up its own virtualenv (.venv) on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+.PHONY: install test bench lint clean
+install: $(BIN)/python
+	$(BIN)/pip install -q ".[test,bench]"
+
+# Every test: behaviour, stress, runner and CPython's test_asyncio conformance.
+# pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
+test: install
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+# The main job: micro benchmarks, ferroloop beside asyncio and uvloop in one run.
+bench: install
+	$(BIN)/python bench/micro.py --cycles 10 --markdown bench/results/micro.md --json bench/results/micro.json
+
+lint: $(BIN)/python
+	cargo fmt --check
+	cargo clippy --release -- -D warnings
+	$(BIN)/pip install -q ruff && $(BIN)/ruff check python tests bench
+
+clean:
+	rm -rf $(VENV) target bench/results
