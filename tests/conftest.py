@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 
-import pytest
-
 import ferroloop
+import pytest
 
 LOOPS = {
     "asyncio": asyncio.new_event_loop,

@@ -7,9 +7,8 @@ import asyncio
 import math
 import socket
 
-import pytest
-
 import ferroloop
+import pytest
 
 
 async def _coro_fn():

@@ -7,9 +7,8 @@ import contextvars
 import threading
 import time
 
-import pytest
-
 import ferroloop
+import pytest
 
 
 def test_call_soon_is_fifo_and_new_callbacks_run_next_turn(loop):

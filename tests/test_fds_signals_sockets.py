@@ -72,9 +72,8 @@ def test_add_reader_invalid_fd(loop, bad):
 def test_add_reader_regular_file_is_permission_error(loop, tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"data")
-    with open(path, "rb") as fh:
-        with pytest.raises(PermissionError):
-            loop.add_reader(fh, print)
+    with open(path, "rb") as fh, pytest.raises(PermissionError):
+        loop.add_reader(fh, print)
 
 
 def test_signal_handler_runs_as_a_handle(loop):
@@ -196,15 +195,15 @@ def test_sock_datagram_calls(loop):
             s.setblocking(False)
             s.bind(("127.0.0.1", 0))
         sent = await loop.sock_sendto(a, b"ping", b.getsockname())
-        data, addr = await loop.sock_recvfrom(b, 100)
+        data, _ = await loop.sock_recvfrom(b, 100)
         buf = bytearray(10)
         await loop.sock_sendto(b, b"pong", a.getsockname())
-        n, addr2 = await loop.sock_recvfrom_into(a, buf)
+        n, _ = await loop.sock_recvfrom_into(a, buf)
         a.close()
         b.close()
-        return sent, data, addr, bytes(buf[:n])
+        return sent, data, bytes(buf[:n])
 
-    sent, data, addr, back = loop.run_until_complete(main())
+    sent, data, back = loop.run_until_complete(main())
     assert (sent, data, back) == (4, b"ping", b"pong")
 
 

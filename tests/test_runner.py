@@ -13,6 +13,7 @@ def run(tmp_path, body, *args, module=False):
     target = ["-m", "prog"] if module else [str(script)]
     return subprocess.run(
         [sys.executable, "-m", "ferroloop", *target, *args],
+        check=False,
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -53,6 +54,8 @@ def test_uncaught_exception_traceback_starts_at_the_script(tmp_path):
 
 
 def test_no_arguments_is_a_usage_error():
-    proc = subprocess.run([sys.executable, "-m", "ferroloop"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ferroloop"], check=False, capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "usage" in proc.stderr

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import sys
 from asyncio import events
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from ._ferroloop import Handle, TimerHandle
 from ._loop import Loop
 
-__all__ = ["Loop", "Handle", "TimerHandle", "EventLoopPolicy", "new_event_loop", "install", "run"]
+__all__ = ["EventLoopPolicy", "Handle", "Loop", "TimerHandle", "install", "new_event_loop", "run"]
 __version__ = "0.1.0"
 
 _T = TypeVar("_T")

@@ -1,7 +1,8 @@
 """Type stubs of the Rust core (ferroloop._ferroloop)."""
 
+from collections.abc import Callable
 from contextvars import Context
-from typing import Any, Callable
+from typing import Any
 
 class Handle:
     def __init__(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
-from operator import methodcaller
 import signal
 import socket
 import sys
@@ -20,6 +19,7 @@ import threading
 import weakref
 from asyncio import base_events, coroutines, events
 from asyncio.log import logger
+from operator import methodcaller
 
 from ._ferroloop import Handle, LoopCore
 
@@ -261,7 +261,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             return
         except (SystemExit, KeyboardInterrupt):
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the future carries any failure
             fut.set_exception(exc)
         else:
             fut.set_result(result)
