@@ -352,7 +352,7 @@ impl LoopCore {
         let fd = checked_fd(fd)?;
         let handle = Py::new(slf.py(), LoopCore::new_handle(slf, callback, args, None)?)?;
         if let Some(old) = LoopCore::fd_callback_mut(slf, fd, Some(handle), bit)? {
-            old.bind(slf.py()).call_method0("cancel")?;
+            Handle::do_cancel(old.bind(slf.py()))?;
         }
         Ok(())
     }
@@ -369,7 +369,7 @@ impl LoopCore {
         let fd = checked_fd(fd)?;
         match LoopCore::fd_callback_mut(slf, fd, None, bit)? {
             Some(old) => {
-                old.bind(slf.py()).call_method0("cancel")?;
+                Handle::do_cancel(old.bind(slf.py()))?;
                 Ok(true)
             }
             None => Ok(false),
@@ -796,22 +796,10 @@ impl LoopCore {
         Ok(())
     }
 
-    /// Number of handles waiting to run (for tests and introspection).
-    #[getter(_ready_count)]
-    fn ready_count(&self, py: Python<'_>) -> PyResult<usize> {
-        Ok(self.state.borrow_mut(py)?.ready.len())
-    }
-
     /// Number of timers in the heap, cancelled ones not yet compacted included.
     #[getter(_timer_count)]
     fn timer_count(&self, py: Python<'_>) -> PyResult<usize> {
         Ok(self.state.borrow_mut(py)?.timers.len())
-    }
-
-    /// Number of fds with `add_reader`/`add_writer` callbacks.
-    #[getter(_fd_count)]
-    fn fd_count(&self, py: Python<'_>) -> PyResult<usize> {
-        Ok(self.state.borrow_mut(py)?.fds.len())
     }
 
     fn _run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
@@ -931,13 +919,9 @@ impl LoopCore {
         let Some(token) = st.fds.token_of(fd) else {
             return Ok(None);
         };
-        Ok(st.fds.get_mut(token).and_then(|(cbs, _)| {
-            let h = if bit == READABLE {
-                &cbs.reader
-            } else {
-                &cbs.writer
-            };
-            h.as_ref().map(|h| h.clone_ref(py))
-        }))
+        Ok(st
+            .fds
+            .get_mut(token)
+            .and_then(|(cbs, _)| cbs.slot(bit).as_ref().map(|h| h.clone_ref(py))))
     }
 }

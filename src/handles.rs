@@ -109,7 +109,7 @@ impl Handle {
         }
     }
 
-    fn do_cancel(slf: &Bound<'_, Handle>) -> PyResult<()> {
+    pub(crate) fn do_cancel(slf: &Bound<'_, Handle>) -> PyResult<()> {
         let py = slf.py();
         let handle = slf.get();
         if handle.cancelled.swap(true, Ordering::Relaxed) {
@@ -461,9 +461,9 @@ impl TimerHandle {
         let (a, b) = (slf.get().when, other.get().when);
         let result = match op {
             CompareOp::Lt => a < b,
-            CompareOp::Le => a < b || slf.is(other) || a == b,
+            CompareOp::Le => a <= b,
             CompareOp::Gt => a > b,
-            CompareOp::Ge => a > b || slf.is(other) || a == b,
+            CompareOp::Ge => a >= b,
             CompareOp::Eq => slf.is(other),
             CompareOp::Ne => !slf.is(other),
         };

@@ -92,10 +92,6 @@ impl<T> Registry<T> {
         (slot.generation == token.generation && slot.owner.is_some()).then_some(slot.fd)
     }
 
-    pub fn len(&self) -> usize {
-        self.by_fd.len()
-    }
-
     pub fn owners(&self) -> impl Iterator<Item = &T> {
         self.slots.iter().filter_map(|s| s.owner.as_ref())
     }

@@ -19,7 +19,7 @@ def test_a_million_call_soon():
     loop.call_soon(loop.stop)
     loop.run_forever()
     assert count[0] == 1_000_000
-    assert loop._ready_count == 0
+    assert len(loop._ready) == 0
     loop.close()
 
 

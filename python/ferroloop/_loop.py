@@ -16,7 +16,6 @@ import signal
 import socket
 import sys
 import threading
-import weakref
 from asyncio import base_events, coroutines, events
 from asyncio.log import logger
 from operator import methodcaller
@@ -74,7 +73,6 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
     def __init__(self) -> None:
         super().__init__()
         self._signal_handlers: dict[int, Handle] = {}
-        self._transports = weakref.WeakValueDictionary()
 
     # -- running ---------------------------------------------------------------
 
@@ -125,8 +123,6 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             else:
                 for sig in list(self._signal_handlers):
                     self.remove_signal_handler(sig)
-        for transport in list(self._transports.values()):
-            transport.abort()
         self._close_core()
         self._executor_shutdown_called = True
         executor = self._default_executor
@@ -213,14 +209,6 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
 
     # -- low-level socket operations -------------------------------------------
 
-    def _ensure_fd_no_transport(self, fd) -> None:
-        fileno = fd if isinstance(fd, int) else fd.fileno()
-        transport = self._transports.get(fileno)
-        if transport is not None and not transport.is_closing():
-            raise RuntimeError(
-                f"File descriptor {fd!r} is used by transport {transport!r}"
-            )
-
     def _check_sock(self, sock) -> None:
         _check_ssl_socket(sock)
         if self._debug and sock.gettimeout() != 0:
@@ -231,7 +219,6 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         `op` looks the socket method up on each try, as asyncio does."""
         fut = self.create_future()
         fd = sock.fileno()
-        self._ensure_fd_no_transport(fd)
         add, get, remove = (
             (self.add_writer, self._get_writer, self.remove_writer)
             if writable
@@ -314,9 +301,8 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             sent = sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
-        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-        total = len(view)
-        while sent < total:
+        view = memoryview(data).cast("B")
+        while sent < len(view):
             sent += await self._sock_wait(sock, True, methodcaller("send", view[sent:]))
 
     async def sock_connect(self, sock, address):
