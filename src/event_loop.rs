@@ -18,11 +18,27 @@ use crate::gil_cell::GilCell;
 use crate::handles::{Handle, TimerHandle};
 use crate::poller::{self, Poller, Registry, Token, READABLE, WAKER_TOKEN, WRITABLE};
 use crate::timers::Timers;
+use crate::transports::stream::StreamTransport;
 
 /// asyncio caps one poll at a day (`MAXIMUM_SELECT_TIMEOUT`).
 const MAX_POLL_TIMEOUT_S: f64 = 24.0 * 3600.0;
 const INITIAL_EVENTS: usize = 256;
 const MAX_EVENTS: usize = 64 * 1024;
+
+/// Who handles the events of a registered fd.
+pub(crate) enum FdOwner {
+    /// `add_reader`/`add_writer` callbacks.
+    Callbacks(FdCallbacks),
+    /// A native transport, which handles its readiness itself.
+    Stream(Py<StreamTransport>),
+}
+
+/// An entry of the ready queue: a handle, or a transport's readiness, which runs in
+/// the queue's order as asyncio's reader/writer handles would.
+pub(crate) enum Ready {
+    Handle(Py<Handle>),
+    Stream(Py<StreamTransport>, u32),
+}
 
 /// The `add_reader`/`add_writer` callbacks of one fd.
 #[derive(Default)]
@@ -42,9 +58,11 @@ impl FdCallbacks {
 }
 
 pub(crate) struct LoopState {
-    ready: VecDeque<Py<Handle>>,
+    ready: VecDeque<Ready>,
     timers: Timers,
-    fds: Registry<FdCallbacks>,
+    fds: Registry<FdOwner>,
+    /// Transports written to during this turn, flushed at its end.
+    flush: Vec<Py<StreamTransport>>,
     /// `None` once the loop is closed: its fds are released then.
     poller: Option<Poller>,
     events: Vec<libc::epoll_event>,
@@ -170,6 +188,7 @@ impl LoopCore {
                 ready: VecDeque::new(),
                 timers: Timers::default(),
                 fds: Registry::default(),
+                flush: Vec::new(),
                 poller: Some(poller),
                 events: vec![libc::epoll_event { events: 0, u64: 0 }; INITIAL_EVENTS],
                 thread_id: None,
@@ -288,7 +307,10 @@ impl LoopCore {
             Ok(mut q) if !q.handles.is_empty() => mem::take(&mut q.handles),
             _ => return Ok(()),
         };
-        self.state.borrow_mut(py)?.ready.extend(queued);
+        self.state
+            .borrow_mut(py)?
+            .ready
+            .extend(queued.into_iter().map(Ready::Handle));
         Ok(())
     }
 
@@ -306,8 +328,15 @@ impl LoopCore {
         };
         match st.fds.token_of(fd) {
             Some(token) => {
-                let Some((cbs, interest)) = st.fds.get_mut(token) else {
+                let Some((owner, interest)) = st.fds.get_mut(token) else {
                     return Ok(None);
+                };
+                let cbs = match owner {
+                    FdOwner::Callbacks(cbs) => cbs,
+                    FdOwner::Stream(transport) => {
+                        let transport = transport.clone_ref(py);
+                        return Err(fd_in_use(fd, transport.bind(py)));
+                    }
                 };
                 let adding = handle.is_some();
                 let old = mem::replace(cbs.slot(bit), handle);
@@ -320,7 +349,7 @@ impl LoopCore {
                     poller.deregister(&mut st.fds, token);
                 } else {
                     poller
-                        .reregister(&mut st.fds, token, interest)
+                        .set_interest(&mut st.fds, token, interest)
                         .map_err(os_error)?;
                 }
                 Ok(old)
@@ -332,7 +361,7 @@ impl LoopCore {
                 let mut cbs = FdCallbacks::default();
                 *cbs.slot(bit) = Some(handle);
                 poller
-                    .register(&mut st.fds, fd, bit, cbs)
+                    .register(&mut st.fds, fd, bit, FdOwner::Callbacks(cbs))
                     .map_err(os_error)?;
                 Ok(None)
             }
@@ -398,10 +427,18 @@ impl LoopCore {
                 continue;
             }
             let token = Token::decode(data);
-            let (readable, writable) = poller::readiness(event.events);
-            let Some((cbs, interest)) = st.fds.get_mut(token) else {
+            let Some((owner, interest)) = st.fds.get_mut(token) else {
                 continue;
             };
+            let cbs = match owner {
+                FdOwner::Callbacks(cbs) => cbs,
+                FdOwner::Stream(transport) => {
+                    let transport = transport.clone_ref(py);
+                    st.ready.push_back(Ready::Stream(transport, event.events));
+                    continue;
+                }
+            };
+            let (readable, writable) = poller::readiness(event.events);
             let mut drop_bits = 0;
             for (ready, slot, bit) in [
                 (readable, &mut cbs.reader, READABLE),
@@ -415,20 +452,20 @@ impl LoopCore {
                         dead.extend(slot.take());
                         drop_bits |= bit;
                     }
-                    Some(h) => st.ready.push_back(h.clone_ref(py)),
+                    Some(h) => st.ready.push_back(Ready::Handle(h.clone_ref(py))),
                     None => {}
                 }
             }
             if drop_bits != 0 {
                 let interest = interest & !drop_bits;
                 if interest == 0 {
-                    if let Some(cbs) = poller.deregister(&mut st.fds, token) {
+                    if let Some(FdOwner::Callbacks(cbs)) = poller.deregister(&mut st.fds, token) {
                         dead.extend(cbs.reader);
                         dead.extend(cbs.writer);
                     }
                 } else {
                     poller
-                        .reregister(&mut st.fds, token, interest)
+                        .set_interest(&mut st.fds, token, interest)
                         .map_err(os_error)?;
                 }
             }
@@ -440,6 +477,9 @@ impl LoopCore {
     fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
+        // Writes made outside a turn (before the loop ran, between runs) go out before
+        // the poll, which could otherwise block with them unsent.
+        core.flush_transports(py)?;
         core.take_threadsafe(py)?;
 
         let mut dead_timers = Vec::new();
@@ -514,7 +554,7 @@ impl LoopCore {
                     dead_timers.push(timer);
                 } else {
                     st.ready
-                        .push_back(timer.into_bound(py).into_super().unbind());
+                        .push_back(Ready::Handle(timer.into_bound(py).into_super().unbind()));
                 }
             }
         }
@@ -522,17 +562,24 @@ impl LoopCore {
 
         let ntodo = core.state.borrow_mut(py)?.ready.len();
         for _ in 0..ntodo {
-            let Some(handle) = core.state.borrow_mut(py)?.ready.pop_front() else {
+            let Some(item) = core.state.borrow_mut(py)?.ready.pop_front() else {
                 break;
             };
-            let handle = handle.into_bound(py);
-            if core.debug.load(Ordering::Relaxed) {
-                slf.call_method1("_run_handle_debug", (handle,))?;
-            } else {
-                Handle::run(&handle)?;
+            match item {
+                Ready::Handle(handle) => {
+                    let handle = handle.into_bound(py);
+                    if core.debug.load(Ordering::Relaxed) {
+                        slf.call_method1("_run_handle_debug", (handle,))?;
+                    } else {
+                        Handle::run(&handle)?;
+                    }
+                }
+                Ready::Stream(transport, events) => {
+                    StreamTransport::on_ready(transport.bind(py), events)?;
+                }
             }
         }
-        Ok(())
+        core.flush_transports(py)
     }
 }
 
@@ -568,7 +615,7 @@ impl LoopCore {
         core.state
             .borrow_mut(py)?
             .ready
-            .push_back(handle.clone_ref(py));
+            .push_back(Ready::Handle(handle.clone_ref(py)));
         Ok(handle)
     }
 
@@ -591,7 +638,7 @@ impl LoopCore {
         // GIL from it mid-update) does the handle go to the side queue instead.
         let queued_aside = match core.state.borrow_mut(py) {
             Ok(mut st) => {
-                st.ready.push_back(handle.clone_ref(py));
+                st.ready.push_back(Ready::Handle(handle.clone_ref(py)));
                 false
             }
             Err(_) => true,
@@ -654,7 +701,10 @@ impl LoopCore {
     /// Appends an existing handle to the ready queue (signal handlers use this).
     fn _add_callback(&self, py: Python<'_>, handle: Py<Handle>) -> PyResult<()> {
         if !handle.get().is_cancelled() {
-            self.state.borrow_mut(py)?.ready.push_back(handle);
+            self.state
+                .borrow_mut(py)?
+                .ready
+                .push_back(Ready::Handle(handle));
         }
         Ok(())
     }
@@ -752,7 +802,10 @@ impl LoopCore {
             .borrow_mut(py)?
             .ready
             .iter()
-            .map(|h| h.clone_ref(py))
+            .filter_map(|item| match item {
+                Ready::Handle(h) => Some(h.clone_ref(py)),
+                Ready::Stream(..) => None,
+            })
             .collect())
     }
 
@@ -835,7 +888,8 @@ impl LoopCore {
             let mut st = self.state.borrow_mut(py)?;
             st.timers.drain(&mut dead_timers);
             let fds = mem::take(&mut st.fds);
-            (mem::take(&mut st.ready), fds, st.poller.take())
+            let flush = mem::take(&mut st.flush);
+            (mem::take(&mut st.ready), fds, flush, st.poller.take())
         };
         drop(queued);
         drop(dead_timers);
@@ -882,15 +936,26 @@ impl LoopCore {
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         if let Some(st) = self.state.borrow_for_gc() {
-            for h in &st.ready {
-                visit.call(h)?;
+            for item in &st.ready {
+                match item {
+                    Ready::Handle(h) => visit.call(h)?,
+                    Ready::Stream(t, _) => visit.call(t)?,
+                }
+            }
+            for t in &st.flush {
+                visit.call(t)?;
             }
             for h in st.timers.handles() {
                 visit.call(h)?;
             }
-            for cbs in st.fds.owners() {
-                for h in [&cbs.reader, &cbs.writer].into_iter().flatten() {
-                    visit.call(h)?;
+            for owner in st.fds.owners() {
+                match owner {
+                    FdOwner::Callbacks(cbs) => {
+                        for h in [&cbs.reader, &cbs.writer].into_iter().flatten() {
+                            visit.call(h)?;
+                        }
+                    }
+                    FdOwner::Stream(t) => visit.call(t)?,
                 }
             }
         }
@@ -906,7 +971,12 @@ impl LoopCore {
         let released = self.state.borrow_mut_for_gc().map(|mut st| {
             let mut timers = Vec::new();
             st.timers.drain(&mut timers);
-            (mem::take(&mut st.ready), timers, mem::take(&mut st.fds))
+            (
+                mem::take(&mut st.ready),
+                timers,
+                mem::take(&mut st.fds),
+                mem::take(&mut st.flush),
+            )
         });
         drop(released);
     }
@@ -919,9 +989,115 @@ impl LoopCore {
         let Some(token) = st.fds.token_of(fd) else {
             return Ok(None);
         };
-        Ok(st
-            .fds
-            .get_mut(token)
-            .and_then(|(cbs, _)| cbs.slot(bit).as_ref().map(|h| h.clone_ref(py))))
+        Ok(match st.fds.get_mut(token) {
+            Some((FdOwner::Callbacks(cbs), _)) => cbs.slot(bit).as_ref().map(|h| h.clone_ref(py)),
+            _ => None,
+        })
     }
+
+    pub(crate) fn debug(&self) -> bool {
+        self.debug.load(Ordering::Relaxed)
+    }
+
+    /// Claims `fd` for a transport. Callbacks added with `add_reader`/`add_writer` on it
+    /// are cancelled (the transport takes over the fd, as asyncio's would); an fd already
+    /// owned by another live transport is an error.
+    pub(crate) fn register_stream(
+        &self,
+        py: Python<'_>,
+        fd: RawFd,
+        transport: Py<StreamTransport>,
+    ) -> PyResult<Token> {
+        let replaced = {
+            let mut st = self.state.borrow_mut(py)?;
+            let st = &mut *st;
+            let Some(poller) = &st.poller else {
+                return Err(closed_loop());
+            };
+            let replaced = match st.fds.token_of(fd) {
+                Some(token) => match st.fds.get_mut(token) {
+                    Some((FdOwner::Stream(other), _)) => {
+                        let other = other.clone_ref(py);
+                        return Err(fd_in_use(fd, other.bind(py)));
+                    }
+                    _ => poller.deregister(&mut st.fds, token),
+                },
+                None => None,
+            };
+            let token = poller
+                .register(&mut st.fds, fd, 0, FdOwner::Stream(transport))
+                .map_err(os_error)?;
+            (token, replaced)
+        };
+        if let (_, Some(FdOwner::Callbacks(cbs))) = &replaced {
+            for h in [&cbs.reader, &cbs.writer].into_iter().flatten() {
+                Handle::do_cancel(h.bind(py))?;
+            }
+        }
+        Ok(replaced.0)
+    }
+
+    pub(crate) fn set_stream_interest(
+        &self,
+        py: Python<'_>,
+        token: Token,
+        interest: u32,
+    ) -> PyResult<()> {
+        let mut st = self.state.borrow_mut(py)?;
+        let st = &mut *st;
+        match &st.poller {
+            Some(poller) => poller
+                .set_interest(&mut st.fds, token, interest)
+                .map_err(os_error),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn deregister_stream(&self, py: Python<'_>, token: Token) -> PyResult<()> {
+        let released = {
+            let mut st = self.state.borrow_mut(py)?;
+            let st = &mut *st;
+            match &st.poller {
+                Some(poller) => poller.deregister(&mut st.fds, token),
+                None => None,
+            }
+        };
+        drop(released);
+        Ok(())
+    }
+
+    /// Puts a transport on the list flushed at the end of the turn.
+    pub(crate) fn queue_flush(
+        &self,
+        py: Python<'_>,
+        transport: Py<StreamTransport>,
+    ) -> PyResult<()> {
+        self.state.borrow_mut(py)?.flush.push(transport);
+        Ok(())
+    }
+
+    /// The last step of a turn: one send per transport written to during it. The list's
+    /// allocation is kept for the next turn.
+    fn flush_transports(&self, py: Python<'_>) -> PyResult<()> {
+        let mut pending = mem::take(&mut self.state.borrow_mut(py)?.flush);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut outcome = Ok(());
+        for transport in pending.drain(..) {
+            if outcome.is_ok() {
+                outcome = StreamTransport::flush(transport.bind(py));
+            }
+        }
+        let mut st = self.state.borrow_mut(py)?;
+        if st.flush.is_empty() {
+            st.flush = pending;
+        }
+        outcome
+    }
+}
+
+fn fd_in_use(fd: RawFd, transport: &Bound<'_, StreamTransport>) -> PyErr {
+    let repr = transport.repr().map(|r| r.to_string()).unwrap_or_default();
+    PyRuntimeError::new_err(format!("File descriptor {fd} is used by transport {repr}"))
 }

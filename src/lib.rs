@@ -7,6 +7,7 @@ mod handles;
 mod poller;
 mod pyhelpers;
 mod timers;
+mod transports;
 
 use pyo3::prelude::*;
 
@@ -15,5 +16,6 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event_loop::LoopCore>()?;
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
+    m.add_class::<transports::stream::StreamTransport>()?;
     Ok(())
 }

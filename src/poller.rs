@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 pub const READABLE: u32 = libc::EPOLLIN as u32;
@@ -197,7 +198,8 @@ impl Poller {
         Ok(())
     }
 
-    /// Registers `fd` with `interest` for `owner`.
+    /// Registers `fd` for `owner`. An interest of 0 claims the fd in the registry
+    /// without adding it to epoll (a transport that is not reading yet).
     pub fn register<T>(
         &self,
         reg: &mut Registry<T>,
@@ -206,15 +208,19 @@ impl Poller {
         owner: T,
     ) -> io::Result<Token> {
         let token = reg.insert(fd, interest, owner);
-        if let Err(err) = self.ctl(libc::EPOLL_CTL_ADD, fd, interest, token.encode()) {
-            reg.remove(token);
-            return Err(err);
+        if interest != 0 {
+            if let Err(err) = self.ctl(libc::EPOLL_CTL_ADD, fd, interest, token.encode()) {
+                reg.remove(token);
+                return Err(err);
+            }
         }
         Ok(token)
     }
 
-    /// Changes the interest of a live registration.
-    pub fn reregister<T>(
+    /// Changes the interest of a live registration. The fd is in the epoll set exactly
+    /// while its interest is non-zero: epoll reports hang-ups even for an empty
+    /// interest, and level-triggered they would be reported on every turn.
+    pub fn set_interest<T>(
         &self,
         reg: &mut Registry<T>,
         token: Token,
@@ -226,13 +232,24 @@ impl Poller {
         if slot.generation != token.generation || slot.interest == interest {
             return Ok(());
         }
-        slot.interest = interest;
+        let old = mem::replace(&mut slot.interest, interest);
         let fd = slot.fd;
-        match self.ctl(libc::EPOLL_CTL_MOD, fd, interest, token.encode()) {
+        let data = token.encode();
+        if interest == 0 {
+            // The fd may already be closed, in which case epoll dropped it itself.
+            let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+            return Ok(());
+        }
+        let (op, retry) = if old == 0 {
+            (libc::EPOLL_CTL_ADD, libc::EPOLL_CTL_MOD)
+        } else {
+            (libc::EPOLL_CTL_MOD, libc::EPOLL_CTL_ADD)
+        };
+        match self.ctl(op, fd, interest, data) {
             // The fd was closed and its number reused without the registration being
-            // removed: epoll forgot the old one, so register the fd afresh.
-            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
-                self.ctl(libc::EPOLL_CTL_ADD, fd, interest, token.encode())
+            // removed (epoll forgot it), or it is still in the set: do the other one.
+            Err(err) if matches!(err.raw_os_error(), Some(libc::ENOENT) | Some(libc::EEXIST)) => {
+                self.ctl(retry, fd, interest, data)
             }
             other => other,
         }
@@ -241,7 +258,9 @@ impl Poller {
     /// Removes a registration; the fd may already be closed (epoll dropped it then).
     pub fn deregister<T>(&self, reg: &mut Registry<T>, token: Token) -> Option<T> {
         let fd = reg.fd_of(token)?;
-        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+        if reg.slots[token.index as usize].interest != 0 {
+            let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+        }
         reg.remove(token)
     }
 

@@ -12,15 +12,29 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import io
+import os
 import signal
 import socket
+import stat
 import sys
 import threading
-from asyncio import base_events, coroutines, events
+from asyncio import (
+    base_events,
+    constants,
+    coroutines,
+    events,
+    exceptions,
+    futures,
+    sslproto,
+    trsock,
+)
 from asyncio.log import logger
 from operator import methodcaller
 
 from ._ferroloop import Handle, LoopCore
+from ._server import Server
+from ._transports import SocketTransport, socket_extra
 
 try:
     import ssl
@@ -73,6 +87,8 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
     def __init__(self) -> None:
         super().__init__()
         self._signal_handlers: dict[int, Handle] = {}
+        # Listening Unix sockets to unlink when they stop serving: sock -> (path, inode).
+        self._unix_server_paths: dict[socket.socket, tuple[str, int]] = {}
 
     # -- running ---------------------------------------------------------------
 
@@ -343,3 +359,396 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         conn.setblocking(False)
         return conn, address
 
+
+    # -- transports ------------------------------------------------------------
+
+    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
+        base_events._set_nodelay(sock)
+        transport = SocketTransport(self, sock, protocol, socket_extra(sock, extra), server)
+        transport._register()
+        if server is not None:
+            server._attach(transport)
+        self.call_soon(protocol.connection_made, transport)
+        self.call_soon(transport._start_reading)
+        if waiter is not None:
+            self.call_soon(futures._set_result_unless_cancelled, waiter, None)
+        return transport
+
+    def _make_ssl_transport(
+        self,
+        rawsock,
+        protocol,
+        sslcontext,
+        waiter=None,
+        *,
+        server_side=False,
+        server_hostname=None,
+        extra=None,
+        server=None,
+        ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
+        ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT,
+    ):
+        ssl_protocol = sslproto.SSLProtocol(
+            self,
+            protocol,
+            sslcontext,
+            waiter,
+            server_side,
+            server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+        )
+        self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
+        return ssl_protocol._app_transport
+
+    # -- servers ---------------------------------------------------------------
+
+    async def create_server(
+        self, protocol_factory, host=None, port=None, *, keep_alive=None, start_serving=True,
+        **kwargs,
+    ):
+        server = await super().create_server(
+            protocol_factory, host, port, start_serving=False, **kwargs
+        )
+        # Same layout, more methods: the close_clients/abort_clients of 3.13.
+        server.__class__ = Server
+        if keep_alive:
+            for sock in server._sockets:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if start_serving:
+            server._start_serving()
+            # One turn, so that the listening sockets are registered when this returns.
+            await asyncio.sleep(0)
+        return server
+
+    def _start_serving(
+        self,
+        protocol_factory,
+        sock,
+        sslcontext=None,
+        server=None,
+        backlog=100,
+        ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
+        ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT,
+    ):
+        if sock.fileno() == -1:
+            return  # closed while an accept retry was pending
+        self.add_reader(
+            sock.fileno(),
+            self._accept_connection,
+            protocol_factory,
+            sock,
+            sslcontext,
+            server,
+            backlog,
+            ssl_handshake_timeout,
+            ssl_shutdown_timeout,
+        )
+
+    def _stop_serving(self, sock):
+        self.remove_reader(sock.fileno())
+        unix_path = self._unix_server_paths.pop(sock, None)
+        sock.close()
+        if unix_path is not None:
+            _unlink_if_same(*unix_path)
+
+    def _accept_connection(
+        self,
+        protocol_factory,
+        sock,
+        sslcontext,
+        server,
+        backlog,
+        ssl_handshake_timeout,
+        ssl_shutdown_timeout,
+    ):
+        # A bounded batch per readiness event: other connections get their turn.
+        for _ in range(backlog):
+            try:
+                conn, addr = sock.accept()
+                conn.setblocking(False)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                # Out of fds or memory: the pending connections stay queued in the kernel.
+                # Stop polling the socket (it would stay readable and spin the loop) and
+                # try again after a delay, as asyncio does.
+                self.call_exception_handler(
+                    {
+                        "message": "socket.accept() out of system resource",
+                        "exception": exc,
+                        "socket": trsock.TransportSocket(sock),
+                    }
+                )
+                self.remove_reader(sock.fileno())
+                self.call_later(
+                    constants.ACCEPT_RETRY_DELAY,
+                    self._start_serving,
+                    protocol_factory,
+                    sock,
+                    sslcontext,
+                    server,
+                    backlog,
+                    ssl_handshake_timeout,
+                    ssl_shutdown_timeout,
+                )
+                return
+            extra = {"peername": addr}
+            if sslcontext:
+                self.create_task(
+                    self._accept_ssl(
+                        protocol_factory,
+                        conn,
+                        extra,
+                        sslcontext,
+                        server,
+                        ssl_handshake_timeout,
+                        ssl_shutdown_timeout,
+                    )
+                )
+            else:
+                self._accept_plain(protocol_factory, conn, extra, server)
+
+    def _accept_plain(self, protocol_factory, conn, extra, server):
+        try:
+            protocol = protocol_factory()
+            self._make_socket_transport(conn, protocol, extra=extra, server=server)
+        except (SystemExit, KeyboardInterrupt):
+            conn.close()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - reported, the server goes on
+            conn.close()
+            self.call_exception_handler(
+                {"message": "Error on transport creation for incoming connection", "exception": exc}
+            )
+
+    async def _accept_ssl(
+        self, protocol_factory, conn, extra, sslcontext, server, handshake_timeout, shutdown_timeout
+    ):
+        protocol = transport = None
+        try:
+            protocol = protocol_factory()
+            waiter = self.create_future()
+            transport = self._make_ssl_transport(
+                conn,
+                protocol,
+                sslcontext,
+                waiter=waiter,
+                server_side=True,
+                extra=extra,
+                server=server,
+                ssl_handshake_timeout=handshake_timeout,
+                ssl_shutdown_timeout=shutdown_timeout,
+            )
+            try:
+                await waiter
+            except BaseException:
+                transport.close()
+                raise
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - reported, the server goes on
+            context = {
+                "message": "Error on transport creation for incoming connection",
+                "exception": exc,
+            }
+            if protocol is not None:
+                context["protocol"] = protocol
+            if transport is not None:
+                context["transport"] = transport
+            self.call_exception_handler(context)
+
+    # -- Unix sockets ----------------------------------------------------------
+
+    async def create_unix_connection(
+        self,
+        protocol_factory,
+        path=None,
+        *,
+        ssl=None,
+        sock=None,
+        server_hostname=None,
+        ssl_handshake_timeout=None,
+        ssl_shutdown_timeout=None,
+    ):
+        _check_tls_arguments(ssl, server_hostname, ssl_handshake_timeout, ssl_shutdown_timeout)
+        if path is not None:
+            if sock is not None:
+                raise ValueError("path and sock can not be specified at the same time")
+            path = os.fspath(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0)
+            try:
+                sock.setblocking(False)
+                await self.sock_connect(sock, path)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            if sock is None:
+                raise ValueError("no path and sock were specified")
+            _check_unix_stream_socket(sock)
+            sock.setblocking(False)
+        return await self._create_connection_transport(
+            sock,
+            protocol_factory,
+            ssl,
+            server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+        )
+
+    async def create_unix_server(
+        self,
+        protocol_factory,
+        path=None,
+        *,
+        sock=None,
+        backlog=100,
+        ssl=None,
+        ssl_handshake_timeout=None,
+        ssl_shutdown_timeout=None,
+        start_serving=True,
+        cleanup_socket=True,
+    ):
+        if isinstance(ssl, bool):
+            raise TypeError("ssl argument must be an SSLContext or None")
+        if ssl_handshake_timeout is not None and not ssl:
+            raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
+        if ssl_shutdown_timeout is not None and not ssl:
+            raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
+        if path is not None:
+            if sock is not None:
+                raise ValueError("path and sock can not be specified at the same time")
+            path = os.fspath(path)
+            sock = _bind_unix_socket(path)
+        else:
+            if sock is None:
+                raise ValueError("path was not specified, and no sock specified")
+            _check_unix_stream_socket(sock)
+        if cleanup_socket:
+            bound = sock.getsockname()
+            if isinstance(bound, str) and bound and not bound.startswith("\0"):
+                try:
+                    self._unix_server_paths[sock] = (bound, os.stat(bound).st_ino)
+                except OSError:
+                    pass
+        sock.setblocking(False)
+        server = Server(
+            self, [sock], protocol_factory, ssl, backlog, ssl_handshake_timeout,
+            ssl_shutdown_timeout,
+        )
+        if start_serving:
+            server._start_serving()
+            await asyncio.sleep(0)
+        return server
+
+    # -- sendfile --------------------------------------------------------------
+
+    async def _sendfile_native(self, transp, file, offset, count):
+        resume_reading = transp.is_reading()
+        transp.pause_reading()
+        await transp._make_empty_waiter()
+        # The transport gives its fd back while sock_sendfile drives it.
+        transp._unregister()
+        try:
+            return await self.sock_sendfile(transp._sock, file, offset, count, fallback=False)
+        finally:
+            transp._reset_empty_waiter()
+            transp._register()
+            if resume_reading:
+                transp.resume_reading()
+
+    async def _sock_sendfile_native(self, sock, file, offset, count):
+        try:
+            fileno = file.fileno()
+        except (AttributeError, io.UnsupportedOperation):
+            raise exceptions.SendfileNotAvailableError("not a regular file") from None
+        try:
+            fsize = os.fstat(fileno).st_size
+        except OSError:
+            raise exceptions.SendfileNotAvailableError("not a regular file") from None
+        blocksize = count if count else fsize
+        if not blocksize:
+            return 0  # an empty file
+        total = 0
+        try:
+            while True:
+                todo = min(count - total, blocksize) if count else blocksize
+                if todo <= 0:
+                    break
+                send = functools.partial(_sendfile_once, fileno, offset + total, todo)
+                try:
+                    sent = send(sock)
+                except (BlockingIOError, InterruptedError):
+                    sent = await self._sock_wait(sock, True, send)
+                if sent == 0:
+                    break  # end of file
+                total += sent
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN and type(exc) is not ConnectionError:
+                raise ConnectionError(errno.ENOTCONN, "socket is not connected") from exc
+            if total == 0:
+                raise exceptions.SendfileNotAvailableError("os.sendfile call failed") from exc
+            raise
+        finally:
+            if total > 0:
+                os.lseek(fileno, offset + total, os.SEEK_SET)
+        return total
+
+
+def _sendfile_once(fileno, offset, count, sock):
+    return os.sendfile(sock.fileno(), fileno, offset, count)
+
+
+def _check_tls_arguments(ssl, server_hostname, handshake_timeout, shutdown_timeout) -> None:
+    if ssl:
+        if server_hostname is None:
+            raise ValueError("you have to pass server_hostname when using ssl")
+        return
+    if server_hostname is not None:
+        raise ValueError("server_hostname is only meaningful with ssl")
+    if handshake_timeout is not None:
+        raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
+    if shutdown_timeout is not None:
+        raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
+
+
+def _check_unix_stream_socket(sock) -> None:
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ValueError(f"A UNIX Domain Stream Socket was expected, got {sock!r}")
+
+
+def _bind_unix_socket(path: str) -> socket.socket:
+    """A Unix stream socket bound to `path`; a stale socket file left there by a dead
+    server is removed first (abstract names, starting with a NUL, have no file)."""
+    if path and path[0] not in (0, "\x00"):
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            logger.error("Unable to check or remove stale UNIX socket %r: %r", path, err)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(errno.EADDRINUSE, f"Address {path!r} is already in use") from None
+        raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _unlink_if_same(path: str, inode: int) -> None:
+    """Removes the socket file of a closed server unless another process replaced it."""
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass

@@ -30,6 +30,7 @@ MIXIN_MODULES = {
     "test_sock_lowlevel": "EPollEventLoopTests",
     "test_sendfile": "EPollEventLoopTests",
     "test_buffered_proto": "BufferedProtocolSelectorTests",
+    "test_server": "SelectorStartServerTests",
     "test_subprocess": "SubprocessThreadedWatcherTests",
 }
 
@@ -48,7 +49,10 @@ def _ferroloop_class(module, base_name):
         "Ferroloop" + base_name,
         (base,),
         {
+            # test_events and friends call create_event_loop; the functional tests
+            # (test_server, test_buffered_proto) call new_loop.
             "create_event_loop": lambda self: ferroloop.new_event_loop(),
+            "new_loop": lambda self: ferroloop.new_event_loop(),
             "__module__": module.__name__,
         },
     )

@@ -9,11 +9,9 @@ Keys are "Class.test_method" or a bare "test_method" (any class).
 
 from __future__ import annotations
 
-TRANSPORTS = "waits for the Rust stream transports (create_connection/create_server)"
 UDP = "waits for the datagram transport"
 PIPES = "waits for the pipe transports"
 SUBPROCESS = "waits for subprocess support"
-TLS = "waits for TLS over the stream transports"
 INTERNALS = "checks asyncio's private internals, not behaviour"
 
 COMMON: dict[str, tuple[str, str]] = {
@@ -27,33 +25,11 @@ COMMON: dict[str, tuple[str, str]] = {
 MODULES: dict[str, dict[str, tuple[str, str]]] = {
     "test_events": {
         "test_bidirectional_pty": ("xfail", PIPES),
-        "test_connect_accepted_socket": ("xfail", TRANSPORTS),
-        "test_create_connection": ("xfail", TRANSPORTS),
-        "test_create_connection_local_addr": ("xfail", TRANSPORTS),
         "test_create_datagram_endpoint": ("xfail", UDP),
         "test_create_datagram_endpoint_ipv6": ("xfail", UDP),
         "test_create_datagram_endpoint_sock": ("xfail", UDP),
-        "test_create_server": ("xfail", TRANSPORTS),
-        "test_create_server_addr_in_use": ("xfail", TRANSPORTS),
-        "test_create_server_dual_stack": ("xfail", TRANSPORTS),
-        "test_create_server_reuse_port": ("xfail", TRANSPORTS),
-        "test_create_server_sock": ("xfail", TRANSPORTS),
-        "test_create_server_ssl": ("xfail", TLS),
-        "test_create_server_ssl_match_failed": ("xfail", TLS),
-        "test_create_server_ssl_verified": ("xfail", TLS),
-        "test_create_server_ssl_verify_failed": ("xfail", TLS),
-        "test_create_ssl_connection": ("xfail", TLS),
-        "test_create_ssl_unix_connection": ("xfail", TLS),
-        "test_create_unix_connection": ("xfail", TRANSPORTS),
-        "test_create_unix_server": ("xfail", TRANSPORTS),
-        "test_create_unix_server_path_socket_error": ("xfail", TRANSPORTS),
-        "test_create_unix_server_ssl": ("xfail", TLS),
-        "test_create_unix_server_ssl_verified": ("xfail", TLS),
-        "test_create_unix_server_ssl_verify_failed": ("xfail", TLS),
         "test_read_pipe": ("xfail", PIPES),
         "test_read_pty_output": ("xfail", PIPES),
-        "test_server_close": ("xfail", TRANSPORTS),
-        "test_ssl_connect_accepted_socket": ("xfail", TLS),
         "test_subprocess_close_after_finish": ("xfail", SUBPROCESS),
         "test_subprocess_close_client_stream": ("xfail", SUBPROCESS),
         "test_subprocess_exec": ("xfail", SUBPROCESS),
@@ -71,8 +47,14 @@ MODULES: dict[str, dict[str, tuple[str, str]]] = {
         "test_write_pipe_disconnect_on_close": ("xfail", PIPES),
         "test_write_pty": ("xfail", PIPES),
     },
-    "test_sock_lowlevel": {
-        "test_create_connection_sock": ("xfail", TRANSPORTS),
+    "test_streams": {
+        "test_read_all_from_pipe_reader": ("xfail", PIPES),
+        # Counts ResourceWarnings during a gc.collect(); the pipe file left open by the
+        # failing pipe test above is collected then and adds a second warning.
+        "test_unclosed_resource_warnings": ("xfail", PIPES),
+    },
+    "test_sendfile": {
+        "test_sendfile_not_supported": ("xfail", UDP),
     },
 }
 

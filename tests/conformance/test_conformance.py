@@ -29,6 +29,11 @@ MODULES = [
     "test_context",
     "test_pep492",
     "test_sock_lowlevel",
+    "test_streams",
+    "test_server",
+    "test_sendfile",
+    "test_buffered_proto",
+    "test_sslproto",
 ]
 
 

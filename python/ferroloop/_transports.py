@@ -1,0 +1,58 @@
+"""The Python face of the Rust transports.
+
+`SocketTransport` is the Rust `StreamTransport` plus what Python code expects of an
+asyncio transport: an instance `__dict__` (test suites patch transports with
+`mock.patch.object`), the class attributes `BaseEventLoop` consults for `sendfile` and
+`start_tls`, and `isinstance(transport, asyncio.Transport)`. A Rust class cannot
+inherit from `asyncio.Transport` (its `__slots__` layout conflicts with any native
+base), so the transport reports an `asyncio.Transport` subclass as its `__class__`,
+the hook `isinstance` consults after the real type, as `unittest.mock` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from asyncio import constants, transports, trsock
+
+from ._ferroloop import StreamTransport
+
+__all__ = ["SocketTransport", "socket_extra"]
+
+
+class _SocketTransportInterface(transports._FlowControlMixin, asyncio.Transport):
+    """What `SocketTransport` instances report as their `__class__`. It includes the
+    flow-control mixin because `loop.sendfile`'s fallback requires it."""
+
+    __slots__ = ()
+
+
+_SocketTransportInterface.__name__ = "SocketTransport"
+_SocketTransportInterface.__qualname__ = "SocketTransport"
+
+
+class SocketTransport(StreamTransport):
+    """A TCP or Unix stream connection; the read and write paths are in Rust."""
+
+    _start_tls_compatible = True
+    _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
+
+    @property
+    def __class__(self):
+        return _SocketTransportInterface
+
+
+def socket_extra(sock: socket.socket, extra: dict | None) -> dict:
+    """The `get_extra_info` keys asyncio's socket transports provide."""
+    info = dict(extra) if extra else {}
+    info["socket"] = trsock.TransportSocket(sock)
+    try:
+        info["sockname"] = sock.getsockname()
+    except OSError:
+        info["sockname"] = None
+    if "peername" not in info:
+        try:
+            info["peername"] = sock.getpeername()
+        except OSError:
+            info["peername"] = None
+    return info

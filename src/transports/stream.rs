@@ -1,0 +1,1202 @@
+//! The stream transport of TCP and Unix stream sockets, with asyncio's socket
+//! transport surface. The read path (readiness → `recv` → protocol) and the write path
+//! (buffer → one `sendmsg` per turn) never leave Rust except to call the protocol.
+//!
+//! Ownership: the Python socket object owns the fd. The transport registers the fd with
+//! its loop for as long as the connection lives, deregisters it before closing the
+//! socket, and closes the socket exactly once (in `_call_connection_lost`).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+
+use pyo3::exceptions::{
+    PyKeyboardInterrupt, PyOSError, PyRuntimeError, PySystemExit, PyTypeError, PyValueError,
+};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString};
+use pyo3::{PyTraverseError, PyVisit};
+
+use crate::errors::os_error;
+use crate::event_loop::LoopCore;
+use crate::gil_cell::GilCell;
+use crate::handles::copy_context;
+use crate::poller::{self, Token, READABLE, WRITABLE};
+
+/// Bytes read per readiness event: asyncio's `max_size`. One read per event keeps one
+/// fast peer from starving the others.
+const MAX_READ: usize = 256 * 1024;
+/// Buffers handed to one `sendmsg`.
+const MAX_IOV: usize = 64;
+/// asyncio's `constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES`.
+const CONNLOST_LOG_THRESHOLD: u32 = 5;
+const DEFAULT_HIGH_WATER: usize = 64 * 1024;
+
+thread_local! {
+    /// The buffer every `Protocol` read lands in before it is copied into the `bytes`
+    /// handed to `data_received`: one allocation per read, the `bytes` itself.
+    static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_READ]);
+}
+
+static BUFFERED_PROTOCOL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+fn asyncio_logger(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    LOGGER
+        .get_or_try_init(py, || {
+            Ok::<_, PyErr>(py.import("asyncio.log")?.getattr("logger")?.unbind())
+        })
+        .map(|l| l.bind(py))
+}
+
+/// How the protocol takes data, looked up once per `set_protocol`.
+enum ReadPath {
+    /// `Protocol.data_received`.
+    Data(Py<PyAny>),
+    /// `BufferedProtocol.get_buffer` and `buffer_updated`.
+    Buffered(Py<PyAny>, Py<PyAny>),
+}
+
+impl ReadPath {
+    fn of(protocol: &Bound<'_, PyAny>) -> PyResult<ReadPath> {
+        let py = protocol.py();
+        let buffered = BUFFERED_PROTOCOL.get_or_try_init(py, || {
+            Ok::<_, PyErr>(
+                py.import("asyncio.protocols")?
+                    .getattr("BufferedProtocol")?
+                    .unbind(),
+            )
+        })?;
+        if protocol.is_instance(buffered.bind(py))? {
+            Ok(ReadPath::Buffered(
+                protocol.getattr("get_buffer")?.unbind(),
+                protocol.getattr("buffer_updated")?.unbind(),
+            ))
+        } else {
+            Ok(ReadPath::Data(protocol.getattr("data_received")?.unbind()))
+        }
+    }
+}
+
+struct StreamState {
+    loop_: Option<Py<LoopCore>>,
+    /// The socket object; `None` once the connection is lost and the socket closed.
+    sock: Option<Py<PyAny>>,
+    fd: RawFd,
+    /// The fd's registration with the loop; `None` before `_register` and after loss.
+    token: Option<Token>,
+    protocol: Option<Py<PyAny>>,
+    read_path: Option<ReadPath>,
+    protocol_connected: bool,
+    /// The context the read callbacks run in, taken when reading starts (asyncio runs
+    /// them from a reader handle made at that point).
+    context: Option<Py<PyAny>>,
+    extra: Py<PyDict>,
+    server: Option<Py<PyAny>>,
+    buffer: VecDeque<Py<PyBytes>>,
+    /// Bytes of the first buffer already sent.
+    sent_of_first: usize,
+    buffer_size: usize,
+    high_water: usize,
+    low_water: usize,
+    protocol_paused: bool,
+    started: bool,
+    paused: bool,
+    /// `eof_received` asked to keep the transport open: nothing more to read.
+    read_eof: bool,
+    closing: bool,
+    eof: bool,
+    conn_lost: u32,
+    /// In the loop's list of transports to flush at the end of the turn.
+    flush_queued: bool,
+    /// The socket was full: waiting for writability.
+    write_waiting: bool,
+    empty_waiter: Option<Py<PyAny>>,
+    /// The interest the loop has registered for the fd.
+    interest: u32,
+}
+
+impl StreamState {
+    fn wanted_interest(&self) -> u32 {
+        let mut interest = 0;
+        if self.started && !self.paused && !self.closing && !self.read_eof {
+            interest |= READABLE;
+        }
+        if self.write_waiting {
+            interest |= WRITABLE;
+        }
+        interest
+    }
+
+    /// Brings the loop's registration in line with what the transport wants.
+    fn sync_interest(&mut self, py: Python<'_>) -> PyResult<()> {
+        let wanted = self.wanted_interest();
+        if wanted == self.interest {
+            return Ok(());
+        }
+        if let (Some(token), Some(loop_)) = (self.token, &self.loop_) {
+            loop_.get().set_stream_interest(py, token, wanted)?;
+        }
+        self.interest = wanted;
+        Ok(())
+    }
+
+    fn is_reading(&self) -> bool {
+        !self.paused && !self.closing
+    }
+}
+
+/// A TCP or Unix stream connection. `ferroloop._loop.SocketTransport` subclasses it to
+/// present itself as an `asyncio.Transport`.
+#[pyclass(module = "ferroloop._ferroloop", subclass, frozen, weakref)]
+pub struct StreamTransport {
+    state: GilCell<StreamState>,
+}
+
+fn is_fatal_to_loop(py: Python<'_>, err: &PyErr) -> bool {
+    err.is_instance_of::<PySystemExit>(py) || err.is_instance_of::<PyKeyboardInterrupt>(py)
+}
+
+/// Runs `f` with `context` entered, as the reader handle of asyncio would.
+fn in_context<R>(
+    py: Python<'_>,
+    context: Option<&Py<PyAny>>,
+    f: impl FnOnce() -> PyResult<R>,
+) -> PyResult<R> {
+    let Some(context) = context else {
+        return f();
+    };
+    // SAFETY: `context` is a live contextvars.Context made by copy_context; with the GIL
+    // held PyContext_Enter either enters it or sets an error and returns -1.
+    if unsafe { ffi::PyContext_Enter(context.as_ptr()) } < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    let outcome = f();
+    // SAFETY: exits the context entered above, on the same thread, with the GIL held.
+    if unsafe { ffi::PyContext_Exit(context.as_ptr()) } < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    outcome
+}
+
+fn errno_is_retry(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR))
+        || err.raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
+/// The bytes a `write` queues: `bytes` as they are, a mutable buffer copied (the caller
+/// may change it before it is sent), anything else a `TypeError` as asyncio raises it.
+fn to_bytes<'py>(data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    if let Ok(b) = data.cast::<PyBytes>() {
+        return Ok(b.clone());
+    }
+    if data.is_instance_of::<PyByteArray>() || data.is_instance_of::<PyMemoryView>() {
+        // SAFETY: `data` is a live object; PyBytes_FromObject returns a new reference to
+        // a bytes copy of its buffer, or NULL with an error set.
+        let copy = unsafe {
+            Bound::from_owned_ptr_or_err(data.py(), ffi::PyBytes_FromObject(data.as_ptr()))
+        }?;
+        return Ok(copy.cast_into::<PyBytes>()?);
+    }
+    Err(PyTypeError::new_err(format!(
+        "data argument must be a bytes-like object, not {:?}",
+        data.get_type().name()?.to_string()
+    )))
+}
+
+impl StreamTransport {
+    fn loop_of(&self, py: Python<'_>) -> PyResult<Option<Py<LoopCore>>> {
+        Ok(self
+            .state
+            .borrow_mut(py)?
+            .loop_
+            .as_ref()
+            .map(|l| l.clone_ref(py)))
+    }
+
+    /// Readiness reported by the loop; stale events (the transport paused, closed or
+    /// lost meanwhile) are ignored here, as a cancelled reader handle is in asyncio.
+    pub(crate) fn on_ready(slf: &Bound<'_, StreamTransport>, events: u32) -> PyResult<()> {
+        let (readable, writable) = poller::readiness(events);
+        if readable {
+            StreamTransport::read_ready(slf)?;
+        }
+        if writable {
+            let waiting = slf.get().state.borrow_mut(slf.py())?.write_waiting;
+            if waiting {
+                StreamTransport::flush(slf)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_ready(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
+        let py = slf.py();
+        let (fd, path, context) = {
+            let st = slf.get().state.borrow_mut(py)?;
+            if st.sock.is_none() || !st.started || !st.is_reading() || st.read_eof {
+                return Ok(());
+            }
+            let path = match &st.read_path {
+                Some(ReadPath::Data(cb)) => ReadPath::Data(cb.clone_ref(py)),
+                Some(ReadPath::Buffered(g, u)) => {
+                    ReadPath::Buffered(g.clone_ref(py), u.clone_ref(py))
+                }
+                None => return Ok(()),
+            };
+            (st.fd, path, st.context.as_ref().map(|c| c.clone_ref(py)))
+        };
+        match path {
+            ReadPath::Data(data_received) => {
+                let received = READ_BUF.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
+                    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                    if n < 0 {
+                        Err(io::Error::last_os_error())
+                    } else {
+                        Ok((n > 0).then(|| PyBytes::new(py, &buf[..n as usize])))
+                    }
+                });
+                match received {
+                    Err(err) if errno_is_retry(&err) => Ok(()),
+                    Err(err) => StreamTransport::fatal_error(
+                        slf,
+                        os_error(err),
+                        "Fatal read error on socket transport",
+                    ),
+                    Ok(None) => StreamTransport::on_eof(slf, context.as_ref()),
+                    Ok(Some(data)) => {
+                        let called = in_context(py, context.as_ref(), || {
+                            data_received.bind(py).call1((data,)).map(|_| ())
+                        });
+                        StreamTransport::protocol_outcome(
+                            slf,
+                            called,
+                            "Fatal error: protocol.data_received() call failed.",
+                        )
+                    }
+                }
+            }
+            ReadPath::Buffered(get_buffer, buffer_updated) => {
+                let got = in_context(py, context.as_ref(), || {
+                    let buf = get_buffer.bind(py).call1((-1,))?;
+                    if buf.len()? == 0 {
+                        return Err(PyRuntimeError::new_err(
+                            "get_buffer() returned an empty buffer",
+                        ));
+                    }
+                    Ok(buf)
+                });
+                let buf = match got {
+                    Ok(buf) => buf,
+                    Err(err) => {
+                        return StreamTransport::protocol_outcome(
+                            slf,
+                            Err(err),
+                            "Fatal error: protocol.get_buffer() call failed.",
+                        )
+                    }
+                };
+                let nbytes = match recv_into(fd, &buf) {
+                    Ok(n) => n,
+                    Err(err) if err.is_instance_of::<PyOSError>(py) => {
+                        let retry = err
+                            .value(py)
+                            .getattr("errno")
+                            .and_then(|e| e.extract::<i32>())
+                            .map(|e| e == libc::EAGAIN || e == libc::EINTR)
+                            .unwrap_or(false);
+                        if retry {
+                            return Ok(());
+                        }
+                        return StreamTransport::fatal_error(
+                            slf,
+                            err,
+                            "Fatal read error on socket transport",
+                        );
+                    }
+                    Err(err) => {
+                        return StreamTransport::fatal_error(
+                            slf,
+                            err,
+                            "Fatal read error on socket transport",
+                        )
+                    }
+                };
+                if nbytes == 0 {
+                    return StreamTransport::on_eof(slf, context.as_ref());
+                }
+                let called = in_context(py, context.as_ref(), || {
+                    buffer_updated.bind(py).call1((nbytes,)).map(|_| ())
+                });
+                StreamTransport::protocol_outcome(
+                    slf,
+                    called,
+                    "Fatal error: protocol.buffer_updated() call failed.",
+                )
+            }
+        }
+    }
+
+    /// A protocol callback's failure ends the connection (after going to the exception
+    /// handler); `SystemExit` and `KeyboardInterrupt` leave the loop as in asyncio.
+    fn protocol_outcome(
+        slf: &Bound<'_, StreamTransport>,
+        outcome: PyResult<()>,
+        message: &str,
+    ) -> PyResult<()> {
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(err) if is_fatal_to_loop(slf.py(), &err) => Err(err),
+            Err(err) => StreamTransport::fatal_error(slf, err, message),
+        }
+    }
+
+    fn on_eof(slf: &Bound<'_, StreamTransport>, context: Option<&Py<PyAny>>) -> PyResult<()> {
+        let py = slf.py();
+        let protocol = slf
+            .get()
+            .state
+            .borrow_mut(py)?
+            .protocol
+            .as_ref()
+            .map(|p| p.clone_ref(py));
+        let Some(protocol) = protocol else {
+            return Ok(());
+        };
+        let keep_open = in_context(py, context, || {
+            protocol.bind(py).call_method0("eof_received")?.is_truthy()
+        });
+        match keep_open {
+            Ok(true) => {
+                let mut st = slf.get().state.borrow_mut(py)?;
+                st.read_eof = true;
+                st.sync_interest(py)
+            }
+            Ok(false) => StreamTransport::close(slf),
+            Err(err) => StreamTransport::protocol_outcome(
+                slf,
+                Err(err),
+                "Fatal error: protocol.eof_received() call failed.",
+            ),
+        }
+    }
+
+    /// Sends what is buffered: one `sendmsg` of up to `MAX_IOV` buffers, repeated only
+    /// while the socket takes everything. The end of every turn calls this for each
+    /// transport written to during it; so does writability while the socket was full.
+    pub(crate) fn flush(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        loop {
+            let mut st = core.state.borrow_mut(py)?;
+            st.flush_queued = false;
+            if st.sock.is_none() || st.conn_lost > 0 {
+                return Ok(());
+            }
+            if st.buffer.is_empty() {
+                break;
+            }
+            match send_buffered(py, &st) {
+                Ok(sent) => {
+                    consume(&mut st, sent);
+                    if !st.buffer.is_empty() {
+                        st.write_waiting = true;
+                        st.sync_interest(py)?;
+                        drop(st);
+                        return StreamTransport::maybe_resume_protocol(slf);
+                    }
+                }
+                Err(err) if errno_is_retry(&err) => {
+                    st.write_waiting = true;
+                    return st.sync_interest(py);
+                }
+                Err(err) => {
+                    drop(st);
+                    return StreamTransport::fatal_error(
+                        slf,
+                        os_error(err),
+                        "Fatal write error on socket transport",
+                    );
+                }
+            }
+        }
+        let (closing, eof, waiter, fd) = {
+            let mut st = core.state.borrow_mut(py)?;
+            st.write_waiting = false;
+            st.sync_interest(py)?;
+            (
+                st.closing,
+                st.eof,
+                st.empty_waiter.as_ref().map(|w| w.clone_ref(py)),
+                st.fd,
+            )
+        };
+        StreamTransport::maybe_resume_protocol(slf)?;
+        if let Some(waiter) = waiter {
+            let waiter = waiter.bind(py);
+            if !waiter.call_method0("done")?.is_truthy()? {
+                waiter.call_method1("set_result", (py.None(),))?;
+            }
+        }
+        if closing {
+            StreamTransport::lose_connection(slf, None)?;
+        } else if eof {
+            // SAFETY: `fd` is the live socket of this transport (sock is not None).
+            if unsafe { libc::shutdown(fd, libc::SHUT_WR) } < 0 {
+                let err = io::Error::last_os_error();
+                if err.raw_os_error() != Some(libc::ENOTCONN) {
+                    return Err(os_error(err));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Schedules `_call_connection_lost(exc)` once, as `close` and `abort` do in asyncio.
+    fn lose_connection(slf: &Bound<'_, StreamTransport>, exc: Option<Py<PyAny>>) -> PyResult<()> {
+        let py = slf.py();
+        let loop_ = {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            if st.conn_lost > 0 {
+                return Ok(());
+            }
+            st.conn_lost += 1;
+            st.closing = true;
+            st.write_waiting = false;
+            st.sync_interest(py)?;
+            st.loop_.as_ref().map(|l| l.clone_ref(py))
+        };
+        let Some(loop_) = loop_ else {
+            return Ok(());
+        };
+        let callback = slf.getattr("_call_connection_lost")?;
+        loop_
+            .bind(py)
+            .call_method1("call_soon", (callback, exc.unwrap_or_else(|| py.None())))?;
+        Ok(())
+    }
+
+    /// asyncio's `_force_close`: drop what is buffered and lose the connection.
+    fn force_close(slf: &Bound<'_, StreamTransport>, exc: Option<Py<PyAny>>) -> PyResult<()> {
+        let py = slf.py();
+        {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            if st.conn_lost > 0 {
+                return Ok(());
+            }
+            st.buffer.clear();
+            st.buffer_size = 0;
+            st.sent_of_first = 0;
+        }
+        StreamTransport::lose_connection(slf, exc)
+    }
+
+    /// asyncio's `_fatal_error`: report (OS errors only in debug mode), then force-close.
+    fn fatal_error(slf: &Bound<'_, StreamTransport>, err: PyErr, message: &str) -> PyResult<()> {
+        let py = slf.py();
+        let (loop_, protocol) = {
+            let st = slf.get().state.borrow_mut(py)?;
+            (
+                st.loop_.as_ref().map(|l| l.clone_ref(py)),
+                st.protocol.as_ref().map(|p| p.clone_ref(py)),
+            )
+        };
+        let exc = err.value(py).clone().into_any();
+        if let Some(loop_) = &loop_ {
+            let loop_ = loop_.bind(py);
+            if err.is_instance_of::<PyOSError>(py) {
+                if loop_.get().debug() {
+                    let kwargs = PyDict::new(py);
+                    kwargs.set_item("exc_info", true)?;
+                    asyncio_logger(py)?.call_method(
+                        "debug",
+                        ("%r: %s", slf, message),
+                        Some(&kwargs),
+                    )?;
+                }
+            } else {
+                let context = PyDict::new(py);
+                context.set_item("message", message)?;
+                context.set_item("exception", &exc)?;
+                context.set_item("transport", slf)?;
+                context.set_item("protocol", protocol)?;
+                loop_.call_method1("call_exception_handler", (context,))?;
+            }
+        }
+        StreamTransport::force_close(slf, Some(exc.unbind()))
+    }
+
+    fn protocol_call_failed(
+        slf: &Bound<'_, StreamTransport>,
+        protocol: &Bound<'_, PyAny>,
+        err: PyErr,
+        message: &str,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        if is_fatal_to_loop(py, &err) {
+            return Err(err);
+        }
+        let Some(loop_) = slf.get().loop_of(py)? else {
+            return Ok(());
+        };
+        let context = PyDict::new(py);
+        context.set_item("message", message)?;
+        context.set_item("exception", err.value(py))?;
+        context.set_item("transport", slf)?;
+        context.set_item("protocol", protocol)?;
+        loop_
+            .bind(py)
+            .call_method1("call_exception_handler", (context,))?;
+        Ok(())
+    }
+
+    fn maybe_pause_protocol(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
+        let py = slf.py();
+        let protocol = {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            if st.buffer_size <= st.high_water || st.protocol_paused {
+                return Ok(());
+            }
+            st.protocol_paused = true;
+            st.protocol.as_ref().map(|p| p.clone_ref(py))
+        };
+        if let Some(protocol) = protocol {
+            let protocol = protocol.bind(py);
+            if let Err(err) = protocol.call_method0("pause_writing") {
+                StreamTransport::protocol_call_failed(
+                    slf,
+                    protocol,
+                    err,
+                    "protocol.pause_writing() failed",
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn maybe_resume_protocol(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
+        let py = slf.py();
+        let protocol = {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            if !st.protocol_paused || st.buffer_size > st.low_water {
+                return Ok(());
+            }
+            st.protocol_paused = false;
+            st.protocol.as_ref().map(|p| p.clone_ref(py))
+        };
+        if let Some(protocol) = protocol {
+            let protocol = protocol.bind(py);
+            if let Err(err) = protocol.call_method0("resume_writing") {
+                StreamTransport::protocol_call_failed(
+                    slf,
+                    protocol,
+                    err,
+                    "protocol.resume_writing() failed",
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn queue(slf: &Bound<'_, StreamTransport>, chunks: Vec<Bound<'_, PyBytes>>) -> PyResult<()> {
+        let py = slf.py();
+        let to_flush = {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            if st.eof {
+                return Err(PyRuntimeError::new_err(
+                    "Cannot call write() after write_eof()",
+                ));
+            }
+            if st.empty_waiter.is_some() {
+                return Err(PyRuntimeError::new_err(
+                    "unable to write; sendfile is in progress",
+                ));
+            }
+            let total: usize = chunks.iter().map(|c| c.as_bytes().len()).sum();
+            if total == 0 {
+                return Ok(());
+            }
+            if st.conn_lost > 0 {
+                if st.conn_lost >= CONNLOST_LOG_THRESHOLD {
+                    asyncio_logger(py)?
+                        .call_method1("warning", ("socket.send() raised exception.",))?;
+                }
+                st.conn_lost += 1;
+                return Ok(());
+            }
+            for chunk in chunks {
+                if !chunk.as_bytes().is_empty() {
+                    st.buffer.push_back(chunk.unbind());
+                }
+            }
+            st.buffer_size += total;
+            let queue = !st.flush_queued && !st.write_waiting;
+            st.flush_queued |= queue;
+            if queue {
+                st.loop_.as_ref().map(|l| l.clone_ref(py))
+            } else {
+                None
+            }
+        };
+        if let Some(loop_) = to_flush {
+            loop_.get().queue_flush(py, slf.clone().unbind())?;
+        }
+        StreamTransport::maybe_pause_protocol(slf)
+    }
+}
+
+/// `recv_into` a writable buffer object, as `socket.recv_into` would.
+fn recv_into(fd: RawFd, buf: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let py = buf.py();
+    let mut view = std::mem::MaybeUninit::<ffi::Py_buffer>::uninit();
+    // SAFETY: `buf` is a live object and `view` is storage for one Py_buffer; on success
+    // the buffer is released below, on failure nothing was acquired.
+    if unsafe { ffi::PyObject_GetBuffer(buf.as_ptr(), view.as_mut_ptr(), ffi::PyBUF_WRITABLE) } < 0
+    {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: PyObject_GetBuffer succeeded, so `view` is initialised.
+    let mut view = unsafe { view.assume_init() };
+    let len = usize::try_from(view.len).unwrap_or(0);
+    // SAFETY: `view.buf` points to `len` writable bytes (PyBUF_WRITABLE, contiguous by
+    // default for PyBUF_SIMPLE-based requests) held alive until PyBuffer_Release.
+    let n = unsafe { libc::recv(fd, view.buf.cast(), len, 0) };
+    let err = (n < 0).then(io::Error::last_os_error);
+    // SAFETY: releases the buffer acquired above exactly once.
+    unsafe { ffi::PyBuffer_Release(&mut view) };
+    match err {
+        Some(err) => Err(os_error(err)),
+        None => Ok(n as usize),
+    }
+}
+
+/// One `sendmsg` of the front of the buffer.
+fn send_buffered(py: Python<'_>, st: &StreamState) -> io::Result<usize> {
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_IOV];
+    let mut count = 0;
+    for (i, chunk) in st.buffer.iter().take(MAX_IOV).enumerate() {
+        let bytes = chunk.as_bytes(py);
+        let bytes = if i == 0 {
+            &bytes[st.sent_of_first..]
+        } else {
+            bytes
+        };
+        iov[i] = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        count = i + 1;
+    }
+    // SAFETY: zero is a valid msghdr (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = count as _;
+    // SAFETY: every iovec points into a bytes object held by `st.buffer`, immutable and
+    // alive for the duration of the call (we hold the GIL and a borrow of the state);
+    // sendmsg only reads them. MSG_NOSIGNAL turns a broken pipe into EPIPE.
+    let n = unsafe { libc::sendmsg(st.fd, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Drops `sent` bytes from the front of the buffer.
+fn consume(st: &mut StreamState, sent: usize) {
+    st.buffer_size -= sent;
+    let mut left = sent;
+    while left > 0 {
+        let Some(front) = st.buffer.front() else {
+            break;
+        };
+        // Only lengths are read here; the GIL is held by the caller of `flush`.
+        let remaining = front_len(front) - st.sent_of_first;
+        if left >= remaining {
+            left -= remaining;
+            st.buffer.pop_front();
+            st.sent_of_first = 0;
+        } else {
+            st.sent_of_first += left;
+            left = 0;
+        }
+    }
+}
+
+fn front_len(bytes: &Py<PyBytes>) -> usize {
+    // SAFETY: a bytes object's size never changes; reading it needs no reference count
+    // change and the caller holds the GIL (it holds a borrow of a GilCell).
+    unsafe { ffi::PyBytes_Size(bytes.as_ptr()) as usize }
+}
+
+#[pymethods]
+impl StreamTransport {
+    #[new]
+    #[pyo3(signature = (r#loop, sock, protocol, extra, server=None))]
+    fn py_new(
+        r#loop: &Bound<'_, PyAny>,
+        sock: &Bound<'_, PyAny>,
+        protocol: &Bound<'_, PyAny>,
+        extra: &Bound<'_, PyDict>,
+        server: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<StreamTransport> {
+        let loop_ = r#loop.cast::<LoopCore>()?.clone().unbind();
+        let fd: RawFd = sock.call_method0("fileno")?.extract()?;
+        if fd < 0 {
+            return Err(PyValueError::new_err("the socket is closed"));
+        }
+        Ok(StreamTransport {
+            state: GilCell::new(StreamState {
+                loop_: Some(loop_),
+                sock: Some(sock.clone().unbind()),
+                fd,
+                token: None,
+                protocol: Some(protocol.clone().unbind()),
+                read_path: Some(ReadPath::of(protocol)?),
+                protocol_connected: true,
+                context: None,
+                extra: extra.clone().unbind(),
+                server: server.filter(|s| !s.is_none()).map(|s| s.clone().unbind()),
+                buffer: VecDeque::new(),
+                sent_of_first: 0,
+                buffer_size: 0,
+                high_water: DEFAULT_HIGH_WATER,
+                low_water: DEFAULT_HIGH_WATER / 4,
+                protocol_paused: false,
+                started: false,
+                paused: false,
+                read_eof: false,
+                closing: false,
+                eof: false,
+                conn_lost: 0,
+                flush_queued: false,
+                write_waiting: false,
+                empty_waiter: None,
+                interest: 0,
+            }),
+        })
+    }
+
+    /// Claims the fd in the loop's registry: from now on `add_reader` and friends on it
+    /// raise, and its events come to this transport.
+    fn _register(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
+        let py = slf.py();
+        let (loop_, fd) = {
+            let st = slf.get().state.borrow_mut(py)?;
+            if st.token.is_some() || st.sock.is_none() {
+                return Ok(());
+            }
+            (st.loop_.as_ref().map(|l| l.clone_ref(py)), st.fd)
+        };
+        let Some(loop_) = loop_ else {
+            return Ok(());
+        };
+        let token = loop_.get().register_stream(py, fd, slf.clone().unbind())?;
+        let mut st = slf.get().state.borrow_mut(py)?;
+        st.token = Some(token);
+        st.interest = 0;
+        st.sync_interest(py)
+    }
+
+    /// Gives the fd back to the loop (sendfile drives it with `add_writer` meanwhile).
+    fn _unregister(&self, py: Python<'_>) -> PyResult<()> {
+        let mut st = self.state.borrow_mut(py)?;
+        if let (Some(token), Some(loop_)) = (st.token.take(), &st.loop_) {
+            loop_.get().deregister_stream(py, token)?;
+        }
+        st.interest = 0;
+        Ok(())
+    }
+
+    /// Starts reading; scheduled right after `connection_made`.
+    fn _start_reading(&self, py: Python<'_>) -> PyResult<()> {
+        let context = copy_context(py)?;
+        let mut st = self.state.borrow_mut(py)?;
+        if st.sock.is_none() {
+            return Ok(());
+        }
+        st.started = true;
+        st.context = Some(context);
+        st.sync_interest(py)
+    }
+
+    fn write(slf: &Bound<'_, StreamTransport>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let bytes = to_bytes(data)?;
+        StreamTransport::queue(slf, vec![bytes])
+    }
+
+    /// Queues every buffer as it is, without joining them.
+    fn writelines(
+        slf: &Bound<'_, StreamTransport>,
+        list_of_data: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let mut chunks = Vec::new();
+        for item in list_of_data.try_iter()? {
+            chunks.push(to_bytes(&item?)?);
+        }
+        StreamTransport::queue(slf, chunks)
+    }
+
+    fn write_eof(&self, py: Python<'_>) -> PyResult<()> {
+        let mut st = self.state.borrow_mut(py)?;
+        if st.closing || st.eof {
+            return Ok(());
+        }
+        st.eof = true;
+        if st.buffer.is_empty() && st.sock.is_some() {
+            // SAFETY: `st.fd` is the live socket of this transport (sock is not None).
+            if unsafe { libc::shutdown(st.fd, libc::SHUT_WR) } < 0 {
+                return Err(os_error(io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
+
+    fn can_write_eof(&self) -> bool {
+        true
+    }
+
+    fn close(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
+        let py = slf.py();
+        let lose_now = {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            if st.closing {
+                return Ok(());
+            }
+            st.closing = true;
+            st.sync_interest(py)?;
+            st.buffer.is_empty()
+        };
+        if lose_now {
+            StreamTransport::lose_connection(slf, None)?;
+        }
+        Ok(())
+    }
+
+    fn abort(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
+        StreamTransport::force_close(slf, None)
+    }
+
+    /// asyncio's name for `abort` with the error that ended the connection (sslproto
+    /// calls it).
+    fn _force_close(slf: &Bound<'_, StreamTransport>, exc: &Bound<'_, PyAny>) -> PyResult<()> {
+        let exc = (!exc.is_none()).then(|| exc.clone().unbind());
+        StreamTransport::force_close(slf, exc)
+    }
+
+    fn is_closing(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.state.borrow_mut(py)?.closing)
+    }
+
+    fn is_reading(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.state.borrow_mut(py)?.is_reading())
+    }
+
+    fn pause_reading(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
+        let py = slf.py();
+        let debug = {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            if !st.is_reading() {
+                return Ok(());
+            }
+            st.paused = true;
+            st.sync_interest(py)?;
+            st.loop_.as_ref().is_some_and(|l| l.get().debug())
+        };
+        if debug {
+            asyncio_logger(py)?.call_method1("debug", ("%r pauses reading", slf))?;
+        }
+        Ok(())
+    }
+
+    fn resume_reading(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
+        let py = slf.py();
+        let debug = {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            if st.closing || !st.paused {
+                return Ok(());
+            }
+            st.paused = false;
+            st.sync_interest(py)?;
+            st.loop_.as_ref().is_some_and(|l| l.get().debug())
+        };
+        if debug {
+            asyncio_logger(py)?.call_method1("debug", ("%r resumes reading", slf))?;
+        }
+        Ok(())
+    }
+
+    #[pyo3(signature = (high=None, low=None))]
+    fn set_write_buffer_limits(
+        slf: &Bound<'_, StreamTransport>,
+        high: Option<&Bound<'_, PyAny>>,
+        low: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let high = high.filter(|h| !h.is_none());
+        let low = low.filter(|l| !l.is_none());
+        let as_limit = |v: &Bound<'_, PyAny>| -> PyResult<i64> { v.extract::<i64>() };
+        let high_v = match high {
+            Some(h) => as_limit(h)?,
+            None => match low {
+                Some(l) => 4 * as_limit(l)?,
+                None => DEFAULT_HIGH_WATER as i64,
+            },
+        };
+        let low_v = match low {
+            Some(l) => as_limit(l)?,
+            None => high_v / 4,
+        };
+        if !(high_v >= low_v && low_v >= 0) {
+            return Err(PyValueError::new_err(format!(
+                "high ({high_v}) must be >= low ({low_v}) must be >= 0"
+            )));
+        }
+        {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            st.high_water = high_v as usize;
+            st.low_water = low_v as usize;
+        }
+        StreamTransport::maybe_pause_protocol(slf)
+    }
+
+    fn get_write_buffer_limits(&self, py: Python<'_>) -> PyResult<(usize, usize)> {
+        let st = self.state.borrow_mut(py)?;
+        Ok((st.low_water, st.high_water))
+    }
+
+    fn get_write_buffer_size(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.state.borrow_mut(py)?.buffer_size)
+    }
+
+    fn set_protocol(&self, py: Python<'_>, protocol: &Bound<'_, PyAny>) -> PyResult<()> {
+        let path = ReadPath::of(protocol)?;
+        let old = {
+            let mut st = self.state.borrow_mut(py)?;
+            st.read_path = Some(path);
+            st.protocol_connected = true;
+            st.protocol.replace(protocol.clone().unbind())
+        };
+        drop(old);
+        Ok(())
+    }
+
+    fn get_protocol(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        Ok(self
+            .state
+            .borrow_mut(py)?
+            .protocol
+            .as_ref()
+            .map(|p| p.clone_ref(py)))
+    }
+
+    #[pyo3(signature = (name, default=None))]
+    fn get_extra_info(
+        &self,
+        py: Python<'_>,
+        name: &Bound<'_, PyAny>,
+        default: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let extra = self.state.borrow_mut(py)?.extra.clone_ref(py);
+        match extra.bind(py).get_item(name)? {
+            Some(value) => Ok(value.unbind()),
+            None => Ok(default.unwrap_or_else(|| py.None())),
+        }
+    }
+
+    /// Calls `protocol.connection_lost(exc)`, then releases the fd and closes the
+    /// socket, exactly once whatever the protocol does.
+    fn _call_connection_lost(
+        slf: &Bound<'_, StreamTransport>,
+        exc: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let (protocol, connected) = {
+            let st = slf.get().state.borrow_mut(py)?;
+            if st.sock.is_none() {
+                return Ok(());
+            }
+            (
+                st.protocol.as_ref().map(|p| p.clone_ref(py)),
+                st.protocol_connected,
+            )
+        };
+        let outcome = match protocol {
+            Some(protocol) if connected => protocol
+                .bind(py)
+                .call_method1("connection_lost", (exc,))
+                .map(|_| ()),
+            _ => Ok(()),
+        };
+        let (sock, loop_, token, server, waiter, released) = {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            st.buffer.clear();
+            st.buffer_size = 0;
+            (
+                st.sock.take(),
+                st.loop_.take(),
+                st.token.take(),
+                st.server.take(),
+                st.empty_waiter.take(),
+                (st.protocol.take(), st.read_path.take(), st.context.take()),
+            )
+        };
+        drop(released);
+        // The registration goes first: the fd number may be reused as soon as it closes.
+        if let (Some(loop_), Some(token)) = (&loop_, token) {
+            loop_.get().deregister_stream(py, token)?;
+        }
+        if let Some(sock) = sock {
+            sock.bind(py).call_method0("close")?;
+        }
+        if let Some(waiter) = waiter {
+            let waiter = waiter.bind(py);
+            if !waiter.call_method0("done")?.is_truthy()? {
+                let err = py
+                    .import("builtins")?
+                    .getattr("ConnectionError")?
+                    .call1(("Connection is closed by peer",))?;
+                waiter.call_method1("set_exception", (err,))?;
+            }
+        }
+        if let Some(server) = server {
+            server.bind(py).call_method1("_detach", (slf,))?;
+        }
+        outcome
+    }
+
+    /// A future done once everything buffered is sent (sendfile waits on it).
+    fn _make_empty_waiter(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let (loop_, empty) = {
+            let st = self.state.borrow_mut(py)?;
+            if st.empty_waiter.is_some() {
+                return Err(PyRuntimeError::new_err("Empty waiter is already set"));
+            }
+            (
+                st.loop_.as_ref().map(|l| l.clone_ref(py)),
+                st.buffer.is_empty(),
+            )
+        };
+        let Some(loop_) = loop_ else {
+            return Err(PyRuntimeError::new_err("Transport is closed"));
+        };
+        let waiter = loop_.bind(py).call_method0("create_future")?;
+        if empty {
+            waiter.call_method1("set_result", (py.None(),))?;
+        }
+        self.state.borrow_mut(py)?.empty_waiter = Some(waiter.clone().unbind());
+        Ok(waiter.unbind())
+    }
+
+    fn _reset_empty_waiter(&self, py: Python<'_>) -> PyResult<()> {
+        let old = self.state.borrow_mut(py)?.empty_waiter.take();
+        drop(old);
+        Ok(())
+    }
+
+    #[getter]
+    fn _sock(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        Ok(self
+            .state
+            .borrow_mut(py)?
+            .sock
+            .as_ref()
+            .map(|s| s.clone_ref(py)))
+    }
+
+    #[getter]
+    fn _sock_fd(&self, py: Python<'_>) -> PyResult<RawFd> {
+        Ok(self.state.borrow_mut(py)?.fd)
+    }
+
+    #[getter]
+    fn _loop(&self, py: Python<'_>) -> PyResult<Option<Py<LoopCore>>> {
+        self.loop_of(py)
+    }
+
+    #[getter]
+    fn _protocol_paused(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.state.borrow_mut(py)?.protocol_paused)
+    }
+
+    fn __repr__<'py>(slf: &Bound<'py, StreamTransport>) -> PyResult<Bound<'py, PyString>> {
+        let py = slf.py();
+        let st = slf.get().state.borrow_mut(py)?;
+        let name = slf.get_type().name()?.to_string();
+        let mut info = vec![name];
+        if st.sock.is_none() {
+            info.push("closed".into());
+        } else if st.closing {
+            info.push("closing".into());
+        }
+        info.push(format!("fd={}", st.fd));
+        if st.sock.is_some() {
+            let reading = if st.interest & READABLE != 0 {
+                "polling"
+            } else {
+                "idle"
+            };
+            let writing = if st.interest & WRITABLE != 0 {
+                "polling"
+            } else {
+                "idle"
+            };
+            info.push(format!("read={reading}"));
+            info.push(format!("write=<{writing}, bufsize={}>", st.buffer_size));
+        }
+        Ok(PyString::new(py, &format!("<{}>", info.join(" "))))
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        let Some(st) = self.state.borrow_for_gc() else {
+            return Ok(());
+        };
+        for obj in [
+            &st.sock,
+            &st.protocol,
+            &st.context,
+            &st.server,
+            &st.empty_waiter,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            visit.call(obj)?;
+        }
+        if let Some(loop_) = &st.loop_ {
+            visit.call(loop_)?;
+        }
+        visit.call(&st.extra)?;
+        match &st.read_path {
+            Some(ReadPath::Data(cb)) => visit.call(cb)?,
+            Some(ReadPath::Buffered(g, u)) => {
+                visit.call(g)?;
+                visit.call(u)?;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        let released = self.state.borrow_mut_for_gc().map(|mut st| {
+            (
+                st.protocol.take(),
+                st.read_path.take(),
+                st.context.take(),
+                st.server.take(),
+                st.empty_waiter.take(),
+                st.loop_.take(),
+            )
+        });
+        drop(released);
+    }
+}
