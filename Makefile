@@ -24,7 +24,7 @@ bench: install
 lint: $(BIN)/python
 	cargo fmt --check
 	cargo clippy --release -- -D warnings
-	$(BIN)/pip install -q ruff && $(BIN)/ruff check python tests bench
+	$(BIN)/pip install -q ruff && $(BIN)/ruff check python tests bench examples
 
 clean:
 	rm -rf $(VENV) target bench/results

@@ -1,0 +1,230 @@
+"""Servers and connections: create_server options, Unix servers and connections,
+the Server object, connect_accepted_socket and create_connection's errors."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import sys
+
+import pytest
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+
+async def _echo_once(reader, writer, payload=b"ping") -> bytes:
+    writer.write(payload)
+    data = await reader.readexactly(len(payload))
+    writer.close()
+    await writer.wait_closed()
+    return data
+
+
+def test_create_server_on_all_interfaces_and_a_host_list(loop):
+    async def main():
+        server = await loop.create_server(Echo, host=None, port=0, family=socket.AF_INET)
+        port = server.sockets[0].getsockname()[1]
+        assert server.is_serving()
+        assert server.get_loop() is loop
+        assert await _echo_once(*await asyncio.open_connection("127.0.0.1", port)) == b"ping"
+        server.close()
+        await server.wait_closed()
+        assert not server.is_serving()
+
+        server = await loop.create_server(Echo, host=["127.0.0.1", "localhost"], port=0,
+                                          family=socket.AF_INET, reuse_address=True)
+        assert len(server.sockets) >= 1
+        for sock in server.sockets:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) != 0
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+
+
+def test_create_server_address_in_use_is_oserror_eaddrinuse(loop):
+    async def main():
+        first = await loop.create_server(Echo, "127.0.0.1", 0)
+        port = first.sockets[0].getsockname()[1]
+        with pytest.raises(OSError) as info:
+            await loop.create_server(Echo, "127.0.0.1", port, reuse_address=False)
+        assert info.value.errno == errno.EADDRINUSE
+        first.close()
+        await first.wait_closed()
+
+    loop.run_until_complete(main())
+
+
+def test_start_serving_false_then_serve_forever_cancelled(loop):
+    async def main():
+        server = await loop.create_server(Echo, "127.0.0.1", 0, start_serving=False)
+        assert not server.is_serving()
+        port = server.sockets[0].getsockname()[1]
+        task = asyncio.ensure_future(server.serve_forever())
+        await asyncio.sleep(0.01)
+        assert server.is_serving()
+        assert await _echo_once(*await asyncio.open_connection("127.0.0.1", port)) == b"ping"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not server.is_serving()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+
+
+def test_server_async_context_manager_and_keep_alive(loop):
+    async def main():
+        kwargs = {"keep_alive": True} if loop_supports_keep_alive(loop) else {}
+        async with await loop.create_server(Echo, "127.0.0.1", 0, **kwargs) as server:
+            port = server.sockets[0].getsockname()[1]
+            if kwargs:
+                keep = server.sockets[0].getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+                assert keep != 0
+            assert await _echo_once(*await asyncio.open_connection("127.0.0.1", port)) == b"ping"
+        assert not server.is_serving()
+
+    loop.run_until_complete(main())
+
+
+def loop_supports_keep_alive(loop) -> bool:
+    import inspect
+
+    return "keep_alive" in inspect.signature(loop.create_server).parameters
+
+
+def test_close_clients_and_abort_clients(loop):
+    async def main():
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        if not hasattr(server, "close_clients"):
+            server.close()
+            pytest.skip("this Python's asyncio.Server has no close_clients (3.13+)")
+        port = server.sockets[0].getsockname()[1]
+        pairs = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        for reader, writer in pairs:
+            writer.write(b"x")
+            assert await reader.readexactly(1) == b"x"
+        server.close()
+        server.close_clients()
+        for reader, _ in pairs:
+            assert await reader.read() == b""
+        pairs = []
+        await server.wait_closed()
+
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"y")
+        assert await reader.readexactly(1) == b"y"
+        server.close()
+        server.abort_clients()
+        assert await reader.read() == b""
+        writer.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+
+
+def test_unix_server_and_connection_with_stale_socket_file(loop, tmp_path):
+    path = str(tmp_path / "srv.sock")
+    # A stale socket file left behind by a dead server.
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()
+    assert os.path.exists(path)
+
+    async def main():
+        server = await loop.create_unix_server(Echo, path)
+        assert server.sockets[0].getsockname() == path
+        reader, writer = await asyncio.open_unix_connection(path)
+        assert writer.get_extra_info("peername") == path
+        assert await _echo_once(reader, writer, b"unix") == b"unix"
+        tr, _ = await loop.create_unix_connection(asyncio.Protocol, path)
+        assert isinstance(tr, asyncio.Transport)
+        tr.close()
+        with pytest.raises(ValueError):
+            await loop.create_unix_connection(asyncio.Protocol, path, sock=socket.socket())
+        with pytest.raises(ValueError):
+            await loop.create_unix_connection(asyncio.Protocol)
+        with pytest.raises(ValueError):
+            await loop.create_unix_server(Echo, sock=socket.socket())
+        with pytest.raises(TypeError):
+            await loop.create_unix_server(Echo, path + "2", ssl=True)
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+    if sys.version_info >= (3, 13) or type(loop).__module__.startswith("ferroloop"):
+        # cleanup_socket=True (the default since 3.13) removes the file on close.
+        assert not os.path.exists(path)
+
+
+def test_unix_server_in_the_abstract_namespace(loop):
+    name = "\0ferroloop-test-%d" % os.getpid()
+
+    async def main():
+        server = await loop.create_unix_server(Echo, name)
+        reader, writer = await asyncio.open_unix_connection(name)
+        assert await _echo_once(reader, writer, b"abstract") == b"abstract"
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+
+
+def test_connect_accepted_socket_and_create_connection_with_sock(loop):
+    async def main():
+        a, b = socket.socketpair()
+        tr, proto = await loop.connect_accepted_socket(Echo, a)
+        b.setblocking(False)
+        await loop.sock_sendall(b, b"accepted")
+        assert await loop.sock_recv(b, 100) == b"accepted"
+        tr.close()
+        b.close()
+
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        sock = socket.create_connection(("127.0.0.1", port))
+        tr, _ = await loop.create_connection(asyncio.Protocol, sock=sock)
+        assert tr.get_extra_info("socket").fileno() == sock.fileno()
+        tr.close()
+        await asyncio.sleep(0.01)
+        assert sock.fileno() == -1  # the transport owned it and closed it
+        with pytest.raises(ValueError):
+            await loop.create_connection(asyncio.Protocol, "127.0.0.1", port, sock=socket.socket())
+        with pytest.raises(ValueError):
+            await loop.create_connection(asyncio.Protocol, "127.0.0.1", port, server_hostname="x")
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+
+
+def test_create_connection_refused_and_local_addr(loop):
+    async def main():
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()  # nothing listens there now
+        with pytest.raises(ConnectionRefusedError):
+            await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        sport = server.sockets[0].getsockname()[1]
+        tr, _ = await loop.create_connection(
+            asyncio.Protocol, "127.0.0.1", sport, local_addr=("127.0.0.1", 0)
+        )
+        assert tr.get_extra_info("sockname")[0] == "127.0.0.1"
+        tr.close()
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())

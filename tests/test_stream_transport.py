@@ -1,0 +1,408 @@
+"""The stream transport: Protocol and BufferedProtocol echo, flow control, half-close,
+close/abort, errors, extra info and the fd ownership rules. Run on asyncio and ferroloop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import warnings
+
+import pytest
+
+
+class Collect(asyncio.Protocol):
+    """Records everything that happens to it."""
+
+    def __init__(self, eof_keep_open=False):
+        self.transport = None
+        self.data = bytearray()
+        self.events = []
+        self.eof_keep_open = eof_keep_open
+        self.lost = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.events.append("made")
+
+    def data_received(self, data):
+        assert isinstance(data, bytes)
+        self.data += data
+
+    def eof_received(self):
+        self.events.append("eof")
+        return self.eof_keep_open
+
+    def connection_lost(self, exc):
+        self.events.append("lost")
+        self.lost = asyncio.get_running_loop().create_future()
+        self.lost.set_result(exc)
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+    def eof_received(self):
+        self.transport.write_eof()
+        return True
+
+
+class BufferedEcho(asyncio.BufferedProtocol):
+    def __init__(self):
+        self.buf = bytearray(1024)
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def get_buffer(self, sizehint):
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        self.transport.write(bytes(self.buf[:nbytes]))
+
+    def eof_received(self):
+        self.transport.write_eof()
+        return True
+
+
+async def _wait_for(predicate, timeout=5.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.001)
+
+
+async def _echo_round_trip(protocol_factory, payload: bytes) -> bytes:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(protocol_factory, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(payload)
+    writer.write_eof()
+    echoed = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+    return echoed
+
+
+@pytest.mark.parametrize("factory", [Echo, BufferedEcho], ids=["Protocol", "BufferedProtocol"])
+def test_echo_is_byte_exact_and_half_close_keeps_the_reply_path(loop, factory):
+    payload = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4: many reads, many writes
+    echoed = loop.run_until_complete(_echo_round_trip(factory, payload))
+    assert echoed == payload
+
+
+def test_transport_surface(loop):
+    async def main():
+        server_side = Collect()
+        server = await loop.create_server(lambda: server_side, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tr, client = await loop.create_connection(Collect, "127.0.0.1", port)
+        await _wait_for(lambda: server_side.transport is not None)
+
+        assert isinstance(tr, asyncio.Transport)
+        assert isinstance(tr, asyncio.BaseTransport)
+        assert tr.get_protocol() is client
+        assert tr.get_extra_info("peername") == ("127.0.0.1", port)
+        assert tr.get_extra_info("sockname") == tr.get_extra_info("socket").getsockname()
+        assert tr.get_extra_info("missing", "dflt") == "dflt"
+        sock = tr.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert tr.can_write_eof() is True
+        assert tr.is_reading() is True
+        assert tr.get_write_buffer_size() == 0
+        assert tr.get_write_buffer_limits() == (16384, 65536)
+        tr.set_write_buffer_limits(high=400)
+        assert tr.get_write_buffer_limits() == (100, 400)
+        tr.set_write_buffer_limits(low=10)
+        assert tr.get_write_buffer_limits() == (10, 40)
+        with pytest.raises(ValueError):
+            tr.set_write_buffer_limits(high=1, low=2)
+        with pytest.raises(TypeError):
+            tr.write("text")
+        with pytest.raises(TypeError):
+            tr.writelines([b"ok", 42])
+
+        tr.write(bytearray(b"ab"))
+        tr.write(memoryview(b"cd"))
+        tr.writelines([b"ef", bytearray(b"gh"), memoryview(b"ij")])
+        tr.write(b"")
+        await _wait_for(lambda: bytes(server_side.data) == b"abcdefghij")
+
+        tr.pause_reading()
+        assert tr.is_reading() is False
+        tr.pause_reading()  # idempotent
+        server_side.transport.write(b"while paused")
+        await asyncio.sleep(0.05)
+        assert bytes(client.data) == b""
+        tr.resume_reading()
+        await _wait_for(lambda: bytes(client.data) == b"while paused")
+
+        other = Collect()
+        tr.set_protocol(other)
+        assert tr.get_protocol() is other
+        server_side.transport.write(b"to the new protocol")
+        await _wait_for(lambda: bytes(other.data) == b"to the new protocol")
+
+        tr.close()
+        assert tr.is_closing() is True
+        assert tr.is_reading() is False
+        await _wait_for(lambda: other.lost is not None)
+        assert await other.lost is None
+        assert other.events == ["lost"]
+        assert client.events == ["made"]
+        await _wait_for(lambda: server_side.lost is not None)
+        assert server_side.events == ["made", "eof", "lost"]
+        assert sock.fileno() == -1
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+
+
+def test_eof_received_true_keeps_transport_open_for_writing(loop):
+    async def main():
+        server_side = Collect(eof_keep_open=True)
+        server = await loop.create_server(lambda: server_side, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"question")
+        writer.write_eof()
+        await _wait_for(lambda: "eof" in server_side.events)
+        assert server_side.transport.is_closing() is False
+        server_side.transport.write(b"answer after eof")
+        server_side.transport.close()
+        assert await reader.read() == b"answer after eof"
+        await _wait_for(lambda: server_side.lost is not None)
+        assert await server_side.lost is None
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+
+
+def test_close_flushes_pending_writes_and_abort_drops_them(loop):
+    async def main():
+        received = {}
+
+        async def read_all(reader, writer):
+            tag = await reader.readexactly(1)
+            received[tag] = await reader.read()
+            writer.close()
+
+        server = await asyncio.start_server(read_all, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        big = b"x" * (8 * 1024 * 1024)
+
+        tr, proto = await loop.create_connection(Collect, "127.0.0.1", port)
+        tr.write(b"c")
+        tr.write(big)
+        tr.close()
+        tr.close()  # a second close is a no-op
+        await _wait_for(lambda: b"c" in received, timeout=20)
+        assert received[b"c"] == big
+        assert await proto.lost is None
+
+        tr, proto = await loop.create_connection(Collect, "127.0.0.1", port)
+        tr.write(b"a")
+        await asyncio.sleep(0.05)
+        tr.write(big)
+        tr.abort()
+        assert tr.is_closing()
+        await _wait_for(lambda: proto.lost is not None)
+        assert await proto.lost is None
+        await _wait_for(lambda: b"a" in received)
+        assert len(received[b"a"]) < len(big)
+        assert tr.get_write_buffer_size() == 0
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+
+
+def test_write_after_close_is_ignored_then_warned(loop, caplog):
+    async def main():
+        server = await loop.create_server(Collect, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tr, proto = await loop.create_connection(Collect, "127.0.0.1", port)
+        tr.abort()
+        await _wait_for(lambda: proto.lost is not None)
+        with caplog.at_level("WARNING", logger="asyncio"):
+            for _ in range(7):
+                tr.write(b"late")  # never raises
+        warned = [r for r in caplog.records if "socket.send() raised exception" in r.message]
+        assert len(warned) >= 1
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+
+
+def test_write_after_write_eof_raises(loop):
+    async def main():
+        server = await loop.create_server(Collect, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tr, _ = await loop.create_connection(Collect, "127.0.0.1", port)
+        tr.write_eof()
+        with pytest.raises(RuntimeError):
+            tr.write(b"x")
+        tr.close()
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+
+
+def test_peer_reset_is_connection_reset_error(loop):
+    async def main():
+        server_side = Collect()
+        server = await loop.create_server(lambda: server_side, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        raw = socket.create_connection(("127.0.0.1", port))
+        await _wait_for(lambda: server_side.transport is not None)
+        # Make the server's writes fail: the peer resets the connection (RST on close
+        # with SO_LINGER 0) while the server keeps writing.
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        raw.close()
+        for _ in range(200):
+            if server_side.lost is not None:
+                break
+            server_side.transport.write(b"y" * 65536)
+            await asyncio.sleep(0.005)
+        await _wait_for(lambda: server_side.lost is not None)
+        exc = await server_side.lost
+        assert isinstance(exc, (ConnectionResetError, BrokenPipeError))
+        assert server_side.events.count("lost") == 1
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+
+
+def test_flow_control_pauses_at_high_water_and_resumes_below_low(loop):
+    calls = []
+
+    class Watch(Collect):
+        def pause_writing(self):
+            calls.append(("pause", self.transport.get_write_buffer_size()))
+
+        def resume_writing(self):
+            calls.append(("resume", self.transport.get_write_buffer_size()))
+
+    async def main():
+        a, b = socket.socketpair()
+        tr, proto = await loop.connect_accepted_socket(Watch, a)
+        tr.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
+        tr.write(b"z" * (4 * 1024 * 1024))  # far more than the socket buffers hold
+        assert calls and calls[0][0] == "pause"
+        assert calls[0][1] > 64 * 1024
+        await asyncio.sleep(0.05)
+        assert len(calls) == 1  # nobody reads: still paused
+        b.setblocking(False)
+        got = 0
+        while got < 4 * 1024 * 1024:
+            try:
+                got += len(b.recv(1 << 20))
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        await _wait_for(lambda: len(calls) == 2)
+        assert calls[1][0] == "resume"
+        assert calls[1][1] <= 16 * 1024
+        tr.close()
+        b.close()
+
+    loop.run_until_complete(main())
+
+
+def test_add_reader_on_a_transport_fd_raises(loop):
+    async def main():
+        a, b = socket.socketpair()
+        tr, _ = await loop.connect_accepted_socket(Collect, a)
+        with pytest.raises(RuntimeError, match="is used by transport"):
+            loop.add_reader(a.fileno(), print)
+        with pytest.raises(RuntimeError, match="is used by transport"):
+            loop.remove_writer(a.fileno())
+        tr.close()
+        await asyncio.sleep(0.01)
+        b.close()
+
+    loop.run_until_complete(main())
+
+
+def test_protocol_error_goes_to_exception_handler_and_closes(loop):
+    contexts = []
+    loop.set_exception_handler(lambda lp, ctx: contexts.append(ctx))
+
+    class Broken(Collect):
+        def data_received(self, data):
+            raise ZeroDivisionError("boom")
+
+    async def main():
+        a, b = socket.socketpair()
+        tr, proto = await loop.connect_accepted_socket(Broken, a)
+        b.send(b"hello")
+        await _wait_for(lambda: proto.lost is not None)
+        exc = await proto.lost
+        assert isinstance(exc, ZeroDivisionError)
+        b.close()
+
+    loop.run_until_complete(main())
+    assert len(contexts) == 1
+    assert contexts[0]["message"] == "Fatal error: protocol.data_received() call failed."
+    assert isinstance(contexts[0]["exception"], ZeroDivisionError)
+    assert contexts[0]["transport"] is not None
+
+
+def test_context_of_protocol_callbacks_is_a_copy(loop):
+    import contextvars
+
+    var = contextvars.ContextVar("var", default="unset")
+    seen = []
+
+    class Ctx(Collect):
+        def data_received(self, data):
+            seen.append(var.get())
+            var.set("changed in callback")
+
+    async def main():
+        var.set("creator")
+        a, b = socket.socketpair()
+        tr, proto = await loop.connect_accepted_socket(Ctx, a)
+        b.send(b"1")
+        await _wait_for(lambda: len(seen) == 1)
+        b.send(b"2")
+        await _wait_for(lambda: len(seen) == 2)
+        assert var.get() == "creator"
+        tr.close()
+        b.close()
+
+    loop.run_until_complete(main())
+    assert seen[0] == "creator"
+    assert seen[1] == "changed in callback"
+
+
+def test_unclosed_transport_socket_is_closed_with_the_loop_gone(loop):
+    # Closing the loop does not close transports (as in asyncio); closing the transport
+    # afterwards must not raise and must release the socket.
+    async def main():
+        a, b = socket.socketpair()
+        tr, _ = await loop.connect_accepted_socket(Collect, a)
+        return tr, a, b
+
+    tr, a, b = loop.run_until_complete(main())
+    tr.abort()
+    loop.run_until_complete(asyncio.sleep(0))
+    assert a.fileno() == -1
+    b.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loop.close()
