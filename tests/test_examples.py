@@ -42,7 +42,7 @@ class Server:
 
     def stop(self):
         self.proc.send_signal(signal.SIGINT)
-        out, err = self.proc.communicate(timeout=20)
+        _out, err = self.proc.communicate(timeout=20)
         self.proc.stdout.close()
         self.proc.stderr.close()
         return self.proc.returncode, err

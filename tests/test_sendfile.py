@@ -35,12 +35,11 @@ def test_sendfile_over_a_transport_with_offset_and_count(loop, data_file):
 
         server = await asyncio.start_server(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"head:")
-        with open(data_file, "rb") as f:
-            sent = await loop.sendfile(writer.transport, f, offset=1000, count=500_000)
-            assert sent == 500_000
-            assert f.tell() == 501_000
+        sent = await loop.sendfile(writer.transport, f, offset=1000, count=500_000)
+        assert sent == 500_000
+        assert f.tell() == 501_000
         writer.write(b":tail")  # writing works again after sendfile
         writer.write_eof()
         assert await done == b"head:" + DATA[1000:501_000] + b":tail"
@@ -49,7 +48,8 @@ def test_sendfile_over_a_transport_with_offset_and_count(loop, data_file):
         server.close()
         await server.wait_closed()
 
-    loop.run_until_complete(asyncio.wait_for(main(), 30))
+    with open(data_file, "rb") as f:
+        loop.run_until_complete(asyncio.wait_for(main(), 30))
 
 
 def test_sock_sendfile_whole_file_and_fallback_for_non_files(loop, data_file):
@@ -64,11 +64,10 @@ def test_sock_sendfile_whole_file_and_fallback_for_non_files(loop, data_file):
                 got += await loop.sock_recv(b, 1 << 20)
             return bytes(got)
 
-        with open(data_file, "rb") as f:
-            reader = asyncio.ensure_future(drain_b(len(DATA)))
-            assert await loop.sock_sendfile(a, f) == len(DATA)
-            assert await reader == DATA
-            assert f.tell() == len(DATA)
+        reader = asyncio.ensure_future(drain_b(len(DATA)))
+        assert await loop.sock_sendfile(a, f) == len(DATA)
+        assert await reader == DATA
+        assert f.tell() == len(DATA)
 
         import io
 
@@ -81,23 +80,24 @@ def test_sock_sendfile_whole_file_and_fallback_for_non_files(loop, data_file):
         a.close()
         b.close()
 
-    loop.run_until_complete(asyncio.wait_for(main(), 30))
+    with open(data_file, "rb") as f:
+        loop.run_until_complete(asyncio.wait_for(main(), 30))
 
 
 def test_sendfile_rejects_bad_arguments(loop, data_file):
-    async def main():
+    async def main(f, text):
         a, b = socket.socketpair()
         a.setblocking(False)
-        with open(data_file, "rb") as f:
-            with pytest.raises(ValueError):
-                await loop.sock_sendfile(a, f, offset=-1)
-            with pytest.raises(ValueError):
-                await loop.sock_sendfile(a, f, count=0)
-            with pytest.raises(TypeError):
-                await loop.sock_sendfile(a, f, count="1")
-        with open(data_file) as text, pytest.raises(ValueError):
-            await loop.sock_sendfile(a, text)
+        with pytest.raises(ValueError):
+            await loop.sock_sendfile(a, f, offset=-1)
+        with pytest.raises(ValueError):
+            await loop.sock_sendfile(a, f, count=0)
+        with pytest.raises(TypeError):
+            await loop.sock_sendfile(a, f, count="1")
+        with pytest.raises(ValueError):
+            await loop.sock_sendfile(a, text)  # text mode
         a.close()
         b.close()
 
-    loop.run_until_complete(main())
+    with open(data_file, "rb") as f, open(data_file) as text:
+        loop.run_until_complete(main(f, text))

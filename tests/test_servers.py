@@ -168,7 +168,7 @@ def test_unix_server_and_connection_with_stale_socket_file(loop, tmp_path):
 
 
 def test_unix_server_in_the_abstract_namespace(loop):
-    name = "\0ferroloop-test-%d" % os.getpid()
+    name = f"\0ferroloop-test-{os.getpid()}"
 
     async def main():
         server = await loop.create_unix_server(Echo, name)
@@ -183,7 +183,7 @@ def test_unix_server_in_the_abstract_namespace(loop):
 def test_connect_accepted_socket_and_create_connection_with_sock(loop):
     async def main():
         a, b = socket.socketpair()
-        tr, proto = await loop.connect_accepted_socket(Echo, a)
+        tr, _proto = await loop.connect_accepted_socket(Echo, a)
         b.setblocking(False)
         await loop.sock_sendall(b, b"accepted")
         assert await loop.sock_recv(b, 100) == b"accepted"

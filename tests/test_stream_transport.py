@@ -300,7 +300,7 @@ def test_flow_control_pauses_at_high_water_and_resumes_below_low(loop):
 
     async def main():
         a, b = socket.socketpair()
-        tr, proto = await loop.connect_accepted_socket(Watch, a)
+        tr, _proto = await loop.connect_accepted_socket(Watch, a)
         tr.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
         tr.write(b"z" * (4 * 1024 * 1024))  # far more than the socket buffers hold
         assert calls and calls[0][0] == "pause"
@@ -348,7 +348,7 @@ def test_protocol_error_goes_to_exception_handler_and_closes(loop):
 
     async def main():
         a, b = socket.socketpair()
-        tr, proto = await loop.connect_accepted_socket(Broken, a)
+        _tr, proto = await loop.connect_accepted_socket(Broken, a)
         b.send(b"hello")
         await _wait_for(lambda: proto.lost is not None)
         exc = await proto.lost
@@ -376,7 +376,7 @@ def test_context_of_protocol_callbacks_is_a_copy(loop):
     async def main():
         var.set("creator")
         a, b = socket.socketpair()
-        tr, proto = await loop.connect_accepted_socket(Ctx, a)
+        tr, _proto = await loop.connect_accepted_socket(Ctx, a)
         b.send(b"1")
         await _wait_for(lambda: len(seen) == 1)
         b.send(b"2")
