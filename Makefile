@@ -17,14 +17,19 @@ test: install
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
-# The main job: micro benchmarks, ferroloop beside asyncio and uvloop in one run.
+# The main job: the echo benchmark (a Rust load generator against streams, Protocol,
+# BufferedProtocol and sock_* echo servers) and the micro benchmarks, ferroloop beside
+# asyncio and uvloop in one run each.
 bench: install
+	$(BIN)/python bench/echo.py --cycles 10 --markdown bench/results/echo.md --json bench/results/echo.json
 	$(BIN)/python bench/micro.py --cycles 10 --markdown bench/results/micro.md --json bench/results/micro.json
 
 lint: $(BIN)/python
 	cargo fmt --check
 	cargo clippy --release -- -D warnings
+	cargo fmt --check --manifest-path bench/loadgen/Cargo.toml
+	cargo clippy --release --manifest-path bench/loadgen/Cargo.toml -- -D warnings
 	$(BIN)/pip install -q ruff && $(BIN)/ruff check python tests bench examples
 
 clean:
-	rm -rf $(VENV) target bench/results
+	rm -rf $(VENV) target bench/loadgen/target bench/results

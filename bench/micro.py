@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+from _stats import spread
+
 # -- the workloads: each returns (operations, seconds) -----------------------------
 
 
@@ -181,13 +183,6 @@ def available_loops():
     return loops
 
 
-def percentile(values, q):
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
 def orchestrate(cycles, benches):
     loops = available_loops()
     workers = {
@@ -225,11 +220,7 @@ def summarise(loops, raw):
             row[f"{name} ops/s"] = statistics.median(per_loop[name])
         for base in [b for b in ("uvloop", "asyncio") if b in loops]:
             ratios = [f / b for f, b in zip(per_loop["ferroloop"], per_loop[base])]
-            row[f"vs {base}"] = (
-                statistics.median(ratios),
-                percentile(ratios, 0.25),
-                percentile(ratios, 0.75),
-            )
+            row[f"vs {base}"] = spread(ratios)
         rows.append(row)
     return rows
 

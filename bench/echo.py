@@ -1,0 +1,202 @@
+"""Echo benchmark: ferroloop beside asyncio, uvloop and a pure-Rust epoll server.
+
+One Rust load generator (bench/loadgen, pinned to the second core) keeps connections
+open to every server at once and gives each server a short slice of closed-loop
+traffic in turn (order rotated every cycle) while the others are stopped with SIGSTOP,
+verifying every echoed byte. Per cell it reports requests/s, server CPU µs per request
+(server CPU time / requests: the steadiest figure on a shared machine), p50/p99
+latency, and ferroloop's ratio to uvloop as the median of per-cycle ratios with the
+p25-p75 spread.
+
+    python bench/echo.py [--kinds streams protocol buffered sock] [--sizes 1024]
+                         [--conns 10 100] [--cycles 20] [--slice-ms 100]
+                         [--json PATH] [--markdown PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from _stats import spread
+
+BENCH = Path(__file__).resolve().parent
+LOADGEN_DIR = BENCH / "loadgen"
+LOADGEN = LOADGEN_DIR / "target" / "release" / "ferroloop-loadgen"
+KINDS = ["streams", "protocol", "buffered", "sock"]
+
+
+def build_loadgen() -> None:
+    subprocess.run(
+        ["cargo", "build", "--release", "--quiet", "--manifest-path", str(LOADGEN_DIR / "Cargo.toml")],
+        check=True,
+    )
+
+
+def available_loops() -> list[str]:
+    loops = ["asyncio", "ferroloop"]
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        print("uvloop is not installed: ratios are against asyncio only", file=sys.stderr)
+    else:
+        loops.insert(1, "uvloop")
+    return loops
+
+
+def cores() -> tuple[int | None, int | None]:
+    """(server core, load generator core), when the machine has two to give."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return cpus[0], cpus[1]
+
+
+def pin(pid: int, core: int | None) -> None:
+    """Pins a process we just started (threads it starts later inherit this)."""
+    if core is not None:
+        os.sched_setaffinity(pid, {core})
+
+
+class Server:
+    def __init__(self, argv: list[str], core: int | None):
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        pin(self.proc.pid, core)
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.stop()
+            raise RuntimeError(f"server {argv} did not start")
+        self.port = int(line)
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+
+
+def run_cell(targets: dict[str, Server], size, conns, cycles, slice_ms, gen_core) -> dict:
+    argv = [str(LOADGEN), "run", "--size", str(size), "--conns", str(conns)]
+    argv += ["--slice-ms", str(slice_ms), "--cycles", str(cycles)]
+    for name, server in targets.items():
+        argv += ["--target", f"{name},{server.pid},{server.port}"]
+
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    pin(proc.pid, gen_core)
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed ({proc.returncode})")
+    return {t["name"]: t for t in json.loads(out)["targets"]}
+
+
+def summarise(cell: dict, loops: list[str]) -> dict:
+    rows = {}
+    for name, t in cell.items():
+        slices = t["slices"]
+        rows[name] = {
+            "rps": statistics.median(r / w for r, w, _ in slices),
+            "cpu_us": statistics.median(c / r * 1e6 for r, _, c in slices if r),
+            "p50_us": t["p50_us"],
+            "p99_us": t["p99_us"],
+            "per_cycle": slices,
+        }
+    base = "uvloop" if "uvloop" in cell else "asyncio"
+    for name in cell:
+        ours, theirs = cell[name]["slices"], cell[base]["slices"]
+        rows[name]["rps_ratio"] = spread([(a[0] / a[1]) / (b[0] / b[1]) for a, b in zip(ours, theirs)])
+        rows[name]["cpu_ratio"] = spread(
+            [(a[2] / a[0]) / (b[2] / b[0]) for a, b in zip(ours, theirs) if a[0] and b[0]]
+        )
+    rows["_base"] = base
+    return rows
+
+
+def markdown(results: list[dict]) -> str:
+    head = [
+        "workload", "size", "conns", "server", "requests/s", "vs uvloop (p25-p75)",
+        "CPU µs/req", "CPU vs uvloop", "p50 µs", "p99 µs",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        for name, row in res["rows"].items():
+            if name.startswith("_"):
+                continue
+            med, p25, p75 = row["rps_ratio"]
+            cmed, _, _ = row["cpu_ratio"]
+            bold = "**" if name == "ferroloop" else ""
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        res["kind"], f"{res['size'] // 1024} KiB" if res["size"] >= 1024 else f"{res['size']} B",
+                        str(res["conns"]), f"{bold}{name}{bold}", f"{row['rps']:,.0f}",
+                        f"{bold}{med:.2f}x{bold} ({p25:.2f}-{p75:.2f})", f"{row['cpu_us']:.1f}",
+                        f"{cmed:.2f}x", str(row["p50_us"]), str(row["p99_us"]),
+                    ]
+                )
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS)
+    parser.add_argument("--sizes", nargs="*", type=int, default=[1024])
+    parser.add_argument("--conns", nargs="*", type=int, default=[10, 100])
+    parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--slice-ms", type=int, default=100)
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    args = parser.parse_args()
+
+    build_loadgen()
+    loops = available_loops()
+    server_core, gen_core = cores()
+    ceiling = Server([str(LOADGEN), "serve"], server_core)
+    results = []
+    try:
+        for kind in args.kinds:
+            servers = {
+                name: Server([sys.executable, str(BENCH / "echo_servers.py"), name, kind], server_core)
+                for name in loops
+            }
+            try:
+                for size in args.sizes:
+                    for conns in args.conns:
+                        print(f"echo {kind} {size} B x {conns} connections", file=sys.stderr, flush=True)
+                        targets = {"rust-epoll": ceiling, **servers}
+                        cell = run_cell(targets, size, conns, args.cycles, args.slice_ms, gen_core)
+                        results.append(
+                            {"kind": kind, "size": size, "conns": conns, "rows": summarise(cell, loops)}
+                        )
+            finally:
+                for server in servers.values():
+                    server.stop()
+    finally:
+        ceiling.stop()
+    table = markdown(results)
+    print(table)
+    for path, text in ((args.json, json.dumps(results, indent=1)), (args.markdown, table)):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as fh:
+                fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

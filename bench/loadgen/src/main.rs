@@ -1,0 +1,485 @@
+//! Echo load generator for ferroloop's benchmarks, and the pure-Rust echo server that
+//! serves as the ceiling.
+//!
+//! `loadgen run --size N --conns C --slice-ms S --cycles K --target NAME,PID,PORT ...`
+//!   connects C connections to every target at once, then in each cycle gives each
+//!   target (order rotated per cycle) one slice of S ms of closed-loop echo traffic
+//!   while every other target is stopped with SIGSTOP. Every echoed byte is checked.
+//!   Per slice it records requests, wall time and the server's CPU time (from
+//!   /proc/PID/task/*/schedstat, in ns). Prints one JSON object on stdout.
+//! `loadgen serve [--port P]`: a single-threaded epoll echo server; prints its port.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// The byte at position `i` of message `seq` on connection `conn`: every message is
+/// different, so a byte delivered to the wrong connection or out of order is caught.
+fn pattern(conn: usize, seq: u64, i: usize) -> u8 {
+    (conn as u64)
+        .wrapping_mul(31)
+        .wrapping_add(seq.wrapping_mul(17))
+        .wrapping_add(i as u64) as u8
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+struct Epoll(RawFd);
+
+impl Epoll {
+    fn new() -> io::Result<Epoll> {
+        // SAFETY: no pointer arguments; the result is a fresh fd we own.
+        Ok(Epoll(check(unsafe {
+            libc::epoll_create1(libc::EPOLL_CLOEXEC)
+        })?))
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: `ev` is valid for the call; epoll_ctl only reads it.
+        check(unsafe { libc::epoll_ctl(self.0, op, fd, &mut ev) }).map(|_| ())
+    }
+
+    fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> io::Result<usize> {
+        // SAFETY: `events` is a writable buffer of the length passed.
+        let n = unsafe {
+            libc::epoll_wait(self.0, events.as_mut_ptr(), events.len() as i32, timeout_ms)
+        };
+        match check(n) {
+            Ok(n) => Ok(n as usize),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for Epoll {
+    fn drop(&mut self) {
+        // SAFETY: we own this fd and close it once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    seq: u64,
+    sent: usize,
+    received: usize,
+    started: Instant,
+    busy: bool,
+    want_write: bool,
+}
+
+struct Target {
+    name: String,
+    pid: i32,
+    conns: Vec<Conn>,
+    slices: Vec<(u64, f64, f64)>,
+    latencies_us: Vec<u32>,
+}
+
+/// CPU time of every thread of `pid`, in seconds.
+fn cpu_seconds(pid: i32) -> io::Result<f64> {
+    let mut total: u64 = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = entry?.path().join("schedstat");
+        let text = std::fs::read_to_string(path)?;
+        total += text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total as f64 * 1e-9)
+}
+
+fn signal(pid: i32, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill has no memory arguments.
+    check(unsafe { libc::kill(pid, sig) }).map(|_| ())
+}
+
+struct Load {
+    size: usize,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Load {
+    /// Sends as much of the current message as the socket takes.
+    fn push(&mut self, conn_id: usize, conn: &mut Conn) -> io::Result<()> {
+        while conn.sent < self.size {
+            let n = (self.size - conn.sent).min(self.out.len());
+            for (i, b) in self.out[..n].iter_mut().enumerate() {
+                *b = pattern(conn_id, conn.seq, conn.sent + i);
+            }
+            match conn.stream.write(&self.out[..n]) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer closed")),
+                Ok(w) => conn.sent += w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        conn.want_write = conn.sent < self.size;
+        Ok(())
+    }
+
+    /// Reads what arrived and checks it; true when the whole echo is in.
+    fn pull(&mut self, conn_id: usize, conn: &mut Conn) -> io::Result<bool> {
+        loop {
+            match conn.stream.read(&mut self.buf) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "server closed the connection",
+                    ))
+                }
+                Ok(n) => {
+                    if conn.received + n > conn.sent {
+                        return Err(io::Error::other("more bytes echoed than sent"));
+                    }
+                    for (i, b) in self.buf[..n].iter().enumerate() {
+                        if *b != pattern(conn_id, conn.seq, conn.received + i) {
+                            return Err(io::Error::other(format!(
+                                "wrong byte at offset {} of message {} on connection {conn_id}",
+                                conn.received + i,
+                                conn.seq
+                            )));
+                        }
+                    }
+                    conn.received += n;
+                    if conn.received == self.size {
+                        return Ok(true);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn start(&mut self, conn_id: usize, conn: &mut Conn) -> io::Result<()> {
+        conn.seq += 1;
+        conn.sent = 0;
+        conn.received = 0;
+        conn.busy = true;
+        conn.started = Instant::now();
+        self.push(conn_id, conn)
+    }
+}
+
+/// One slice of closed-loop traffic on `target`; returns the requests completed.
+fn run_slice(
+    load: &mut Load,
+    epoll: &Epoll,
+    base: usize,
+    target: &mut Target,
+    slice: Duration,
+) -> io::Result<u64> {
+    let deadline = Instant::now() + slice;
+    let mut requests = 0u64;
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    for (i, conn) in target.conns.iter_mut().enumerate() {
+        load.start(base + i, conn)?;
+        update_interest(epoll, base + i, conn)?;
+    }
+    let mut busy = target.conns.len();
+    let stall_limit = Instant::now() + slice + Duration::from_secs(30);
+    while busy > 0 {
+        let n = epoll.wait(&mut events, 100)?;
+        if n == 0 && Instant::now() > stall_limit {
+            return Err(io::Error::other(format!(
+                "{}: no echo for 30 s",
+                target.name
+            )));
+        }
+        for ev in &events[..n] {
+            let id = ev.u64 as usize;
+            let Some(conn) = target.conns.get_mut(id - base) else {
+                continue;
+            };
+            if !conn.busy {
+                continue;
+            }
+            if conn.want_write {
+                load.push(id, conn)?;
+            }
+            if load.pull(id, conn)? {
+                requests += 1;
+                let us = conn.started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                target.latencies_us.push(us);
+                conn.busy = false;
+                if Instant::now() < deadline {
+                    load.start(id, conn)?;
+                } else {
+                    busy -= 1;
+                }
+            }
+            update_interest(epoll, id, conn)?;
+        }
+    }
+    Ok(requests)
+}
+
+fn update_interest(epoll: &Epoll, id: usize, conn: &Conn) -> io::Result<()> {
+    let mut events = libc::EPOLLIN as u32;
+    if conn.want_write && conn.busy {
+        events |= libc::EPOLLOUT as u32;
+    }
+    epoll.ctl(
+        libc::EPOLL_CTL_MOD,
+        conn.stream.as_raw_fd(),
+        events,
+        id as u64,
+    )
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn run(args: &[String]) -> io::Result<()> {
+    let mut size = 1024usize;
+    let mut conns = 10usize;
+    let mut slice_ms = 100u64;
+    let mut cycles = 20usize;
+    let mut specs = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| io::Error::other(format!("{arg} needs a value")))
+        };
+        match arg.as_str() {
+            "--size" => size = value()?.parse().map_err(io::Error::other)?,
+            "--conns" => conns = value()?.parse().map_err(io::Error::other)?,
+            "--slice-ms" => slice_ms = value()?.parse().map_err(io::Error::other)?,
+            "--cycles" => cycles = value()?.parse().map_err(io::Error::other)?,
+            "--target" => specs.push(value()?),
+            other => return Err(io::Error::other(format!("unknown argument {other}"))),
+        }
+    }
+    if specs.is_empty() {
+        return Err(io::Error::other("no --target NAME,PID,PORT given"));
+    }
+    let epoll = Epoll::new()?;
+    let mut targets = Vec::new();
+    let mut next_id = 0usize;
+    for spec in &specs {
+        let parts: Vec<&str> = spec.split(',').collect();
+        let [name, pid, port] = parts[..] else {
+            return Err(io::Error::other(format!("bad target {spec}")));
+        };
+        let pid: i32 = pid.parse().map_err(io::Error::other)?;
+        let port: u16 = port.parse().map_err(io::Error::other)?;
+        let mut list = Vec::new();
+        for _ in 0..conns {
+            let stream = TcpStream::connect(("127.0.0.1", port))?;
+            stream.set_nodelay(true)?;
+            stream.set_nonblocking(true)?;
+            epoll.ctl(
+                libc::EPOLL_CTL_ADD,
+                stream.as_raw_fd(),
+                libc::EPOLLIN as u32,
+                next_id as u64,
+            )?;
+            next_id += 1;
+            list.push(Conn {
+                stream,
+                seq: 0,
+                sent: 0,
+                received: 0,
+                started: Instant::now(),
+                busy: false,
+                want_write: false,
+            });
+        }
+        targets.push(Target {
+            name: name.to_string(),
+            pid,
+            conns: list,
+            slices: Vec::new(),
+            latencies_us: Vec::new(),
+        });
+    }
+    let mut load = Load {
+        size,
+        buf: vec![0; 256 * 1024],
+        out: vec![0; 64 * 1024],
+    };
+    let slice = Duration::from_millis(slice_ms);
+    // Warm-up: one short slice each while all run, then all stopped.
+    let mut bases = Vec::new();
+    let mut base = 0;
+    for t in &targets {
+        bases.push(base);
+        base += t.conns.len();
+    }
+    for (t, b) in targets.iter_mut().zip(&bases) {
+        run_slice(&mut load, &epoll, *b, t, Duration::from_millis(20))?;
+        t.latencies_us.clear();
+        signal(t.pid, libc::SIGSTOP)?;
+    }
+    let mut order: VecDeque<usize> = (0..targets.len()).collect();
+    for cycle in 0..cycles {
+        for &i in &order {
+            let t = &mut targets[i];
+            signal(t.pid, libc::SIGCONT)?;
+            let cpu0 = cpu_seconds(t.pid)?;
+            let t0 = Instant::now();
+            let requests = run_slice(&mut load, &epoll, bases[i], t, slice)?;
+            let wall = t0.elapsed().as_secs_f64();
+            let cpu = cpu_seconds(t.pid)? - cpu0;
+            signal(t.pid, libc::SIGSTOP)?;
+            t.slices.push((requests, wall, cpu));
+        }
+        order.rotate_left(1);
+        eprint!("\r  cycle {}/{cycles}", cycle + 1);
+    }
+    eprint!("\r{:30}\r", "");
+    for t in &targets {
+        signal(t.pid, libc::SIGCONT)?;
+    }
+    let mut json = String::from("{\"targets\": [");
+    for (k, t) in targets.iter_mut().enumerate() {
+        t.latencies_us.sort_unstable();
+        if k > 0 {
+            json.push_str(", ");
+        }
+        let slices: Vec<String> = t
+            .slices
+            .iter()
+            .map(|(r, w, c)| format!("[{r}, {w:.6}, {c:.6}]"))
+            .collect();
+        let _ = write!(
+            json,
+            "{{\"name\": \"{}\", \"slices\": [{}], \"p50_us\": {}, \"p99_us\": {}}}",
+            t.name,
+            slices.join(", "),
+            percentile(&t.latencies_us, 0.5),
+            percentile(&t.latencies_us, 0.99)
+        );
+    }
+    json.push_str("]}");
+    println!("{json}");
+    Ok(())
+}
+
+/// The ceiling: an epoll echo server with no language runtime on the path.
+fn serve(args: &[String]) -> io::Result<()> {
+    let port: u16 = match args {
+        [flag, p] if flag == "--port" => p.parse().map_err(io::Error::other)?,
+        _ => 0,
+    };
+    let listener = TcpListener::bind(("127.0.0.1", port))?;
+    listener.set_nonblocking(true)?;
+    println!("{}", listener.local_addr()?.port());
+    io::stdout().flush()?;
+    let epoll = Epoll::new()?;
+    const LISTENER: u64 = u64::MAX;
+    epoll.ctl(
+        libc::EPOLL_CTL_ADD,
+        listener.as_raw_fd(),
+        libc::EPOLLIN as u32,
+        LISTENER,
+    )?;
+    let mut conns: Vec<Option<(TcpStream, Vec<u8>)>> = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    loop {
+        let n = epoll.wait(&mut events, -1)?;
+        for ev in &events[..n] {
+            if ev.u64 == LISTENER {
+                while let Ok((stream, _)) = listener.accept() {
+                    stream.set_nonblocking(true)?;
+                    stream.set_nodelay(true)?;
+                    let id = conns
+                        .iter()
+                        .position(Option::is_none)
+                        .unwrap_or(conns.len());
+                    epoll.ctl(
+                        libc::EPOLL_CTL_ADD,
+                        stream.as_raw_fd(),
+                        libc::EPOLLIN as u32,
+                        id as u64,
+                    )?;
+                    if id == conns.len() {
+                        conns.push(Some((stream, Vec::new())));
+                    } else {
+                        conns[id] = Some((stream, Vec::new()));
+                    }
+                }
+                continue;
+            }
+            let id = ev.u64 as usize;
+            let Some(Some((stream, pending))) = conns.get_mut(id) else {
+                continue;
+            };
+            let mut closed = false;
+            if pending.is_empty() {
+                match stream.read(&mut buf) {
+                    Ok(0) => closed = true,
+                    Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => closed = true,
+                }
+            }
+            while !closed && !pending.is_empty() {
+                match stream.write(pending) {
+                    Ok(n) => {
+                        pending.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => closed = true,
+                }
+            }
+            if closed {
+                conns[id] = None;
+                continue;
+            }
+            let interest = if pending.is_empty() {
+                libc::EPOLLIN
+            } else {
+                libc::EPOLLOUT
+            };
+            epoll.ctl(
+                libc::EPOLL_CTL_MOD,
+                stream.as_raw_fd(),
+                interest as u32,
+                id as u64,
+            )?;
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let outcome = match args.first().map(String::as_str) {
+        Some("run") => run(&args[1..]),
+        Some("serve") => serve(&args[1..]),
+        _ => Err(io::Error::other(
+            "usage: loadgen run --target NAME,PID,PORT ... | loadgen serve [--port P]",
+        )),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("loadgen: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
