@@ -228,3 +228,39 @@ def test_create_connection_refused_and_local_addr(loop):
         await server.wait_closed()
 
     loop.run_until_complete(main())
+
+
+def test_create_connection_all_errors_reports_every_address(loop):
+    if loop_supports_all_errors(loop) is False:
+        pytest.skip("this Python's asyncio has no create_connection(all_errors=) (3.12+)")
+
+    async def main():
+        ports = []
+        for _ in range(2):
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+            probe.close()
+        infos = [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p)) for p in ports
+        ]
+
+        async def fake_getaddrinfo(*args, **kwargs):
+            return infos
+
+        loop.getaddrinfo = fake_getaddrinfo
+        with pytest.raises(ExceptionGroup) as info:  # noqa: F821
+            await loop.create_connection(asyncio.Protocol, "example.test", 1, all_errors=True)
+        assert len(info.value.exceptions) == 2
+        assert all(isinstance(e, ConnectionRefusedError) for e in info.value.exceptions)
+        with pytest.raises(OSError) as info:
+            await loop.create_connection(asyncio.Protocol, "example.test", 1)
+        assert not isinstance(info.value, ExceptionGroup)  # noqa: F821
+
+    loop.run_until_complete(main())
+
+
+def loop_supports_all_errors(loop) -> bool:
+    import inspect
+
+    return "all_errors" in inspect.signature(loop.create_connection).parameters

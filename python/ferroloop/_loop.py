@@ -10,8 +10,10 @@ running-loop bookkeeping, signals, non-blocking name resolution and the `sock_*`
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import functools
+import inspect
 import io
 import os
 import signal
@@ -42,6 +44,16 @@ except ImportError:  # pragma: no cover - Python built without ssl
     ssl = None
 
 __all__ = ["Loop"]
+
+
+# 3.12 added create_connection(all_errors=...); on older Pythons ferroloop provides it.
+_BASE_HAS_ALL_ERRORS = "all_errors" in inspect.signature(
+    base_events.BaseEventLoop.create_connection
+).parameters
+# The per-address failures of the create_connection running in this context.
+_connect_failures: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "ferroloop_connect_failures", default=None
+)
 
 
 def _sighandler_noop(signum, frame):
@@ -400,6 +412,41 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         )
         self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
+
+    # -- connections -----------------------------------------------------------
+
+    async def create_connection(
+        self, protocol_factory, host=None, port=None, *, all_errors=False, **kwargs
+    ):
+        if _BASE_HAS_ALL_ERRORS:
+            return await super().create_connection(
+                protocol_factory, host, port, all_errors=all_errors, **kwargs
+            )
+        if not all_errors or sys.version_info < (3, 11):  # no ExceptionGroup before 3.11
+            return await super().create_connection(protocol_factory, host, port, **kwargs)
+        failures: list[list[BaseException]] = []
+        token = _connect_failures.set(failures)
+        try:
+            return await super().create_connection(protocol_factory, host, port, **kwargs)
+        except OSError as exc:
+            flat = [e for per_address in failures for e in per_address]
+            if flat and (exc in flat or str(exc).startswith("Multiple exceptions: ")):
+                raise ExceptionGroup("create_connection failed", flat) from None  # noqa: F821
+            raise
+        finally:
+            _connect_failures.reset(token)
+
+    async def _connect_sock(self, exceptions, addr_info, local_addr_infos=None):
+        failures = _connect_failures.get()
+        if failures is not None:
+            # The base class appends this attempt's error list to `exceptions` first
+            # thing; keep a reference for all_errors.
+            count = len(exceptions)
+            try:
+                return await super()._connect_sock(exceptions, addr_info, local_addr_infos)
+            finally:
+                failures.extend(exceptions[count:])
+        return await super()._connect_sock(exceptions, addr_info, local_addr_infos)
 
     # -- servers ---------------------------------------------------------------
 
