@@ -605,7 +605,7 @@ impl StreamTransport {
 
     fn queue(slf: &Bound<'_, StreamTransport>, chunks: Vec<Bound<'_, PyBytes>>) -> PyResult<()> {
         let py = slf.py();
-        let to_flush = {
+        let pending = {
             let mut st = slf.get().state.borrow_mut(py)?;
             if st.eof {
                 return Err(PyRuntimeError::new_err(
@@ -635,19 +635,34 @@ impl StreamTransport {
                 }
             }
             st.buffer_size += total;
-            let queue = !st.flush_queued && !st.write_waiting;
-            st.flush_queued |= queue;
-            if queue {
-                st.loop_.as_ref().map(|l| l.clone_ref(py))
+            if st.buffer_size > st.high_water && !st.write_waiting {
+                // Past the high-water mark: send now, as asyncio would have, so that the
+                // protocol is paused only for what the socket cannot take.
+                Pending::SendNow
+            } else if !st.flush_queued && !st.write_waiting {
+                st.flush_queued = true;
+                match &st.loop_ {
+                    Some(l) => Pending::Queue(l.clone_ref(py)),
+                    None => Pending::Nothing,
+                }
             } else {
-                None
+                Pending::Nothing
             }
         };
-        if let Some(loop_) = to_flush {
-            loop_.get().queue_flush(py, slf.clone().unbind())?;
+        match pending {
+            Pending::SendNow => StreamTransport::flush(slf)?,
+            Pending::Queue(loop_) => loop_.get().queue_flush(py, slf.clone().unbind())?,
+            Pending::Nothing => {}
         }
         StreamTransport::maybe_pause_protocol(slf)
     }
+}
+
+/// What a `write` leaves to do once the data is queued.
+enum Pending {
+    SendNow,
+    Queue(Py<LoopCore>),
+    Nothing,
 }
 
 /// `recv_into` a writable buffer object, as `socket.recv_into` would.

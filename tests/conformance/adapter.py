@@ -31,7 +31,14 @@ MIXIN_MODULES = {
     "test_sendfile": "EPollEventLoopTests",
     "test_buffered_proto": "BufferedProtocolSelectorTests",
     "test_server": "SelectorStartServerTests",
+    "test_sslproto": "SelectorStartTLSTests",
     "test_subprocess": "SubprocessThreadedWatcherTests",
+}
+
+
+# Other test classes of a mixin module that reach the loop through the policy.
+ALSO_LOAD = {
+    "test_sslproto": ["SslProtoHandshakeTests"],
 }
 
 
@@ -62,7 +69,10 @@ def load(module_name: str) -> unittest.TestSuite:
     module = __import__(f"test.test_asyncio.{module_name}", fromlist=["*"])
     loader = unittest.TestLoader()
     if module_name in MIXIN_MODULES:
-        return loader.loadTestsFromTestCase(_ferroloop_class(module, MIXIN_MODULES[module_name]))
+        suite = loader.loadTestsFromTestCase(_ferroloop_class(module, MIXIN_MODULES[module_name]))
+        for name in ALSO_LOAD.get(module_name, []):
+            suite.addTests(loader.loadTestsFromTestCase(getattr(module, name)))
+        return suite
     return loader.loadTestsFromModule(module)
 
 
