@@ -34,6 +34,7 @@ MODULES = [
     "test_sendfile",
     "test_buffered_proto",
     "test_sslproto",
+    "test_subprocess",
 ]
 
 
