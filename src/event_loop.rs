@@ -18,6 +18,7 @@ use crate::gil_cell::GilCell;
 use crate::handles::{Handle, TimerHandle};
 use crate::poller::{self, Poller, Registry, Token, READABLE, WAKER_TOKEN, WRITABLE};
 use crate::timers::Timers;
+use crate::transports::datagram::DatagramTransport;
 use crate::transports::stream::StreamTransport;
 
 /// asyncio caps one poll at a day (`MAXIMUM_SELECT_TIMEOUT`).
@@ -25,19 +26,54 @@ const MAX_POLL_TIMEOUT_S: f64 = 24.0 * 3600.0;
 const INITIAL_EVENTS: usize = 256;
 const MAX_EVENTS: usize = 64 * 1024;
 
+/// A transport implemented in Rust, which handles its fd's readiness itself.
+pub(crate) enum NativeTransport {
+    Stream(Py<StreamTransport>),
+    Datagram(Py<DatagramTransport>),
+}
+
+impl NativeTransport {
+    fn clone_ref(&self, py: Python<'_>) -> NativeTransport {
+        match self {
+            NativeTransport::Stream(t) => NativeTransport::Stream(t.clone_ref(py)),
+            NativeTransport::Datagram(t) => NativeTransport::Datagram(t.clone_ref(py)),
+        }
+    }
+
+    fn on_ready(&self, py: Python<'_>, events: u32) -> PyResult<()> {
+        match self {
+            NativeTransport::Stream(t) => StreamTransport::on_ready(t.bind(py), events),
+            NativeTransport::Datagram(t) => DatagramTransport::on_ready(t.bind(py), events),
+        }
+    }
+
+    fn as_any<'py>(&self, py: Python<'py>) -> &Bound<'py, PyAny> {
+        match self {
+            NativeTransport::Stream(t) => t.bind(py).as_any(),
+            NativeTransport::Datagram(t) => t.bind(py).as_any(),
+        }
+    }
+
+    fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        match self {
+            NativeTransport::Stream(t) => visit.call(t),
+            NativeTransport::Datagram(t) => visit.call(t),
+        }
+    }
+}
+
 /// Who handles the events of a registered fd.
 pub(crate) enum FdOwner {
     /// `add_reader`/`add_writer` callbacks.
     Callbacks(FdCallbacks),
-    /// A native transport, which handles its readiness itself.
-    Stream(Py<StreamTransport>),
+    Transport(NativeTransport),
 }
 
 /// An entry of the ready queue: a handle, or a transport's readiness, which runs in
 /// the queue's order as asyncio's reader/writer handles would.
 pub(crate) enum Ready {
     Handle(Py<Handle>),
-    Stream(Py<StreamTransport>, u32),
+    Io(NativeTransport, u32),
 }
 
 /// The `add_reader`/`add_writer` callbacks of one fd.
@@ -333,9 +369,9 @@ impl LoopCore {
                 };
                 let cbs = match owner {
                     FdOwner::Callbacks(cbs) => cbs,
-                    FdOwner::Stream(transport) => {
+                    FdOwner::Transport(transport) => {
                         let transport = transport.clone_ref(py);
-                        return Err(fd_in_use(fd, transport.bind(py)));
+                        return Err(fd_in_use(fd, transport.as_any(py)));
                     }
                 };
                 let adding = handle.is_some();
@@ -432,9 +468,9 @@ impl LoopCore {
             };
             let cbs = match owner {
                 FdOwner::Callbacks(cbs) => cbs,
-                FdOwner::Stream(transport) => {
+                FdOwner::Transport(transport) => {
                     let transport = transport.clone_ref(py);
-                    st.ready.push_back(Ready::Stream(transport, event.events));
+                    st.ready.push_back(Ready::Io(transport, event.events));
                     continue;
                 }
             };
@@ -574,9 +610,7 @@ impl LoopCore {
                         Handle::run(&handle)?;
                     }
                 }
-                Ready::Stream(transport, events) => {
-                    StreamTransport::on_ready(transport.bind(py), events)?;
-                }
+                Ready::Io(transport, events) => transport.on_ready(py, events)?,
             }
         }
         core.flush_transports(py)
@@ -804,7 +838,7 @@ impl LoopCore {
             .iter()
             .filter_map(|item| match item {
                 Ready::Handle(h) => Some(h.clone_ref(py)),
-                Ready::Stream(..) => None,
+                Ready::Io(..) => None,
             })
             .collect())
     }
@@ -939,7 +973,7 @@ impl LoopCore {
             for item in &st.ready {
                 match item {
                     Ready::Handle(h) => visit.call(h)?,
-                    Ready::Stream(t, _) => visit.call(t)?,
+                    Ready::Io(t, _) => t.visit(&visit)?,
                 }
             }
             for t in &st.flush {
@@ -955,7 +989,7 @@ impl LoopCore {
                             visit.call(h)?;
                         }
                     }
-                    FdOwner::Stream(t) => visit.call(t)?,
+                    FdOwner::Transport(t) => t.visit(&visit)?,
                 }
             }
         }
@@ -1002,11 +1036,11 @@ impl LoopCore {
     /// Claims `fd` for a transport. Callbacks added with `add_reader`/`add_writer` on it
     /// are cancelled (the transport takes over the fd, as asyncio's would); an fd already
     /// owned by another live transport is an error.
-    pub(crate) fn register_stream(
+    pub(crate) fn register_transport(
         &self,
         py: Python<'_>,
         fd: RawFd,
-        transport: Py<StreamTransport>,
+        transport: NativeTransport,
     ) -> PyResult<Token> {
         let replaced = {
             let mut st = self.state.borrow_mut(py)?;
@@ -1016,16 +1050,16 @@ impl LoopCore {
             };
             let replaced = match st.fds.token_of(fd) {
                 Some(token) => match st.fds.get_mut(token) {
-                    Some((FdOwner::Stream(other), _)) => {
+                    Some((FdOwner::Transport(other), _)) => {
                         let other = other.clone_ref(py);
-                        return Err(fd_in_use(fd, other.bind(py)));
+                        return Err(fd_in_use(fd, other.as_any(py)));
                     }
                     _ => poller.deregister(&mut st.fds, token),
                 },
                 None => None,
             };
             let token = poller
-                .register(&mut st.fds, fd, 0, FdOwner::Stream(transport))
+                .register(&mut st.fds, fd, 0, FdOwner::Transport(transport))
                 .map_err(os_error)?;
             (token, replaced)
         };
@@ -1037,7 +1071,7 @@ impl LoopCore {
         Ok(replaced.0)
     }
 
-    pub(crate) fn set_stream_interest(
+    pub(crate) fn set_transport_interest(
         &self,
         py: Python<'_>,
         token: Token,
@@ -1053,7 +1087,7 @@ impl LoopCore {
         }
     }
 
-    pub(crate) fn deregister_stream(&self, py: Python<'_>, token: Token) -> PyResult<()> {
+    pub(crate) fn deregister_transport(&self, py: Python<'_>, token: Token) -> PyResult<()> {
         let released = {
             let mut st = self.state.borrow_mut(py)?;
             let st = &mut *st;
@@ -1097,7 +1131,7 @@ impl LoopCore {
     }
 }
 
-fn fd_in_use(fd: RawFd, transport: &Bound<'_, StreamTransport>) -> PyErr {
+fn fd_in_use(fd: RawFd, transport: &Bound<'_, PyAny>) -> PyErr {
     let repr = transport.repr().map(|r| r.to_string()).unwrap_or_default();
     PyRuntimeError::new_err(format!("File descriptor {fd} is used by transport {repr}"))
 }

@@ -37,7 +37,7 @@ from operator import methodcaller
 
 from ._ferroloop import Handle, LoopCore
 from ._server import Server
-from ._transports import SocketTransport, socket_extra
+from ._transports import DatagramTransport, SocketTransport, socket_extra
 
 try:
     import ssl
@@ -419,6 +419,15 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         )
         self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
+
+    def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
+        transport = DatagramTransport(self, sock, protocol, socket_extra(sock, extra), address)
+        transport._register()
+        self.call_soon(protocol.connection_made, transport)
+        self.call_soon(transport._start_reading)
+        if waiter is not None:
+            self.call_soon(futures._set_result_unless_cancelled, waiter, None)
+        return transport
 
     # -- connections -----------------------------------------------------------
 

@@ -15,9 +15,10 @@ import asyncio
 import socket
 from asyncio import constants, transports, trsock
 
+from ._ferroloop import DatagramTransport as _DatagramCore
 from ._ferroloop import StreamTransport
 
-__all__ = ["SocketTransport", "socket_extra"]
+__all__ = ["DatagramTransport", "SocketTransport", "socket_extra"]
 
 
 class _SocketTransportInterface(transports._FlowControlMixin, asyncio.Transport):
@@ -40,6 +41,24 @@ class SocketTransport(StreamTransport):
     @property
     def __class__(self):
         return _SocketTransportInterface
+
+
+class _DatagramTransportInterface(transports._FlowControlMixin, asyncio.DatagramTransport):
+    """What `DatagramTransport` instances report as their `__class__`."""
+
+    __slots__ = ()
+
+
+_DatagramTransportInterface.__name__ = "DatagramTransport"
+_DatagramTransportInterface.__qualname__ = "DatagramTransport"
+
+
+class DatagramTransport(_DatagramCore):
+    """A UDP or Unix datagram endpoint; reads and buffering are in Rust."""
+
+    @property
+    def __class__(self):
+        return _DatagramTransportInterface
 
 
 def socket_extra(sock: socket.socket, extra: dict | None) -> dict:

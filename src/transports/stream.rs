@@ -11,9 +11,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 
-use pyo3::exceptions::{
-    PyKeyboardInterrupt, PyOSError, PyRuntimeError, PySystemExit, PyTypeError, PyValueError,
-};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -21,19 +19,20 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::os_error;
-use crate::event_loop::LoopCore;
+use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
 use crate::handles::copy_context;
 use crate::poller::{self, Token, READABLE, WRITABLE};
+use crate::transports::{
+    asyncio_logger, in_context, is_fatal_to_loop, write_limits, CONNLOST_LOG_THRESHOLD,
+    DEFAULT_HIGH_WATER,
+};
 
 /// Bytes read per readiness event: asyncio's `max_size`. One read per event keeps one
 /// fast peer from starving the others.
 const MAX_READ: usize = 256 * 1024;
 /// Buffers handed to one `sendmsg`.
 const MAX_IOV: usize = 64;
-/// asyncio's `constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES`.
-const CONNLOST_LOG_THRESHOLD: u32 = 5;
-const DEFAULT_HIGH_WATER: usize = 64 * 1024;
 
 thread_local! {
     /// The buffer every `Protocol` read lands in before it is copied into the `bytes`
@@ -42,15 +41,6 @@ thread_local! {
 }
 
 static BUFFERED_PROTOCOL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-
-fn asyncio_logger(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
-    LOGGER
-        .get_or_try_init(py, || {
-            Ok::<_, PyErr>(py.import("asyncio.log")?.getattr("logger")?.unbind())
-        })
-        .map(|l| l.bind(py))
-}
 
 /// How the protocol takes data, looked up once per `set_protocol`.
 enum ReadPath {
@@ -138,7 +128,7 @@ impl StreamState {
             return Ok(());
         }
         if let (Some(token), Some(loop_)) = (self.token, &self.loop_) {
-            loop_.get().set_stream_interest(py, token, wanted)?;
+            loop_.get().set_transport_interest(py, token, wanted)?;
         }
         self.interest = wanted;
         Ok(())
@@ -154,32 +144,6 @@ impl StreamState {
 #[pyclass(module = "ferroloop._ferroloop", subclass, frozen, weakref)]
 pub struct StreamTransport {
     state: GilCell<StreamState>,
-}
-
-fn is_fatal_to_loop(py: Python<'_>, err: &PyErr) -> bool {
-    err.is_instance_of::<PySystemExit>(py) || err.is_instance_of::<PyKeyboardInterrupt>(py)
-}
-
-/// Runs `f` with `context` entered, as the reader handle of asyncio would.
-fn in_context<R>(
-    py: Python<'_>,
-    context: Option<&Py<PyAny>>,
-    f: impl FnOnce() -> PyResult<R>,
-) -> PyResult<R> {
-    let Some(context) = context else {
-        return f();
-    };
-    // SAFETY: `context` is a live contextvars.Context made by copy_context; with the GIL
-    // held PyContext_Enter either enters it or sets an error and returns -1.
-    if unsafe { ffi::PyContext_Enter(context.as_ptr()) } < 0 {
-        return Err(PyErr::fetch(py));
-    }
-    let outcome = f();
-    // SAFETY: exits the context entered above, on the same thread, with the GIL held.
-    if unsafe { ffi::PyContext_Exit(context.as_ptr()) } < 0 {
-        return Err(PyErr::fetch(py));
-    }
-    outcome
 }
 
 fn errno_is_retry(err: &io::Error) -> bool {
@@ -814,7 +778,11 @@ impl StreamTransport {
         let Some(loop_) = loop_ else {
             return Ok(());
         };
-        let token = loop_.get().register_stream(py, fd, slf.clone().unbind())?;
+        let token = loop_.get().register_transport(
+            py,
+            fd,
+            NativeTransport::Stream(slf.clone().unbind()),
+        )?;
         let mut st = slf.get().state.borrow_mut(py)?;
         st.token = Some(token);
         st.interest = 0;
@@ -825,7 +793,7 @@ impl StreamTransport {
     fn _unregister(&self, py: Python<'_>) -> PyResult<()> {
         let mut st = self.state.borrow_mut(py)?;
         if let (Some(token), Some(loop_)) = (st.token.take(), &st.loop_) {
-            loop_.get().deregister_stream(py, token)?;
+            loop_.get().deregister_transport(py, token)?;
         }
         st.interest = 0;
         Ok(())
@@ -956,29 +924,11 @@ impl StreamTransport {
         low: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let py = slf.py();
-        let high = high.filter(|h| !h.is_none());
-        let low = low.filter(|l| !l.is_none());
-        let as_limit = |v: &Bound<'_, PyAny>| -> PyResult<i64> { v.extract::<i64>() };
-        let high_v = match high {
-            Some(h) => as_limit(h)?,
-            None => match low {
-                Some(l) => 4 * as_limit(l)?,
-                None => DEFAULT_HIGH_WATER as i64,
-            },
-        };
-        let low_v = match low {
-            Some(l) => as_limit(l)?,
-            None => high_v / 4,
-        };
-        if !(high_v >= low_v && low_v >= 0) {
-            return Err(PyValueError::new_err(format!(
-                "high ({high_v}) must be >= low ({low_v}) must be >= 0"
-            )));
-        }
+        let (high_v, low_v) = write_limits(high, low)?;
         {
             let mut st = slf.get().state.borrow_mut(py)?;
-            st.high_water = high_v as usize;
-            st.low_water = low_v as usize;
+            st.high_water = high_v;
+            st.low_water = low_v;
         }
         StreamTransport::maybe_pause_protocol(slf)
     }
@@ -1067,7 +1017,7 @@ impl StreamTransport {
         drop(released);
         // The registration goes first: the fd number may be reused as soon as it closes.
         if let (Some(loop_), Some(token)) = (&loop_, token) {
-            loop_.get().deregister_stream(py, token)?;
+            loop_.get().deregister_transport(py, token)?;
         }
         if let Some(sock) = sock {
             sock.bind(py).call_method0("close")?;

@@ -9,7 +9,6 @@ Keys are "Class.test_method" or a bare "test_method" (any class).
 
 from __future__ import annotations
 
-UDP = "waits for the datagram transport"
 INTERNALS = "checks asyncio's private internals, not behaviour"
 
 COMMON: dict[str, tuple[str, str]] = {
@@ -21,14 +20,6 @@ COMMON: dict[str, tuple[str, str]] = {
 }
 
 MODULES: dict[str, dict[str, tuple[str, str]]] = {
-    "test_events": {
-        "test_create_datagram_endpoint": ("xfail", UDP),
-        "test_create_datagram_endpoint_ipv6": ("xfail", UDP),
-        "test_create_datagram_endpoint_sock": ("xfail", UDP),
-    },
-    "test_sendfile": {
-        "test_sendfile_not_supported": ("xfail", UDP),
-    },
 }
 
 

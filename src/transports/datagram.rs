@@ -1,0 +1,911 @@
+//! The datagram transport of UDP and Unix datagram sockets, with asyncio's surface.
+//!
+//! Receiving: one `recvfrom` per readiness event; IPv4 and IPv6 datagrams are read in
+//! Rust (address tuples built as the socket module builds them), other families through
+//! the socket's own `recvfrom`. Sending: `sendto` goes out at once when it can (through
+//! the socket object, which parses every address form Python accepts) and is buffered
+//! on `EAGAIN`, with write interest registered until the buffer drains.
+//!
+//! Ownership as for streams: the socket object owns the fd; the transport deregisters
+//! the fd before closing the socket, once.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+
+use pyo3::exceptions::{PyOSError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
+
+use crate::errors::os_error;
+use crate::event_loop::{LoopCore, NativeTransport};
+use crate::gil_cell::GilCell;
+use crate::handles::copy_context;
+use crate::poller::{self, Token, READABLE, WRITABLE};
+use crate::transports::{
+    asyncio_logger, in_context, is_fatal_to_loop, write_limits, CONNLOST_LOG_THRESHOLD,
+    DEFAULT_HIGH_WATER,
+};
+
+/// asyncio's `max_size` for one datagram read.
+const MAX_DATAGRAM: usize = 256 * 1024;
+
+extern "C" {
+    // The C library's address formatter, which the socket module uses too: addresses
+    // print exactly as Python prints them. (Not exported by the libc crate.)
+    fn inet_ntop(
+        af: libc::c_int,
+        src: *const libc::c_void,
+        dst: *mut libc::c_char,
+        size: libc::socklen_t,
+    ) -> *const libc::c_char;
+}
+
+thread_local! {
+    static DATAGRAM_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
+}
+
+struct DatagramState {
+    loop_: Option<Py<LoopCore>>,
+    sock: Option<Py<PyAny>>,
+    fd: RawFd,
+    family: i32,
+    token: Option<Token>,
+    protocol: Option<Py<PyAny>>,
+    context: Option<Py<PyAny>>,
+    extra: Py<PyDict>,
+    /// The remote address of a connected endpoint.
+    address: Option<Py<PyAny>>,
+    connected: bool,
+    buffer: VecDeque<(Py<PyBytes>, Py<PyAny>)>,
+    buffer_size: usize,
+    high_water: usize,
+    low_water: usize,
+    protocol_paused: bool,
+    started: bool,
+    paused: bool,
+    closing: bool,
+    conn_lost: u32,
+    write_waiting: bool,
+    interest: u32,
+}
+
+impl DatagramState {
+    fn sync_interest(&mut self, py: Python<'_>) -> PyResult<()> {
+        let mut wanted = 0;
+        if self.started && !self.paused && !self.closing {
+            wanted |= READABLE;
+        }
+        if self.write_waiting {
+            wanted |= WRITABLE;
+        }
+        if wanted == self.interest {
+            return Ok(());
+        }
+        if let (Some(token), Some(loop_)) = (self.token, &self.loop_) {
+            loop_.get().set_transport_interest(py, token, wanted)?;
+        }
+        self.interest = wanted;
+        Ok(())
+    }
+}
+
+/// A UDP or Unix datagram endpoint. `ferroloop._transports.DatagramTransport`
+/// subclasses it to present itself as an `asyncio.DatagramTransport`.
+#[pyclass(module = "ferroloop._ferroloop", subclass, frozen, weakref)]
+pub struct DatagramTransport {
+    state: GilCell<DatagramState>,
+}
+
+/// `(host, port)` or `(host, port, flowinfo, scope_id)` from a kernel address, as the
+/// socket module builds them; `None` for other families.
+fn inet_address<'py>(
+    py: Python<'py>,
+    addr: &libc::sockaddr_storage,
+) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    let mut text = [0 as libc::c_char; 64];
+    match i32::from(addr.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in (family AF_INET) into the storage,
+            // which is large and aligned enough for every address type.
+            let sin = unsafe { &*(addr as *const _ as *const libc::sockaddr_in) };
+            // SAFETY: `text` has room for any IPv4 text form; inet_ntop NUL-terminates.
+            let host = unsafe {
+                inet_ntop(
+                    libc::AF_INET,
+                    (&sin.sin_addr as *const libc::in_addr).cast(),
+                    text.as_mut_ptr(),
+                    text.len() as libc::socklen_t,
+                )
+            };
+            if host.is_null() {
+                return Err(os_error(io::Error::last_os_error()));
+            }
+            // SAFETY: inet_ntop succeeded, so `text` holds a NUL-terminated string.
+            let host = unsafe { std::ffi::CStr::from_ptr(text.as_ptr()) }.to_string_lossy();
+            let port = u16::from_be(sin.sin_port);
+            Ok(Some(PyTuple::new(
+                py,
+                [
+                    host.into_pyobject(py)?.into_any(),
+                    port.into_pyobject(py)?.into_any(),
+                ],
+            )?))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for a sockaddr_in6.
+            let sin6 = unsafe { &*(addr as *const _ as *const libc::sockaddr_in6) };
+            // SAFETY: `text` (64 bytes) exceeds INET6_ADDRSTRLEN (46).
+            let host = unsafe {
+                inet_ntop(
+                    libc::AF_INET6,
+                    (&sin6.sin6_addr as *const libc::in6_addr).cast(),
+                    text.as_mut_ptr(),
+                    text.len() as libc::socklen_t,
+                )
+            };
+            if host.is_null() {
+                return Err(os_error(io::Error::last_os_error()));
+            }
+            // SAFETY: inet_ntop succeeded, so `text` holds a NUL-terminated string.
+            let host = unsafe { std::ffi::CStr::from_ptr(text.as_ptr()) }.to_string_lossy();
+            Ok(Some(PyTuple::new(
+                py,
+                [
+                    host.into_pyobject(py)?.into_any(),
+                    u16::from_be(sin6.sin6_port).into_pyobject(py)?.into_any(),
+                    u32::from_be(sin6.sin6_flowinfo)
+                        .into_pyobject(py)?
+                        .into_any(),
+                    sin6.sin6_scope_id.into_pyobject(py)?.into_any(),
+                ],
+            )?))
+        }
+        _ => Ok(None),
+    }
+}
+
+enum Received<'py> {
+    Datagram(Bound<'py, PyAny>, Bound<'py, PyAny>),
+    WouldBlock,
+    Failed(PyErr),
+}
+
+impl DatagramTransport {
+    pub(crate) fn on_ready(slf: &Bound<'_, DatagramTransport>, events: u32) -> PyResult<()> {
+        let (readable, writable) = poller::readiness(events);
+        if readable {
+            DatagramTransport::read_ready(slf)?;
+        }
+        if writable && slf.get().state.borrow_mut(slf.py())?.write_waiting {
+            DatagramTransport::sendto_ready(slf)?;
+        }
+        Ok(())
+    }
+
+    fn receive<'py>(
+        py: Python<'py>,
+        fd: RawFd,
+        family: i32,
+        sock: &Bound<'py, PyAny>,
+    ) -> Received<'py> {
+        if family != libc::AF_INET && family != libc::AF_INET6 {
+            return match sock.call_method1("recvfrom", (MAX_DATAGRAM,)) {
+                Ok(pair) => match (pair.get_item(0), pair.get_item(1)) {
+                    (Ok(data), Ok(addr)) => Received::Datagram(data, addr),
+                    (Err(e), _) | (_, Err(e)) => Received::Failed(e),
+                },
+                Err(err) if is_retry(py, &err) => Received::WouldBlock,
+                Err(err) => Received::Failed(err),
+            };
+        }
+        DATAGRAM_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            // SAFETY: zero is a valid sockaddr_storage.
+            let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            // SAFETY: `buf` and `addr` are writable buffers of the lengths passed.
+            let n = unsafe {
+                libc::recvfrom(
+                    fd,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&mut addr as *mut libc::sockaddr_storage).cast(),
+                    &mut len,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
+                    return Received::WouldBlock;
+                }
+                return Received::Failed(os_error(err));
+            }
+            let data = PyBytes::new(py, &buf[..n as usize]).into_any();
+            match inet_address(py, &addr) {
+                Ok(Some(a)) => Received::Datagram(data, a.into_any()),
+                Ok(None) => Received::Datagram(data, py.None().into_bound(py)),
+                Err(e) => Received::Failed(e),
+            }
+        })
+    }
+
+    fn read_ready(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
+        let py = slf.py();
+        let (fd, family, sock, protocol, context) = {
+            let st = slf.get().state.borrow_mut(py)?;
+            if st.conn_lost > 0 || st.closing || st.paused {
+                return Ok(());
+            }
+            let (Some(sock), Some(protocol)) = (&st.sock, &st.protocol) else {
+                return Ok(());
+            };
+            (
+                st.fd,
+                st.family,
+                sock.clone_ref(py),
+                protocol.clone_ref(py),
+                st.context.as_ref().map(|c| c.clone_ref(py)),
+            )
+        };
+        let protocol = protocol.bind(py);
+        match DatagramTransport::receive(py, fd, family, sock.bind(py)) {
+            Received::WouldBlock => Ok(()),
+            Received::Datagram(data, addr) => {
+                let called = in_context(py, context.as_ref(), || {
+                    protocol
+                        .call_method1("datagram_received", (data, addr))
+                        .map(|_| ())
+                });
+                DatagramTransport::callback_outcome(slf, called)
+            }
+            Received::Failed(err) if err.is_instance_of::<PyOSError>(py) => {
+                let called = in_context(py, context.as_ref(), || {
+                    protocol
+                        .call_method1("error_received", (err.value(py),))
+                        .map(|_| ())
+                });
+                DatagramTransport::callback_outcome(slf, called)
+            }
+            Received::Failed(err) => {
+                DatagramTransport::fatal_error(slf, err, "Fatal read error on datagram transport")
+            }
+        }
+    }
+
+    /// Protocol callbacks are not guarded by asyncio's datagram transport: their errors
+    /// go to the loop's exception handler like any callback's. `SystemExit` and
+    /// `KeyboardInterrupt` leave the loop.
+    fn callback_outcome(slf: &Bound<'_, DatagramTransport>, outcome: PyResult<()>) -> PyResult<()> {
+        let py = slf.py();
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(err) if is_fatal_to_loop(py, &err) => Err(err),
+            Err(err) => {
+                let loop_ = slf
+                    .get()
+                    .state
+                    .borrow_mut(py)?
+                    .loop_
+                    .as_ref()
+                    .map(|l| l.clone_ref(py));
+                if let Some(loop_) = loop_ {
+                    let context = PyDict::new(py);
+                    context.set_item("message", "Exception in datagram protocol callback")?;
+                    context.set_item("exception", err.value(py))?;
+                    context.set_item("transport", slf)?;
+                    loop_
+                        .bind(py)
+                        .call_method1("call_exception_handler", (context,))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// One send of a buffered or fresh datagram: through `send` when connected, else
+    /// `sendto` (the socket parses the address).
+    fn send_one(
+        sock: &Bound<'_, PyAny>,
+        connected: bool,
+        data: &Bound<'_, PyBytes>,
+        addr: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        if connected {
+            sock.call_method1("send", (data,))?;
+        } else {
+            sock.call_method1("sendto", (data, addr))?;
+        }
+        Ok(())
+    }
+
+    fn sendto_ready(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
+        let py = slf.py();
+        loop {
+            let (sock, connected, front) = {
+                let mut st = slf.get().state.borrow_mut(py)?;
+                let Some(sock) = st.sock.as_ref().map(|s| s.clone_ref(py)) else {
+                    return Ok(());
+                };
+                let connected = st.connected;
+                match st.buffer.pop_front() {
+                    Some(front) => {
+                        st.buffer_size -= front.0.as_bytes(py).len();
+                        (sock, connected, front)
+                    }
+                    None => break,
+                }
+            };
+            let (data, addr) = (front.0.bind(py).clone(), front.1.bind(py).clone());
+            match DatagramTransport::send_one(sock.bind(py), connected, &data, &addr) {
+                Ok(()) => {}
+                Err(err) if is_retry(py, &err) => {
+                    let mut st = slf.get().state.borrow_mut(py)?;
+                    st.buffer_size += data.as_bytes().len();
+                    st.buffer.push_front((data.unbind(), addr.unbind()));
+                    return Ok(());
+                }
+                Err(err) if err.is_instance_of::<PyOSError>(py) => {
+                    return DatagramTransport::error_received(slf, err);
+                }
+                Err(err) if is_fatal_to_loop(py, &err) => return Err(err),
+                Err(err) => {
+                    return DatagramTransport::fatal_error(
+                        slf,
+                        err,
+                        "Fatal write error on datagram transport",
+                    )
+                }
+            }
+        }
+        DatagramTransport::maybe_resume_protocol(slf)?;
+        let closing = {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            if !st.buffer.is_empty() {
+                return Ok(());
+            }
+            st.write_waiting = false;
+            st.sync_interest(py)?;
+            st.closing
+        };
+        if closing {
+            DatagramTransport::lose_connection(slf, None)?;
+        }
+        Ok(())
+    }
+
+    fn error_received(slf: &Bound<'_, DatagramTransport>, err: PyErr) -> PyResult<()> {
+        let py = slf.py();
+        let protocol = slf
+            .get()
+            .state
+            .borrow_mut(py)?
+            .protocol
+            .as_ref()
+            .map(|p| p.clone_ref(py));
+        if let Some(protocol) = protocol {
+            let called = protocol
+                .bind(py)
+                .call_method1("error_received", (err.value(py),))
+                .map(|_| ());
+            return DatagramTransport::callback_outcome(slf, called);
+        }
+        Ok(())
+    }
+
+    fn lose_connection(slf: &Bound<'_, DatagramTransport>, exc: Option<Py<PyAny>>) -> PyResult<()> {
+        let py = slf.py();
+        let loop_ = {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            if st.conn_lost > 0 {
+                return Ok(());
+            }
+            st.conn_lost += 1;
+            st.closing = true;
+            st.write_waiting = false;
+            st.sync_interest(py)?;
+            st.loop_.as_ref().map(|l| l.clone_ref(py))
+        };
+        if let Some(loop_) = loop_ {
+            let callback = slf.getattr("_call_connection_lost")?;
+            loop_
+                .bind(py)
+                .call_method1("call_soon", (callback, exc.unwrap_or_else(|| py.None())))?;
+        }
+        Ok(())
+    }
+
+    fn force_close(slf: &Bound<'_, DatagramTransport>, exc: Option<Py<PyAny>>) -> PyResult<()> {
+        {
+            let mut st = slf.get().state.borrow_mut(slf.py())?;
+            if st.conn_lost > 0 {
+                return Ok(());
+            }
+            st.buffer.clear();
+            st.buffer_size = 0;
+        }
+        DatagramTransport::lose_connection(slf, exc)
+    }
+
+    fn fatal_error(slf: &Bound<'_, DatagramTransport>, err: PyErr, message: &str) -> PyResult<()> {
+        let py = slf.py();
+        let (loop_, protocol) = {
+            let st = slf.get().state.borrow_mut(py)?;
+            (
+                st.loop_.as_ref().map(|l| l.clone_ref(py)),
+                st.protocol.as_ref().map(|p| p.clone_ref(py)),
+            )
+        };
+        let exc = err.value(py).clone().into_any();
+        if let Some(loop_) = &loop_ {
+            if !err.is_instance_of::<PyOSError>(py) {
+                let context = PyDict::new(py);
+                context.set_item("message", message)?;
+                context.set_item("exception", &exc)?;
+                context.set_item("transport", slf)?;
+                context.set_item("protocol", protocol)?;
+                loop_
+                    .bind(py)
+                    .call_method1("call_exception_handler", (context,))?;
+            } else if loop_.get().debug() {
+                let kwargs = PyDict::new(py);
+                kwargs.set_item("exc_info", true)?;
+                asyncio_logger(py)?.call_method(
+                    "debug",
+                    ("%r: %s", slf, message),
+                    Some(&kwargs),
+                )?;
+            }
+        }
+        DatagramTransport::force_close(slf, Some(exc.unbind()))
+    }
+
+    fn flow_call(slf: &Bound<'_, DatagramTransport>, pause: bool) -> PyResult<()> {
+        let py = slf.py();
+        let protocol = {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            let due = if pause {
+                !st.protocol_paused && st.buffer_size > st.high_water
+            } else {
+                st.protocol_paused && st.buffer_size <= st.low_water
+            };
+            if !due {
+                return Ok(());
+            }
+            st.protocol_paused = pause;
+            st.protocol.as_ref().map(|p| p.clone_ref(py))
+        };
+        let Some(protocol) = protocol else {
+            return Ok(());
+        };
+        let method = if pause {
+            "pause_writing"
+        } else {
+            "resume_writing"
+        };
+        if let Err(err) = protocol.bind(py).call_method0(method) {
+            if is_fatal_to_loop(py, &err) {
+                return Err(err);
+            }
+            let loop_ = slf
+                .get()
+                .state
+                .borrow_mut(py)?
+                .loop_
+                .as_ref()
+                .map(|l| l.clone_ref(py));
+            if let Some(loop_) = loop_ {
+                let context = PyDict::new(py);
+                context.set_item("message", format!("protocol.{method}() failed"))?;
+                context.set_item("exception", err.value(py))?;
+                context.set_item("transport", slf)?;
+                context.set_item("protocol", protocol)?;
+                loop_
+                    .bind(py)
+                    .call_method1("call_exception_handler", (context,))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn maybe_resume_protocol(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
+        DatagramTransport::flow_call(slf, false)
+    }
+}
+
+/// A `BlockingIOError`/`InterruptedError` from a socket method: try again later.
+fn is_retry(py: Python<'_>, err: &PyErr) -> bool {
+    err.is_instance_of::<pyo3::exceptions::PyBlockingIOError>(py)
+        || err.is_instance_of::<pyo3::exceptions::PyInterruptedError>(py)
+}
+
+#[pymethods]
+impl DatagramTransport {
+    #[new]
+    #[pyo3(signature = (r#loop, sock, protocol, extra, address=None))]
+    fn py_new(
+        r#loop: &Bound<'_, PyAny>,
+        sock: &Bound<'_, PyAny>,
+        protocol: &Bound<'_, PyAny>,
+        extra: &Bound<'_, PyDict>,
+        address: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<DatagramTransport> {
+        let loop_ = r#loop.cast::<LoopCore>()?.clone().unbind();
+        let fd: RawFd = sock.call_method0("fileno")?.extract()?;
+        if fd < 0 {
+            return Err(PyValueError::new_err("the socket is closed"));
+        }
+        let family: i32 = sock.getattr("family")?.extract()?;
+        let connected = match extra.get_item("peername")? {
+            Some(peer) => peer.is_truthy()?,
+            None => false,
+        };
+        Ok(DatagramTransport {
+            state: GilCell::new(DatagramState {
+                loop_: Some(loop_),
+                sock: Some(sock.clone().unbind()),
+                fd,
+                family,
+                token: None,
+                protocol: Some(protocol.clone().unbind()),
+                context: None,
+                extra: extra.clone().unbind(),
+                address: address.filter(|a| !a.is_none()).map(|a| a.clone().unbind()),
+                connected,
+                buffer: VecDeque::new(),
+                buffer_size: 0,
+                high_water: DEFAULT_HIGH_WATER,
+                low_water: DEFAULT_HIGH_WATER / 4,
+                protocol_paused: false,
+                started: false,
+                paused: false,
+                closing: false,
+                conn_lost: 0,
+                write_waiting: false,
+                interest: 0,
+            }),
+        })
+    }
+
+    fn _register(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
+        let py = slf.py();
+        let (loop_, fd) = {
+            let st = slf.get().state.borrow_mut(py)?;
+            if st.token.is_some() || st.sock.is_none() {
+                return Ok(());
+            }
+            (st.loop_.as_ref().map(|l| l.clone_ref(py)), st.fd)
+        };
+        let Some(loop_) = loop_ else {
+            return Ok(());
+        };
+        let token = loop_.get().register_transport(
+            py,
+            fd,
+            NativeTransport::Datagram(slf.clone().unbind()),
+        )?;
+        let mut st = slf.get().state.borrow_mut(py)?;
+        st.token = Some(token);
+        st.interest = 0;
+        st.sync_interest(py)
+    }
+
+    fn _start_reading(&self, py: Python<'_>) -> PyResult<()> {
+        let context = copy_context(py)?;
+        let mut st = self.state.borrow_mut(py)?;
+        if st.sock.is_none() {
+            return Ok(());
+        }
+        st.started = true;
+        st.context = Some(context);
+        st.sync_interest(py)
+    }
+
+    #[pyo3(signature = (data, addr=None))]
+    fn sendto(
+        slf: &Bound<'_, DatagramTransport>,
+        data: &Bound<'_, PyAny>,
+        addr: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let data: Bound<'_, PyBytes> = if let Ok(b) = data.cast::<PyBytes>() {
+            b.clone()
+        } else if data.is_instance_of::<PyByteArray>() || data.is_instance_of::<PyMemoryView>() {
+            // Buffered datagrams must not change under us: keep an immutable copy.
+            py.get_type::<PyBytes>()
+                .call1((data,))?
+                .cast_into::<PyBytes>()?
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "data argument must be a bytes-like object, not {:?}",
+                data.get_type().name()?.to_string()
+            )));
+        };
+        if data.as_bytes().is_empty() {
+            return Ok(());
+        }
+        let mut addr = addr.filter(|a| !a.is_none()).cloned();
+        let (sock, connected, send_now) = {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            if let Some(own) = &st.address {
+                let own = own.bind(py);
+                if let Some(given) = &addr {
+                    if !given.eq(own)? {
+                        return Err(PyValueError::new_err(format!(
+                            "Invalid address: must be None or {}",
+                            own.str()?
+                        )));
+                    }
+                }
+                addr = Some(own.clone());
+                if st.conn_lost > 0 {
+                    if st.conn_lost >= CONNLOST_LOG_THRESHOLD {
+                        asyncio_logger(py)?
+                            .call_method1("warning", ("socket.send() raised exception.",))?;
+                    }
+                    st.conn_lost += 1;
+                    return Ok(());
+                }
+            }
+            let Some(sock) = st.sock.as_ref().map(|s| s.clone_ref(py)) else {
+                return Ok(());
+            };
+            (sock, st.connected, st.buffer.is_empty())
+        };
+        let addr = addr.unwrap_or_else(|| py.None().into_bound(py));
+        if send_now {
+            match DatagramTransport::send_one(sock.bind(py), connected, &data, &addr) {
+                Ok(()) => return Ok(()),
+                Err(err) if is_retry(py, &err) => {
+                    let mut st = slf.get().state.borrow_mut(py)?;
+                    st.write_waiting = true;
+                    st.sync_interest(py)?;
+                }
+                Err(err) if err.is_instance_of::<PyOSError>(py) => {
+                    return DatagramTransport::error_received(slf, err);
+                }
+                Err(err) if is_fatal_to_loop(py, &err) => return Err(err),
+                Err(err) => {
+                    return DatagramTransport::fatal_error(
+                        slf,
+                        err,
+                        "Fatal write error on datagram transport",
+                    )
+                }
+            }
+        }
+        {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            st.buffer_size += data.as_bytes().len();
+            st.buffer.push_back((data.unbind(), addr.unbind()));
+        }
+        DatagramTransport::flow_call(slf, true)
+    }
+
+    fn close(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
+        let py = slf.py();
+        let lose_now = {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            if st.closing {
+                return Ok(());
+            }
+            st.closing = true;
+            st.sync_interest(py)?;
+            st.buffer.is_empty()
+        };
+        if lose_now {
+            DatagramTransport::lose_connection(slf, None)?;
+        }
+        Ok(())
+    }
+
+    fn abort(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
+        DatagramTransport::force_close(slf, None)
+    }
+
+    fn _force_close(slf: &Bound<'_, DatagramTransport>, exc: &Bound<'_, PyAny>) -> PyResult<()> {
+        let exc = (!exc.is_none()).then(|| exc.clone().unbind());
+        DatagramTransport::force_close(slf, exc)
+    }
+
+    fn is_closing(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.state.borrow_mut(py)?.closing)
+    }
+
+    fn is_reading(&self, py: Python<'_>) -> PyResult<bool> {
+        let st = self.state.borrow_mut(py)?;
+        Ok(!st.paused && !st.closing)
+    }
+
+    fn pause_reading(&self, py: Python<'_>) -> PyResult<()> {
+        let mut st = self.state.borrow_mut(py)?;
+        if st.paused || st.closing {
+            return Ok(());
+        }
+        st.paused = true;
+        st.sync_interest(py)
+    }
+
+    fn resume_reading(&self, py: Python<'_>) -> PyResult<()> {
+        let mut st = self.state.borrow_mut(py)?;
+        if st.closing || !st.paused {
+            return Ok(());
+        }
+        st.paused = false;
+        st.sync_interest(py)
+    }
+
+    #[pyo3(signature = (high=None, low=None))]
+    fn set_write_buffer_limits(
+        slf: &Bound<'_, DatagramTransport>,
+        high: Option<&Bound<'_, PyAny>>,
+        low: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let (high, low) = write_limits(high, low)?;
+        {
+            let mut st = slf.get().state.borrow_mut(slf.py())?;
+            st.high_water = high;
+            st.low_water = low;
+        }
+        DatagramTransport::flow_call(slf, true)
+    }
+
+    fn get_write_buffer_limits(&self, py: Python<'_>) -> PyResult<(usize, usize)> {
+        let st = self.state.borrow_mut(py)?;
+        Ok((st.low_water, st.high_water))
+    }
+
+    fn get_write_buffer_size(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.state.borrow_mut(py)?.buffer_size)
+    }
+
+    fn set_protocol(&self, py: Python<'_>, protocol: &Bound<'_, PyAny>) -> PyResult<()> {
+        let old = self
+            .state
+            .borrow_mut(py)?
+            .protocol
+            .replace(protocol.clone().unbind());
+        drop(old);
+        Ok(())
+    }
+
+    fn get_protocol(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        Ok(self
+            .state
+            .borrow_mut(py)?
+            .protocol
+            .as_ref()
+            .map(|p| p.clone_ref(py)))
+    }
+
+    #[pyo3(signature = (name, default=None))]
+    fn get_extra_info(
+        &self,
+        py: Python<'_>,
+        name: &Bound<'_, PyAny>,
+        default: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let extra = self.state.borrow_mut(py)?.extra.clone_ref(py);
+        match extra.bind(py).get_item(name)? {
+            Some(value) => Ok(value.unbind()),
+            None => Ok(default.unwrap_or_else(|| py.None())),
+        }
+    }
+
+    fn _call_connection_lost(
+        slf: &Bound<'_, DatagramTransport>,
+        exc: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let protocol = {
+            let st = slf.get().state.borrow_mut(py)?;
+            if st.sock.is_none() {
+                return Ok(());
+            }
+            st.protocol.as_ref().map(|p| p.clone_ref(py))
+        };
+        let outcome = match protocol {
+            Some(protocol) => protocol
+                .bind(py)
+                .call_method1("connection_lost", (exc,))
+                .map(|_| ()),
+            None => Ok(()),
+        };
+        let (sock, loop_, token, released) = {
+            let mut st = slf.get().state.borrow_mut(py)?;
+            st.buffer.clear();
+            st.buffer_size = 0;
+            (
+                st.sock.take(),
+                st.loop_.take(),
+                st.token.take(),
+                (st.protocol.take(), st.context.take()),
+            )
+        };
+        drop(released);
+        if let (Some(loop_), Some(token)) = (&loop_, token) {
+            loop_.get().deregister_transport(py, token)?;
+        }
+        if let Some(sock) = sock {
+            sock.bind(py).call_method0("close")?;
+        }
+        outcome
+    }
+
+    #[getter]
+    fn _sock(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        Ok(self
+            .state
+            .borrow_mut(py)?
+            .sock
+            .as_ref()
+            .map(|s| s.clone_ref(py)))
+    }
+
+    #[getter]
+    fn _sock_fd(&self, py: Python<'_>) -> PyResult<RawFd> {
+        Ok(self.state.borrow_mut(py)?.fd)
+    }
+
+    #[getter]
+    fn _address(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        Ok(self
+            .state
+            .borrow_mut(py)?
+            .address
+            .as_ref()
+            .map(|a| a.clone_ref(py)))
+    }
+
+    fn __repr__<'py>(slf: &Bound<'py, DatagramTransport>) -> PyResult<Bound<'py, PyString>> {
+        let py = slf.py();
+        let st = slf.get().state.borrow_mut(py)?;
+        let name = slf.get_type().name()?.to_string();
+        let state = if st.sock.is_none() {
+            " closed"
+        } else if st.closing {
+            " closing"
+        } else {
+            ""
+        };
+        Ok(PyString::new(
+            py,
+            &format!("<{name}{state} fd={} bufsize={}>", st.fd, st.buffer_size),
+        ))
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        let Some(st) = self.state.borrow_for_gc() else {
+            return Ok(());
+        };
+        for obj in [&st.sock, &st.protocol, &st.context, &st.address]
+            .into_iter()
+            .flatten()
+        {
+            visit.call(obj)?;
+        }
+        if let Some(loop_) = &st.loop_ {
+            visit.call(loop_)?;
+        }
+        visit.call(&st.extra)?;
+        for (_, addr) in &st.buffer {
+            visit.call(addr)?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        let released = self.state.borrow_mut_for_gc().map(|mut st| {
+            (
+                st.protocol.take(),
+                st.context.take(),
+                st.loop_.take(),
+                std::mem::take(&mut st.buffer),
+            )
+        });
+        drop(released);
+    }
+}

@@ -1,0 +1,187 @@
+"""UDP and Unix datagram endpoints: every create_datagram_endpoint form, the datagram
+transport's sending, buffering and errors. Run on asyncio and ferroloop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+
+class Datagrams(asyncio.DatagramProtocol):
+    def __init__(self, echo=False):
+        self.echo = echo
+        self.received = []
+        self.errors = []
+        self.transport = None
+        self.lost = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        assert isinstance(data, bytes)
+        self.received.append((data, addr))
+        if self.echo:
+            self.transport.sendto(data, addr)
+
+    def error_received(self, exc):
+        self.errors.append(exc)
+
+    def connection_lost(self, exc):
+        self.lost = ("lost", exc)
+
+
+async def _until(predicate, timeout=5.0):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
+@pytest.mark.parametrize(
+    "family,host",
+    [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")],
+    ids=["ipv4", "ipv6"],
+)
+def test_udp_echo_round_trip_with_addresses(loop, family, host):
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+
+    async def main():
+        server_tr, server = await loop.create_datagram_endpoint(
+            lambda: Datagrams(echo=True), local_addr=(host, 0), family=family
+        )
+        server_addr = server_tr.get_extra_info("sockname")
+        client_tr, client = await loop.create_datagram_endpoint(
+            Datagrams, remote_addr=server_addr[:2], family=family
+        )
+        assert isinstance(client_tr, asyncio.BaseTransport)  # 3.11 selector: not a DatagramTransport
+        assert client_tr.get_extra_info("peername")[:2] == server_addr[:2]
+        payloads = [b"x" * n for n in (1, 100, 1400, 60000)] + [bytearray(b"ba"), memoryview(b"mv")]
+        for p in payloads:
+            client_tr.sendto(p)
+        await _until(lambda: len(client.received) == len(payloads))
+        assert [d for d, _ in client.received] == [bytes(p) for p in payloads]
+        client_addr = client_tr.get_extra_info("sockname")
+        # The server saw the client's address as the socket module formats it.
+        assert server.received[0][1] == client_addr
+        assert client.received[0][1] == server_addr
+        assert client_tr.get_write_buffer_size() == 0
+        with pytest.raises(ValueError):
+            client_tr.sendto(b"elsewhere", (host, 9))
+        with pytest.raises(TypeError):
+            client_tr.sendto("text")
+        client_tr.close()
+        server_tr.close()
+        await _until(lambda: client.lost is not None and server.lost is not None)
+        assert client.lost == ("lost", None)
+        assert client_tr.is_closing()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 20))
+
+
+def test_connected_udp_refused_goes_to_error_received(loop):
+    async def main():
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+        probe.close()
+        tr, proto = await loop.create_datagram_endpoint(
+            Datagrams, remote_addr=("127.0.0.1", closed_port)
+        )
+        for _ in range(50):
+            tr.sendto(b"anyone?")
+            if proto.errors:
+                break
+            await asyncio.sleep(0.01)
+        assert proto.errors and isinstance(proto.errors[0], ConnectionRefusedError)
+        assert not tr.is_closing()  # an ICMP error does not end the endpoint
+        tr.close()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 20))
+
+
+def test_unix_datagram_endpoints(loop, tmp_path):
+    server_path = str(tmp_path / "server.dgram")
+    client_path = str(tmp_path / "client.dgram")
+
+    async def main():
+        server_tr, server = await loop.create_datagram_endpoint(
+            lambda: Datagrams(echo=True), local_addr=server_path, family=socket.AF_UNIX
+        )
+        client_tr, client = await loop.create_datagram_endpoint(
+            Datagrams, local_addr=client_path, remote_addr=server_path, family=socket.AF_UNIX
+        )
+        client_tr.sendto(b"over a unix socket")
+        await _until(lambda: client.received)
+        assert client.received == [(b"over a unix socket", server_path)]
+        assert server.received == [(b"over a unix socket", client_path)]
+        client_tr.close()
+        server_tr.close()
+        await _until(lambda: client.lost and server.lost)
+
+    loop.run_until_complete(asyncio.wait_for(main(), 20))
+
+
+def test_datagram_endpoint_options_and_sock(loop):
+    async def main():
+        tr, _ = await loop.create_datagram_endpoint(
+            Datagrams, local_addr=("127.0.0.1", 0), reuse_port=True, allow_broadcast=True
+        )
+        sock = tr.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) != 0
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST) != 0
+        tr.close()
+
+        own = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        own.bind(("127.0.0.1", 0))
+        tr, proto = await loop.create_datagram_endpoint(Datagrams, sock=own)
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.sendto(b"to the given sock", own.getsockname())
+        await _until(lambda: proto.received)
+        assert proto.received[0][0] == b"to the given sock"
+        tr.abort()
+        await _until(lambda: proto.lost is not None)
+        assert own.fileno() == -1  # the transport owned the socket
+        peer.close()
+        with pytest.raises(ValueError):
+            await loop.create_datagram_endpoint(Datagrams, sock=socket.socket())  # TCP
+
+    loop.run_until_complete(asyncio.wait_for(main(), 20))
+
+
+def test_sendto_buffers_when_the_socket_is_full_and_flushes_later(loop):
+    async def main():
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        path = f"/tmp/ferroloop-udp-{os.getpid()}-{id(loop)}"
+        receiver.bind(path)
+        try:
+            tr, proto = await loop.create_datagram_endpoint(
+                Datagrams, remote_addr=path, family=socket.AF_UNIX
+            )
+            # A Unix datagram receiver that does not read fills up: sends start to
+            # block, the transport buffers them and sends them once there is room.
+            n = 3000
+            for i in range(n):
+                tr.sendto(b"%05d" % i + b"." * 1000)
+            assert tr.get_write_buffer_size() > 0
+            receiver.setblocking(False)
+            got = []
+            while len(got) < n:
+                try:
+                    got.append(receiver.recv(2000)[:5])
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            assert got == [b"%05d" % i for i in range(n)]  # all of them, in order
+            await _until(lambda: tr.get_write_buffer_size() == 0)
+            tr.close()
+            await _until(lambda: proto.lost is not None)
+        finally:
+            receiver.close()
+            os.unlink(path)
+
+    loop.run_until_complete(asyncio.wait_for(main(), 30))
