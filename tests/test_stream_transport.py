@@ -406,3 +406,37 @@ def test_unclosed_transport_socket_is_closed_with_the_loop_gone(loop):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loop.close()
+
+
+def test_data_written_from_resume_writing_after_close_is_still_sent(loop):
+    # sslproto does this: paused, it is closed, then writes its close_notify from
+    # resume_writing() once the buffer drains. That write must reach the peer.
+    class Late(Collect):
+        def pause_writing(self):
+            self.transport.close()
+
+        def resume_writing(self):
+            self.transport.write(b"FINAL")
+
+    async def main():
+        a, b = socket.socketpair()
+        tr, proto = await loop.connect_accepted_socket(Late, a)
+        big = b"p" * (4 * 1024 * 1024)
+        tr.write(big)  # pauses (and so closes) with most of it still buffered
+        assert tr.is_closing()
+        b.setblocking(False)
+        got = bytearray()
+        while True:
+            try:
+                chunk = b.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+                continue
+            if not chunk:
+                break
+            got += chunk
+        assert bytes(got) == big + b"FINAL"
+        await _wait_for(lambda: proto.lost is not None)
+        b.close()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 30))

@@ -389,10 +389,20 @@ impl StreamTransport {
                 }
             }
         }
-        let (closing, eof, waiter, fd) = {
+        {
             let mut st = core.state.borrow_mut(py)?;
             st.write_waiting = false;
             st.sync_interest(py)?;
+        }
+        StreamTransport::maybe_resume_protocol(slf)?;
+        // resume_writing() may have written more (sslproto sends its close_notify from
+        // there): send that before deciding the buffer is drained.
+        let (closing, eof, waiter, fd) = {
+            let st = core.state.borrow_mut(py)?;
+            if !st.buffer.is_empty() {
+                drop(st);
+                return StreamTransport::flush(slf);
+            }
             (
                 st.closing,
                 st.eof,
@@ -400,7 +410,6 @@ impl StreamTransport {
                 st.fd,
             )
         };
-        StreamTransport::maybe_resume_protocol(slf)?;
         if let Some(waiter) = waiter {
             let waiter = waiter.bind(py);
             if !waiter.call_method0("done")?.is_truthy()? {

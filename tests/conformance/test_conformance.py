@@ -35,6 +35,7 @@ MODULES = [
     "test_buffered_proto",
     "test_sslproto",
     "test_subprocess",
+    "test_ssl",
 ]
 
 

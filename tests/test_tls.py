@@ -1,0 +1,259 @@
+"""TLS over the stream transport, on asyncio and ferroloop: byte-exact echo under
+concurrency, verification failures as the ssl exceptions asyncio raises, SNI, ALPN,
+client certificates, start_tls on both sides, the shutdown timeout and fd leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+
+from tests.conftest import open_fds
+
+certs = pytest.importorskip("test.test_asyncio.utils")
+CERT, CA = certs.SIGNED_CERTFILE, certs.SIGNING_CA  # CN=localhost, signed by CA
+SELF_SIGNED = certs.ONLYCERT, certs.ONLYKEY
+
+
+def server_context(alpn=None, require_client_cert=False):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(CERT)
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    if require_client_cert:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(CA)
+    return ctx
+
+
+def client_context(alpn=None, client_cert=False):
+    ctx = ssl.create_default_context(cafile=CA)
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    if client_cert:
+        ctx.load_cert_chain(CERT)
+    return ctx
+
+
+async def _echo(reader, writer):
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, ssl.SSLError):
+        pass
+    writer.close()
+
+
+def test_tls_echo_50_clients_random_sizes(loop):
+    rng = random.Random(7)
+
+    async def client(port, sizes):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(), server_hostname="localhost"
+        )
+        sent, got = hashlib.sha256(), hashlib.sha256()
+        for size in sizes:
+            body = rng.randbytes(size)
+            sent.update(body)
+            writer.write(body)
+            got.update(await reader.readexactly(size))
+        assert got.digest() == sent.digest()
+        info = writer.get_extra_info
+        assert isinstance(info("ssl_object"), ssl.SSLObject)
+        assert info("peercert")["subject"][-1][0] == ("commonName", "localhost")
+        assert info("cipher")[0]
+        assert info("compression") is None
+        assert isinstance(info("sslcontext"), ssl.SSLContext)
+        writer.close()
+        await writer.wait_closed()
+        return sum(sizes)
+
+    async def main():
+        server = await asyncio.start_server(_echo, "127.0.0.1", 0, ssl=server_context())
+        port = server.sockets[0].getsockname()[1]
+        plans = [[int(2 ** rng.uniform(0, 18)) for _ in range(4)] for _ in range(50)]
+        totals = await asyncio.gather(*(client(port, p) for p in plans))
+        assert sum(totals) == sum(map(sum, plans))
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 120))
+
+
+def test_failed_verification_is_the_ssl_exception_asyncio_raises(loop):
+    async def main():
+        bad = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        bad.load_cert_chain(*SELF_SIGNED)
+        server = await asyncio.start_server(_echo, "127.0.0.1", 0, ssl=bad)
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_context(), server_hostname="localhost"
+            )
+        server.close()
+        await server.wait_closed()
+
+        server = await asyncio.start_server(_echo, "127.0.0.1", 0, ssl=server_context())
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(ssl.SSLCertVerificationError, match="mismatch|match"):
+            await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_context(), server_hostname="not-localhost"
+            )
+        with pytest.raises(ValueError):
+            await asyncio.open_connection("127.0.0.1", port, server_hostname="localhost")
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 30))
+
+
+def test_sni_alpn_and_client_certificates(loop):
+    async def main():
+        seen_names = []
+        ctx = server_context(alpn=["h2", "http/1.1"], require_client_cert=True)
+        ctx.sni_callback = lambda sslobj, name, _ctx: seen_names.append(name)
+        peers = []
+
+        async def handler(reader, writer):
+            peers.append(writer.get_extra_info("peercert"))
+            await _echo(reader, writer)
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ctx)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(alpn=["http/1.1"], client_cert=True),
+            server_hostname="localhost",
+        )
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+        assert seen_names == ["localhost"]
+        assert peers and peers[0]["subject"][-1][0] == ("commonName", "localhost")
+        writer.close()
+        await writer.wait_closed()
+
+        # Without a client certificate the server refuses the handshake.
+        # (TLS 1.3 completes the client side first: the refusal can arrive as EOF.)
+        with pytest.raises((ssl.SSLError, ConnectionResetError, asyncio.IncompleteReadError)):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_context(), server_hostname="localhost"
+            )
+            writer.write(b"x")
+            await reader.readexactly(1)
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 30))
+
+
+def test_start_tls_on_both_sides_and_stream_writer_start_tls(loop):
+    async def main():
+        upgraded = loop.create_future()
+
+        async def handler(reader, writer):
+            assert await reader.readline() == b"STARTTLS\n"
+            writer.write(b"GO\n")
+            await writer.drain()
+            tr = await loop.start_tls(writer.transport, writer.transport.get_protocol(),
+                                      server_context(), server_side=True)
+            writer._transport = tr  # StreamWriter before 3.11 had no start_tls
+            reader._transport = tr
+            line = await reader.readline()
+            tr.write(b"secure " + line)
+            upgraded.set_result(tr.get_extra_info("ssl_object") is not None)
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"STARTTLS\n")
+        assert await reader.readline() == b"GO\n"
+        await writer.start_tls(client_context(), server_hostname="localhost")
+        assert writer.get_extra_info("ssl_object") is not None
+        writer.write(b"hello\n")
+        assert await reader.readline() == b"secure hello\n"
+        assert await upgraded is True
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 30))
+
+
+def test_close_does_not_hang_on_a_peer_that_never_answers(loop):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    release = threading.Event()
+
+    def silent_tls_server():
+        conn, _ = listener.accept()
+        tls = server_context().wrap_socket(conn, server_side=True)
+        release.wait(30)  # handshake done; never reads again, never answers close_notify
+        tls.close()
+
+    thread = threading.Thread(target=silent_tls_server, daemon=True)
+    thread.start()
+
+    async def main():
+        lost = loop.create_future()
+
+        class Client(asyncio.Protocol):
+            def connection_lost(self, exc):
+                lost.set_result(exc)
+
+        tr, _ = await loop.create_connection(
+            Client, "127.0.0.1", port, ssl=client_context(), server_hostname="localhost",
+            ssl_shutdown_timeout=0.5,
+        )
+        # Fill the peer's receive buffer so that our close_notify cannot even be sent.
+        for _ in range(200):
+            tr.write(b"z" * 65536)
+        started = time.monotonic()
+        tr.close()
+        await asyncio.wait_for(lost, 20)
+        return time.monotonic() - started
+
+    try:
+        elapsed = loop.run_until_complete(main())
+        assert elapsed < 15  # let go after ssl_shutdown_timeout, not after the peer
+    finally:
+        release.set()
+        thread.join(10)
+        listener.close()
+
+
+def test_1000_tls_connections_leak_no_fd(loop):
+    async def main():
+        server = await asyncio.start_server(_echo, "127.0.0.1", 0, ssl=server_context())
+        port = server.sockets[0].getsockname()[1]
+        ctx = client_context()
+
+        async def one():
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+            )
+            writer.write(b"x")
+            assert await reader.readexactly(1) == b"x"
+            writer.close()
+            await writer.wait_closed()
+
+        await one()
+        await asyncio.sleep(0.05)
+        before = open_fds()
+        for _ in range(20):
+            await asyncio.gather(*(one() for _ in range(50)))
+        await asyncio.sleep(0.1)
+        assert open_fds() == before
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 300))
