@@ -36,6 +36,8 @@ MODULES = [
     "test_sslproto",
     "test_subprocess",
     "test_ssl",
+    "test_threads",
+    "test_futures2",
 ]
 
 
