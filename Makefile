@@ -7,13 +7,18 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-.PHONY: install test bench lint clean
+.PHONY: install servers test bench lint clean
 install: $(BIN)/python
-	$(BIN)/pip install -q ".[test,bench]"
+	$(BIN)/pip install -q ".[test,bench,integration]"
 
-# Every test: behaviour, stress, runner and CPython's test_asyncio conformance.
+# PostgreSQL and Redis for tests/integration (installed from Debian's packages when missing).
+servers:
+	scripts/ensure-servers.sh
+
+# Every test: behaviour, stress, runner, CPython's test_asyncio conformance, and the
+# integration tests of real libraries against real PostgreSQL and Redis servers.
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
-test: install
+test: install servers
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
