@@ -17,6 +17,7 @@ use crate::errors::{closed_loop, invalid_fd, os_error};
 use crate::gil_cell::GilCell;
 use crate::handles::{Handle, TimerHandle};
 use crate::poller::{self, Poller, Registry, Token, READABLE, WAKER_TOKEN, WRITABLE};
+use crate::sock_ops::{self, Attempt, SockKind, SockOp};
 use crate::timers::Timers;
 use crate::transports::datagram::DatagramTransport;
 use crate::transports::stream::StreamTransport;
@@ -74,17 +75,42 @@ pub(crate) enum FdOwner {
 pub(crate) enum Ready {
     Handle(Py<Handle>),
     Io(NativeTransport, u32),
+    Sock(SockOp),
 }
 
-/// The `add_reader`/`add_writer` callbacks of one fd.
+/// What waits for one direction of an fd: an `add_reader`/`add_writer` handle, or a
+/// socket operation completed in Rust (`sock_recv` and friends).
+pub(crate) enum Waiter {
+    Handle(Py<Handle>),
+    Sock(SockOp),
+}
+
+impl Waiter {
+    /// Releases a replaced or removed waiter: a handle is cancelled, as asyncio's is.
+    fn retire(self, py: Python<'_>) -> PyResult<()> {
+        match self {
+            Waiter::Handle(h) => Handle::do_cancel(h.bind(py)),
+            Waiter::Sock(_) => Ok(()),
+        }
+    }
+
+    fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        match self {
+            Waiter::Handle(h) => visit.call(h),
+            Waiter::Sock(op) => op.visit(visit),
+        }
+    }
+}
+
+/// The waiters of one fd's two directions.
 #[derive(Default)]
 pub(crate) struct FdCallbacks {
-    reader: Option<Py<Handle>>,
-    writer: Option<Py<Handle>>,
+    reader: Option<Waiter>,
+    writer: Option<Waiter>,
 }
 
 impl FdCallbacks {
-    fn slot(&mut self, bit: u32) -> &mut Option<Py<Handle>> {
+    fn slot(&mut self, bit: u32) -> &mut Option<Waiter> {
         if bit == READABLE {
             &mut self.reader
         } else {
@@ -353,11 +379,22 @@ impl LoopCore {
     fn fd_callback_mut(
         slf: &Bound<'_, LoopCore>,
         fd: RawFd,
-        handle: Option<Py<Handle>>,
+        handle: Option<Waiter>,
         bit: u32,
-    ) -> PyResult<Option<Py<Handle>>> {
-        let py = slf.py();
-        let mut st = slf.get().state.borrow_mut(py)?;
+    ) -> PyResult<Option<Waiter>> {
+        slf.get().set_waiter(slf.py(), fd, handle, bit)
+    }
+
+    /// Puts `waiter` in (or, with `None`, takes it out of) one direction of `fd`;
+    /// returns the waiter it replaces.
+    fn set_waiter(
+        &self,
+        py: Python<'_>,
+        fd: RawFd,
+        handle: Option<Waiter>,
+        bit: u32,
+    ) -> PyResult<Option<Waiter>> {
+        let mut st = self.state.borrow_mut(py)?;
         let st = &mut *st;
         let Some(poller) = &st.poller else {
             return Err(closed_loop());
@@ -416,8 +453,8 @@ impl LoopCore {
         slf.get().check_closed()?;
         let fd = checked_fd(fd)?;
         let handle = Py::new(slf.py(), LoopCore::new_handle(slf, callback, args, None)?)?;
-        if let Some(old) = LoopCore::fd_callback_mut(slf, fd, Some(handle), bit)? {
-            Handle::do_cancel(old.bind(slf.py()))?;
+        if let Some(old) = LoopCore::fd_callback_mut(slf, fd, Some(Waiter::Handle(handle)), bit)? {
+            old.retire(slf.py())?;
         }
         Ok(())
     }
@@ -434,7 +471,7 @@ impl LoopCore {
         let fd = checked_fd(fd)?;
         match LoopCore::fd_callback_mut(slf, fd, None, bit)? {
             Some(old) => {
-                Handle::do_cancel(old.bind(slf.py()))?;
+                old.retire(slf.py())?;
                 Ok(true)
             }
             None => Ok(false),
@@ -446,7 +483,7 @@ impl LoopCore {
         &self,
         py: Python<'_>,
         events: &[libc::epoll_event],
-        dead: &mut Vec<Py<Handle>>,
+        dead: &mut Vec<Waiter>,
     ) -> PyResult<(Vec<u8>, bool)> {
         let mut signals = Vec::new();
         let mut woken = false;
@@ -484,11 +521,18 @@ impl LoopCore {
                     continue;
                 }
                 match slot {
-                    Some(h) if h.get().is_cancelled() => {
+                    Some(Waiter::Handle(h)) if h.get().is_cancelled() => {
                         dead.extend(slot.take());
                         drop_bits |= bit;
                     }
-                    Some(h) => st.ready.push_back(Ready::Handle(h.clone_ref(py))),
+                    Some(Waiter::Handle(h)) => st.ready.push_back(Ready::Handle(h.clone_ref(py))),
+                    // A socket op is one-shot: it leaves the fd and runs in queue order.
+                    Some(Waiter::Sock(_)) => {
+                        if let Some(Waiter::Sock(op)) = slot.take() {
+                            st.ready.push_back(Ready::Sock(op));
+                        }
+                        drop_bits |= bit;
+                    }
                     None => {}
                 }
             }
@@ -611,6 +655,15 @@ impl LoopCore {
                     }
                 }
                 Ready::Io(transport, events) => transport.on_ready(py, events)?,
+                Ready::Sock(op) => {
+                    let (fd, bit) = (op.fd, op.bit());
+                    if let Some(op) = op.run(py)? {
+                        // Spurious readiness: wait again, unless something took the slot.
+                        if let Some(other) = core.set_waiter(py, fd, Some(Waiter::Sock(op)), bit)? {
+                            core.set_waiter(py, fd, Some(other), bit)?;
+                        }
+                    }
+                }
             }
         }
         core.flush_transports(py)
@@ -838,7 +891,7 @@ impl LoopCore {
             .iter()
             .filter_map(|item| match item {
                 Ready::Handle(h) => Some(h.clone_ref(py)),
-                Ready::Io(..) => None,
+                Ready::Io(..) | Ready::Sock(_) => None,
             })
             .collect())
     }
@@ -959,6 +1012,85 @@ impl LoopCore {
         LoopCore::remove_fd_callback(slf, fd, WRITABLE)
     }
 
+    /// `sock_recv`'s first step: the data if it can be read now, else a future the loop
+    /// resolves when it has read them.
+    fn _sock_recv_start(
+        slf: &Bound<'_, LoopCore>,
+        sock: &Bound<'_, PyAny>,
+        n: isize,
+    ) -> PyResult<Py<PyAny>> {
+        let n = sock_ops::check_recv_size(n)?;
+        let fd = slf.get().sock_fd(sock)?;
+        match sock_ops::try_recv(slf.py(), fd, n)? {
+            Attempt::Done(data) => Ok(data),
+            Attempt::WouldBlock => LoopCore::sock_wait(slf, sock, fd, SockKind::Recv(n)),
+        }
+    }
+
+    /// `sock_recv_into`'s first step: the count read now, or a future for it.
+    fn _sock_recv_into_start(
+        slf: &Bound<'_, LoopCore>,
+        sock: &Bound<'_, PyAny>,
+        buf: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        let fd = slf.get().sock_fd(sock)?;
+        let buffer = sock_ops::writable_buffer(buf)?;
+        match sock_ops::try_recv_into(slf.py(), fd, &buffer)? {
+            Attempt::Done(count) => Ok(count),
+            Attempt::WouldBlock => LoopCore::sock_wait(slf, sock, fd, SockKind::RecvInto(buffer)),
+        }
+    }
+
+    /// `sock_sendall`'s first step: `None` if everything went out now, else a future
+    /// done when the rest has.
+    fn _sock_sendall_start(
+        slf: &Bound<'_, LoopCore>,
+        sock: &Bound<'_, PyAny>,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let fd = slf.get().sock_fd(sock)?;
+        let buffer = sock_ops::readable_buffer(data)?;
+        let mut sent = 0;
+        if sock_ops::try_send_all(fd, &buffer, &mut sent)? {
+            return Ok(None);
+        }
+        LoopCore::sock_wait(slf, sock, fd, SockKind::Send(buffer, sent)).map(Some)
+    }
+
+    /// Withdraws the socket operation of future `fut`, whose caller was cancelled, while
+    /// the socket is still open (a registration must not outlive its fd).
+    fn _sock_op_cancel(
+        &self,
+        py: Python<'_>,
+        sock: &Bound<'_, PyAny>,
+        writable: bool,
+        fut: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let fd: RawFd = sock.call_method0("fileno")?.extract()?;
+        if fd < 0 {
+            return Ok(());
+        }
+        let bit = if writable { WRITABLE } else { READABLE };
+        let is_sock_op = {
+            let mut st = self.state.borrow_mut(py)?;
+            let Some(token) = st.fds.token_of(fd) else {
+                return Ok(());
+            };
+            match st.fds.get_mut(token) {
+                // Only this call's op: another call may have parked its own since.
+                Some((FdOwner::Callbacks(cbs), _)) => {
+                    matches!(cbs.slot(bit), Some(Waiter::Sock(op)) if op.fut.is(fut))
+                }
+                _ => false,
+            }
+        };
+        if is_sock_op {
+            let removed = self.set_waiter(py, fd, None, bit)?;
+            drop(removed);
+        }
+        Ok(())
+    }
+
     /// The `add_reader` handle of an fd, if any (selector-loop helpers use this).
     fn _get_reader(slf: &Bound<'_, LoopCore>, fd: RawFd) -> PyResult<Option<Py<Handle>>> {
         LoopCore::fd_handle(slf, fd, READABLE)
@@ -974,6 +1106,7 @@ impl LoopCore {
                 match item {
                     Ready::Handle(h) => visit.call(h)?,
                     Ready::Io(t, _) => t.visit(&visit)?,
+                    Ready::Sock(op) => op.visit(&visit)?,
                 }
             }
             for t in &st.flush {
@@ -985,8 +1118,8 @@ impl LoopCore {
             for owner in st.fds.owners() {
                 match owner {
                     FdOwner::Callbacks(cbs) => {
-                        for h in [&cbs.reader, &cbs.writer].into_iter().flatten() {
-                            visit.call(h)?;
+                        for w in [&cbs.reader, &cbs.writer].into_iter().flatten() {
+                            w.visit(&visit)?;
                         }
                     }
                     FdOwner::Transport(t) => t.visit(&visit)?,
@@ -1024,9 +1157,41 @@ impl LoopCore {
             return Ok(None);
         };
         Ok(match st.fds.get_mut(token) {
-            Some((FdOwner::Callbacks(cbs), _)) => cbs.slot(bit).as_ref().map(|h| h.clone_ref(py)),
+            Some((FdOwner::Callbacks(cbs), _)) => match cbs.slot(bit) {
+                Some(Waiter::Handle(h)) => Some(h.clone_ref(py)),
+                _ => None,
+            },
             _ => None,
         })
+    }
+
+    /// The fd of a socket given to a `sock_*` call. As in asyncio, an fd owned by a
+    /// transport is refused only when the call has to wait (by `set_waiter`).
+    fn sock_fd(&self, sock: &Bound<'_, PyAny>) -> PyResult<RawFd> {
+        let fd: i64 = sock.call_method0("fileno")?.extract()?;
+        checked_fd(fd)
+    }
+
+    /// Parks a socket operation on its fd and returns the future it will resolve.
+    fn sock_wait(
+        slf: &Bound<'_, LoopCore>,
+        sock: &Bound<'_, PyAny>,
+        fd: RawFd,
+        kind: SockKind,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let fut = slf.call_method0("create_future")?.unbind();
+        let op = SockOp {
+            fd,
+            fut: fut.clone_ref(py),
+            sock: sock.clone().unbind(),
+            kind,
+        };
+        let bit = op.bit();
+        if let Some(old) = slf.get().set_waiter(py, fd, Some(Waiter::Sock(op)), bit)? {
+            old.retire(py)?;
+        }
+        Ok(fut)
     }
 
     pub(crate) fn debug(&self) -> bool {
@@ -1063,12 +1228,13 @@ impl LoopCore {
                 .map_err(os_error)?;
             (token, replaced)
         };
-        if let (_, Some(FdOwner::Callbacks(cbs))) = &replaced {
-            for h in [&cbs.reader, &cbs.writer].into_iter().flatten() {
-                Handle::do_cancel(h.bind(py))?;
+        let (token, replaced) = replaced;
+        if let Some(FdOwner::Callbacks(cbs)) = replaced {
+            for w in [cbs.reader, cbs.writer].into_iter().flatten() {
+                w.retire(py)?;
             }
         }
-        Ok(replaced.0)
+        Ok(token)
     }
 
     pub(crate) fn set_transport_interest(

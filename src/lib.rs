@@ -6,6 +6,7 @@ mod gil_cell;
 mod handles;
 mod poller;
 mod pyhelpers;
+mod sock_ops;
 mod timers;
 mod transports;
 

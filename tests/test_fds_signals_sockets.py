@@ -228,6 +228,62 @@ def test_sock_recv_cancellation_leaves_socket_usable_and_leaks_nothing(loop):
     assert open_fds() == before
 
 
+def test_sock_recv_cancelled_while_a_new_call_waits_does_not_steal_it(loop):
+    # The cancelled call's clean-up runs after the new call parked itself on the same fd:
+    # it must withdraw only its own operation, and its data must go to the new call.
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        first = asyncio.ensure_future(loop.sock_recv(a, 100))
+        await asyncio.sleep(0)
+        first.cancel()
+        second = asyncio.ensure_future(loop.sock_recv(a, 100))
+        await asyncio.sleep(0)
+        b.send(b"for the second")
+        assert await asyncio.wait_for(second, 5) == b"for the second"
+        assert first.cancelled()
+
+        buf = bytearray(100)
+        first = asyncio.ensure_future(loop.sock_recv_into(a, buf))
+        await asyncio.sleep(0)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        b.send(b"into")
+        assert await asyncio.wait_for(loop.sock_recv_into(a, buf), 5) == 4
+        assert bytes(buf[:4]) == b"into"
+
+        # sendall larger than the socket buffer: completes once the peer reads.
+        big = os.urandom(8 << 20)
+        sending = asyncio.ensure_future(loop.sock_sendall(b, big))
+        got = bytearray()
+        while len(got) < len(big):
+            got += await loop.sock_recv(a, 1 << 20)
+        await asyncio.wait_for(sending, 5)
+        assert bytes(got) == big
+        a.close()
+        b.close()
+
+    loop.run_until_complete(main())
+
+
+def test_sock_calls_refuse_a_transport_socket_and_bad_sizes(loop):
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        with pytest.raises(ValueError):
+            await loop.sock_recv(a, -1)
+        tr, _ = await loop.connect_accepted_socket(asyncio.Protocol, a)
+        with pytest.raises(RuntimeError):  # nothing to read: it would have to wait
+            await loop.sock_recv(a, 10)
+        tr.close()
+        await asyncio.sleep(0)
+        b.close()
+
+    loop.run_until_complete(main())
+
+
 def test_sock_connect_refused(loop):
     port_holder = socket.socket()
     port_holder.bind(("127.0.0.1", 0))

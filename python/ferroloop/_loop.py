@@ -274,6 +274,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             fut = None
 
     @staticmethod
+
     def _sock_retry(fut, sock, op) -> None:
         if fut.done():
             return
@@ -290,19 +291,27 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
 
     async def sock_recv(self, sock, n):
         self._check_sock(sock)
+        # Read now in Rust if there is data; otherwise the loop reads it when the fd is
+        # ready and resolves the future, without a Python callback.
+        data = self._sock_recv_start(sock, n)
+        if type(data) is bytes:
+            return data
         try:
-            return sock.recv(n)
-        except (BlockingIOError, InterruptedError):
-            pass
-        return await self._sock_wait(sock, False, methodcaller("recv", n))
+            return await data
+        except exceptions.CancelledError:
+            self._sock_op_cancel(sock, False, data)
+            raise
 
     async def sock_recv_into(self, sock, buf):
         self._check_sock(sock)
+        count = self._sock_recv_into_start(sock, buf)
+        if type(count) is int:
+            return count
         try:
-            return sock.recv_into(buf)
-        except (BlockingIOError, InterruptedError):
-            pass
-        return await self._sock_wait(sock, False, methodcaller("recv_into", buf))
+            return await count
+        except exceptions.CancelledError:
+            self._sock_op_cancel(sock, False, count)
+            raise
 
     async def sock_recvfrom(self, sock, bufsize):
         self._check_sock(sock)
@@ -332,13 +341,14 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
 
     async def sock_sendall(self, sock, data):
         self._check_sock(sock)
+        pending = self._sock_sendall_start(sock, data)
+        if pending is None:
+            return
         try:
-            sent = sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        view = memoryview(data).cast("B")
-        while sent < len(view):
-            sent += await self._sock_wait(sock, True, methodcaller("send", view[sent:]))
+            await pending
+        except exceptions.CancelledError:
+            self._sock_op_cancel(sock, True, pending)
+            raise
 
     async def sock_connect(self, sock, address):
         self._check_sock(sock)
@@ -357,6 +367,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         await self._sock_wait(sock, True, functools.partial(self._sock_connect_result, address=address))
 
     @staticmethod
+
     def _sock_connect_result(sock, address) -> None:
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN):
@@ -373,6 +384,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         return await self._sock_wait(sock, False, self._accept_nonblocking)
 
     @staticmethod
+
     def _accept_nonblocking(sock):
         conn, address = sock.accept()
         conn.setblocking(False)
@@ -711,6 +723,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
 
     # asyncio's Unix pipe transports (and the subprocess transport over them) drive
     # their fds with these selector-loop names.
+
     def _add_reader(self, fd, callback, *args):
         self.add_reader(fd, callback, *args)
 
@@ -789,6 +802,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             self.remove_signal_handler(signal.SIGCHLD)
 
     @staticmethod
+
     def _reap(pid: int, transp) -> int:
         try:
             _, status = os.waitpid(pid, 0)  # the child has exited: this does not block

@@ -1,0 +1,193 @@
+//! `sock_recv`, `sock_recv_into` and `sock_sendall` completed in Rust.
+//!
+//! Each call first tries the operation at once. Only when the socket would block does
+//! it create a future and leave a `SockOp` in the fd's reader or writer slot, where
+//! asyncio would have left a handle calling back into Python. When the fd is ready the
+//! loop runs the op in ready-queue order, with no Python frame: it performs the I/O and
+//! resolves the future, or waits again if the readiness was spurious.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::RawFd;
+
+use pyo3::buffer::PyUntypedBuffer;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use pyo3::{PyTraverseError, PyVisit};
+
+use crate::errors::os_error;
+use crate::poller::{READABLE, WRITABLE};
+
+/// Reads of up to this size land in a reused buffer before the copy into `bytes`.
+const STACKED_READ: usize = 256 * 1024;
+
+thread_local! {
+    static RECV_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; STACKED_READ]);
+}
+
+pub(crate) enum SockKind {
+    Recv(usize),
+    RecvInto(PyUntypedBuffer),
+    /// `sendall`: the data and how much of it is sent.
+    Send(PyUntypedBuffer, usize),
+}
+
+/// A socket operation waiting for its fd.
+pub(crate) struct SockOp {
+    pub fd: RawFd,
+    pub fut: Py<PyAny>,
+    /// Keeps the socket object (and so the fd) alive while the op waits.
+    pub sock: Py<PyAny>,
+    pub kind: SockKind,
+}
+
+/// What trying an operation came to.
+pub(crate) enum Attempt {
+    Done(Py<PyAny>),
+    WouldBlock,
+}
+
+fn would_block(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR))
+}
+
+/// `recv(fd, n)` into a new `bytes`; `WouldBlock` when there is nothing to read yet.
+pub(crate) fn try_recv(py: Python<'_>, fd: RawFd, n: usize) -> PyResult<Attempt> {
+    let mut large = Vec::new();
+    let received = RECV_BUF.with(|small| {
+        let mut small = small.borrow_mut();
+        let buf: &mut [u8] = if n <= small.len() {
+            &mut small[..n]
+        } else {
+            large = vec![0u8; n];
+            &mut large[..]
+        };
+        // SAFETY: `buf` is a writable buffer of `buf.len()` bytes.
+        let got = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if got < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(PyBytes::new(py, &buf[..got as usize]))
+        }
+    });
+    match received {
+        Ok(bytes) => Ok(Attempt::Done(bytes.into_any().unbind())),
+        Err(err) if would_block(&err) => Ok(Attempt::WouldBlock),
+        Err(err) => Err(os_error(err)),
+    }
+}
+
+pub(crate) fn writable_buffer(obj: &Bound<'_, PyAny>) -> PyResult<PyUntypedBuffer> {
+    let buf = PyUntypedBuffer::get(obj)?;
+    if buf.readonly() || !buf.is_c_contiguous() {
+        return Err(PyTypeError::new_err(
+            "recv_into() argument must be a writable contiguous buffer",
+        ));
+    }
+    Ok(buf)
+}
+
+pub(crate) fn readable_buffer(obj: &Bound<'_, PyAny>) -> PyResult<PyUntypedBuffer> {
+    let buf = PyUntypedBuffer::get(obj)?;
+    if !buf.is_c_contiguous() {
+        return Err(PyTypeError::new_err(
+            "a contiguous bytes-like object is required",
+        ));
+    }
+    Ok(buf)
+}
+
+/// `recv_into(fd, buf)`; the count of bytes read.
+pub(crate) fn try_recv_into(py: Python<'_>, fd: RawFd, buf: &PyUntypedBuffer) -> PyResult<Attempt> {
+    // SAFETY: the buffer is writable and C-contiguous (checked by `writable_buffer`) and
+    // stays exported while `buf` lives; recv writes at most `len_bytes()` bytes.
+    let got = unsafe { libc::recv(fd, buf.buf_ptr(), buf.len_bytes(), 0) };
+    if got < 0 {
+        let err = io::Error::last_os_error();
+        return if would_block(&err) {
+            Ok(Attempt::WouldBlock)
+        } else {
+            Err(os_error(err))
+        };
+    }
+    Ok(Attempt::Done(
+        (got as usize).into_pyobject(py)?.into_any().unbind(),
+    ))
+}
+
+/// Sends from `*sent` on until everything is sent (`true`) or the socket is full.
+pub(crate) fn try_send_all(fd: RawFd, buf: &PyUntypedBuffer, sent: &mut usize) -> PyResult<bool> {
+    let total = buf.len_bytes();
+    while *sent < total {
+        // SAFETY: the buffer is C-contiguous and exported while `buf` lives; we read
+        // `total - *sent` bytes from offset `*sent`, inside it. MSG_NOSIGNAL turns a
+        // broken pipe into EPIPE instead of a signal.
+        let n = unsafe {
+            libc::send(
+                fd,
+                buf.buf_ptr().cast::<u8>().add(*sent).cast(),
+                total - *sent,
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if would_block(&err) {
+                return Ok(false);
+            }
+            return Err(os_error(err));
+        }
+        *sent += n as usize;
+    }
+    Ok(true)
+}
+
+pub(crate) fn check_recv_size(n: isize) -> PyResult<usize> {
+    usize::try_from(n).map_err(|_| PyValueError::new_err("negative buffersize in recv"))
+}
+
+impl SockOp {
+    /// The readiness the op waits for.
+    pub fn bit(&self) -> u32 {
+        match self.kind {
+            SockKind::Send(..) => WRITABLE,
+            _ => READABLE,
+        }
+    }
+
+    /// Runs the op on readiness: resolves its future and returns `None`, or returns
+    /// itself to wait again. A cancelled future's op is dropped without touching the
+    /// socket, so no data is consumed for a caller that is gone.
+    pub fn run(mut self, py: Python<'_>) -> PyResult<Option<SockOp>> {
+        let fut = self.fut.bind(py);
+        if fut.call_method0("done")?.is_truthy()? {
+            return Ok(None);
+        }
+        let outcome = match &mut self.kind {
+            SockKind::Recv(n) => try_recv(py, self.fd, *n),
+            SockKind::RecvInto(buf) => try_recv_into(py, self.fd, buf),
+            SockKind::Send(buf, sent) => match try_send_all(self.fd, buf, sent) {
+                Ok(true) => Ok(Attempt::Done(py.None())),
+                Ok(false) => Ok(Attempt::WouldBlock),
+                Err(err) => Err(err),
+            },
+        };
+        match outcome {
+            Ok(Attempt::Done(value)) => {
+                fut.call_method1("set_result", (value,))?;
+                Ok(None)
+            }
+            Ok(Attempt::WouldBlock) => Ok(Some(self)),
+            Err(err) => {
+                fut.call_method1("set_exception", (err.value(py),))?;
+                Ok(None)
+            }
+        }
+    }
+
+    pub fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.fut)?;
+        visit.call(&self.sock)
+    }
+}
