@@ -17,6 +17,7 @@ use crate::errors::{closed_loop, invalid_fd, os_error};
 use crate::gil_cell::GilCell;
 use crate::handles::{Handle, TimerHandle};
 use crate::poller::{self, Poller, Registry, Token, READABLE, WAKER_TOKEN, WRITABLE};
+use crate::pyhelpers;
 use crate::sock_ops::{self, Attempt, SockKind, SockOp};
 use crate::timers::Timers;
 use crate::transports::datagram::DatagramTransport;
@@ -145,6 +146,11 @@ pub struct LoopCore {
     threadsafe: Mutex<ThreadsafeQueue>,
     /// A wake-up byte is in flight; later `call_soon_threadsafe` calls need not write.
     wake_pending: AtomicBool,
+    /// The side queue of `threadsafe` holds handles (checked without taking the lock).
+    side_queued: AtomicBool,
+    /// Signal handlers are installed: their numbers arrive on the waker, so it must be
+    /// polled on every turn.
+    signals_watched: AtomicBool,
     closed: AtomicBool,
     stopping: AtomicBool,
     debug: AtomicBool,
@@ -260,6 +266,8 @@ impl LoopCore {
                 wake_fd,
             }),
             wake_pending: AtomicBool::new(false),
+            side_queued: AtomicBool::new(false),
+            signals_watched: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             debug: AtomicBool::new(false),
@@ -365,6 +373,9 @@ impl LoopCore {
 
     /// Moves handles queued by other threads onto the ready queue.
     fn take_threadsafe(&self, py: Python<'_>) -> PyResult<()> {
+        if !self.side_queued.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
         let queued = match self.threadsafe.lock() {
             Ok(mut q) if !q.handles.is_empty() => mem::take(&mut q.handles),
             _ => return Ok(()),
@@ -591,7 +602,15 @@ impl LoopCore {
             let fd = st.poller.as_ref().map(Poller::epoll_fd).unwrap_or(-1);
             (fd, mem::take(&mut st.events))
         };
-        let result = if timeout_ms == 0 {
+        // With work already queued and nothing registered that could report an event
+        // (no fds, no signal handlers; other threads append to the ready queue
+        // directly), a non-blocking poll can only come back empty: skip the syscall.
+        let idle_poll = timeout_ms == 0
+            && !core.signals_watched.load(Ordering::Relaxed)
+            && core.state.borrow_mut(py)?.fds.is_empty();
+        let result = if idle_poll {
+            Ok(0)
+        } else if timeout_ms == 0 {
             Poller::wait(epoll_fd, &mut events, 0)
         } else {
             py.detach(|| Poller::wait(epoll_fd, &mut events, timeout_ms))
@@ -737,6 +756,7 @@ impl LoopCore {
                 .map_err(|_| PyRuntimeError::new_err("ferroloop: threadsafe queue poisoned"))?;
             if queued_aside {
                 queue.handles.push(handle.clone_ref(py));
+                core.side_queued.store(true, Ordering::Release);
             }
             if queue.wake_fd >= 0 {
                 poller::wake_fd(queue.wake_fd);
@@ -805,6 +825,46 @@ impl LoopCore {
             self.state.borrow_mut(py)?.timers.note_cancelled();
         }
         Ok(())
+    }
+
+    #[setter(_signals_watched)]
+    fn set_signals_watched(&self, value: bool) {
+        self.signals_watched.store(value, Ordering::Relaxed);
+    }
+
+    /// `asyncio.Future(loop=self)`, without a Python frame.
+    fn create_future(slf: &Bound<'_, LoopCore>) -> PyResult<Py<PyAny>> {
+        pyhelpers::new_future(slf.as_any())
+    }
+
+    /// `BaseEventLoop.create_task` without a Python frame when no task factory is set;
+    /// with one, the Python implementation (it calls the factory) runs.
+    #[pyo3(signature = (coro, *, name=None, context=None))]
+    fn create_task(
+        slf: &Bound<'_, LoopCore>,
+        coro: &Bound<'_, PyAny>,
+        name: Option<&Bound<'_, PyAny>>,
+        context: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        slf.get().check_closed()?;
+        let none = py.None().into_bound(py);
+        let name = name.unwrap_or(&none);
+        let context = context.unwrap_or(&none);
+        if !slf.getattr(pyo3::intern!(py, "_task_factory"))?.is_none() {
+            let base = py.import("asyncio.base_events")?.getattr("BaseEventLoop")?;
+            let kwargs = pyo3::types::PyDict::new(py);
+            kwargs.set_item("name", name)?;
+            kwargs.set_item("context", context)?;
+            return Ok(base
+                .getattr("create_task")?
+                .call((slf, coro), Some(&kwargs))?
+                .unbind());
+        }
+        // No frame of ours is on the stack, so the task's source traceback (debug mode)
+        // already ends at the caller, which asyncio gets by dropping its own frame.
+        let task = pyhelpers::new_task(slf.as_any(), coro, name, context)?;
+        Ok(task)
     }
 
     /// Interrupts a blocked poll (asyncio's name for it).

@@ -93,6 +93,11 @@ impl<T> Registry<T> {
         (slot.generation == token.generation && slot.owner.is_some()).then_some(slot.fd)
     }
 
+    /// No fd is registered (the waker is not part of the registry).
+    pub fn is_empty(&self) -> bool {
+        self.by_fd.is_empty()
+    }
+
     pub fn owners(&self) -> impl Iterator<Item = &T> {
         self.slots.iter().filter_map(|s| s.owner.as_ref())
     }

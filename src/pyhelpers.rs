@@ -1,12 +1,73 @@
 //! The few pieces of the standard library the Rust core calls on its cold paths
 //! (debug mode, error reports, reprs), imported once.
 
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyString, PyTuple};
 
 static EXTRACT_STACK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static FORMAT_CALLBACK_SOURCE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static FUTURE_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static LOOP_KWNAMES: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
+static TASK_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static TASK_KWNAMES: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
+
+/// `asyncio.Task(coro, loop=loop_, name=name, context=context)` by vectorcall.
+pub fn new_task(
+    loop_: &Bound<'_, PyAny>,
+    coro: &Bound<'_, PyAny>,
+    name: &Bound<'_, PyAny>,
+    context: &Bound<'_, PyAny>,
+) -> PyResult<Py<PyAny>> {
+    let py = loop_.py();
+    let task = TASK_TYPE.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import("asyncio.tasks")?.getattr("Task")?.unbind())
+    })?;
+    let kwnames = TASK_KWNAMES.get_or_try_init(py, || {
+        let names = ["loop", "name", "context"].map(|n| PyString::new(py, n));
+        Ok::<_, PyErr>(PyTuple::new(py, names)?.unbind())
+    })?;
+    let args = [
+        coro.as_ptr(),
+        loop_.as_ptr(),
+        name.as_ptr(),
+        context.as_ptr(),
+    ];
+    // SAFETY: `args` holds borrowed references alive for the call: one positional
+    // argument, then the values of the three names in `kwnames`. The call returns a new
+    // reference or NULL with an error set.
+    unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            ffi::PyObject_Vectorcall(task.as_ptr(), args.as_ptr(), 1, kwnames.as_ptr()),
+        )
+    }
+    .map(Bound::unbind)
+}
+
+/// `asyncio.Future(loop=loop_)` (the C implementation when CPython has it), called
+/// with vectorcall: no argument tuple or keyword dict is built.
+pub fn new_future(loop_: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    let py = loop_.py();
+    let future = FUTURE_TYPE.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import("asyncio.futures")?.getattr("Future")?.unbind())
+    })?;
+    let kwnames = LOOP_KWNAMES.get_or_try_init(py, || {
+        Ok::<_, PyErr>(PyTuple::new(py, [PyString::new(py, "loop")])?.unbind())
+    })?;
+    let args = [loop_.as_ptr()];
+    // SAFETY: `args` holds one borrowed reference alive for the call; with nargs 0 and a
+    // one-name kwnames tuple it is the value of `loop=`. The call returns a new
+    // reference or NULL with an error set.
+    unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            ffi::PyObject_Vectorcall(future.as_ptr(), args.as_ptr(), 0, kwnames.as_ptr()),
+        )
+    }
+    .map(Bound::unbind)
+}
 
 fn format_helpers_attr<'py>(
     py: Python<'py>,

@@ -184,6 +184,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         except (ValueError, OSError) as exc:
             raise RuntimeError(str(exc)) from None
         self._signal_handlers[sig] = Handle(callback, args, self, None)
+        self._signals_watched = True
         try:
             signal.signal(sig, _sighandler_noop)
             signal.siginterrupt(sig, False)
@@ -211,6 +212,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
     def _release_wakeup_fd(self) -> None:
         if self._signal_handlers:
             return
+        self._signals_watched = False
         try:
             signal.set_wakeup_fd(-1)
         except (ValueError, OSError) as exc:
