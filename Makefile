@@ -7,7 +7,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-.PHONY: install servers test bench lint clean
+.PHONY: install servers test bench bench-full lint clean
 install: $(BIN)/python
 	$(BIN)/pip install -q ".[test,bench,integration]"
 
@@ -22,12 +22,14 @@ test: install servers
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
-# The main job: the echo benchmark (a Rust load generator against streams, Protocol,
-# BufferedProtocol and sock_* echo servers) and the micro benchmarks, ferroloop beside
-# asyncio and uvloop in one run each.
+# The main job: the benchmark suite's quick mode (six echo workloads from a Rust load
+# generator, and the micro benchmarks), every installed loop side by side in one run;
+# bench/results/summary.md, suite.json and suite.png. bench-full: the whole matrix.
 bench: install
-	$(BIN)/python bench/echo.py --cycles 10 --markdown bench/results/echo.md --json bench/results/echo.json
-	$(BIN)/python bench/micro.py --cycles 10 --markdown bench/results/micro.md --json bench/results/micro.json
+	$(BIN)/python bench/suite.py
+
+bench-full: install
+	$(BIN)/python bench/suite.py --full
 
 lint: $(BIN)/python
 	cargo fmt --check

@@ -24,12 +24,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _loops import available_loops
 from _stats import spread
 
 BENCH = Path(__file__).resolve().parent
 LOADGEN_DIR = BENCH / "loadgen"
 LOADGEN = LOADGEN_DIR / "target" / "release" / "ferroloop-loadgen"
-KINDS = ["streams", "protocol", "buffered", "sock"]
+KINDS = ["streams", "readline", "protocol", "buffered", "sock", "http"]
+# What the load generator sends to each kind of server.
+MODES = {"readline": "line", "http": "http"}
 
 
 def build_loadgen() -> None:
@@ -37,17 +40,6 @@ def build_loadgen() -> None:
         ["cargo", "build", "--release", "--quiet", "--manifest-path", str(LOADGEN_DIR / "Cargo.toml")],
         check=True,
     )
-
-
-def available_loops() -> list[str]:
-    loops = ["asyncio", "ferroloop"]
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        print("uvloop is not installed: ratios are against asyncio only", file=sys.stderr)
-    else:
-        loops.insert(1, "uvloop")
-    return loops
 
 
 def cores() -> tuple[int | None, int | None]:
@@ -89,8 +81,9 @@ class Server:
         self.proc.stdout.close()
 
 
-def run_cell(targets: dict[str, Server], size, conns, cycles, slice_ms, gen_core) -> dict:
+def run_cell(targets: dict[str, Server], kind, size, conns, cycles, slice_ms, gen_core) -> dict:
     argv = [str(LOADGEN), "run", "--size", str(size), "--conns", str(conns)]
+    argv += ["--mode", MODES.get(kind, "echo")]
     argv += ["--slice-ms", str(slice_ms), "--cycles", str(cycles)]
     for name, server in targets.items():
         argv += ["--target", f"{name},{server.pid},{server.port}"]
@@ -153,34 +146,25 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS)
-    parser.add_argument("--sizes", nargs="*", type=int, default=[1024])
-    parser.add_argument("--conns", nargs="*", type=int, default=[10, 100])
-    parser.add_argument("--cycles", type=int, default=20)
-    parser.add_argument("--slice-ms", type=int, default=100)
-    parser.add_argument("--json")
-    parser.add_argument("--markdown")
-    args = parser.parse_args()
-
+def run_matrix(kinds, sizes, conns_list, cycles, slice_ms) -> list[dict]:
     build_loadgen()
     loops = available_loops()
     server_core, gen_core = cores()
     ceiling = Server([str(LOADGEN), "serve"], server_core)
     results = []
     try:
-        for kind in args.kinds:
+        for kind in kinds:
             servers = {
                 name: Server([sys.executable, str(BENCH / "echo_servers.py"), name, kind], server_core)
                 for name in loops
             }
             try:
-                for size in args.sizes:
-                    for conns in args.conns:
+                for size in sizes:
+                    for conns in conns_list:
                         print(f"echo {kind} {size} B x {conns} connections", file=sys.stderr, flush=True)
-                        targets = {"rust-epoll": ceiling, **servers}
-                        cell = run_cell(targets, size, conns, args.cycles, args.slice_ms, gen_core)
+                        # The pure-Rust server only echoes: it is the ceiling of echo cells.
+                        targets = {**({"rust-epoll": ceiling} if kind not in MODES else {}), **servers}
+                        cell = run_cell(targets, kind, size, conns, cycles, slice_ms, gen_core)
                         results.append(
                             {"kind": kind, "size": size, "conns": conns, "rows": summarise(cell, loops)}
                         )
@@ -189,9 +173,84 @@ def main() -> None:
                     server.stop()
     finally:
         ceiling.stop()
+    return results
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def run_c10k(kind="streams", conns=10_000, rounds=3) -> dict:
+    """10,000 idle connections per loop, one fresh server each time: server memory per
+    connection (RSS growth) and the rate at which they were accepted and echoed once."""
+    build_loadgen()
+    loops = available_loops()
+    server_core, gen_core = cores()
+    raw = {name: [] for name in loops}
+    for r in range(rounds):
+        for name in loops[r % len(loops):] + loops[: r % len(loops)]:
+            print(f"c10k {name} round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+            server = Server([sys.executable, str(BENCH / "echo_servers.py"), name, kind], server_core)
+            try:
+                before = _rss_kib(server.pid)
+                gen = subprocess.Popen(
+                    [str(LOADGEN), "c10k", "--conns", str(conns), "--target", f"{name},{server.pid},{server.port}"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                )
+                pin(gen.pid, gen_core)
+                report = json.loads(gen.stdout.readline())
+                after = _rss_kib(server.pid)
+                gen.stdin.close()
+                gen.wait(timeout=60)
+                gen.stdout.close()
+                raw[name].append(((after - before) / conns, conns / report["seconds"]))
+            finally:
+                server.stop()
+    return {
+        name: {
+            "kib_per_conn": statistics.median(v[0] for v in values),
+            "accepts_per_s": statistics.median(v[1] for v in values),
+        }
+        for name, values in raw.items()
+    }
+
+
+def c10k_markdown(rows: dict, kind="streams") -> str:
+    lines = [
+        f"| C10K ({kind} server) | server memory per connection | connections accepted and echoed per second |",
+        "|---|---|---|",
+    ]
+    for name, row in rows.items():
+        bold = "**" if name == "ferroloop" else ""
+        lines.append(
+            f"| {bold}{name}{bold} | {row['kib_per_conn']:.2f} KiB | {row['accepts_per_s']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS)
+    parser.add_argument("--sizes", nargs="*", type=int, default=[1024])
+    parser.add_argument("--conns", nargs="*", type=int, default=[10, 100])
+    parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--slice-ms", type=int, default=100)
+    parser.add_argument("--c10k", action="store_true", help="also run the 10,000 idle connections test")
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    args = parser.parse_args()
+    results = run_matrix(args.kinds, args.sizes, args.conns, args.cycles, args.slice_ms)
     table = markdown(results)
+    c10k = run_c10k() if args.c10k else None
+    if c10k:
+        table += "\n\n" + c10k_markdown(c10k)
     print(table)
-    for path, text in ((args.json, json.dumps(results, indent=1)), (args.markdown, table)):
+    payload = {"cells": results, "c10k": c10k}
+    for path, text in ((args.json, json.dumps(payload, indent=1)), (args.markdown, table)):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w") as fh:

@@ -2,27 +2,21 @@
 
     python bench/echo_servers.py LOOP KIND   # prints the port, serves until SIGTERM
 
-LOOP: asyncio | uvloop | ferroloop. KIND: streams | protocol | buffered | sock.
+LOOP: asyncio | uvloop | ferroloop | rloop | rsloop.
+KIND: streams | readline | protocol | buffered | sock | http (httptools, keep-alive;
+the request path is the body size to answer with, as bench/loadgen sends it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 import socket
 import sys
+from typing import ClassVar
 
-
-def new_loop(name: str) -> asyncio.AbstractEventLoop:
-    if name == "ferroloop":
-        import ferroloop
-
-        return ferroloop.new_event_loop()
-    if name == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
+from _loops import new_loop
 
 
 async def streams_handler(reader, writer):
@@ -30,6 +24,44 @@ async def streams_handler(reader, writer):
         writer.write(data)
         await writer.drain()
     writer.close()
+
+
+async def readline_handler(reader, writer):
+    while line := await reader.readline():
+        writer.write(line)
+        await writer.drain()
+    writer.close()
+
+
+def http_response(size: int) -> bytes:
+    body = bytes(ord("a") + i % 26 for i in range(size))
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nContent-Type: application/octet-stream\r\n\r\n"
+    return head.encode() + body
+
+
+class HttpProtocol(asyncio.Protocol):
+    """HTTP/1.1 keep-alive with httptools' parser: one fixed response per request."""
+
+    responses: ClassVar[dict[bytes, bytes]] = {}
+
+    def connection_made(self, transport):
+        import httptools
+
+        self.transport = transport
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+
+    def data_received(self, data):
+        self.parser.feed_data(data)
+
+    def on_url(self, url):
+        self.url = url
+
+    def on_message_complete(self):
+        response = self.responses.get(self.url)
+        if response is None:
+            response = self.responses[self.url] = http_response(int(self.url[1:]))
+        self.transport.write(response)
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -81,8 +113,14 @@ async def main(kind: str) -> None:
     else:
         if kind == "streams":
             server = await asyncio.start_server(streams_handler, "127.0.0.1", 0, backlog=1024)
+        elif kind == "readline":
+            server = await asyncio.start_server(
+                readline_handler, "127.0.0.1", 0, backlog=1024, limit=1 << 20
+            )
         else:
-            factory = EchoProtocol if kind == "protocol" else EchoBufferedProtocol
+            factory = {"protocol": EchoProtocol, "buffered": EchoBufferedProtocol}.get(
+                kind, HttpProtocol
+            )
             server = await loop.create_server(factory, "127.0.0.1", 0, backlog=1024)
         port = server.sockets[0].getsockname()[1]
     print(port, flush=True)
@@ -96,6 +134,9 @@ async def main(kind: str) -> None:
 
 if __name__ == "__main__":
     loop_name, kind = sys.argv[1], sys.argv[2]
+    # C10K: as many fds as the hard limit allows.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     loop = new_loop(loop_name)
     try:
         loop.run_until_complete(main(kind))

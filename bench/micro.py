@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+from _loops import RUST_PEERS, available_loops
+from _loops import new_loop as make_loop
 from _stats import spread
 
 # -- the workloads: each returns (operations, seconds) -----------------------------
@@ -145,20 +147,6 @@ BENCHMARKS = {
 }
 
 
-def make_loop(name):
-    if name == "asyncio":
-        return asyncio.new_event_loop()
-    if name == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop()
-    if name == "ferroloop":
-        import ferroloop
-
-        return ferroloop.new_event_loop()
-    raise ValueError(name)
-
-
 def worker(name):
     """Reads a benchmark name per line, answers with ops/s."""
     for line in sys.stdin:
@@ -170,17 +158,6 @@ def worker(name):
         finally:
             loop.close()
         print(json.dumps({"ops_per_s": ops / seconds}), flush=True)
-
-
-def available_loops():
-    loops = ["asyncio", "ferroloop"]
-    try:
-        import uvloop  # noqa: F401
-
-        loops.insert(1, "uvloop")
-    except ImportError:
-        print("uvloop is not installed: comparing with asyncio only", file=sys.stderr)
-    return loops
 
 
 def orchestrate(cycles, benches):
@@ -221,12 +198,18 @@ def summarise(loops, raw):
         for base in [b for b in ("uvloop", "asyncio") if b in loops]:
             ratios = [f / b for f, b in zip(per_loop["ferroloop"], per_loop[base])]
             row[f"vs {base}"] = spread(ratios)
+        peers = [p for p in RUST_PEERS if p in loops]
+        if peers:
+            # Against the faster Rust peer of each cycle.
+            best = [max(per_loop[p][i] for p in peers) for i in range(len(per_loop["ferroloop"]))]
+            row["vs best Rust peer"] = spread([f / b for f, b in zip(per_loop["ferroloop"], best)])
         rows.append(row)
     return rows
 
 
 def markdown(loops, rows):
-    bases = [b for b in ("uvloop", "asyncio") if b in loops]
+    bases = [b for b in ("uvloop", "asyncio", "best Rust peer") if b in loops or (
+        b == "best Rust peer" and any(p in loops for p in RUST_PEERS))]
     head = ["benchmark"] + [f"{n} (ops/s)" for n in loops] + [f"ferroloop / {b} (p25-p75)" for b in bases]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:

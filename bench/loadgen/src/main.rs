@@ -7,6 +7,10 @@
 //!   while every other target is stopped with SIGSTOP. Every echoed byte is checked.
 //!   Per slice it records requests, wall time and the server's CPU time (from
 //!   /proc/PID/task/*/schedstat, in ns). Prints one JSON object on stdout.
+//!   `--mode line` sends newline-terminated lines (for `readline` servers), `--mode http`
+//!   sends `GET /SIZE HTTP/1.1` and expects the fixed response `http_response` builds.
+//! `loadgen c10k --conns N --target NAME,PID,PORT`: opens N connections, echoes one
+//!   byte on each, prints the time that took, then holds them until stdin closes.
 //! `loadgen serve [--port P]`: a single-threaded epoll echo server; prints its port.
 
 use std::collections::VecDeque;
@@ -78,6 +82,7 @@ struct Conn {
     started: Instant,
     busy: bool,
     want_write: bool,
+    first_in_slice: bool,
 }
 
 struct Target {
@@ -108,19 +113,71 @@ fn signal(pid: i32, sig: libc::c_int) -> io::Result<()> {
     check(unsafe { libc::kill(pid, sig) }).map(|_| ())
 }
 
+/// What goes over each connection.
+enum Mode {
+    /// The echo of a per-connection, per-message byte pattern.
+    Echo,
+    /// The same, as a line: no newline inside, one at the end.
+    Line,
+    /// A fixed HTTP/1.1 keep-alive request and the fixed response it must get.
+    Http { request: Vec<u8>, response: Vec<u8> },
+}
+
+/// The response the benchmark's HTTP servers send: `size` body bytes.
+fn http_response(size: usize) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nContent-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    out.extend((0..size).map(|i| b'a' + (i % 26) as u8));
+    out
+}
+
 struct Load {
     size: usize,
+    mode: Mode,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
 
 impl Load {
+    fn request_len(&self) -> usize {
+        match &self.mode {
+            Mode::Http { request, .. } => request.len(),
+            _ => self.size,
+        }
+    }
+
+    fn response_len(&self) -> usize {
+        match &self.mode {
+            Mode::Http { response, .. } => response.len(),
+            _ => self.size,
+        }
+    }
+
+    fn request_byte(&self, conn: usize, seq: u64, i: usize) -> u8 {
+        match &self.mode {
+            Mode::Echo => pattern(conn, seq, i),
+            Mode::Line if i + 1 == self.size => b'\n',
+            Mode::Line => b'a' + pattern(conn, seq, i) % 26,
+            Mode::Http { request, .. } => request[i],
+        }
+    }
+
+    fn response_byte(&self, conn: usize, seq: u64, i: usize) -> u8 {
+        match &self.mode {
+            Mode::Http { response, .. } => response[i],
+            _ => self.request_byte(conn, seq, i),
+        }
+    }
+
     /// Sends as much of the current message as the socket takes.
     fn push(&mut self, conn_id: usize, conn: &mut Conn) -> io::Result<()> {
-        while conn.sent < self.size {
-            let n = (self.size - conn.sent).min(self.out.len());
-            for (i, b) in self.out[..n].iter_mut().enumerate() {
-                *b = pattern(conn_id, conn.seq, conn.sent + i);
+        let total = self.request_len();
+        while conn.sent < total {
+            let n = (total - conn.sent).min(self.out.len());
+            for i in 0..n {
+                self.out[i] = self.request_byte(conn_id, conn.seq, conn.sent + i);
             }
             match conn.stream.write(&self.out[..n]) {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer closed")),
@@ -129,12 +186,13 @@ impl Load {
                 Err(e) => return Err(e),
             }
         }
-        conn.want_write = conn.sent < self.size;
+        conn.want_write = conn.sent < total;
         Ok(())
     }
 
     /// Reads what arrived and checks it; true when the whole echo is in.
     fn pull(&mut self, conn_id: usize, conn: &mut Conn) -> io::Result<bool> {
+        let total = self.response_len();
         loop {
             match conn.stream.read(&mut self.buf) {
                 Ok(0) => {
@@ -144,11 +202,11 @@ impl Load {
                     ))
                 }
                 Ok(n) => {
-                    if conn.received + n > conn.sent {
-                        return Err(io::Error::other("more bytes echoed than sent"));
+                    if conn.received + n > total {
+                        return Err(io::Error::other("more bytes came back than expected"));
                     }
                     for (i, b) in self.buf[..n].iter().enumerate() {
-                        if *b != pattern(conn_id, conn.seq, conn.received + i) {
+                        if *b != self.response_byte(conn_id, conn.seq, conn.received + i) {
                             return Err(io::Error::other(format!(
                                 "wrong byte at offset {} of message {} on connection {conn_id}",
                                 conn.received + i,
@@ -157,7 +215,7 @@ impl Load {
                         }
                     }
                     conn.received += n;
-                    if conn.received == self.size {
+                    if conn.received == total {
                         return Ok(true);
                     }
                 }
@@ -189,6 +247,7 @@ fn run_slice(
     let mut requests = 0u64;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     for (i, conn) in target.conns.iter_mut().enumerate() {
+        conn.first_in_slice = true;
         load.start(base + i, conn)?;
         update_interest(epoll, base + i, conn)?;
     }
@@ -215,8 +274,13 @@ fn run_slice(
             }
             if load.pull(id, conn)? {
                 requests += 1;
-                let us = conn.started.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                target.latencies_us.push(us);
+                // The first request of a slice waited for the server to be resumed from
+                // SIGSTOP: it measures the harness, not the server.
+                if !conn.first_in_slice {
+                    let us = conn.started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                    target.latencies_us.push(us);
+                }
+                conn.first_in_slice = false;
                 conn.busy = false;
                 if Instant::now() < deadline {
                     load.start(id, conn)?;
@@ -257,6 +321,7 @@ fn run(args: &[String]) -> io::Result<()> {
     let mut slice_ms = 100u64;
     let mut cycles = 20usize;
     let mut specs = Vec::new();
+    let mut mode = "echo".to_string();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || {
@@ -270,12 +335,23 @@ fn run(args: &[String]) -> io::Result<()> {
             "--slice-ms" => slice_ms = value()?.parse().map_err(io::Error::other)?,
             "--cycles" => cycles = value()?.parse().map_err(io::Error::other)?,
             "--target" => specs.push(value()?),
+            "--mode" => mode = value()?,
             other => return Err(io::Error::other(format!("unknown argument {other}"))),
         }
     }
     if specs.is_empty() {
         return Err(io::Error::other("no --target NAME,PID,PORT given"));
     }
+    let mode = match mode.as_str() {
+        "echo" => Mode::Echo,
+        "line" => Mode::Line,
+        "http" => Mode::Http {
+            // The path tells the server the body size to answer with.
+            request: format!("GET /{size} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes(),
+            response: http_response(size),
+        },
+        other => return Err(io::Error::other(format!("unknown mode {other}"))),
+    };
     let epoll = Epoll::new()?;
     let mut targets = Vec::new();
     let mut next_id = 0usize;
@@ -306,6 +382,7 @@ fn run(args: &[String]) -> io::Result<()> {
                 started: Instant::now(),
                 busy: false,
                 want_write: false,
+                first_in_slice: false,
             });
         }
         targets.push(Target {
@@ -318,6 +395,7 @@ fn run(args: &[String]) -> io::Result<()> {
     }
     let mut load = Load {
         size,
+        mode,
         buf: vec![0; 256 * 1024],
         out: vec![0; 64 * 1024],
     };
@@ -376,6 +454,89 @@ fn run(args: &[String]) -> io::Result<()> {
     }
     json.push_str("]}");
     println!("{json}");
+    Ok(())
+}
+
+/// Raises the soft fd limit to the hard one: C10K needs more than the default 1024.
+fn raise_fd_limit() -> io::Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid rlimit for getrlimit to fill and setrlimit to read.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: as above.
+    check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }).map(|_| ())
+}
+
+/// C10K: N connections opened and each echoing one byte, timed; then held idle until
+/// stdin closes, so the caller can read the server's memory meanwhile.
+fn c10k(args: &[String]) -> io::Result<()> {
+    let (mut conns, mut spec) = (10_000usize, String::new());
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let value = it
+            .next()
+            .cloned()
+            .ok_or_else(|| io::Error::other(format!("{arg} needs a value")))?;
+        match arg.as_str() {
+            "--conns" => conns = value.parse().map_err(io::Error::other)?,
+            "--target" => spec = value,
+            other => return Err(io::Error::other(format!("unknown argument {other}"))),
+        }
+    }
+    let port: u16 = spec
+        .rsplit(',')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| io::Error::other("--target NAME,PID,PORT needed"))?;
+    raise_fd_limit()?;
+    let epoll = Epoll::new()?;
+    let started = Instant::now();
+    let mut streams = Vec::with_capacity(conns);
+    for id in 0..conns {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_nonblocking(true)?;
+        epoll.ctl(
+            libc::EPOLL_CTL_ADD,
+            stream.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            id as u64,
+        )?;
+        (&stream).write_all(b"x")?;
+        streams.push(stream);
+    }
+    let mut echoed = vec![false; conns];
+    let mut left = conns;
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+    let mut byte = [0u8; 16];
+    while left > 0 {
+        let n = epoll.wait(&mut events, 30_000)?;
+        if n == 0 {
+            return Err(io::Error::other(format!("{left} connections never echoed")));
+        }
+        for ev in &events[..n] {
+            let id = ev.u64 as usize;
+            match (&streams[id]).read(&mut byte) {
+                Ok(1) if byte[0] == b'x' && !echoed[id] => {
+                    echoed[id] = true;
+                    left -= 1;
+                }
+                Ok(_) => return Err(io::Error::other("wrong C10K echo")),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    println!(
+        "{{\"conns\": {conns}, \"seconds\": {:.6}}}",
+        started.elapsed().as_secs_f64()
+    );
+    io::stdout().flush()?;
+    let mut sink = String::new();
+    while io::stdin().read_line(&mut sink)? > 0 {}
+    drop(streams);
     Ok(())
 }
 
@@ -471,6 +632,7 @@ fn main() -> ExitCode {
     let outcome = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
         Some("serve") => serve(&args[1..]),
+        Some("c10k") => c10k(&args[1..]),
         _ => Err(io::Error::other(
             "usage: loadgen run --target NAME,PID,PORT ... | loadgen serve [--port P]",
         )),

@@ -1,0 +1,124 @@
+"""ferroloop's benchmark suite: every loop side by side in one run.
+
+    python bench/suite.py            # quick mode (the README's main job), under 2 minutes
+    python bench/suite.py --full     # the full matrix, under 15 minutes
+
+Quick: the six echo workloads (streams, readline, Protocol, BufferedProtocol, sock_*,
+HTTP/1.1 with httptools) at 1 KiB with 10 and 100 connections, and the micro
+benchmarks. Full: the same at 1, 10 and 100 KiB, 20 cycles each, the micro benchmarks,
+and 10,000 idle connections. Writes bench/results/summary.md, suite.json and suite.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import echo
+import micro
+from _loops import available_loops
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = []
+    for name in available_loops():
+        if name in ("asyncio", "ferroloop"):
+            continue
+        try:
+            from importlib.metadata import version
+
+            versions.append(f"{name} {version(name)}")
+        except Exception:  # noqa: BLE001 - the version is informative only
+            versions.append(name)
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, "
+        f"CPython {platform.python_version()}, " + ", ".join(versions)
+    )
+
+
+def chart(cells: list[dict], path: Path) -> None:
+    """Requests/s relative to uvloop and server CPU per request, by workload and loop."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loops = [n for n in next(iter(cells))["rows"] if not n.startswith("_")]
+    labels = [f"{c['kind']}\n{c['size'] // 1024 or c['size']}{'K' if c['size'] >= 1024 else 'B'} x{c['conns']}" for c in cells]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(10, len(cells) * 0.9), 8), sharex=True)
+    width = 0.8 / max(1, len(loops))
+    for i, name in enumerate(loops):
+        xs = [k + i * width for k in range(len(cells))]
+        ratios = [c["rows"].get(name, {}).get("rps_ratio", (math.nan,))[0] for c in cells]
+        cpu = [c["rows"].get(name, {}).get("cpu_us", math.nan) for c in cells]
+        top.bar(xs, ratios, width, label=name)
+        bottom.bar(xs, cpu, width, label=name)
+    top.axhline(1.0, color="black", linewidth=0.8)
+    top.set_ylabel("requests/s vs uvloop")
+    bottom.set_ylabel("server CPU µs / request")
+    bottom.set_xticks([k + 0.4 - width / 2 for k in range(len(cells))], labels, fontsize=7)
+    top.legend(ncol=len(loops), fontsize=8)
+    top.set_title("ferroloop benchmark suite (median of per-cycle ratios)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def micro_section(cycles: int) -> tuple[str, dict]:
+    loops, raw = micro.orchestrate(cycles, list(micro.BENCHMARKS))
+    return micro.markdown(loops, micro.summarise(loops, raw)), {"loops": loops, "raw": raw}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--full", action="store_true")
+    args = parser.parse_args()
+    started = time.monotonic()
+    if args.full:
+        sizes, cycles, micro_cycles = [1024, 10 * 1024, 100 * 1024], 20, 15
+    else:
+        sizes, cycles, micro_cycles = [1024], 8, 8
+    cells = echo.run_matrix(echo.KINDS, sizes, [10, 100], cycles, 100)
+    c10k = echo.run_c10k() if args.full else None
+    micro_table, micro_raw = micro_section(micro_cycles)
+
+    RESULTS.mkdir(exist_ok=True)
+    mode = "full" if args.full else "quick"
+    parts = [
+        f"Machine: {machine()}. Mode: {mode}, {cycles} cycles of 100 ms slices per cell.",
+        "## Network\n\n" + echo.markdown(cells),
+    ]
+    if c10k:
+        parts.append(echo.c10k_markdown(c10k))
+    parts.append("## Micro\n\n" + micro_table)
+    summary = "\n\n".join(parts)
+    (RESULTS / "summary.md").write_text(summary + "\n")
+    (RESULTS / "suite.json").write_text(
+        json.dumps({"machine": machine(), "cells": cells, "c10k": c10k, "micro": micro_raw}, indent=1)
+    )
+    try:
+        chart(cells, RESULTS / "suite.png")
+    except ImportError:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+    print(summary)
+    print(f"\n(took {time.monotonic() - started:.0f} s; results in {RESULTS})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
