@@ -1225,9 +1225,17 @@ impl LoopCore {
         })
     }
 
-    /// The fd of a socket given to a `sock_*` call. As in asyncio, an fd owned by a
+    /// The fd of a socket given to a `sock_*` call, after asyncio's checks: not an
+    /// `ssl.SSLSocket`, and non-blocking in debug mode. As in asyncio, an fd owned by a
     /// transport is refused only when the call has to wait (by `set_waiter`).
     fn sock_fd(&self, sock: &Bound<'_, PyAny>) -> PyResult<RawFd> {
+        pyhelpers::reject_ssl_socket(sock)?;
+        if self.debug.load(Ordering::Relaxed) {
+            let timeout = sock.call_method0("gettimeout")?;
+            if timeout.is_none() || timeout.extract::<f64>()? != 0.0 {
+                return Err(PyValueError::new_err("the socket must be non-blocking"));
+            }
+        }
         let fd: i64 = sock.call_method0("fileno")?.extract()?;
         checked_fd(fd)
     }

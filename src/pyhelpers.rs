@@ -11,6 +11,27 @@ static FORMAT_CALLBACK_SOURCE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static FUTURE_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static LOOP_KWNAMES: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
 static TASK_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static SSL_SOCKET: PyOnceLock<Option<Py<PyAny>>> = PyOnceLock::new();
+
+/// `TypeError` for an `ssl.SSLSocket`, as asyncio's `sock_*` calls raise it.
+pub fn reject_ssl_socket(sock: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = sock.py();
+    // Python may be built without ssl: then no socket can be an SSLSocket.
+    let ssl_socket = SSL_SOCKET.get_or_init(py, || {
+        py.import("ssl")
+            .and_then(|m| m.getattr("SSLSocket"))
+            .ok()
+            .map(Bound::unbind)
+    });
+    if let Some(cls) = ssl_socket {
+        if sock.is_instance(cls.bind(py))? {
+            return Err(pyo3::exceptions::PyTypeError::new_err(
+                "Socket cannot be of type SSLSocket",
+            ));
+        }
+    }
+    Ok(())
+}
 static TASK_KWNAMES: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
 
 /// `asyncio.Task(coro, loop=loop_, name=name, context=context)` by vectorcall.

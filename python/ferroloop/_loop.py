@@ -292,9 +292,9 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             fut.set_result(result)
 
     async def sock_recv(self, sock, n):
-        self._check_sock(sock)
-        # Read now in Rust if there is data; otherwise the loop reads it when the fd is
-        # ready and resolves the future, without a Python callback.
+        # Checked (as _check_sock does) and read now in Rust if there is data; otherwise
+        # the loop reads when the fd is ready and resolves the future, with no Python
+        # callback.
         data = self._sock_recv_start(sock, n)
         if type(data) is bytes:
             return data
@@ -305,7 +305,6 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             raise
 
     async def sock_recv_into(self, sock, buf):
-        self._check_sock(sock)
         count = self._sock_recv_into_start(sock, buf)
         if type(count) is int:
             return count
@@ -342,7 +341,6 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         return await self._sock_wait(sock, True, methodcaller("sendto", data, address))
 
     async def sock_sendall(self, sock, data):
-        self._check_sock(sock)
         pending = self._sock_sendall_start(sock, data)
         if pending is None:
             return
