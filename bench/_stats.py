@@ -3,6 +3,7 @@ with their p25-p75 spread (see ../shared/BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import os
 import statistics
 
 
@@ -16,3 +17,12 @@ def percentile(values, q):
 def spread(ratios):
     """(median, p25, p75) of per-cycle ratios."""
     return statistics.median(ratios), percentile(ratios, 0.25), percentile(ratios, 0.75)
+
+
+def write_outputs(pairs) -> None:
+    """Writes each (path, text) whose path is set, creating its folder."""
+    for path, text in pairs:
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as fh:
+                fh.write(text + "\n")

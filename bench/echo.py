@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from _loops import available_loops
-from _stats import spread
+from _stats import spread, write_outputs
 
 BENCH = Path(__file__).resolve().parent
 LOADGEN_DIR = BENCH / "loadgen"
@@ -250,11 +250,7 @@ def main() -> None:
         table += "\n\n" + c10k_markdown(c10k)
     print(table)
     payload = {"cells": results, "c10k": c10k}
-    for path, text in ((args.json, json.dumps(payload, indent=1)), (args.markdown, table)):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as fh:
-                fh.write(text + "\n")
+    write_outputs(((args.json, json.dumps(payload, indent=1)), (args.markdown, table)))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import time
 
 from _loops import RUST_PEERS, available_loops
 from _loops import new_loop as make_loop
-from _stats import spread
+from _stats import spread, write_outputs
 
 # -- the workloads: each returns (operations, seconds) -----------------------------
 
@@ -237,11 +237,8 @@ def main():
     rows = summarise(loops, raw)
     table = markdown(loops, rows)
     print(table)
-    for path, text in ((args.json, json.dumps({"loops": loops, "raw": raw}, indent=1)), (args.markdown, table)):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as fh:
-                fh.write(text + "\n")
+    raw_json = json.dumps({"loops": loops, "raw": raw}, indent=1)
+    write_outputs(((args.json, raw_json), (args.markdown, table)))
 
 
 if __name__ == "__main__":

@@ -399,6 +399,11 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         transport._register()
         if server is not None:
             server._attach(transport)
+        return self._start_transport(transport, protocol, waiter)
+
+    def _start_transport(self, transport, protocol, waiter):
+        """What asyncio's transports schedule when created: connection_made, then
+        reading, then the waiter (in that order, each in its own callback)."""
         self.call_soon(protocol.connection_made, transport)
         self.call_soon(transport._start_reading)
         if waiter is not None:
@@ -435,11 +440,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
     def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
         transport = DatagramTransport(self, sock, protocol, socket_extra(sock, extra), address)
         transport._register()
-        self.call_soon(protocol.connection_made, transport)
-        self.call_soon(transport._start_reading)
-        if waiter is not None:
-            self.call_soon(futures._set_result_unless_cancelled, waiter, None)
-        return transport
+        return self._start_transport(transport, protocol, waiter)
 
     # -- connections -----------------------------------------------------------
 

@@ -25,7 +25,8 @@ use crate::gil_cell::GilCell;
 use crate::handles::copy_context;
 use crate::poller::{self, Token, READABLE, WRITABLE};
 use crate::transports::{
-    asyncio_logger, in_context, is_fatal_to_loop, write_limits, CONNLOST_LOG_THRESHOLD,
+    asyncio_logger, extra_info, in_context, is_fatal_to_loop, protocol_failed, release_socket,
+    report, report_fatal, schedule_connection_lost, write_limits, CONNLOST_LOG_THRESHOLD,
     DEFAULT_HIGH_WATER,
 };
 
@@ -99,69 +100,49 @@ pub struct DatagramTransport {
     state: GilCell<DatagramState>,
 }
 
+/// An address in text form, exactly as the C library (and so the socket module)
+/// prints it.
+fn ntop(family: libc::c_int, addr: *const libc::c_void) -> PyResult<String> {
+    let mut text = [0 as libc::c_char; 64];
+    // SAFETY: `addr` points to an in_addr or in6_addr matching `family` (the callers
+    // take it from a sockaddr of that family); `text` (64 bytes) exceeds
+    // INET6_ADDRSTRLEN (46), and inet_ntop NUL-terminates what it writes.
+    let host = unsafe { inet_ntop(family, addr, text.as_mut_ptr(), text.len() as libc::socklen_t) };
+    if host.is_null() {
+        return Err(os_error(io::Error::last_os_error()));
+    }
+    // SAFETY: inet_ntop succeeded, so `text` holds a NUL-terminated string.
+    Ok(unsafe { std::ffi::CStr::from_ptr(text.as_ptr()) }
+        .to_string_lossy()
+        .into_owned())
+}
+
 /// `(host, port)` or `(host, port, flowinfo, scope_id)` from a kernel address, as the
 /// socket module builds them; `None` for other families.
 fn inet_address<'py>(
     py: Python<'py>,
     addr: &libc::sockaddr_storage,
 ) -> PyResult<Option<Bound<'py, PyTuple>>> {
-    let mut text = [0 as libc::c_char; 64];
     match i32::from(addr.ss_family) {
         libc::AF_INET => {
             // SAFETY: the kernel wrote a sockaddr_in (family AF_INET) into the storage,
             // which is large and aligned enough for every address type.
             let sin = unsafe { &*(addr as *const _ as *const libc::sockaddr_in) };
-            // SAFETY: `text` has room for any IPv4 text form; inet_ntop NUL-terminates.
-            let host = unsafe {
-                inet_ntop(
-                    libc::AF_INET,
-                    (&sin.sin_addr as *const libc::in_addr).cast(),
-                    text.as_mut_ptr(),
-                    text.len() as libc::socklen_t,
-                )
-            };
-            if host.is_null() {
-                return Err(os_error(io::Error::last_os_error()));
-            }
-            // SAFETY: inet_ntop succeeded, so `text` holds a NUL-terminated string.
-            let host = unsafe { std::ffi::CStr::from_ptr(text.as_ptr()) }.to_string_lossy();
+            let host = ntop(libc::AF_INET, (&sin.sin_addr as *const libc::in_addr).cast())?;
             let port = u16::from_be(sin.sin_port);
-            Ok(Some(PyTuple::new(
-                py,
-                [
-                    host.into_pyobject(py)?.into_any(),
-                    port.into_pyobject(py)?.into_any(),
-                ],
-            )?))
+            Ok(Some((host, port).into_pyobject(py)?))
         }
         libc::AF_INET6 => {
             // SAFETY: as above, for a sockaddr_in6.
             let sin6 = unsafe { &*(addr as *const _ as *const libc::sockaddr_in6) };
-            // SAFETY: `text` (64 bytes) exceeds INET6_ADDRSTRLEN (46).
-            let host = unsafe {
-                inet_ntop(
-                    libc::AF_INET6,
-                    (&sin6.sin6_addr as *const libc::in6_addr).cast(),
-                    text.as_mut_ptr(),
-                    text.len() as libc::socklen_t,
-                )
-            };
-            if host.is_null() {
-                return Err(os_error(io::Error::last_os_error()));
-            }
-            // SAFETY: inet_ntop succeeded, so `text` holds a NUL-terminated string.
-            let host = unsafe { std::ffi::CStr::from_ptr(text.as_ptr()) }.to_string_lossy();
-            Ok(Some(PyTuple::new(
-                py,
-                [
-                    host.into_pyobject(py)?.into_any(),
-                    u16::from_be(sin6.sin6_port).into_pyobject(py)?.into_any(),
-                    u32::from_be(sin6.sin6_flowinfo)
-                        .into_pyobject(py)?
-                        .into_any(),
-                    sin6.sin6_scope_id.into_pyobject(py)?.into_any(),
-                ],
-            )?))
+            let host = ntop(libc::AF_INET6, (&sin6.sin6_addr as *const libc::in6_addr).cast())?;
+            let tuple = (
+                host,
+                u16::from_be(sin6.sin6_port),
+                u32::from_be(sin6.sin6_flowinfo),
+                sin6.sin6_scope_id,
+            );
+            Ok(Some(tuple.into_pyobject(py)?))
         }
         _ => Ok(None),
     }
@@ -285,23 +266,23 @@ impl DatagramTransport {
             Ok(()) => Ok(()),
             Err(err) if is_fatal_to_loop(py, &err) => Err(err),
             Err(err) => {
-                let loop_ = slf
-                    .get()
-                    .state
-                    .borrow_mut(py)?
-                    .loop_
-                    .as_ref()
-                    .map(|l| l.clone_ref(py));
-                if let Some(loop_) = loop_ {
-                    let context = PyDict::new(py);
-                    context.set_item("message", "Exception in datagram protocol callback")?;
-                    context.set_item("exception", err.value(py))?;
-                    context.set_item("transport", slf)?;
-                    loop_
-                        .bind(py)
-                        .call_method1("call_exception_handler", (context,))?;
+                let (loop_, protocol) = {
+                    let st = slf.get().state.borrow_mut(py)?;
+                    (
+                        st.loop_.as_ref().map(|l| l.clone_ref(py)),
+                        st.protocol.as_ref().map(|p| p.clone_ref(py)),
+                    )
+                };
+                match loop_ {
+                    Some(loop_) => report(
+                        &loop_,
+                        "Exception in datagram protocol callback",
+                        err.value(py),
+                        slf.as_any(),
+                        protocol.as_ref(),
+                    ),
+                    None => Ok(()),
                 }
-                Ok(())
             }
         }
     }
@@ -409,13 +390,10 @@ impl DatagramTransport {
             st.sync_interest(py)?;
             st.loop_.as_ref().map(|l| l.clone_ref(py))
         };
-        if let Some(loop_) = loop_ {
-            let callback = slf.getattr("_call_connection_lost")?;
-            loop_
-                .bind(py)
-                .call_method1("call_soon", (callback, exc.unwrap_or_else(|| py.None())))?;
+        match loop_ {
+            Some(loop_) => schedule_connection_lost(&loop_, slf.as_any(), exc),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn force_close(slf: &Bound<'_, DatagramTransport>, exc: Option<Py<PyAny>>) -> PyResult<()> {
@@ -439,28 +417,15 @@ impl DatagramTransport {
                 st.protocol.as_ref().map(|p| p.clone_ref(py)),
             )
         };
-        let exc = err.value(py).clone().into_any();
-        if let Some(loop_) = &loop_ {
-            if !err.is_instance_of::<PyOSError>(py) {
-                let context = PyDict::new(py);
-                context.set_item("message", message)?;
-                context.set_item("exception", &exc)?;
-                context.set_item("transport", slf)?;
-                context.set_item("protocol", protocol)?;
-                loop_
-                    .bind(py)
-                    .call_method1("call_exception_handler", (context,))?;
-            } else if loop_.get().debug() {
-                let kwargs = PyDict::new(py);
-                kwargs.set_item("exc_info", true)?;
-                asyncio_logger(py)?.call_method(
-                    "debug",
-                    ("%r: %s", slf, message),
-                    Some(&kwargs),
-                )?;
-            }
-        }
-        DatagramTransport::force_close(slf, Some(exc.unbind()))
+        report_fatal(
+            loop_.as_ref(),
+            &err,
+            message,
+            slf.as_any(),
+            protocol.as_ref(),
+        )?;
+        let exc = err.value(py).clone().into_any().unbind();
+        DatagramTransport::force_close(slf, Some(exc))
     }
 
     fn flow_call(slf: &Bound<'_, DatagramTransport>, pause: bool) -> PyResult<()> {
@@ -487,9 +452,6 @@ impl DatagramTransport {
             "resume_writing"
         };
         if let Err(err) = protocol.bind(py).call_method0(method) {
-            if is_fatal_to_loop(py, &err) {
-                return Err(err);
-            }
             let loop_ = slf
                 .get()
                 .state
@@ -497,16 +459,8 @@ impl DatagramTransport {
                 .loop_
                 .as_ref()
                 .map(|l| l.clone_ref(py));
-            if let Some(loop_) = loop_ {
-                let context = PyDict::new(py);
-                context.set_item("message", format!("protocol.{method}() failed"))?;
-                context.set_item("exception", err.value(py))?;
-                context.set_item("transport", slf)?;
-                context.set_item("protocol", protocol)?;
-                loop_
-                    .bind(py)
-                    .call_method1("call_exception_handler", (context,))?;
-            }
+            let message = format!("protocol.{method}() failed");
+            protocol_failed(loop_.as_ref(), err, &message, slf.as_any(), &protocol)?;
         }
         Ok(())
     }
@@ -789,10 +743,7 @@ impl DatagramTransport {
         default: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let extra = self.state.borrow_mut(py)?.extra.clone_ref(py);
-        match extra.bind(py).get_item(name)? {
-            Some(value) => Ok(value.unbind()),
-            None => Ok(default.unwrap_or_else(|| py.None())),
-        }
+        extra_info(py, &extra, name, default)
     }
 
     fn _call_connection_lost(
@@ -826,12 +777,7 @@ impl DatagramTransport {
             )
         };
         drop(released);
-        if let (Some(loop_), Some(token)) = (&loop_, token) {
-            loop_.get().deregister_transport(py, token)?;
-        }
-        if let Some(sock) = sock {
-            sock.bind(py).call_method0("close")?;
-        }
+        release_socket(py, loop_.as_ref(), token, sock)?;
         outcome
     }
 

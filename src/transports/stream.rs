@@ -24,7 +24,8 @@ use crate::gil_cell::GilCell;
 use crate::handles::copy_context;
 use crate::poller::{self, Token, READABLE, WRITABLE};
 use crate::transports::{
-    asyncio_logger, in_context, is_fatal_to_loop, write_limits, CONNLOST_LOG_THRESHOLD,
+    asyncio_logger, extra_info, in_context, is_fatal_to_loop, protocol_failed, release_socket,
+    report_fatal, schedule_connection_lost, write_limits, CONNLOST_LOG_THRESHOLD,
     DEFAULT_HIGH_WATER,
 };
 
@@ -444,14 +445,10 @@ impl StreamTransport {
             st.sync_interest(py)?;
             st.loop_.as_ref().map(|l| l.clone_ref(py))
         };
-        let Some(loop_) = loop_ else {
-            return Ok(());
-        };
-        let callback = slf.getattr("_call_connection_lost")?;
-        loop_
-            .bind(py)
-            .call_method1("call_soon", (callback, exc.unwrap_or_else(|| py.None())))?;
-        Ok(())
+        match loop_ {
+            Some(loop_) => schedule_connection_lost(&loop_, slf.as_any(), exc),
+            None => Ok(()),
+        }
     }
 
     /// asyncio's `_force_close`: drop what is buffered and lose the connection.
@@ -479,29 +476,15 @@ impl StreamTransport {
                 st.protocol.as_ref().map(|p| p.clone_ref(py)),
             )
         };
-        let exc = err.value(py).clone().into_any();
-        if let Some(loop_) = &loop_ {
-            let loop_ = loop_.bind(py);
-            if err.is_instance_of::<PyOSError>(py) {
-                if loop_.get().debug() {
-                    let kwargs = PyDict::new(py);
-                    kwargs.set_item("exc_info", true)?;
-                    asyncio_logger(py)?.call_method(
-                        "debug",
-                        ("%r: %s", slf, message),
-                        Some(&kwargs),
-                    )?;
-                }
-            } else {
-                let context = PyDict::new(py);
-                context.set_item("message", message)?;
-                context.set_item("exception", &exc)?;
-                context.set_item("transport", slf)?;
-                context.set_item("protocol", protocol)?;
-                loop_.call_method1("call_exception_handler", (context,))?;
-            }
-        }
-        StreamTransport::force_close(slf, Some(exc.unbind()))
+        report_fatal(
+            loop_.as_ref(),
+            &err,
+            message,
+            slf.as_any(),
+            protocol.as_ref(),
+        )?;
+        let exc = err.value(py).clone().into_any().unbind();
+        StreamTransport::force_close(slf, Some(exc))
     }
 
     fn protocol_call_failed(
@@ -510,22 +493,14 @@ impl StreamTransport {
         err: PyErr,
         message: &str,
     ) -> PyResult<()> {
-        let py = slf.py();
-        if is_fatal_to_loop(py, &err) {
-            return Err(err);
-        }
-        let Some(loop_) = slf.get().loop_of(py)? else {
-            return Ok(());
-        };
-        let context = PyDict::new(py);
-        context.set_item("message", message)?;
-        context.set_item("exception", err.value(py))?;
-        context.set_item("transport", slf)?;
-        context.set_item("protocol", protocol)?;
-        loop_
-            .bind(py)
-            .call_method1("call_exception_handler", (context,))?;
-        Ok(())
+        let loop_ = slf.get().loop_of(slf.py())?;
+        protocol_failed(
+            loop_.as_ref(),
+            err,
+            message,
+            slf.as_any(),
+            &protocol.clone().unbind(),
+        )
     }
 
     fn maybe_pause_protocol(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
@@ -980,10 +955,7 @@ impl StreamTransport {
         default: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let extra = self.state.borrow_mut(py)?.extra.clone_ref(py);
-        match extra.bind(py).get_item(name)? {
-            Some(value) => Ok(value.unbind()),
-            None => Ok(default.unwrap_or_else(|| py.None())),
-        }
+        extra_info(py, &extra, name, default)
     }
 
     /// Calls `protocol.connection_lost(exc)`, then releases the fd and closes the
@@ -1024,13 +996,7 @@ impl StreamTransport {
             )
         };
         drop(released);
-        // The registration goes first: the fd number may be reused as soon as it closes.
-        if let (Some(loop_), Some(token)) = (&loop_, token) {
-            loop_.get().deregister_transport(py, token)?;
-        }
-        if let Some(sock) = sock {
-            sock.bind(py).call_method0("close")?;
-        }
+        release_socket(py, loop_.as_ref(), token, sock)?;
         if let Some(waiter) = waiter {
             let waiter = waiter.bind(py);
             if !waiter.call_method0("done")?.is_truthy()? {
