@@ -4,7 +4,8 @@
 
 LOOP: asyncio | uvloop | ferroloop | rloop | rsloop.
 KIND: streams | readline | protocol | buffered | sock | http (httptools, keep-alive;
-the request path is the body size to answer with, as bench/loadgen sends it).
+the request path is the body size to answer with, as bench/loadgen sends it) | tls
+(the streams echo over TLS, with the CPython test suite's localhost certificate).
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ async def readline_handler(reader, writer):
         writer.write(line)
         await writer.drain()
     writer.close()
+
+
+def tls_context():
+    import ssl
+
+    from test.test_asyncio import utils
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(utils.SIGNED_CERTFILE)
+    return ctx
 
 
 def http_response(size: int) -> bytes:
@@ -111,8 +122,10 @@ async def main(kind: str) -> None:
         port = listener.getsockname()[1]
         task = loop.create_task(serve_sock(loop, listener))
     else:
-        if kind == "streams":
-            server = await asyncio.start_server(streams_handler, "127.0.0.1", 0, backlog=1024)
+        if kind in ("streams", "tls"):
+            server = await asyncio.start_server(
+                streams_handler, "127.0.0.1", 0, backlog=1024, ssl=tls_context() if kind == "tls" else None
+            )
         elif kind == "readline":
             server = await asyncio.start_server(
                 readline_handler, "127.0.0.1", 0, backlog=1024, limit=1 << 20

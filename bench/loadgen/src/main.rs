@@ -8,7 +8,8 @@
 //!   Per slice it records requests, wall time and the server's CPU time (from
 //!   /proc/PID/task/*/schedstat, in ns). Prints one JSON object on stdout.
 //!   `--mode line` sends newline-terminated lines (for `readline` servers), `--mode http`
-//!   sends `GET /SIZE HTTP/1.1` and expects the fixed response `http_response` builds.
+//!   sends `GET /SIZE HTTP/1.1` and expects the fixed response `http_response` builds;
+//!   `--tls-ca PEM` speaks TLS (to a server for `localhost`, signed by that CA).
 //! `loadgen c10k --conns N --target NAME,PID,PORT`: opens N connections, echoes one
 //!   byte on each, prints the time that took, then holds them until stdin closes.
 //! `loadgen serve [--port P]`: a single-threaded epoll echo server; prints its port.
@@ -19,6 +20,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The byte at position `i` of message `seq` on connection `conn`: every message is
@@ -83,6 +85,40 @@ struct Conn {
     busy: bool,
     want_write: bool,
     first_in_slice: bool,
+    /// The TLS session, for the TLS echo workload.
+    tls: Option<Box<rustls::ClientConnection>>,
+}
+
+/// A client configuration trusting the CA in `ca_file` (PEM).
+fn tls_config(ca_file: &str) -> io::Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        rustls_pki_types::CertificateDer::pem_file_iter(ca_file).map_err(io::Error::other)?
+    {
+        roots
+            .add(cert.map_err(io::Error::other)?)
+            .map_err(io::Error::other)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Sends what the TLS session has to send; true if the socket was full.
+fn flush_tls(tls: &mut rustls::ClientConnection, stream: &mut TcpStream) -> io::Result<bool> {
+    while tls.wants_write() {
+        match tls.write_tls(stream) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
 }
 
 struct Target {
@@ -174,6 +210,19 @@ impl Load {
     /// Sends as much of the current message as the socket takes.
     fn push(&mut self, conn_id: usize, conn: &mut Conn) -> io::Result<()> {
         let total = self.request_len();
+        if let Some(tls) = conn.tls.as_mut() {
+            // The session takes the whole message; the socket gets what it can.
+            while conn.sent < total {
+                let n = (total - conn.sent).min(self.out.len());
+                for i in 0..n {
+                    self.out[i] = self.request_byte(conn_id, conn.seq, conn.sent + i);
+                }
+                tls.writer().write_all(&self.out[..n])?;
+                conn.sent += n;
+            }
+            conn.want_write = flush_tls(tls, &mut conn.stream)?;
+            return Ok(());
+        }
         while conn.sent < total {
             let n = (total - conn.sent).min(self.out.len());
             for i in 0..n {
@@ -190,32 +239,73 @@ impl Load {
         Ok(())
     }
 
+    /// Checks `n` bytes that came back in `self.buf`; true when the whole response is in.
+    fn check(&self, conn_id: usize, conn: &mut Conn, n: usize) -> io::Result<bool> {
+        let total = self.response_len();
+        if conn.received + n > total {
+            return Err(io::Error::other("more bytes came back than expected"));
+        }
+        for (i, b) in self.buf[..n].iter().enumerate() {
+            if *b != self.response_byte(conn_id, conn.seq, conn.received + i) {
+                return Err(io::Error::other(format!(
+                    "wrong byte at offset {} of message {} on connection {conn_id}",
+                    conn.received + i,
+                    conn.seq
+                )));
+            }
+        }
+        conn.received += n;
+        Ok(conn.received == total)
+    }
+
     /// Reads what arrived and checks it; true when the whole echo is in.
     fn pull(&mut self, conn_id: usize, conn: &mut Conn) -> io::Result<bool> {
-        let total = self.response_len();
+        let closed =
+            || io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection");
+        if conn.tls.is_some() {
+            return self.pull_tls(conn_id, conn);
+        }
         loop {
             match conn.stream.read(&mut self.buf) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "server closed the connection",
-                    ))
-                }
+                Ok(0) => return Err(closed()),
                 Ok(n) => {
-                    if conn.received + n > total {
-                        return Err(io::Error::other("more bytes came back than expected"));
+                    if self.check(conn_id, conn, n)? {
+                        return Ok(true);
                     }
-                    for (i, b) in self.buf[..n].iter().enumerate() {
-                        if *b != self.response_byte(conn_id, conn.seq, conn.received + i) {
-                            return Err(io::Error::other(format!(
-                                "wrong byte at offset {} of message {} on connection {conn_id}",
-                                conn.received + i,
-                                conn.seq
-                            )));
-                        }
-                    }
-                    conn.received += n;
-                    if conn.received == total {
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// `pull` through the TLS session: records in, handshake replies out, plaintext checked.
+    fn pull_tls(&mut self, conn_id: usize, conn: &mut Conn) -> io::Result<bool> {
+        let closed =
+            || io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection");
+        let Some(tls) = conn.tls.as_mut() else {
+            return Ok(false);
+        };
+        loop {
+            match tls.read_tls(&mut conn.stream) {
+                Ok(0) => return Err(closed()),
+                Ok(_) => {
+                    tls.process_new_packets().map_err(io::Error::other)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        conn.want_write |= flush_tls(tls, &mut conn.stream)?;
+        loop {
+            let got = match conn.tls.as_mut() {
+                Some(tls) => tls.reader().read(&mut self.buf),
+                None => return Ok(false),
+            };
+            match got {
+                Ok(0) => return Err(closed()),
+                Ok(n) => {
+                    if self.check(conn_id, conn, n)? {
                         return Ok(true);
                     }
                 }
@@ -322,6 +412,7 @@ fn run(args: &[String]) -> io::Result<()> {
     let mut cycles = 20usize;
     let mut specs = Vec::new();
     let mut mode = "echo".to_string();
+    let mut tls_ca: Option<String> = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || {
@@ -336,6 +427,7 @@ fn run(args: &[String]) -> io::Result<()> {
             "--cycles" => cycles = value()?.parse().map_err(io::Error::other)?,
             "--target" => specs.push(value()?),
             "--mode" => mode = value()?,
+            "--tls-ca" => tls_ca = Some(value()?),
             other => return Err(io::Error::other(format!("unknown argument {other}"))),
         }
     }
@@ -352,6 +444,10 @@ fn run(args: &[String]) -> io::Result<()> {
         },
         other => return Err(io::Error::other(format!("unknown mode {other}"))),
     };
+    let tls = match &tls_ca {
+        Some(ca) => Some(tls_config(ca)?),
+        None => None,
+    };
     let epoll = Epoll::new()?;
     let mut targets = Vec::new();
     let mut next_id = 0usize;
@@ -366,6 +462,16 @@ fn run(args: &[String]) -> io::Result<()> {
         for _ in 0..conns {
             let stream = TcpStream::connect(("127.0.0.1", port))?;
             stream.set_nodelay(true)?;
+            let session = match &tls {
+                Some(config) => {
+                    let name = rustls_pki_types::ServerName::try_from("localhost")
+                        .map_err(io::Error::other)?;
+                    let session = rustls::ClientConnection::new(config.clone(), name)
+                        .map_err(io::Error::other)?;
+                    Some(Box::new(session))
+                }
+                None => None,
+            };
             stream.set_nonblocking(true)?;
             epoll.ctl(
                 libc::EPOLL_CTL_ADD,
@@ -383,6 +489,7 @@ fn run(args: &[String]) -> io::Result<()> {
                 busy: false,
                 want_write: false,
                 first_in_slice: false,
+                tls: session,
             });
         }
         targets.push(Target {
