@@ -1,10 +1,13 @@
 """The Python half of ferroloop's event loop: the cold paths.
 
 `Loop` runs on `LoopCore` (Rust), which owns the turn, the ready queue, timers, the
-poller and `add_reader`/`add_writer`. `asyncio.BaseEventLoop` supplies the documented
-helpers that subclasses are meant to reuse (tasks, executors, exception handling,
-address resolution for connections); this module adds what a Unix loop needs on top:
-running-loop bookkeeping, signals, non-blocking name resolution and the `sock_*` calls.
+poller, `add_reader`/`add_writer`, the stream and datagram transports and the hot
+`sock_*` calls. `asyncio.BaseEventLoop` supplies the documented helpers that subclasses
+are meant to reuse (tasks, executors, exception handling, address resolution and happy
+eyeballs for connections, `create_server`'s options, sendfile's fallback); this module
+adds what a Unix loop needs on top: running-loop bookkeeping, signals, non-blocking
+name resolution, the remaining `sock_*` calls, transport creation, accepting, Unix
+sockets, pipes, subprocesses (child exit through pidfds) and native sendfile.
 """
 
 from __future__ import annotations

@@ -279,37 +279,48 @@ impl Load {
         }
     }
 
-    /// `pull` through the TLS session: records in, handshake replies out, plaintext checked.
+    /// `pull` through the TLS session: plaintext drained and checked between records
+    /// (the session buffers only so much), handshake replies sent.
     fn pull_tls(&mut self, conn_id: usize, conn: &mut Conn) -> io::Result<bool> {
-        let closed =
-            || io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection");
-        let Some(tls) = conn.tls.as_mut() else {
+        let Some(mut tls) = conn.tls.take() else {
             return Ok(false);
         };
+        let outcome = self.pull_session(conn_id, conn, &mut tls);
+        conn.tls = Some(tls);
+        outcome
+    }
+
+    fn pull_session(
+        &mut self,
+        conn_id: usize,
+        conn: &mut Conn,
+        tls: &mut rustls::ClientConnection,
+    ) -> io::Result<bool> {
+        let closed =
+            || io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection");
         loop {
+            loop {
+                match tls.reader().read(&mut self.buf) {
+                    Ok(0) => return Err(closed()),
+                    Ok(n) => {
+                        if self.check(conn_id, conn, n)? {
+                            return Ok(true);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
             match tls.read_tls(&mut conn.stream) {
                 Ok(0) => return Err(closed()),
                 Ok(_) => {
                     tls.process_new_packets().map_err(io::Error::other)?;
+                    conn.want_write |= flush_tls(tls, &mut conn.stream)?;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
-        conn.want_write |= flush_tls(tls, &mut conn.stream)?;
-        loop {
-            let got = match conn.tls.as_mut() {
-                Some(tls) => tls.reader().read(&mut self.buf),
-                None => return Ok(false),
-            };
-            match got {
-                Ok(0) => return Err(closed()),
-                Ok(n) => {
-                    if self.check(conn_id, conn, n)? {
-                        return Ok(true);
-                    }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.want_write |= flush_tls(tls, &mut conn.stream)?;
+                    return Ok(false);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
@@ -466,8 +477,10 @@ fn run(args: &[String]) -> io::Result<()> {
                 Some(config) => {
                     let name = rustls_pki_types::ServerName::try_from("localhost")
                         .map_err(io::Error::other)?;
-                    let session = rustls::ClientConnection::new(config.clone(), name)
+                    let mut session = rustls::ClientConnection::new(config.clone(), name)
                         .map_err(io::Error::other)?;
+                    // A whole message (up to 100 KiB) goes into the session at once.
+                    session.set_buffer_limit(None);
                     Some(Box::new(session))
                 }
                 None => None,
