@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 
 import ferroloop
 import pytest
+
+# A test run started in the background (CI, nohup) may inherit SIGINT as ignored, and
+# children inherit that: the example servers, stopped with Ctrl-C, would never stop.
+# A Python-level handler is reset to the default on exec, so children get Ctrl-C back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 LOOPS = {
     "asyncio": asyncio.new_event_loop,
