@@ -175,6 +175,9 @@ def run_matrix(kinds, sizes, conns_list, cycles, slice_ms) -> list[dict]:
                     except RuntimeError:
                         # rloop, for one, has no TLS: leave the loop out of that workload.
                         print(f"{name} cannot serve {kind}: left out", file=sys.stderr)
+                if "ferroloop" not in servers:
+                    print(f"no {kind} workload: ferroloop's server did not start", file=sys.stderr)
+                    continue
                 for size in sizes:
                     for conns in conns_list:
                         print(f"echo {kind} {size} B x {conns} connections", file=sys.stderr, flush=True)
