@@ -31,9 +31,9 @@ def test_aiofiles_read_write(loop, tmp_path):
 def test_aiodns_resolves_from_hosts_file(loop):
     async def main():
         resolver = aiodns.DNSResolver()
-        result = await resolver.gethostbyname("localhost", socket.AF_INET)
-        assert "127.0.0.1" in result.addresses
+        result = await resolver.getaddrinfo("localhost", family=socket.AF_INET, port=80)
+        assert (b"127.0.0.1", 80) in [node.addr[:2] for node in result.nodes]
         with pytest.raises(aiodns.error.DNSError):
-            await resolver.gethostbyname("no-such-host.invalid", socket.AF_INET)
+            await resolver.getaddrinfo("no-such-host.invalid", family=socket.AF_INET)
 
     loop.run_until_complete(asyncio.wait_for(main(), 30))

@@ -38,14 +38,18 @@ def test_asyncpg_end_to_end(loop, postgres_port):
         assert results == [i * 2 for i in range(20)]
 
         notes = asyncio.Queue()
+
+        def on_notify(*args):
+            notes.put_nowait(args[-1])
+
         listener = await pool.acquire()
-        await listener.add_listener("ferro", lambda *args: notes.put_nowait(args[-1]))
+        await listener.add_listener("ferro", on_notify)
         for i in range(10):
             await conn.execute(f"NOTIFY ferro, 'note {i}'")
         assert [await asyncio.wait_for(notes.get(), 10) for _ in range(10)] == [
             f"note {i}" for i in range(10)
         ]
-        await listener.remove_listener("ferro", lambda *a: None)
+        await listener.remove_listener("ferro", on_notify)
         await pool.release(listener)
         await pool.close()
         await conn.execute(f"DROP TABLE {table}")
