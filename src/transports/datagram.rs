@@ -107,7 +107,14 @@ fn ntop(family: libc::c_int, addr: *const libc::c_void) -> PyResult<String> {
     // SAFETY: `addr` points to an in_addr or in6_addr matching `family` (the callers
     // take it from a sockaddr of that family); `text` (64 bytes) exceeds
     // INET6_ADDRSTRLEN (46), and inet_ntop NUL-terminates what it writes.
-    let host = unsafe { inet_ntop(family, addr, text.as_mut_ptr(), text.len() as libc::socklen_t) };
+    let host = unsafe {
+        inet_ntop(
+            family,
+            addr,
+            text.as_mut_ptr(),
+            text.len() as libc::socklen_t,
+        )
+    };
     if host.is_null() {
         return Err(os_error(io::Error::last_os_error()));
     }
@@ -128,14 +135,20 @@ fn inet_address<'py>(
             // SAFETY: the kernel wrote a sockaddr_in (family AF_INET) into the storage,
             // which is large and aligned enough for every address type.
             let sin = unsafe { &*(addr as *const _ as *const libc::sockaddr_in) };
-            let host = ntop(libc::AF_INET, (&sin.sin_addr as *const libc::in_addr).cast())?;
+            let host = ntop(
+                libc::AF_INET,
+                (&sin.sin_addr as *const libc::in_addr).cast(),
+            )?;
             let port = u16::from_be(sin.sin_port);
             Ok(Some((host, port).into_pyobject(py)?))
         }
         libc::AF_INET6 => {
             // SAFETY: as above, for a sockaddr_in6.
             let sin6 = unsafe { &*(addr as *const _ as *const libc::sockaddr_in6) };
-            let host = ntop(libc::AF_INET6, (&sin6.sin6_addr as *const libc::in6_addr).cast())?;
+            let host = ntop(
+                libc::AF_INET6,
+                (&sin6.sin6_addr as *const libc::in6_addr).cast(),
+            )?;
             let tuple = (
                 host,
                 u16::from_be(sin6.sin6_port),
