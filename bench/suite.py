@@ -93,7 +93,7 @@ def main() -> None:
     if args.full:
         sizes, cycles, micro_cycles = [1024, 10 * 1024, 100 * 1024], 20, 15
     else:
-        sizes, cycles, micro_cycles = [1024], 8, 8
+        sizes, cycles, micro_cycles = [1024], 6, 6
     cells = echo.run_matrix(echo.KINDS, sizes, [10, 100], cycles, 100)
     c10k = echo.run_c10k() if args.full else None
     micro_table, micro_raw = micro_section(micro_cycles)
