@@ -64,7 +64,7 @@ def test_uvicorn_http_and_websocket(loop_name, loop, tmp_path):
 
     async def main():
         async with httpx.AsyncClient() as client:
-            for _ in range(200):
+            for _ in range(600):  # up to 30 s for uvicorn to start on a slow machine
                 try:
                     r = await client.get(f"http://127.0.0.1:{port}/ping")
                     break
