@@ -12,6 +12,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::RawFd;
 
 use pyo3::exceptions::{PyOSError, PyTypeError, PyValueError};
@@ -22,12 +23,11 @@ use pyo3::{PyTraverseError, PyVisit};
 use crate::errors::os_error;
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
-use crate::handles::copy_context;
-use crate::poller::{self, Token, READABLE, WRITABLE};
+use crate::poller;
 use crate::transports::{
-    asyncio_logger, extra_info, in_context, is_fatal_to_loop, protocol_failed, release_socket,
-    report, report_fatal, schedule_connection_lost, write_limits, CONNLOST_LOG_THRESHOLD,
-    DEFAULT_HIGH_WATER,
+    asyncio_logger, extra_info, in_context, is_fatal_to_loop, lose_connection, protocol_failed,
+    register, release_socket, report, report_fatal, set_limits, set_reading, start_reading, Common,
+    CONNLOST_LOG_THRESHOLD,
 };
 
 /// asyncio's `max_size` for one datagram read.
@@ -49,47 +49,24 @@ thread_local! {
 }
 
 struct DatagramState {
-    loop_: Option<Py<LoopCore>>,
-    sock: Option<Py<PyAny>>,
-    fd: RawFd,
+    c: Common,
     family: i32,
-    token: Option<Token>,
-    protocol: Option<Py<PyAny>>,
-    context: Option<Py<PyAny>>,
-    extra: Py<PyDict>,
     /// The remote address of a connected endpoint.
     address: Option<Py<PyAny>>,
     connected: bool,
     buffer: VecDeque<(Py<PyBytes>, Py<PyAny>)>,
-    buffer_size: usize,
-    high_water: usize,
-    low_water: usize,
-    protocol_paused: bool,
-    started: bool,
-    paused: bool,
-    closing: bool,
-    conn_lost: u32,
-    write_waiting: bool,
-    interest: u32,
 }
 
-impl DatagramState {
-    fn sync_interest(&mut self, py: Python<'_>) -> PyResult<()> {
-        let mut wanted = 0;
-        if self.started && !self.paused && !self.closing {
-            wanted |= READABLE;
-        }
-        if self.write_waiting {
-            wanted |= WRITABLE;
-        }
-        if wanted == self.interest {
-            return Ok(());
-        }
-        if let (Some(token), Some(loop_)) = (self.token, &self.loop_) {
-            loop_.get().set_transport_interest(py, token, wanted)?;
-        }
-        self.interest = wanted;
-        Ok(())
+impl Deref for DatagramState {
+    type Target = Common;
+    fn deref(&self) -> &Common {
+        &self.c
+    }
+}
+
+impl DerefMut for DatagramState {
+    fn deref_mut(&mut self) -> &mut Common {
+        &mut self.c
     }
 }
 
@@ -281,10 +258,7 @@ impl DatagramTransport {
             Err(err) => {
                 let (loop_, protocol) = {
                     let st = slf.get().state.borrow_mut(py)?;
-                    (
-                        st.loop_.as_ref().map(|l| l.clone_ref(py)),
-                        st.protocol.as_ref().map(|p| p.clone_ref(py)),
-                    )
+                    (st.loop_ref(py), st.protocol_ref(py))
                 };
                 match loop_ {
                     Some(loop_) => report(
@@ -391,22 +365,7 @@ impl DatagramTransport {
     }
 
     fn lose_connection(slf: &Bound<'_, DatagramTransport>, exc: Option<Py<PyAny>>) -> PyResult<()> {
-        let py = slf.py();
-        let loop_ = {
-            let mut st = slf.get().state.borrow_mut(py)?;
-            if st.conn_lost > 0 {
-                return Ok(());
-            }
-            st.conn_lost += 1;
-            st.closing = true;
-            st.write_waiting = false;
-            st.sync_interest(py)?;
-            st.loop_.as_ref().map(|l| l.clone_ref(py))
-        };
-        match loop_ {
-            Some(loop_) => schedule_connection_lost(&loop_, slf.as_any(), exc),
-            None => Ok(()),
-        }
+        lose_connection(&slf.get().state, slf.as_any(), exc)
     }
 
     fn force_close(slf: &Bound<'_, DatagramTransport>, exc: Option<Py<PyAny>>) -> PyResult<()> {
@@ -425,10 +384,7 @@ impl DatagramTransport {
         let py = slf.py();
         let (loop_, protocol) = {
             let st = slf.get().state.borrow_mut(py)?;
-            (
-                st.loop_.as_ref().map(|l| l.clone_ref(py)),
-                st.protocol.as_ref().map(|p| p.clone_ref(py)),
-            )
+            (st.loop_ref(py), st.protocol_ref(py))
         };
         report_fatal(
             loop_.as_ref(),
@@ -454,7 +410,7 @@ impl DatagramTransport {
                 return Ok(());
             }
             st.protocol_paused = pause;
-            st.protocol.as_ref().map(|p| p.clone_ref(py))
+            st.protocol_ref(py)
         };
         let Some(protocol) = protocol else {
             return Ok(());
@@ -512,63 +468,29 @@ impl DatagramTransport {
         };
         Ok(DatagramTransport {
             state: GilCell::new(DatagramState {
-                loop_: Some(loop_),
-                sock: Some(sock.clone().unbind()),
-                fd,
+                c: Common::new(
+                    loop_,
+                    sock.clone().unbind(),
+                    fd,
+                    protocol.clone().unbind(),
+                    extra.clone().unbind(),
+                ),
                 family,
-                token: None,
-                protocol: Some(protocol.clone().unbind()),
-                context: None,
-                extra: extra.clone().unbind(),
                 address: address.filter(|a| !a.is_none()).map(|a| a.clone().unbind()),
                 connected,
                 buffer: VecDeque::new(),
-                buffer_size: 0,
-                high_water: DEFAULT_HIGH_WATER,
-                low_water: DEFAULT_HIGH_WATER / 4,
-                protocol_paused: false,
-                started: false,
-                paused: false,
-                closing: false,
-                conn_lost: 0,
-                write_waiting: false,
-                interest: 0,
             }),
         })
     }
 
     fn _register(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
-        let py = slf.py();
-        let (loop_, fd) = {
-            let st = slf.get().state.borrow_mut(py)?;
-            if st.token.is_some() || st.sock.is_none() {
-                return Ok(());
-            }
-            (st.loop_.as_ref().map(|l| l.clone_ref(py)), st.fd)
-        };
-        let Some(loop_) = loop_ else {
-            return Ok(());
-        };
-        let token = loop_.get().register_transport(
-            py,
-            fd,
-            NativeTransport::Datagram(slf.clone().unbind()),
-        )?;
-        let mut st = slf.get().state.borrow_mut(py)?;
-        st.token = Some(token);
-        st.interest = 0;
-        st.sync_interest(py)
+        register(&slf.get().state, slf.py(), || {
+            NativeTransport::Datagram(slf.clone().unbind())
+        })
     }
 
     fn _start_reading(&self, py: Python<'_>) -> PyResult<()> {
-        let context = copy_context(py)?;
-        let mut st = self.state.borrow_mut(py)?;
-        if st.sock.is_none() {
-            return Ok(());
-        }
-        st.started = true;
-        st.context = Some(context);
-        st.sync_interest(py)
+        start_reading(&self.state, py)
     }
 
     #[pyo3(signature = (data, addr=None))]
@@ -687,22 +609,12 @@ impl DatagramTransport {
         Ok(!st.paused && !st.closing)
     }
 
-    fn pause_reading(&self, py: Python<'_>) -> PyResult<()> {
-        let mut st = self.state.borrow_mut(py)?;
-        if st.paused || st.closing {
-            return Ok(());
-        }
-        st.paused = true;
-        st.sync_interest(py)
+    fn pause_reading(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
+        set_reading(&slf.get().state, slf.as_any(), true)
     }
 
-    fn resume_reading(&self, py: Python<'_>) -> PyResult<()> {
-        let mut st = self.state.borrow_mut(py)?;
-        if st.closing || !st.paused {
-            return Ok(());
-        }
-        st.paused = false;
-        st.sync_interest(py)
+    fn resume_reading(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
+        set_reading(&slf.get().state, slf.as_any(), false)
     }
 
     #[pyo3(signature = (high=None, low=None))]
@@ -711,12 +623,7 @@ impl DatagramTransport {
         high: Option<&Bound<'_, PyAny>>,
         low: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let (high, low) = write_limits(high, low)?;
-        {
-            let mut st = slf.get().state.borrow_mut(slf.py())?;
-            st.high_water = high;
-            st.low_water = low;
-        }
+        set_limits(&slf.get().state, slf.py(), high, low)?;
         DatagramTransport::flow_call(slf, true)
     }
 
@@ -769,7 +676,7 @@ impl DatagramTransport {
             if st.sock.is_none() {
                 return Ok(());
             }
-            st.protocol.as_ref().map(|p| p.clone_ref(py))
+            st.protocol_ref(py)
         };
         let outcome = match protocol {
             Some(protocol) => protocol
@@ -840,16 +747,10 @@ impl DatagramTransport {
         let Some(st) = self.state.borrow_for_gc() else {
             return Ok(());
         };
-        for obj in [&st.sock, &st.protocol, &st.context, &st.address]
-            .into_iter()
-            .flatten()
-        {
-            visit.call(obj)?;
+        st.c.visit(&visit)?;
+        if let Some(address) = &st.address {
+            visit.call(address)?;
         }
-        if let Some(loop_) = &st.loop_ {
-            visit.call(loop_)?;
-        }
-        visit.call(&st.extra)?;
         for (_, addr) in &st.buffer {
             visit.call(addr)?;
         }

@@ -10,12 +10,17 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
-use crate::event_loop::LoopCore;
-use crate::poller::Token;
+use std::ops::DerefMut;
+use std::os::fd::RawFd;
+
+use crate::event_loop::{LoopCore, NativeTransport};
+use crate::gil_cell::GilCell;
+use crate::handles::copy_context;
+use crate::poller::{Token, READABLE, WRITABLE};
 
 /// asyncio's `constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES`.
 pub(crate) const CONNLOST_LOG_THRESHOLD: u32 = 5;
-pub(crate) const DEFAULT_HIGH_WATER: usize = 64 * 1024;
+const DEFAULT_HIGH_WATER: usize = 64 * 1024;
 
 static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
@@ -56,7 +61,7 @@ pub(crate) fn in_context<R>(
 }
 
 /// `set_write_buffer_limits(high, low)` as asyncio computes and checks them.
-pub(crate) fn write_limits(
+fn write_limits(
     high: Option<&Bound<'_, PyAny>>,
     low: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<(usize, usize)> {
@@ -191,4 +196,224 @@ pub(crate) fn extra_info(
         Some(value) => Ok(value.unbind()),
         None => Ok(default.unwrap_or_else(|| py.None())),
     }
+}
+
+/// What every native transport keeps, as asyncio's `_SelectorTransport` does: its loop,
+/// socket and registration, its protocol, and the flags that decide the fd's interest.
+/// Each transport's state derefs to it, so `state.closing` reads the same everywhere.
+pub(crate) struct Common {
+    pub loop_: Option<Py<LoopCore>>,
+    /// The socket object; `None` once the connection is lost and the socket closed.
+    pub sock: Option<Py<PyAny>>,
+    pub fd: RawFd,
+    /// The fd's registration with the loop; `None` before `_register` and after loss.
+    pub token: Option<Token>,
+    pub protocol: Option<Py<PyAny>>,
+    /// The context the read callbacks run in, taken when reading starts (asyncio runs
+    /// them from a reader handle made at that point).
+    pub context: Option<Py<PyAny>>,
+    pub extra: Py<PyDict>,
+    pub buffer_size: usize,
+    pub high_water: usize,
+    pub low_water: usize,
+    pub protocol_paused: bool,
+    pub started: bool,
+    pub paused: bool,
+    /// `eof_received` asked to keep the transport open: nothing more to read.
+    pub read_eof: bool,
+    pub closing: bool,
+    pub conn_lost: u32,
+    /// The socket was full: waiting for writability.
+    pub write_waiting: bool,
+    /// The interest the loop has registered for the fd.
+    pub interest: u32,
+}
+
+impl Common {
+    pub fn new(
+        loop_: Py<LoopCore>,
+        sock: Py<PyAny>,
+        fd: RawFd,
+        protocol: Py<PyAny>,
+        extra: Py<PyDict>,
+    ) -> Common {
+        Common {
+            loop_: Some(loop_),
+            sock: Some(sock),
+            fd,
+            token: None,
+            protocol: Some(protocol),
+            context: None,
+            extra,
+            buffer_size: 0,
+            high_water: DEFAULT_HIGH_WATER,
+            low_water: DEFAULT_HIGH_WATER / 4,
+            protocol_paused: false,
+            started: false,
+            paused: false,
+            read_eof: false,
+            closing: false,
+            conn_lost: 0,
+            write_waiting: false,
+            interest: 0,
+        }
+    }
+
+    pub fn is_reading(&self) -> bool {
+        !self.paused && !self.closing
+    }
+
+    pub fn loop_ref(&self, py: Python<'_>) -> Option<Py<LoopCore>> {
+        self.loop_.as_ref().map(|l| l.clone_ref(py))
+    }
+
+    pub fn protocol_ref(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.protocol.as_ref().map(|p| p.clone_ref(py))
+    }
+
+    /// Brings the loop's registration in line with what the transport wants.
+    pub fn sync_interest(&mut self, py: Python<'_>) -> PyResult<()> {
+        let mut wanted = 0;
+        if self.started && !self.paused && !self.closing && !self.read_eof {
+            wanted |= READABLE;
+        }
+        if self.write_waiting {
+            wanted |= WRITABLE;
+        }
+        if wanted == self.interest {
+            return Ok(());
+        }
+        if let (Some(token), Some(loop_)) = (self.token, &self.loop_) {
+            loop_.get().set_transport_interest(py, token, wanted)?;
+        }
+        self.interest = wanted;
+        Ok(())
+    }
+
+    pub fn visit(&self, visit: &pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        for obj in [&self.sock, &self.protocol, &self.context]
+            .into_iter()
+            .flatten()
+        {
+            visit.call(obj)?;
+        }
+        if let Some(loop_) = &self.loop_ {
+            visit.call(loop_)?;
+        }
+        visit.call(&self.extra)
+    }
+}
+
+// The parts of asyncio's transport surface that every native transport shares, over
+// the transport's state cell.
+
+/// Claims the fd in the loop's registry: from now on `add_reader` and friends on it
+/// raise, and its events come to the transport.
+pub(crate) fn register<S: DerefMut<Target = Common>>(
+    cell: &GilCell<S>,
+    py: Python<'_>,
+    native: impl FnOnce() -> NativeTransport,
+) -> PyResult<()> {
+    let (loop_, fd) = {
+        let st = cell.borrow_mut(py)?;
+        if st.token.is_some() || st.sock.is_none() {
+            return Ok(());
+        }
+        (st.loop_ref(py), st.fd)
+    };
+    let Some(loop_) = loop_ else {
+        return Ok(());
+    };
+    let token = loop_.get().register_transport(py, fd, native())?;
+    let mut st = cell.borrow_mut(py)?;
+    st.token = Some(token);
+    st.interest = 0;
+    st.sync_interest(py)
+}
+
+/// Starts reading; scheduled right after `connection_made`.
+pub(crate) fn start_reading<S: DerefMut<Target = Common>>(
+    cell: &GilCell<S>,
+    py: Python<'_>,
+) -> PyResult<()> {
+    let context = copy_context(py)?;
+    let mut st = cell.borrow_mut(py)?;
+    if st.sock.is_none() {
+        return Ok(());
+    }
+    st.started = true;
+    st.context = Some(context);
+    st.sync_interest(py)
+}
+
+/// `pause_reading` (`pause` true) or `resume_reading`, logged in debug mode as asyncio
+/// logs them.
+pub(crate) fn set_reading<S: DerefMut<Target = Common>>(
+    cell: &GilCell<S>,
+    transport: &Bound<'_, PyAny>,
+    pause: bool,
+) -> PyResult<()> {
+    let py = transport.py();
+    let debug = {
+        let mut st = cell.borrow_mut(py)?;
+        let change = if pause {
+            st.is_reading()
+        } else {
+            !st.closing && st.paused
+        };
+        if !change {
+            return Ok(());
+        }
+        st.paused = pause;
+        st.sync_interest(py)?;
+        st.loop_.as_ref().is_some_and(|l| l.get().debug())
+    };
+    if debug {
+        let what = if pause {
+            "%r pauses reading"
+        } else {
+            "%r resumes reading"
+        };
+        asyncio_logger(py)?.call_method1("debug", (what, transport))?;
+    }
+    Ok(())
+}
+
+/// The end of asyncio's `close`/`_force_close`: once, mark the connection lost and
+/// schedule `_call_connection_lost(exc)`.
+pub(crate) fn lose_connection<S: DerefMut<Target = Common>>(
+    cell: &GilCell<S>,
+    transport: &Bound<'_, PyAny>,
+    exc: Option<Py<PyAny>>,
+) -> PyResult<()> {
+    let py = transport.py();
+    let loop_ = {
+        let mut st = cell.borrow_mut(py)?;
+        if st.conn_lost > 0 {
+            return Ok(());
+        }
+        st.conn_lost += 1;
+        st.closing = true;
+        st.write_waiting = false;
+        st.sync_interest(py)?;
+        st.loop_ref(py)
+    };
+    match loop_ {
+        Some(loop_) => schedule_connection_lost(&loop_, transport, exc),
+        None => Ok(()),
+    }
+}
+
+/// `set_write_buffer_limits`: the new water marks (the caller then checks for a pause).
+pub(crate) fn set_limits<S: DerefMut<Target = Common>>(
+    cell: &GilCell<S>,
+    py: Python<'_>,
+    high: Option<&Bound<'_, PyAny>>,
+    low: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let (high, low) = write_limits(high, low)?;
+    let mut st = cell.borrow_mut(py)?;
+    st.high_water = high;
+    st.low_water = low;
+    Ok(())
 }

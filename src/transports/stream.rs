@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::RawFd;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
@@ -21,12 +22,11 @@ use pyo3::{PyTraverseError, PyVisit};
 use crate::errors::os_error;
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
-use crate::handles::copy_context;
-use crate::poller::{self, Token, READABLE, WRITABLE};
+use crate::poller::{self, READABLE, WRITABLE};
 use crate::transports::{
-    asyncio_logger, extra_info, in_context, is_fatal_to_loop, protocol_failed, release_socket,
-    report_fatal, schedule_connection_lost, write_limits, CONNLOST_LOG_THRESHOLD,
-    DEFAULT_HIGH_WATER,
+    asyncio_logger, extra_info, in_context, is_fatal_to_loop, lose_connection, protocol_failed,
+    register, release_socket, report_fatal, set_limits, set_reading, start_reading, Common,
+    CONNLOST_LOG_THRESHOLD,
 };
 
 /// Bytes read per readiness event: asyncio's `max_size`. One read per event keeps one
@@ -73,70 +73,29 @@ impl ReadPath {
 }
 
 struct StreamState {
-    loop_: Option<Py<LoopCore>>,
-    /// The socket object; `None` once the connection is lost and the socket closed.
-    sock: Option<Py<PyAny>>,
-    fd: RawFd,
-    /// The fd's registration with the loop; `None` before `_register` and after loss.
-    token: Option<Token>,
-    protocol: Option<Py<PyAny>>,
+    c: Common,
     read_path: Option<ReadPath>,
     protocol_connected: bool,
-    /// The context the read callbacks run in, taken when reading starts (asyncio runs
-    /// them from a reader handle made at that point).
-    context: Option<Py<PyAny>>,
-    extra: Py<PyDict>,
     server: Option<Py<PyAny>>,
     buffer: VecDeque<Py<PyBytes>>,
     /// Bytes of the first buffer already sent.
     sent_of_first: usize,
-    buffer_size: usize,
-    high_water: usize,
-    low_water: usize,
-    protocol_paused: bool,
-    started: bool,
-    paused: bool,
-    /// `eof_received` asked to keep the transport open: nothing more to read.
-    read_eof: bool,
-    closing: bool,
     eof: bool,
-    conn_lost: u32,
     /// In the loop's list of transports to flush at the end of the turn.
     flush_queued: bool,
-    /// The socket was full: waiting for writability.
-    write_waiting: bool,
     empty_waiter: Option<Py<PyAny>>,
-    /// The interest the loop has registered for the fd.
-    interest: u32,
 }
 
-impl StreamState {
-    fn wanted_interest(&self) -> u32 {
-        let mut interest = 0;
-        if self.started && !self.paused && !self.closing && !self.read_eof {
-            interest |= READABLE;
-        }
-        if self.write_waiting {
-            interest |= WRITABLE;
-        }
-        interest
+impl Deref for StreamState {
+    type Target = Common;
+    fn deref(&self) -> &Common {
+        &self.c
     }
+}
 
-    /// Brings the loop's registration in line with what the transport wants.
-    fn sync_interest(&mut self, py: Python<'_>) -> PyResult<()> {
-        let wanted = self.wanted_interest();
-        if wanted == self.interest {
-            return Ok(());
-        }
-        if let (Some(token), Some(loop_)) = (self.token, &self.loop_) {
-            loop_.get().set_transport_interest(py, token, wanted)?;
-        }
-        self.interest = wanted;
-        Ok(())
-    }
-
-    fn is_reading(&self) -> bool {
-        !self.paused && !self.closing
+impl DerefMut for StreamState {
+    fn deref_mut(&mut self) -> &mut Common {
+        &mut self.c
     }
 }
 
@@ -433,22 +392,7 @@ impl StreamTransport {
 
     /// Schedules `_call_connection_lost(exc)` once, as `close` and `abort` do in asyncio.
     fn lose_connection(slf: &Bound<'_, StreamTransport>, exc: Option<Py<PyAny>>) -> PyResult<()> {
-        let py = slf.py();
-        let loop_ = {
-            let mut st = slf.get().state.borrow_mut(py)?;
-            if st.conn_lost > 0 {
-                return Ok(());
-            }
-            st.conn_lost += 1;
-            st.closing = true;
-            st.write_waiting = false;
-            st.sync_interest(py)?;
-            st.loop_.as_ref().map(|l| l.clone_ref(py))
-        };
-        match loop_ {
-            Some(loop_) => schedule_connection_lost(&loop_, slf.as_any(), exc),
-            None => Ok(()),
-        }
+        lose_connection(&slf.get().state, slf.as_any(), exc)
     }
 
     /// asyncio's `_force_close`: drop what is buffered and lose the connection.
@@ -471,10 +415,7 @@ impl StreamTransport {
         let py = slf.py();
         let (loop_, protocol) = {
             let st = slf.get().state.borrow_mut(py)?;
-            (
-                st.loop_.as_ref().map(|l| l.clone_ref(py)),
-                st.protocol.as_ref().map(|p| p.clone_ref(py)),
-            )
+            (st.loop_ref(py), st.protocol_ref(py))
         };
         report_fatal(
             loop_.as_ref(),
@@ -511,7 +452,7 @@ impl StreamTransport {
                 return Ok(());
             }
             st.protocol_paused = true;
-            st.protocol.as_ref().map(|p| p.clone_ref(py))
+            st.protocol_ref(py)
         };
         if let Some(protocol) = protocol {
             let protocol = protocol.bind(py);
@@ -535,7 +476,7 @@ impl StreamTransport {
                 return Ok(());
             }
             st.protocol_paused = false;
-            st.protocol.as_ref().map(|p| p.clone_ref(py))
+            st.protocol_ref(py)
         };
         if let Some(protocol) = protocol {
             let protocol = protocol.bind(py);
@@ -718,59 +659,29 @@ impl StreamTransport {
         }
         Ok(StreamTransport {
             state: GilCell::new(StreamState {
-                loop_: Some(loop_),
-                sock: Some(sock.clone().unbind()),
-                fd,
-                token: None,
-                protocol: Some(protocol.clone().unbind()),
+                c: Common::new(
+                    loop_,
+                    sock.clone().unbind(),
+                    fd,
+                    protocol.clone().unbind(),
+                    extra.clone().unbind(),
+                ),
                 read_path: Some(ReadPath::of(protocol)?),
                 protocol_connected: true,
-                context: None,
-                extra: extra.clone().unbind(),
                 server: server.filter(|s| !s.is_none()).map(|s| s.clone().unbind()),
                 buffer: VecDeque::new(),
                 sent_of_first: 0,
-                buffer_size: 0,
-                high_water: DEFAULT_HIGH_WATER,
-                low_water: DEFAULT_HIGH_WATER / 4,
-                protocol_paused: false,
-                started: false,
-                paused: false,
-                read_eof: false,
-                closing: false,
                 eof: false,
-                conn_lost: 0,
                 flush_queued: false,
-                write_waiting: false,
                 empty_waiter: None,
-                interest: 0,
             }),
         })
     }
 
-    /// Claims the fd in the loop's registry: from now on `add_reader` and friends on it
-    /// raise, and its events come to this transport.
     fn _register(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
-        let py = slf.py();
-        let (loop_, fd) = {
-            let st = slf.get().state.borrow_mut(py)?;
-            if st.token.is_some() || st.sock.is_none() {
-                return Ok(());
-            }
-            (st.loop_.as_ref().map(|l| l.clone_ref(py)), st.fd)
-        };
-        let Some(loop_) = loop_ else {
-            return Ok(());
-        };
-        let token = loop_.get().register_transport(
-            py,
-            fd,
-            NativeTransport::Stream(slf.clone().unbind()),
-        )?;
-        let mut st = slf.get().state.borrow_mut(py)?;
-        st.token = Some(token);
-        st.interest = 0;
-        st.sync_interest(py)
+        register(&slf.get().state, slf.py(), || {
+            NativeTransport::Stream(slf.clone().unbind())
+        })
     }
 
     /// Gives the fd back to the loop (sendfile drives it with `add_writer` meanwhile).
@@ -783,16 +694,8 @@ impl StreamTransport {
         Ok(())
     }
 
-    /// Starts reading; scheduled right after `connection_made`.
     fn _start_reading(&self, py: Python<'_>) -> PyResult<()> {
-        let context = copy_context(py)?;
-        let mut st = self.state.borrow_mut(py)?;
-        if st.sock.is_none() {
-            return Ok(());
-        }
-        st.started = true;
-        st.context = Some(context);
-        st.sync_interest(py)
+        start_reading(&self.state, py)
     }
 
     fn write(slf: &Bound<'_, StreamTransport>, data: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -868,37 +771,11 @@ impl StreamTransport {
     }
 
     fn pause_reading(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
-        let py = slf.py();
-        let debug = {
-            let mut st = slf.get().state.borrow_mut(py)?;
-            if !st.is_reading() {
-                return Ok(());
-            }
-            st.paused = true;
-            st.sync_interest(py)?;
-            st.loop_.as_ref().is_some_and(|l| l.get().debug())
-        };
-        if debug {
-            asyncio_logger(py)?.call_method1("debug", ("%r pauses reading", slf))?;
-        }
-        Ok(())
+        set_reading(&slf.get().state, slf.as_any(), true)
     }
 
     fn resume_reading(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
-        let py = slf.py();
-        let debug = {
-            let mut st = slf.get().state.borrow_mut(py)?;
-            if st.closing || !st.paused {
-                return Ok(());
-            }
-            st.paused = false;
-            st.sync_interest(py)?;
-            st.loop_.as_ref().is_some_and(|l| l.get().debug())
-        };
-        if debug {
-            asyncio_logger(py)?.call_method1("debug", ("%r resumes reading", slf))?;
-        }
-        Ok(())
+        set_reading(&slf.get().state, slf.as_any(), false)
     }
 
     #[pyo3(signature = (high=None, low=None))]
@@ -907,13 +784,7 @@ impl StreamTransport {
         high: Option<&Bound<'_, PyAny>>,
         low: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let py = slf.py();
-        let (high_v, low_v) = write_limits(high, low)?;
-        {
-            let mut st = slf.get().state.borrow_mut(py)?;
-            st.high_water = high_v;
-            st.low_water = low_v;
-        }
+        set_limits(&slf.get().state, slf.py(), high, low)?;
         StreamTransport::maybe_pause_protocol(slf)
     }
 
@@ -970,10 +841,7 @@ impl StreamTransport {
             if st.sock.is_none() {
                 return Ok(());
             }
-            (
-                st.protocol.as_ref().map(|p| p.clone_ref(py)),
-                st.protocol_connected,
-            )
+            (st.protocol_ref(py), st.protocol_connected)
         };
         let outcome = match protocol {
             Some(protocol) if connected => protocol
@@ -1020,10 +888,7 @@ impl StreamTransport {
             if st.empty_waiter.is_some() {
                 return Err(PyRuntimeError::new_err("Empty waiter is already set"));
             }
-            (
-                st.loop_.as_ref().map(|l| l.clone_ref(py)),
-                st.buffer.is_empty(),
-            )
+            (st.loop_ref(py), st.buffer.is_empty())
         };
         let Some(loop_) = loop_ else {
             return Err(PyRuntimeError::new_err("Transport is closed"));
@@ -1099,22 +964,10 @@ impl StreamTransport {
         let Some(st) = self.state.borrow_for_gc() else {
             return Ok(());
         };
-        for obj in [
-            &st.sock,
-            &st.protocol,
-            &st.context,
-            &st.server,
-            &st.empty_waiter,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        st.c.visit(&visit)?;
+        for obj in [&st.server, &st.empty_waiter].into_iter().flatten() {
             visit.call(obj)?;
         }
-        if let Some(loop_) = &st.loop_ {
-            visit.call(loop_)?;
-        }
-        visit.call(&st.extra)?;
         match &st.read_path {
             Some(ReadPath::Data(cb)) => visit.call(cb)?,
             Some(ReadPath::Buffered(g, u)) => {
