@@ -387,15 +387,6 @@ impl LoopCore {
         Ok(())
     }
 
-    fn fd_callback_mut(
-        slf: &Bound<'_, LoopCore>,
-        fd: RawFd,
-        handle: Option<Waiter>,
-        bit: u32,
-    ) -> PyResult<Option<Waiter>> {
-        slf.get().set_waiter(slf.py(), fd, handle, bit)
-    }
-
     /// Puts `waiter` in (or, with `None`, takes it out of) one direction of `fd`;
     /// returns the waiter it replaces.
     fn set_waiter(
@@ -464,7 +455,10 @@ impl LoopCore {
         slf.get().check_closed()?;
         let fd = checked_fd(fd)?;
         let handle = Py::new(slf.py(), LoopCore::new_handle(slf, callback, args, None)?)?;
-        if let Some(old) = LoopCore::fd_callback_mut(slf, fd, Some(Waiter::Handle(handle)), bit)? {
+        if let Some(old) = slf
+            .get()
+            .set_waiter(slf.py(), fd, Some(Waiter::Handle(handle)), bit)?
+        {
             old.retire(slf.py())?;
         }
         Ok(())
@@ -480,7 +474,7 @@ impl LoopCore {
             return Ok(false);
         }
         let fd = checked_fd(fd)?;
-        match LoopCore::fd_callback_mut(slf, fd, None, bit)? {
+        match slf.get().set_waiter(slf.py(), fd, None, bit)? {
             Some(old) => {
                 old.retire(slf.py())?;
                 Ok(true)
@@ -1236,7 +1230,9 @@ impl LoopCore {
                 return Err(PyValueError::new_err("the socket must be non-blocking"));
             }
         }
-        let fd: i64 = sock.call_method0("fileno")?.extract()?;
+        let fd: i64 = sock
+            .call_method0(pyo3::intern!(sock.py(), "fileno"))?
+            .extract()?;
         checked_fd(fd)
     }
 
@@ -1248,7 +1244,9 @@ impl LoopCore {
         kind: SockKind,
     ) -> PyResult<Py<PyAny>> {
         let py = slf.py();
-        let fut = slf.call_method0("create_future")?.unbind();
+        let fut = slf
+            .call_method0(pyo3::intern!(py, "create_future"))?
+            .unbind();
         let op = SockOp {
             fd,
             fut: fut.clone_ref(py),

@@ -161,7 +161,7 @@ impl SockOp {
     /// socket, so no data is consumed for a caller that is gone.
     pub fn run(mut self, py: Python<'_>) -> PyResult<Option<SockOp>> {
         let fut = self.fut.bind(py);
-        if fut.call_method0("done")?.is_truthy()? {
+        if fut.call_method0(pyo3::intern!(py, "done"))?.is_truthy()? {
             return Ok(None);
         }
         let outcome = match &mut self.kind {
@@ -175,12 +175,12 @@ impl SockOp {
         };
         match outcome {
             Ok(Attempt::Done(value)) => {
-                fut.call_method1("set_result", (value,))?;
+                fut.call_method1(pyo3::intern!(py, "set_result"), (value,))?;
                 Ok(None)
             }
             Ok(Attempt::WouldBlock) => Ok(Some(self)),
             Err(err) => {
-                fut.call_method1("set_exception", (err.value(py),))?;
+                fut.call_method1(pyo3::intern!(py, "set_exception"), (err.value(py),))?;
                 Ok(None)
             }
         }

@@ -25,7 +25,7 @@ use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
 use crate::poller;
 use crate::transports::{
-    asyncio_logger, extra_info, in_context, is_fatal_to_loop, lose_connection, protocol_failed,
+    asyncio_logger, close, extra_info, flow_control, in_context, is_fatal_to_loop, lose_connection,
     register, release_socket, report, report_fatal, set_limits, set_reading, start_reading, Common,
     CONNLOST_LOG_THRESHOLD,
 };
@@ -163,7 +163,7 @@ impl DatagramTransport {
         sock: &Bound<'py, PyAny>,
     ) -> Received<'py> {
         if family != libc::AF_INET && family != libc::AF_INET6 {
-            return match sock.call_method1("recvfrom", (MAX_DATAGRAM,)) {
+            return match sock.call_method1(pyo3::intern!(py, "recvfrom"), (MAX_DATAGRAM,)) {
                 Ok(pair) => match (pair.get_item(0), pair.get_item(1)) {
                     (Ok(data), Ok(addr)) => Received::Datagram(data, addr),
                     (Err(e), _) | (_, Err(e)) => Received::Failed(e),
@@ -228,7 +228,7 @@ impl DatagramTransport {
             Received::Datagram(data, addr) => {
                 let called = in_context(py, context.as_ref(), || {
                     protocol
-                        .call_method1("datagram_received", (data, addr))
+                        .call_method1(pyo3::intern!(py, "datagram_received"), (data, addr))
                         .map(|_| ())
                 });
                 DatagramTransport::callback_outcome(slf, called)
@@ -236,7 +236,7 @@ impl DatagramTransport {
             Received::Failed(err) if err.is_instance_of::<PyOSError>(py) => {
                 let called = in_context(py, context.as_ref(), || {
                     protocol
-                        .call_method1("error_received", (err.value(py),))
+                        .call_method1(pyo3::intern!(py, "error_received"), (err.value(py),))
                         .map(|_| ())
                 });
                 DatagramTransport::callback_outcome(slf, called)
@@ -283,9 +283,9 @@ impl DatagramTransport {
         addr: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         if connected {
-            sock.call_method1("send", (data,))?;
+            sock.call_method1(pyo3::intern!(sock.py(), "send"), (data,))?;
         } else {
-            sock.call_method1("sendto", (data, addr))?;
+            sock.call_method1(pyo3::intern!(sock.py(), "sendto"), (data, addr))?;
         }
         Ok(())
     }
@@ -316,20 +316,10 @@ impl DatagramTransport {
                     st.buffer.push_front((data.unbind(), addr.unbind()));
                     return Ok(());
                 }
-                Err(err) if err.is_instance_of::<PyOSError>(py) => {
-                    return DatagramTransport::error_received(slf, err);
-                }
-                Err(err) if is_fatal_to_loop(py, &err) => return Err(err),
-                Err(err) => {
-                    return DatagramTransport::fatal_error(
-                        slf,
-                        err,
-                        "Fatal write error on datagram transport",
-                    )
-                }
+                Err(err) => return DatagramTransport::send_failed(slf, err),
             }
         }
-        DatagramTransport::maybe_resume_protocol(slf)?;
+        flow_control(&slf.get().state, slf.as_any(), false)?;
         let closing = {
             let mut st = slf.get().state.borrow_mut(py)?;
             if !st.buffer.is_empty() {
@@ -357,7 +347,7 @@ impl DatagramTransport {
         if let Some(protocol) = protocol {
             let called = protocol
                 .bind(py)
-                .call_method1("error_received", (err.value(py),))
+                .call_method1(pyo3::intern!(py, "error_received"), (err.value(py),))
                 .map(|_| ());
             return DatagramTransport::callback_outcome(slf, called);
         }
@@ -397,45 +387,17 @@ impl DatagramTransport {
         DatagramTransport::force_close(slf, Some(exc))
     }
 
-    fn flow_call(slf: &Bound<'_, DatagramTransport>, pause: bool) -> PyResult<()> {
+    /// A send that failed for another reason than a full socket: OS errors go to
+    /// `error_received` (the endpoint stays open), anything else ends it.
+    fn send_failed(slf: &Bound<'_, DatagramTransport>, err: PyErr) -> PyResult<()> {
         let py = slf.py();
-        let protocol = {
-            let mut st = slf.get().state.borrow_mut(py)?;
-            let due = if pause {
-                !st.protocol_paused && st.buffer_size > st.high_water
-            } else {
-                st.protocol_paused && st.buffer_size <= st.low_water
-            };
-            if !due {
-                return Ok(());
-            }
-            st.protocol_paused = pause;
-            st.protocol_ref(py)
-        };
-        let Some(protocol) = protocol else {
-            return Ok(());
-        };
-        let method = if pause {
-            "pause_writing"
+        if err.is_instance_of::<PyOSError>(py) {
+            DatagramTransport::error_received(slf, err)
+        } else if is_fatal_to_loop(py, &err) {
+            Err(err)
         } else {
-            "resume_writing"
-        };
-        if let Err(err) = protocol.bind(py).call_method0(method) {
-            let loop_ = slf
-                .get()
-                .state
-                .borrow_mut(py)?
-                .loop_
-                .as_ref()
-                .map(|l| l.clone_ref(py));
-            let message = format!("protocol.{method}() failed");
-            protocol_failed(loop_.as_ref(), err, &message, slf.as_any(), &protocol)?;
+            DatagramTransport::fatal_error(slf, err, "Fatal write error on datagram transport")
         }
-        Ok(())
-    }
-
-    fn maybe_resume_protocol(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
-        DatagramTransport::flow_call(slf, false)
     }
 }
 
@@ -553,17 +515,7 @@ impl DatagramTransport {
                     st.write_waiting = true;
                     st.sync_interest(py)?;
                 }
-                Err(err) if err.is_instance_of::<PyOSError>(py) => {
-                    return DatagramTransport::error_received(slf, err);
-                }
-                Err(err) if is_fatal_to_loop(py, &err) => return Err(err),
-                Err(err) => {
-                    return DatagramTransport::fatal_error(
-                        slf,
-                        err,
-                        "Fatal write error on datagram transport",
-                    )
-                }
+                Err(err) => return DatagramTransport::send_failed(slf, err),
             }
         }
         {
@@ -571,24 +523,11 @@ impl DatagramTransport {
             st.buffer_size += data.as_bytes().len();
             st.buffer.push_back((data.unbind(), addr.unbind()));
         }
-        DatagramTransport::flow_call(slf, true)
+        flow_control(&slf.get().state, slf.as_any(), true)
     }
 
     fn close(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
-        let py = slf.py();
-        let lose_now = {
-            let mut st = slf.get().state.borrow_mut(py)?;
-            if st.closing {
-                return Ok(());
-            }
-            st.closing = true;
-            st.sync_interest(py)?;
-            st.buffer.is_empty()
-        };
-        if lose_now {
-            DatagramTransport::lose_connection(slf, None)?;
-        }
-        Ok(())
+        close(&slf.get().state, slf.as_any())
     }
 
     fn abort(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
@@ -605,8 +544,7 @@ impl DatagramTransport {
     }
 
     fn is_reading(&self, py: Python<'_>) -> PyResult<bool> {
-        let st = self.state.borrow_mut(py)?;
-        Ok(!st.paused && !st.closing)
+        Ok(self.state.borrow_mut(py)?.is_reading())
     }
 
     fn pause_reading(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
@@ -624,7 +562,7 @@ impl DatagramTransport {
         low: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         set_limits(&slf.get().state, slf.py(), high, low)?;
-        DatagramTransport::flow_call(slf, true)
+        flow_control(&slf.get().state, slf.as_any(), true)
     }
 
     fn get_write_buffer_limits(&self, py: Python<'_>) -> PyResult<(usize, usize)> {

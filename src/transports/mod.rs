@@ -162,9 +162,10 @@ pub(crate) fn schedule_connection_lost(
 ) -> PyResult<()> {
     let py = transport.py();
     let callback = transport.getattr(pyo3::intern!(py, "_call_connection_lost"))?;
-    loop_
-        .bind(py)
-        .call_method1("call_soon", (callback, exc.unwrap_or_else(|| py.None())))?;
+    loop_.bind(py).call_method1(
+        pyo3::intern!(py, "call_soon"),
+        (callback, exc.unwrap_or_else(|| py.None())),
+    )?;
     Ok(())
 }
 
@@ -415,5 +416,69 @@ pub(crate) fn set_limits<S: DerefMut<Target = Common>>(
     let mut st = cell.borrow_mut(py)?;
     st.high_water = high;
     st.low_water = low;
+    Ok(())
+}
+
+/// asyncio's `_maybe_pause_protocol` (`pause`) and `_maybe_resume_protocol`: the
+/// protocol hears once when the buffer crosses the high (low) water mark.
+pub(crate) fn flow_control<S: DerefMut<Target = Common>>(
+    cell: &GilCell<S>,
+    transport: &Bound<'_, PyAny>,
+    pause: bool,
+) -> PyResult<()> {
+    let py = transport.py();
+    let (loop_, protocol) = {
+        let mut st = cell.borrow_mut(py)?;
+        let due = if pause {
+            !st.protocol_paused && st.buffer_size > st.high_water
+        } else {
+            st.protocol_paused && st.buffer_size <= st.low_water
+        };
+        if !due {
+            return Ok(());
+        }
+        st.protocol_paused = pause;
+        (st.loop_ref(py), st.protocol_ref(py))
+    };
+    let Some(protocol) = protocol else {
+        return Ok(());
+    };
+    let (method, message) = if pause {
+        (
+            pyo3::intern!(py, "pause_writing"),
+            "protocol.pause_writing() failed",
+        )
+    } else {
+        (
+            pyo3::intern!(py, "resume_writing"),
+            "protocol.resume_writing() failed",
+        )
+    };
+    match protocol.bind(py).call_method0(method) {
+        Ok(_) => Ok(()),
+        Err(err) => protocol_failed(loop_.as_ref(), err, message, transport, &protocol),
+    }
+}
+
+/// asyncio's `close`: stop reading, and lose the connection now if nothing is buffered
+/// (otherwise once the buffer drains). `buffer_size` is zero exactly when the buffer is
+/// empty: no transport buffers empty data.
+pub(crate) fn close<S: DerefMut<Target = Common>>(
+    cell: &GilCell<S>,
+    transport: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = transport.py();
+    let drained = {
+        let mut st = cell.borrow_mut(py)?;
+        if st.closing {
+            return Ok(());
+        }
+        st.closing = true;
+        st.sync_interest(py)?;
+        st.buffer_size == 0
+    };
+    if drained {
+        lose_connection(cell, transport, None)?;
+    }
     Ok(())
 }

@@ -24,7 +24,7 @@ use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
 use crate::poller::{self, READABLE, WRITABLE};
 use crate::transports::{
-    asyncio_logger, extra_info, in_context, is_fatal_to_loop, lose_connection, protocol_failed,
+    asyncio_logger, close, extra_info, flow_control, in_context, is_fatal_to_loop, lose_connection,
     register, release_socket, report_fatal, set_limits, set_reading, start_reading, Common,
     CONNLOST_LOG_THRESHOLD,
 };
@@ -293,7 +293,10 @@ impl StreamTransport {
             return Ok(());
         };
         let keep_open = in_context(py, context, || {
-            protocol.bind(py).call_method0("eof_received")?.is_truthy()
+            protocol
+                .bind(py)
+                .call_method0(pyo3::intern!(py, "eof_received"))?
+                .is_truthy()
         });
         match keep_open {
             Ok(true) => {
@@ -428,71 +431,16 @@ impl StreamTransport {
         StreamTransport::force_close(slf, Some(exc))
     }
 
-    fn protocol_call_failed(
-        slf: &Bound<'_, StreamTransport>,
-        protocol: &Bound<'_, PyAny>,
-        err: PyErr,
-        message: &str,
-    ) -> PyResult<()> {
-        let loop_ = slf.get().loop_of(slf.py())?;
-        protocol_failed(
-            loop_.as_ref(),
-            err,
-            message,
-            slf.as_any(),
-            &protocol.clone().unbind(),
-        )
-    }
-
     fn maybe_pause_protocol(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
-        let py = slf.py();
-        let protocol = {
-            let mut st = slf.get().state.borrow_mut(py)?;
-            if st.buffer_size <= st.high_water || st.protocol_paused {
-                return Ok(());
-            }
-            st.protocol_paused = true;
-            st.protocol_ref(py)
-        };
-        if let Some(protocol) = protocol {
-            let protocol = protocol.bind(py);
-            if let Err(err) = protocol.call_method0("pause_writing") {
-                StreamTransport::protocol_call_failed(
-                    slf,
-                    protocol,
-                    err,
-                    "protocol.pause_writing() failed",
-                )?;
-            }
-        }
-        Ok(())
+        flow_control(&slf.get().state, slf.as_any(), true)
     }
 
     fn maybe_resume_protocol(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
-        let py = slf.py();
-        let protocol = {
-            let mut st = slf.get().state.borrow_mut(py)?;
-            if !st.protocol_paused || st.buffer_size > st.low_water {
-                return Ok(());
-            }
-            st.protocol_paused = false;
-            st.protocol_ref(py)
-        };
-        if let Some(protocol) = protocol {
-            let protocol = protocol.bind(py);
-            if let Err(err) = protocol.call_method0("resume_writing") {
-                StreamTransport::protocol_call_failed(
-                    slf,
-                    protocol,
-                    err,
-                    "protocol.resume_writing() failed",
-                )?;
-            }
-        }
-        Ok(())
+        flow_control(&slf.get().state, slf.as_any(), false)
     }
 
-    fn queue(slf: &Bound<'_, StreamTransport>, chunks: Vec<Bound<'_, PyBytes>>) -> PyResult<()> {
+    /// Queues `chunks` for the end of the turn (a slice: `write` allocates nothing more).
+    fn queue(slf: &Bound<'_, StreamTransport>, chunks: &[Bound<'_, PyBytes>]) -> PyResult<()> {
         let py = slf.py();
         let pending = {
             let mut st = slf.get().state.borrow_mut(py)?;
@@ -520,7 +468,7 @@ impl StreamTransport {
             }
             for chunk in chunks {
                 if !chunk.as_bytes().is_empty() {
-                    st.buffer.push_back(chunk.unbind());
+                    st.buffer.push_back(chunk.clone().unbind());
                 }
             }
             st.buffer_size += total;
@@ -700,7 +648,7 @@ impl StreamTransport {
 
     fn write(slf: &Bound<'_, StreamTransport>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let bytes = to_bytes(data)?;
-        StreamTransport::queue(slf, vec![bytes])
+        StreamTransport::queue(slf, std::slice::from_ref(&bytes))
     }
 
     /// Queues every buffer as it is, without joining them.
@@ -712,7 +660,7 @@ impl StreamTransport {
         for item in list_of_data.try_iter()? {
             chunks.push(to_bytes(&item?)?);
         }
-        StreamTransport::queue(slf, chunks)
+        StreamTransport::queue(slf, &chunks)
     }
 
     fn write_eof(&self, py: Python<'_>) -> PyResult<()> {
@@ -735,20 +683,7 @@ impl StreamTransport {
     }
 
     fn close(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
-        let py = slf.py();
-        let lose_now = {
-            let mut st = slf.get().state.borrow_mut(py)?;
-            if st.closing {
-                return Ok(());
-            }
-            st.closing = true;
-            st.sync_interest(py)?;
-            st.buffer.is_empty()
-        };
-        if lose_now {
-            StreamTransport::lose_connection(slf, None)?;
-        }
-        Ok(())
+        close(&slf.get().state, slf.as_any())
     }
 
     fn abort(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {

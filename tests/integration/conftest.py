@@ -43,23 +43,31 @@ def find_binary(name: str) -> str:
     return found
 
 
+def serve(argv, port: int, what: str, workdir: str, preexec_fn=None):
+    """Runs a server process until the generator is closed, then stops it and removes
+    its working directory; yields once it listens on `port`."""
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=preexec_fn,  # noqa: PLW1509 - the test process has no threads yet here
+    )
+    try:
+        wait_for_port(port, proc, what)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def redis_port():
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="ferroloop-redis-")
-    proc = subprocess.Popen(
-        [find_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-         "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, proc, "redis-server")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
+    argv = [find_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", workdir]
+    yield from serve(argv, port, "redis-server", workdir)
 
 
 @pytest.fixture(scope="session")
@@ -82,20 +90,9 @@ def postgres_port():
         [initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
         check=True, stdout=subprocess.DEVNULL, preexec_fn=demote,
     )
-    proc = subprocess.Popen(
-        [postgres, "-D", data, "-p", str(port), "-h", "127.0.0.1", "-k", workdir,
-         "-c", "fsync=off", "-c", "max_connections=100"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=demote,  # noqa: PLW1509 - the test process has no threads yet here
-    )
-    try:
-        wait_for_port(port, proc, "postgres")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        shutil.rmtree(workdir, ignore_errors=True)
+    argv = [postgres, "-D", data, "-p", str(port), "-h", "127.0.0.1", "-k", workdir,
+            "-c", "fsync=off", "-c", "max_connections=100"]
+    yield from serve(argv, port, "postgres", workdir, preexec_fn=demote)
 
 
 @pytest.fixture(scope="session")
