@@ -30,3 +30,8 @@ pub fn closed_loop() -> PyErr {
 pub fn invalid_fd(fd: i64) -> PyErr {
     PyValueError::new_err(format!("Invalid file descriptor: {fd}"))
 }
+
+/// The call would block (or was interrupted): try again on the next readiness.
+pub fn would_block(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR))
+}

@@ -16,7 +16,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use pyo3::{PyTraverseError, PyVisit};
 
-use crate::errors::os_error;
+use crate::errors::{os_error, would_block};
 use crate::poller::{READABLE, WRITABLE};
 
 /// Reads of up to this size land in a reused buffer before the copy into `bytes`.
@@ -46,10 +46,6 @@ pub(crate) struct SockOp {
 pub(crate) enum Attempt {
     Done(Py<PyAny>),
     WouldBlock,
-}
-
-fn would_block(err: &io::Error) -> bool {
-    matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR))
 }
 
 /// `recv(fd, n)` into a new `bytes`; `WouldBlock` when there is nothing to read yet.

@@ -15,9 +15,9 @@ use std::io;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::RawFd;
 
-use pyo3::exceptions::{PyOSError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::os_error;
@@ -26,8 +26,8 @@ use crate::gil_cell::GilCell;
 use crate::poller;
 use crate::transports::{
     asyncio_logger, close, extra_info, flow_control, in_context, is_fatal_to_loop, lose_connection,
-    register, release_socket, report, report_fatal, set_limits, set_reading, start_reading, Common,
-    CONNLOST_LOG_THRESHOLD,
+    register, release_socket, report, report_fatal, set_limits, set_reading, start_reading,
+    to_bytes, Common, CONNLOST_LOG_THRESHOLD,
 };
 
 /// asyncio's `max_size` for one datagram read.
@@ -462,19 +462,7 @@ impl DatagramTransport {
         addr: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let py = slf.py();
-        let data: Bound<'_, PyBytes> = if let Ok(b) = data.cast::<PyBytes>() {
-            b.clone()
-        } else if data.is_instance_of::<PyByteArray>() || data.is_instance_of::<PyMemoryView>() {
-            // Buffered datagrams must not change under us: keep an immutable copy.
-            py.get_type::<PyBytes>()
-                .call1((data,))?
-                .cast_into::<PyBytes>()?
-        } else {
-            return Err(PyTypeError::new_err(format!(
-                "data argument must be a bytes-like object, not {:?}",
-                data.get_type().name()?.to_string()
-            )));
-        };
+        let data = to_bytes(data)?;
         if data.as_bytes().is_empty() {
             return Ok(());
         }

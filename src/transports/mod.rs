@@ -4,11 +4,11 @@
 pub mod datagram;
 pub mod stream;
 
-use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PySystemExit, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PySystemExit, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::PyDict;
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView};
 
 use std::ops::DerefMut;
 use std::os::fd::RawFd;
@@ -84,6 +84,26 @@ fn write_limits(
         )));
     }
     Ok((high_v as usize, low_v as usize))
+}
+
+/// The bytes a `write`/`sendto` keeps: `bytes` as they are, a mutable buffer copied (the caller
+/// may change it before it is sent), anything else a `TypeError` as asyncio raises it.
+pub(crate) fn to_bytes<'py>(data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    if let Ok(b) = data.cast::<PyBytes>() {
+        return Ok(b.clone());
+    }
+    if data.is_instance_of::<PyByteArray>() || data.is_instance_of::<PyMemoryView>() {
+        // SAFETY: `data` is a live object; PyBytes_FromObject returns a new reference to
+        // a bytes copy of its buffer, or NULL with an error set.
+        let copy = unsafe {
+            Bound::from_owned_ptr_or_err(data.py(), ffi::PyBytes_FromObject(data.as_ptr()))
+        }?;
+        return Ok(copy.cast_into::<PyBytes>()?);
+    }
+    Err(PyTypeError::new_err(format!(
+        "data argument must be a bytes-like object, not {:?}",
+        data.get_type().name()?.to_string()
+    )))
 }
 
 /// `loop.call_exception_handler({...})` with the keys asyncio's transports give.

@@ -12,21 +12,21 @@ use std::io;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::RawFd;
 
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString};
+use pyo3::types::{PyBytes, PyDict, PyString};
 use pyo3::{PyTraverseError, PyVisit};
 
-use crate::errors::os_error;
+use crate::errors::{os_error, would_block};
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
 use crate::poller::{self, READABLE, WRITABLE};
 use crate::transports::{
     asyncio_logger, close, extra_info, flow_control, in_context, is_fatal_to_loop, lose_connection,
-    register, release_socket, report_fatal, set_limits, set_reading, start_reading, Common,
-    CONNLOST_LOG_THRESHOLD,
+    register, release_socket, report_fatal, set_limits, set_reading, start_reading, to_bytes,
+    Common, CONNLOST_LOG_THRESHOLD,
 };
 
 /// Bytes read per readiness event: asyncio's `max_size`. One read per event keeps one
@@ -34,6 +34,7 @@ use crate::transports::{
 const MAX_READ: usize = 256 * 1024;
 /// Buffers handed to one `sendmsg`.
 const MAX_IOV: usize = 64;
+const READ_ERROR: &str = "Fatal read error on socket transport";
 
 thread_local! {
     /// The buffer every `Protocol` read lands in before it is copied into the `bytes`
@@ -106,31 +107,6 @@ pub struct StreamTransport {
     state: GilCell<StreamState>,
 }
 
-fn errno_is_retry(err: &io::Error) -> bool {
-    matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR))
-        || err.raw_os_error() == Some(libc::EWOULDBLOCK)
-}
-
-/// The bytes a `write` queues: `bytes` as they are, a mutable buffer copied (the caller
-/// may change it before it is sent), anything else a `TypeError` as asyncio raises it.
-fn to_bytes<'py>(data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
-    if let Ok(b) = data.cast::<PyBytes>() {
-        return Ok(b.clone());
-    }
-    if data.is_instance_of::<PyByteArray>() || data.is_instance_of::<PyMemoryView>() {
-        // SAFETY: `data` is a live object; PyBytes_FromObject returns a new reference to
-        // a bytes copy of its buffer, or NULL with an error set.
-        let copy = unsafe {
-            Bound::from_owned_ptr_or_err(data.py(), ffi::PyBytes_FromObject(data.as_ptr()))
-        }?;
-        return Ok(copy.cast_into::<PyBytes>()?);
-    }
-    Err(PyTypeError::new_err(format!(
-        "data argument must be a bytes-like object, not {:?}",
-        data.get_type().name()?.to_string()
-    )))
-}
-
 impl StreamTransport {
     fn loop_of(&self, py: Python<'_>) -> PyResult<Option<Py<LoopCore>>> {
         Ok(self
@@ -186,12 +162,8 @@ impl StreamTransport {
                     }
                 });
                 match received {
-                    Err(err) if errno_is_retry(&err) => Ok(()),
-                    Err(err) => StreamTransport::fatal_error(
-                        slf,
-                        os_error(err),
-                        "Fatal read error on socket transport",
-                    ),
+                    Err(err) if would_block(&err) => Ok(()),
+                    Err(err) => StreamTransport::fatal_error(slf, os_error(err), READ_ERROR),
                     Ok(None) => StreamTransport::on_eof(slf, context.as_ref()),
                     Ok(Some(data)) => {
                         let called = in_context(py, context.as_ref(), || {
@@ -226,30 +198,12 @@ impl StreamTransport {
                     }
                 };
                 let nbytes = match recv_into(fd, &buf) {
-                    Ok(n) => n,
-                    Err(err) if err.is_instance_of::<PyOSError>(py) => {
-                        let retry = err
-                            .value(py)
-                            .getattr("errno")
-                            .and_then(|e| e.extract::<i32>())
-                            .map(|e| e == libc::EAGAIN || e == libc::EINTR)
-                            .unwrap_or(false);
-                        if retry {
-                            return Ok(());
-                        }
-                        return StreamTransport::fatal_error(
-                            slf,
-                            err,
-                            "Fatal read error on socket transport",
-                        );
+                    Ok(Ok(n)) => n,
+                    Ok(Err(err)) if would_block(&err) => return Ok(()),
+                    Ok(Err(err)) => {
+                        return StreamTransport::fatal_error(slf, os_error(err), READ_ERROR)
                     }
-                    Err(err) => {
-                        return StreamTransport::fatal_error(
-                            slf,
-                            err,
-                            "Fatal read error on socket transport",
-                        )
-                    }
+                    Err(err) => return StreamTransport::fatal_error(slf, err, READ_ERROR),
                 };
                 if nbytes == 0 {
                     return StreamTransport::on_eof(slf, context.as_ref());
@@ -338,7 +292,7 @@ impl StreamTransport {
                         return StreamTransport::maybe_resume_protocol(slf);
                     }
                 }
-                Err(err) if errno_is_retry(&err) => {
+                Err(err) if would_block(&err) => {
                     st.write_waiting = true;
                     return st.sync_interest(py);
                 }
@@ -503,7 +457,8 @@ enum Pending {
 }
 
 /// `recv_into` a writable buffer object, as `socket.recv_into` would.
-fn recv_into(fd: RawFd, buf: &Bound<'_, PyAny>) -> PyResult<usize> {
+/// The outer error is the buffer's (not writable, ...), the inner one the socket's.
+fn recv_into(fd: RawFd, buf: &Bound<'_, PyAny>) -> PyResult<io::Result<usize>> {
     let py = buf.py();
     let mut view = std::mem::MaybeUninit::<ffi::Py_buffer>::uninit();
     // SAFETY: `buf` is a live object and `view` is storage for one Py_buffer; on success
@@ -521,10 +476,10 @@ fn recv_into(fd: RawFd, buf: &Bound<'_, PyAny>) -> PyResult<usize> {
     let err = (n < 0).then(io::Error::last_os_error);
     // SAFETY: releases the buffer acquired above exactly once.
     unsafe { ffi::PyBuffer_Release(&mut view) };
-    match err {
-        Some(err) => Err(os_error(err)),
+    Ok(match err {
+        Some(err) => Err(err),
         None => Ok(n as usize),
-    }
+    })
 }
 
 /// One `sendmsg` of the front of the buffer.
