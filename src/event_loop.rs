@@ -10,12 +10,12 @@ use std::sync::Mutex;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyFloat, PyInt, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::{closed_loop, invalid_fd, os_error};
 use crate::gil_cell::GilCell;
-use crate::handles::{Handle, TimerHandle};
+use crate::handles::{CallArgs, Handle, TimerHandle};
 use crate::poller::{self, Poller, Registry, Token, READABLE, WAKER_TOKEN, WRITABLE};
 use crate::pyhelpers;
 use crate::sock_ops::{self, Attempt, SockKind, SockOp};
@@ -130,6 +130,9 @@ pub(crate) struct LoopState {
     poller: Option<Poller>,
     events: Vec<libc::epoll_event>,
     thread_id: Option<u64>,
+    /// `{"loop": self}`, built once: `asyncio.Future.__init__` takes its argument from
+    /// a dict, which would otherwise be built for every `create_future`.
+    future_kwargs: Option<Py<PyDict>>,
 }
 
 /// Handles scheduled from other threads, and where to write to wake the loop.
@@ -260,6 +263,7 @@ impl LoopCore {
                 poller: Some(poller),
                 events: vec![libc::epoll_event { events: 0, u64: 0 }; INITIAL_EVENTS],
                 thread_id: None,
+                future_kwargs: None,
             }),
             threadsafe: Mutex::new(ThreadsafeQueue {
                 handles: Vec::new(),
@@ -336,14 +340,14 @@ impl LoopCore {
     fn new_handle(
         slf: &Bound<'_, LoopCore>,
         callback: Bound<'_, PyAny>,
-        args: Bound<'_, PyTuple>,
+        args: Option<CallArgs>,
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Handle> {
         let debug = slf.get().debug.load(Ordering::Relaxed);
         Handle::build(
             slf.py(),
             callback,
-            Some(args),
+            args,
             Some(slf.clone().into_any().unbind()),
             context,
             debug,
@@ -354,7 +358,7 @@ impl LoopCore {
         slf: &Bound<'_, LoopCore>,
         when: f64,
         callback: Bound<'_, PyAny>,
-        args: Bound<'_, PyTuple>,
+        args: Option<CallArgs>,
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<TimerHandle>> {
         let py = slf.py();
@@ -373,7 +377,9 @@ impl LoopCore {
 
     /// Moves handles queued by other threads onto the ready queue.
     fn take_threadsafe(&self, py: Python<'_>) -> PyResult<()> {
-        if !self.side_queued.swap(false, Ordering::AcqRel) {
+        if !self.side_queued.load(Ordering::Acquire)
+            || !self.side_queued.swap(false, Ordering::AcqRel)
+        {
             return Ok(());
         }
         let queued = match self.threadsafe.lock() {
@@ -454,6 +460,7 @@ impl LoopCore {
         let fd = fileobj_to_int(fd)?;
         slf.get().check_closed()?;
         let fd = checked_fd(fd)?;
+        let args = CallArgs::from_tuple(Some(args));
         let handle = Py::new(slf.py(), LoopCore::new_handle(slf, callback, args, None)?)?;
         if let Some(old) = slf
             .get()
@@ -559,6 +566,10 @@ impl LoopCore {
     }
 
     /// One turn of the loop, in the order of asyncio's `BaseEventLoop._run_once`.
+    ///
+    /// The common turn of a busy program (callbacks queued, no timer due, no fd
+    /// registered) makes no system call: the clock is read only when timers exist and
+    /// the poller is asked only when something could report an event.
     fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
@@ -568,13 +579,16 @@ impl LoopCore {
         core.take_threadsafe(py)?;
 
         let mut dead_timers = Vec::new();
-        let timeout_ms = {
+        let (timeout_ms, has_timers, may_report) = {
             let mut st = core.state.borrow_mut(py)?;
             if st.poller.is_none() {
                 return Err(closed_loop());
             }
-            st.timers.prune(py, &mut dead_timers);
-            if !st.ready.is_empty() || core.stopping.load(Ordering::Relaxed) {
+            let has_timers = st.timers.len() > 0;
+            if has_timers {
+                st.timers.prune(py, &mut dead_timers);
+            }
+            let timeout_ms = if !st.ready.is_empty() || core.stopping.load(Ordering::Relaxed) {
                 0
             } else if let Some(when) = st.timers.next_when() {
                 let timeout = (when - monotonic()).clamp(0.0, MAX_POLL_TIMEOUT_S);
@@ -583,75 +597,38 @@ impl LoopCore {
                 (timeout * 1e3).ceil() as i32
             } else {
                 -1
-            }
+            };
+            // Other threads append to the ready queue directly, so with work queued and
+            // no fd or signal handler registered a non-blocking poll can only come back
+            // empty.
+            let may_report = !st.fds.is_empty() || core.signals_watched.load(Ordering::Relaxed);
+            (timeout_ms, st.timers.len() > 0, may_report)
         };
         drop(dead_timers);
         if timeout_ms != 0 {
             // A signal that arrived while we held the GIL would not interrupt the wait.
             py.check_signals()?;
         }
-
-        let (epoll_fd, mut events) = {
-            let mut st = core.state.borrow_mut(py)?;
-            let fd = st.poller.as_ref().map(Poller::epoll_fd).unwrap_or(-1);
-            (fd, mem::take(&mut st.events))
-        };
-        // With work already queued and nothing registered that could report an event
-        // (no fds, no signal handlers; other threads append to the ready queue
-        // directly), a non-blocking poll can only come back empty: skip the syscall.
-        let idle_poll = timeout_ms == 0
-            && !core.signals_watched.load(Ordering::Relaxed)
-            && core.state.borrow_mut(py)?.fds.is_empty();
-        let result = if idle_poll {
-            Ok(0)
-        } else if timeout_ms == 0 {
-            Poller::wait(epoll_fd, &mut events, 0)
-        } else {
-            py.detach(|| Poller::wait(epoll_fd, &mut events, timeout_ms))
-        };
-        let n = match result {
-            Ok(n) => n,
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => 0,
-            Err(err) => {
-                core.state.borrow_mut(py)?.events = events;
-                return Err(os_error(err));
-            }
-        };
-
-        let mut dead = Vec::new();
-        let dispatched = core.dispatch_events(py, &events[..n], &mut dead);
-        if n == events.len() && events.len() < MAX_EVENTS {
-            events.resize(events.len() * 2, libc::epoll_event { events: 0, u64: 0 });
-        }
-        core.state.borrow_mut(py)?.events = events;
-        drop(dead);
-        let (signals, woken) = dispatched?;
-        if woken {
-            // After the waker was drained: a thread that sees `false` writes a new byte.
-            core.wake_pending.store(false, Ordering::Release);
-        }
-        core.take_threadsafe(py)?;
-        if n == 0 && timeout_ms != 0 {
-            py.check_signals()?;
-        }
-        if !signals.is_empty() {
-            slf.call_method1("_handle_signals", (PyBytes::new(py, &signals),))?;
+        if timeout_ms != 0 || may_report {
+            LoopCore::poll(slf, timeout_ms)?;
         }
 
-        let end_time = monotonic() + core.clock_resolution;
-        let mut dead_timers = Vec::new();
-        {
-            let mut st = core.state.borrow_mut(py)?;
-            while let Some((timer, cancelled)) = st.timers.pop_due(py, end_time) {
-                if cancelled {
-                    dead_timers.push(timer);
-                } else {
-                    st.ready
-                        .push_back(Ready::Handle(timer.into_bound(py).into_super().unbind()));
+        if has_timers {
+            let end_time = monotonic() + core.clock_resolution;
+            let mut dead_timers = Vec::new();
+            {
+                let mut st = core.state.borrow_mut(py)?;
+                while let Some((timer, cancelled)) = st.timers.pop_due(py, end_time) {
+                    if cancelled {
+                        dead_timers.push(timer);
+                    } else {
+                        st.ready
+                            .push_back(Ready::Handle(timer.into_bound(py).into_super().unbind()));
+                    }
                 }
             }
+            drop(dead_timers);
         }
-        drop(dead_timers);
 
         let ntodo = core.state.borrow_mut(py)?.ready.len();
         for _ in 0..ntodo {
@@ -681,28 +658,13 @@ impl LoopCore {
         }
         core.flush_transports(py)
     }
-}
 
-#[pymethods]
-impl LoopCore {
-    #[new]
-    #[pyo3(signature = (*_args, **_kwargs))]
-    fn py_new(
-        _args: &Bound<'_, PyTuple>,
-        _kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
-    ) -> PyResult<LoopCore> {
-        LoopCore::new_core()
-    }
+    // `call_soon` and the other scheduling calls; `fastcall` exposes them to Python.
 
-    fn time(&self) -> f64 {
-        monotonic()
-    }
-
-    #[pyo3(signature = (callback, *args, context=None))]
-    fn call_soon(
+    pub(crate) fn call_soon(
         slf: &Bound<'_, LoopCore>,
         callback: Bound<'_, PyAny>,
-        args: Bound<'_, PyTuple>,
+        args: Option<CallArgs>,
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<Handle>> {
         let py = slf.py();
@@ -719,11 +681,10 @@ impl LoopCore {
         Ok(handle)
     }
 
-    #[pyo3(signature = (callback, *args, context=None))]
-    fn call_soon_threadsafe(
+    pub(crate) fn call_soon_threadsafe(
         slf: &Bound<'_, LoopCore>,
         callback: Bound<'_, PyAny>,
-        args: Bound<'_, PyTuple>,
+        args: Option<CallArgs>,
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<Handle>> {
         let py = slf.py();
@@ -759,12 +720,11 @@ impl LoopCore {
         Ok(handle)
     }
 
-    #[pyo3(signature = (delay, callback, *args, context=None))]
-    fn call_later(
+    pub(crate) fn call_later(
         slf: &Bound<'_, LoopCore>,
         delay: &Bound<'_, PyAny>,
         callback: Bound<'_, PyAny>,
-        args: Bound<'_, PyTuple>,
+        args: Option<CallArgs>,
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<TimerHandle>> {
         if delay.is_none() {
@@ -779,12 +739,11 @@ impl LoopCore {
         LoopCore::schedule_timer(slf, when, callback, args, context)
     }
 
-    #[pyo3(signature = (when, callback, *args, context=None))]
-    fn call_at(
+    pub(crate) fn call_at(
         slf: &Bound<'_, LoopCore>,
         when: &Bound<'_, PyAny>,
         callback: Bound<'_, PyAny>,
-        args: Bound<'_, PyTuple>,
+        args: Option<CallArgs>,
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<TimerHandle>> {
         if when.is_none() {
@@ -797,6 +756,72 @@ impl LoopCore {
             LoopCore::debug_checks(slf, &callback, "call_at", true)?;
         }
         LoopCore::schedule_timer(slf, when, callback, args, context)
+    }
+
+    /// Waits for events (the GIL released unless the wait is non-blocking) and queues
+    /// what they wake, threadsafe handles and signal handlers included.
+    fn poll(slf: &Bound<'_, LoopCore>, timeout_ms: i32) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let (epoll_fd, mut events) = {
+            let mut st = core.state.borrow_mut(py)?;
+            let fd = st.poller.as_ref().map(Poller::epoll_fd).unwrap_or(-1);
+            (fd, mem::take(&mut st.events))
+        };
+        let result = if timeout_ms == 0 {
+            Poller::wait(epoll_fd, &mut events, 0)
+        } else {
+            py.detach(|| Poller::wait(epoll_fd, &mut events, timeout_ms))
+        };
+        let n = match result {
+            Ok(n) => n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(err) => {
+                core.state.borrow_mut(py)?.events = events;
+                return Err(os_error(err));
+            }
+        };
+
+        let mut dead = Vec::new();
+        let dispatched = if n > 0 {
+            core.dispatch_events(py, &events[..n], &mut dead)
+        } else {
+            Ok((Vec::new(), false))
+        };
+        if n == events.len() && events.len() < MAX_EVENTS {
+            events.resize(events.len() * 2, libc::epoll_event { events: 0, u64: 0 });
+        }
+        core.state.borrow_mut(py)?.events = events;
+        drop(dead);
+        let (signals, woken) = dispatched?;
+        if woken {
+            // After the waker was drained: a thread that sees `false` writes a new byte.
+            core.wake_pending.store(false, Ordering::Release);
+        }
+        core.take_threadsafe(py)?;
+        if n == 0 && timeout_ms != 0 {
+            py.check_signals()?;
+        }
+        if !signals.is_empty() {
+            slf.call_method1("_handle_signals", (PyBytes::new(py, &signals),))?;
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl LoopCore {
+    #[new]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn py_new(
+        _args: &Bound<'_, PyTuple>,
+        _kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<LoopCore> {
+        LoopCore::new_core()
+    }
+
+    fn time(&self) -> f64 {
+        monotonic()
     }
 
     /// Appends an existing handle to the ready queue (signal handlers use this).
@@ -828,7 +853,25 @@ impl LoopCore {
 
     /// `asyncio.Future(loop=self)`, without a Python frame.
     fn create_future(slf: &Bound<'_, LoopCore>) -> PyResult<Py<PyAny>> {
-        pyhelpers::new_future(slf.as_any())
+        let py = slf.py();
+        let cached = slf
+            .get()
+            .state
+            .borrow_mut(py)?
+            .future_kwargs
+            .as_ref()
+            .map(|d| d.clone_ref(py));
+        let kwargs = match cached {
+            Some(kwargs) => kwargs,
+            None => {
+                let kwargs = PyDict::new(py);
+                kwargs.set_item(pyo3::intern!(py, "loop"), slf)?;
+                let kwargs = kwargs.unbind();
+                slf.get().state.borrow_mut(py)?.future_kwargs = Some(kwargs.clone_ref(py));
+                kwargs
+            }
+        };
+        pyhelpers::new_future(py, kwargs.bind(py))
     }
 
     /// `BaseEventLoop.create_task` without a Python frame when no task factory is set;
@@ -847,7 +890,7 @@ impl LoopCore {
         let context = context.unwrap_or(&none);
         if !slf.getattr(pyo3::intern!(py, "_task_factory"))?.is_none() {
             let base = py.import("asyncio.base_events")?.getattr("BaseEventLoop")?;
-            let kwargs = pyo3::types::PyDict::new(py);
+            let kwargs = PyDict::new(py);
             kwargs.set_item("name", name)?;
             kwargs.set_item("context", context)?;
             return Ok(base
@@ -1166,6 +1209,9 @@ impl LoopCore {
             for t in &st.flush {
                 visit.call(t)?;
             }
+            if let Some(kwargs) = &st.future_kwargs {
+                visit.call(kwargs)?;
+            }
             for h in st.timers.handles() {
                 visit.call(h)?;
             }
@@ -1197,6 +1243,7 @@ impl LoopCore {
                 timers,
                 mem::take(&mut st.fds),
                 mem::take(&mut st.flush),
+                st.future_kwargs.take(),
             )
         });
         drop(released);
@@ -1345,10 +1392,13 @@ impl LoopCore {
     /// The last step of a turn: one send per transport written to during it. The list's
     /// allocation is kept for the next turn.
     fn flush_transports(&self, py: Python<'_>) -> PyResult<()> {
-        let mut pending = mem::take(&mut self.state.borrow_mut(py)?.flush);
-        if pending.is_empty() {
-            return Ok(());
-        }
+        let mut pending = {
+            let mut st = self.state.borrow_mut(py)?;
+            if st.flush.is_empty() {
+                return Ok(());
+            }
+            mem::take(&mut st.flush)
+        };
         let mut outcome = Ok(());
         for transport in pending.drain(..) {
             if outcome.is_ok() {

@@ -13,10 +13,47 @@ use crate::event_loop::LoopCore;
 use crate::gil_cell::GilCell;
 use crate::pyhelpers;
 
+/// The positional arguments of a callback. One argument (a task's wakeup, a future's
+/// `set_result`) is kept without a tuple around it.
+pub(crate) enum CallArgs {
+    One(Py<PyAny>),
+    Many(Py<PyTuple>),
+}
+
+impl CallArgs {
+    /// `None` for an empty tuple or no tuple.
+    pub fn from_tuple(args: Option<Bound<'_, PyTuple>>) -> Option<CallArgs> {
+        args.filter(|a| !a.is_empty())
+            .map(|a| CallArgs::Many(a.unbind()))
+    }
+
+    fn clone_ref(&self, py: Python<'_>) -> CallArgs {
+        match self {
+            CallArgs::One(arg) => CallArgs::One(arg.clone_ref(py)),
+            CallArgs::Many(args) => CallArgs::Many(args.clone_ref(py)),
+        }
+    }
+
+    /// The arguments as the tuple asyncio's `Handle._args` holds.
+    fn to_tuple<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        match self {
+            CallArgs::One(arg) => PyTuple::new(py, [arg]),
+            CallArgs::Many(args) => Ok(args.bind(py).clone()),
+        }
+    }
+
+    fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        match self {
+            CallArgs::One(arg) => visit.call(arg),
+            CallArgs::Many(args) => visit.call(args),
+        }
+    }
+}
+
 pub(crate) struct HandleState {
     pub callback: Option<Py<PyAny>>,
     /// `None` for a callback taking no arguments.
-    pub args: Option<Py<PyTuple>>,
+    pub args: Option<CallArgs>,
     pub context: Option<Py<PyAny>>,
     pub loop_: Option<Py<PyAny>>,
     pub source_traceback: Option<Py<PyAny>>,
@@ -51,7 +88,7 @@ impl Handle {
     pub(crate) fn build(
         py: Python<'_>,
         callback: Bound<'_, PyAny>,
-        args: Option<Bound<'_, PyTuple>>,
+        args: Option<CallArgs>,
         loop_: Option<Py<PyAny>>,
         context: Option<Bound<'_, PyAny>>,
         debug: bool,
@@ -60,7 +97,6 @@ impl Handle {
             Some(ctx) if !ctx.is_none() => ctx.unbind(),
             _ => copy_context(py)?,
         };
-        let args = args.filter(|a| !a.is_empty()).map(Bound::unbind);
         let source_traceback = if debug {
             Some(pyhelpers::extract_stack(py)?)
         } else {
@@ -154,7 +190,7 @@ impl Handle {
             }
             (
                 state.callback.as_ref().map(|c| c.clone_ref(py)),
-                state.args.as_ref().map(|a| a.clone_ref(py)),
+                state.args.as_ref().map(|a| a.to_tuple(py)).transpose()?,
                 state.source_traceback.as_ref().map(|t| t.clone_ref(py)),
             )
         };
@@ -173,7 +209,7 @@ impl Handle {
             info.push(pyhelpers::format_callback_source(
                 py,
                 cb.bind(py),
-                args.as_ref().map(|a| a.bind(py)),
+                args.as_ref(),
             )?);
         }
         if let Some(tb) = traceback {
@@ -199,7 +235,7 @@ pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
 fn call_in_context(
     py: Python<'_>,
     callback: &Py<PyAny>,
-    args: Option<&Py<PyTuple>>,
+    args: Option<&CallArgs>,
     context: &Py<PyAny>,
 ) -> PyResult<()> {
     // SAFETY: `context` is a live contextvars.Context (built by copy_context or checked by
@@ -213,10 +249,11 @@ fn call_in_context(
     let result = unsafe {
         match args {
             None => ffi::PyObject_CallNoArgs(callback.as_ptr()),
-            Some(args) if ffi::PyTuple_GET_SIZE(args.as_ptr()) == 1 => {
+            Some(CallArgs::One(arg)) => ffi::PyObject_CallOneArg(callback.as_ptr(), arg.as_ptr()),
+            Some(CallArgs::Many(args)) if ffi::PyTuple_GET_SIZE(args.as_ptr()) == 1 => {
                 ffi::PyObject_CallOneArg(callback.as_ptr(), ffi::PyTuple_GET_ITEM(args.as_ptr(), 0))
             }
-            Some(args) => {
+            Some(CallArgs::Many(args)) => {
                 ffi::PyObject_Call(callback.as_ptr(), args.as_ptr(), std::ptr::null_mut())
             }
         }
@@ -238,7 +275,7 @@ fn call_in_context(
 fn report_callback_error(
     slf: &Bound<'_, Handle>,
     callback: &Py<PyAny>,
-    args: Option<&Py<PyTuple>>,
+    args: Option<&CallArgs>,
     err: PyErr,
 ) -> PyResult<()> {
     let py = slf.py();
@@ -252,8 +289,8 @@ fn report_callback_error(
     let Some(loop_) = loop_ else {
         return Err(err);
     };
-    let source =
-        pyhelpers::format_callback_source(py, callback.bind(py), args.map(|a| a.bind(py)))?;
+    let args = args.map(|a| a.to_tuple(py)).transpose()?;
+    let source = pyhelpers::format_callback_source(py, callback.bind(py), args.as_ref())?;
     let context = PyDict::new(py);
     context.set_item("message", format!("Exception in callback {source}"))?;
     context.set_item("exception", err.value(py))?;
@@ -281,6 +318,7 @@ impl Handle {
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Handle> {
         let debug = LoopCore::debug_of(&r#loop)?;
+        let args = CallArgs::from_tuple(args);
         Handle::build(py, callback, args, Some(r#loop.unbind()), context, debug)
     }
 
@@ -325,7 +363,7 @@ impl Handle {
         let state = self.state.borrow_mut(py)?;
         Ok(match (&state.callback, &state.args) {
             (None, _) => None,
-            (Some(_), Some(args)) => Some(args.bind(py).clone()),
+            (Some(_), Some(args)) => Some(args.to_tuple(py)?),
             (Some(_), None) => Some(PyTuple::empty(py)),
         })
     }
@@ -375,7 +413,7 @@ impl Handle {
                 visit.call(obj)?;
             }
             if let Some(args) = &state.args {
-                visit.call(args)?;
+                args.visit(&visit)?;
             }
         }
         Ok(())
@@ -416,6 +454,7 @@ impl TimerHandle {
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyClassInitializer<TimerHandle>> {
         let debug = LoopCore::debug_of(&r#loop)?;
+        let args = CallArgs::from_tuple(args);
         let handle = Handle::build(py, callback, args, Some(r#loop.unbind()), context, debug)?;
         Ok(TimerHandle::new_initializer(handle, when))
     }

@@ -2,6 +2,7 @@
 
 mod errors;
 mod event_loop;
+mod fastcall;
 mod gil_cell;
 mod handles;
 mod poller;
@@ -15,6 +16,7 @@ use pyo3::prelude::*;
 #[pymodule(gil_used = true)]
 fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event_loop::LoopCore>()?;
+    fastcall::install(&m.py().get_type::<event_loop::LoopCore>())?;
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
     m.add_class::<transports::stream::StreamTransport>()?;

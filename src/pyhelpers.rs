@@ -4,12 +4,11 @@
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyString, PyTuple};
+use pyo3::types::{PyDict, PyString, PyTuple};
 
 static EXTRACT_STACK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static FORMAT_CALLBACK_SOURCE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static FUTURE_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-static LOOP_KWNAMES: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
 static TASK_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static SSL_SOCKET: PyOnceLock<Option<Py<PyAny>>> = PyOnceLock::new();
 
@@ -67,27 +66,13 @@ pub fn new_task(
     .map(Bound::unbind)
 }
 
-/// `asyncio.Future(loop=loop_)` (the C implementation when CPython has it), called
-/// with vectorcall: no argument tuple or keyword dict is built.
-pub fn new_future(loop_: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-    let py = loop_.py();
+/// `asyncio.Future(**kwargs)` (the C implementation when CPython has it); `kwargs`
+/// is the loop's cached `{"loop": loop}`, so no dict is built per call.
+pub fn new_future(py: Python<'_>, kwargs: &Bound<'_, PyDict>) -> PyResult<Py<PyAny>> {
     let future = FUTURE_TYPE.get_or_try_init(py, || {
         Ok::<_, PyErr>(py.import("asyncio.futures")?.getattr("Future")?.unbind())
     })?;
-    let kwnames = LOOP_KWNAMES.get_or_try_init(py, || {
-        Ok::<_, PyErr>(PyTuple::new(py, [PyString::new(py, "loop")])?.unbind())
-    })?;
-    let args = [loop_.as_ptr()];
-    // SAFETY: `args` holds one borrowed reference alive for the call; with nargs 0 and a
-    // one-name kwnames tuple it is the value of `loop=`. The call returns a new
-    // reference or NULL with an error set.
-    unsafe {
-        Bound::from_owned_ptr_or_err(
-            py,
-            ffi::PyObject_Vectorcall(future.as_ptr(), args.as_ptr(), 0, kwnames.as_ptr()),
-        )
-    }
-    .map(Bound::unbind)
+    Ok(future.bind(py).call((), Some(kwargs))?.unbind())
 }
 
 fn format_helpers_attr<'py>(

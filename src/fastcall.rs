@@ -1,0 +1,258 @@
+//! `call_soon`, `call_soon_threadsafe`, `call_later` and `call_at` as hand-written
+//! `METH_FASTCALL | METH_KEYWORDS` methods.
+//!
+//! These are the calls every task step and every future callback makes. Declared as
+//! ordinary `#[pymethods]` with `*args`, each call would pack its positional arguments
+//! into a tuple and go through the generic argument parser; here the arguments are read
+//! straight off the vectorcall stack, and a single argument (a task wakeup's future, a
+//! `set_result` value) is kept without a tuple at all.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr;
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::ffi;
+use pyo3::panic::PanicException;
+use pyo3::prelude::*;
+use pyo3::types::{PyString, PyTuple, PyType};
+
+use crate::event_loop::LoopCore;
+use crate::handles::CallArgs;
+
+/// A method table entry the interpreter keeps a pointer to for the life of the type.
+struct MethodDef(ffi::PyMethodDef);
+
+// SAFETY: the entries are never written after construction, and what they point to (C
+// string literals, functions) is immutable and 'static, so sharing them between
+// threads is sound.
+unsafe impl Sync for MethodDef {}
+
+/// The signature of a scheduling call after its parsed leading arguments (`delay`,
+/// `when`) and callback.
+type Schedule = for<'py> fn(
+    &Bound<'py, LoopCore>,
+    Option<&Bound<'py, PyAny>>,
+    Bound<'py, PyAny>,
+    Option<CallArgs>,
+    Option<Bound<'py, PyAny>>,
+) -> PyResult<Py<PyAny>>;
+
+/// How a method is called: its name and the names of its required positional
+/// arguments (one or two), the callback last.
+struct Spec {
+    name: &'static str,
+    required: &'static [&'static str],
+    schedule: Schedule,
+}
+
+const CALL_SOON: Spec = Spec {
+    name: "call_soon",
+    required: &["callback"],
+    schedule: |slf, _, cb, args, ctx| Ok(LoopCore::call_soon(slf, cb, args, ctx)?.into_any()),
+};
+const CALL_SOON_THREADSAFE: Spec = Spec {
+    name: "call_soon_threadsafe",
+    required: &["callback"],
+    schedule: |slf, _, cb, args, ctx| {
+        Ok(LoopCore::call_soon_threadsafe(slf, cb, args, ctx)?.into_any())
+    },
+};
+const CALL_LATER: Spec = Spec {
+    name: "call_later",
+    required: &["delay", "callback"],
+    schedule: |slf, delay, cb, args, ctx| match delay {
+        Some(delay) => Ok(LoopCore::call_later(slf, delay, cb, args, ctx)?.into_any()),
+        None => Err(PyValueError::new_err("call_later() without a delay")),
+    },
+};
+const CALL_AT: Spec = Spec {
+    name: "call_at",
+    required: &["when", "callback"],
+    schedule: |slf, when, cb, args, ctx| match when {
+        Some(when) => Ok(LoopCore::call_at(slf, when, cb, args, ctx)?.into_any()),
+        None => Err(PyValueError::new_err("call_at() without a time")),
+    },
+};
+
+macro_rules! method_def {
+    ($static_name:ident, $fn_name:ident, $spec:expr, $pyname:literal, $doc:literal) => {
+        unsafe extern "C" fn $fn_name(
+            slf: *mut ffi::PyObject,
+            args: *const *mut ffi::PyObject,
+            nargsf: ffi::Py_ssize_t,
+            kwnames: *mut ffi::PyObject,
+        ) -> *mut ffi::PyObject {
+            // SAFETY: the interpreter calls a METH_FASTCALL | METH_KEYWORDS method with
+            // these four values as the vectorcall protocol defines them.
+            unsafe { dispatch(&$spec, slf, args, nargsf, kwnames) }
+        }
+
+        static $static_name: MethodDef = MethodDef(ffi::PyMethodDef {
+            ml_name: $pyname.as_ptr(),
+            ml_meth: ffi::PyMethodDefPointer {
+                PyCFunctionFastWithKeywords: $fn_name,
+            },
+            ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
+            ml_doc: $doc.as_ptr(),
+        });
+    };
+}
+
+method_def!(
+    CALL_SOON_DEF,
+    call_soon_fastcall,
+    CALL_SOON,
+    c"call_soon",
+    c"call_soon(callback, *args, context=None)\n--\n\nArrange for a callback to be called as soon as possible."
+);
+method_def!(
+    CALL_SOON_THREADSAFE_DEF,
+    call_soon_threadsafe_fastcall,
+    CALL_SOON_THREADSAFE,
+    c"call_soon_threadsafe",
+    c"call_soon_threadsafe(callback, *args, context=None)\n--\n\nLike call_soon(), but thread-safe."
+);
+method_def!(
+    CALL_LATER_DEF,
+    call_later_fastcall,
+    CALL_LATER,
+    c"call_later",
+    c"call_later(delay, callback, *args, context=None)\n--\n\nArrange for a callback to be called at a given time."
+);
+method_def!(
+    CALL_AT_DEF,
+    call_at_fastcall,
+    CALL_AT,
+    c"call_at",
+    c"call_at(when, callback, *args, context=None)\n--\n\nLike call_later(), but uses an absolute time."
+);
+
+/// Adds the four methods to `LoopCore`'s type.
+pub fn install(ty: &Bound<'_, PyType>) -> PyResult<()> {
+    let py = ty.py();
+    for (name, def) in [
+        ("call_soon", &CALL_SOON_DEF),
+        ("call_soon_threadsafe", &CALL_SOON_THREADSAFE_DEF),
+        ("call_later", &CALL_LATER_DEF),
+        ("call_at", &CALL_AT_DEF),
+    ] {
+        // SAFETY: `def` is 'static and never written, as PyDescr_NewMethod requires (it
+        // keeps the pointer; the interpreter only reads through it). `ty` is a live type
+        // object. The call returns a new reference or NULL with an error set.
+        let descr = unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                ffi::PyDescr_NewMethod(ty.as_type_ptr(), ptr::from_ref(&def.0).cast_mut()),
+            )
+        }?;
+        ty.setattr(name, descr)?;
+    }
+    Ok(())
+}
+
+/// Runs one call: parses the arguments, converts errors and panics into exceptions.
+///
+/// # Safety
+/// `slf` is an instance of `LoopCore` (the method descriptor checks this before the
+/// call), and `args`, `nargsf`, `kwnames` follow the vectorcall protocol.
+unsafe fn dispatch(
+    spec: &Spec,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    Python::attach(|py| {
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: the caller's contract.
+            unsafe { parse_and_schedule(py, spec, slf, args, nargsf, kwnames) }
+        }));
+        match outcome {
+            Ok(Ok(obj)) => obj.into_ptr(),
+            Ok(Err(err)) => {
+                err.restore(py);
+                ptr::null_mut()
+            }
+            Err(_) => {
+                PanicException::new_err(format!("ferroloop: panic in {}", spec.name)).restore(py);
+                ptr::null_mut()
+            }
+        }
+    })
+}
+
+/// # Safety
+/// As for `dispatch`.
+unsafe fn parse_and_schedule(
+    py: Python<'_>,
+    spec: &Spec,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<Py<PyAny>> {
+    // SAFETY: `slf` is a live LoopCore instance, borrowed for the call.
+    let slf = unsafe { Bound::from_borrowed_ptr(py, slf) };
+    let slf = slf.cast::<LoopCore>()?;
+    // SAFETY: vectorcall's argument count, with the offset flag masked off.
+    let nargs = usize::try_from(unsafe { ffi::PyVectorcall_NARGS(nargsf as usize) }).unwrap_or(0);
+    let nkw = if kwnames.is_null() {
+        0
+    } else {
+        // SAFETY: a non-NULL kwnames is a tuple of str.
+        usize::try_from(unsafe { ffi::PyTuple_GET_SIZE(kwnames) }).unwrap_or(0)
+    };
+    let stack: &[*mut ffi::PyObject] = if nargs + nkw == 0 {
+        &[]
+    } else {
+        // SAFETY: vectorcall passes nargs positional values followed by one value per
+        // keyword name, all borrowed references alive for the call.
+        unsafe { std::slice::from_raw_parts(args, nargs + nkw) }
+    };
+    // SAFETY: every entry of the stack is a live borrowed reference (see above).
+    let arg = |i: usize| unsafe { Bound::from_borrowed_ptr(py, stack[i]) };
+
+    let mut context = None;
+    for i in 0..nkw {
+        // SAFETY: i < len(kwnames); the item is a borrowed str.
+        let name = unsafe {
+            Bound::from_borrowed_ptr(py, ffi::PyTuple_GET_ITEM(kwnames, i as ffi::Py_ssize_t))
+        };
+        let name = name.cast::<PyString>()?;
+        if name.is(pyo3::intern!(py, "context")) || name.to_str()? == "context" {
+            context = Some(arg(nargs + i));
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "{}() got an unexpected keyword argument '{}'",
+                spec.name, name
+            )));
+        }
+    }
+
+    let required = spec.required.len();
+    if nargs < required {
+        let missing = &spec.required[nargs..];
+        let names = missing
+            .iter()
+            .map(|n| format!("'{n}'"))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        return Err(PyTypeError::new_err(format!(
+            "{}() missing {} required positional argument{}: {}",
+            spec.name,
+            missing.len(),
+            if missing.len() == 1 { "" } else { "s" },
+            names
+        )));
+    }
+    let leading = (required == 2).then(|| arg(0));
+    let callback = arg(required - 1);
+    let call_args = match nargs - required {
+        0 => None,
+        1 => Some(CallArgs::One(arg(required).unbind())),
+        _ => Some(CallArgs::Many(
+            PyTuple::new(py, (required..nargs).map(arg))?.unbind(),
+        )),
+    };
+    (spec.schedule)(slf, leading.as_ref(), callback, call_args, context)
+}
