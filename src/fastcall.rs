@@ -7,16 +7,16 @@
 //! straight off the vectorcall stack, and a single argument (a task wakeup's future, a
 //! `set_result` value) is kept without a tuple at all.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
-use pyo3::panic::PanicException;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyString, PyTuple, PyType};
 
 use crate::event_loop::LoopCore;
+use crate::gil_cell::GilCell;
 use crate::handles::CallArgs;
 
 /// A method table entry the interpreter keeps a pointer to for the life of the type.
@@ -76,21 +76,30 @@ const CALL_AT: Spec = Spec {
 
 macro_rules! method_def {
     ($static_name:ident, $fn_name:ident, $spec:expr, $pyname:literal, $doc:literal) => {
-        unsafe extern "C" fn $fn_name(
+        /// # Safety
+        /// Called by the interpreter, attached, with the vectorcall protocol's values.
+        unsafe fn $fn_name(
+            py: Python<'_>,
             slf: *mut ffi::PyObject,
             args: *const *mut ffi::PyObject,
             nargsf: ffi::Py_ssize_t,
             kwnames: *mut ffi::PyObject,
-        ) -> *mut ffi::PyObject {
+        ) -> PyResult<*mut ffi::PyObject> {
             // SAFETY: the interpreter calls a METH_FASTCALL | METH_KEYWORDS method with
-            // these four values as the vectorcall protocol defines them.
-            unsafe { dispatch(&$spec, slf, args, nargsf, kwnames) }
+            // these values as the vectorcall protocol defines them, `slf` type-checked.
+            unsafe { parse_and_schedule(py, &$spec, slf, args, nargsf, kwnames) }.map(Py::into_ptr)
         }
 
         static $static_name: MethodDef = MethodDef(ffi::PyMethodDef {
             ml_name: $pyname.as_ptr(),
             ml_meth: ffi::PyMethodDefPointer {
-                PyCFunctionFastWithKeywords: $fn_name,
+                // The entry point `#[pymethods]` generates for its own fastcall methods
+                // (the same pinned PyO3 version): it marks the thread attached without
+                // a GILState call and turns a panic into PanicException.
+                PyCFunctionFastWithKeywords: pyo3::impl_::trampoline::get_trampoline_function!(
+                    fastcall_cfunction_with_keywords,
+                    $fn_name
+                ),
             },
             ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
             ml_doc: $doc.as_ptr(),
@@ -150,39 +159,38 @@ pub fn install(ty: &Bound<'_, PyType>) -> PyResult<()> {
     Ok(())
 }
 
-/// Runs one call: parses the arguments, converts errors and panics into exceptions.
-///
-/// # Safety
-/// `slf` is an instance of `LoopCore` (the method descriptor checks this before the
-/// call), and `args`, `nargsf`, `kwnames` follow the vectorcall protocol.
-unsafe fn dispatch(
-    spec: &Spec,
-    slf: *mut ffi::PyObject,
-    args: *const *mut ffi::PyObject,
-    nargsf: ffi::Py_ssize_t,
-    kwnames: *mut ffi::PyObject,
-) -> *mut ffi::PyObject {
-    Python::attach(|py| {
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            // SAFETY: the caller's contract.
-            unsafe { parse_and_schedule(py, spec, slf, args, nargsf, kwnames) }
-        }));
-        match outcome {
-            Ok(Ok(obj)) => obj.into_ptr(),
-            Ok(Err(err)) => {
-                err.restore(py);
-                ptr::null_mut()
-            }
-            Err(_) => {
-                PanicException::new_err(format!("ferroloop: panic in {}", spec.name)).restore(py);
-                ptr::null_mut()
-            }
-        }
-    })
+/// The `context` str objects callers pass as keyword names: the interned one of Python
+/// calls, and the first other one seen (C callers such as `_asyncio`'s futures and tasks
+/// pass the same non-interned object every time). Held strongly, so the pointers
+/// compared against stay theirs.
+static CONTEXT_NAMES: PyOnceLock<(Py<PyString>, GilCell<Option<Py<PyString>>>)> = PyOnceLock::new();
+
+/// Whether a keyword name is `context`, by identity when it is one seen before.
+fn is_context_name(name: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = name.py();
+    let (interned, other) = CONTEXT_NAMES.get_or_init(py, || {
+        (PyString::intern(py, "context").unbind(), GilCell::new(None))
+    });
+    if name.is(interned) {
+        return Ok(true);
+    }
+    let mut other = other.borrow_mut(py)?;
+    if other.as_ref().is_some_and(|o| name.is(o)) {
+        return Ok(true);
+    }
+    let name = name.cast::<PyString>()?;
+    if name.to_str()? != "context" {
+        return Ok(false);
+    }
+    if other.is_none() {
+        *other = Some(name.clone().unbind());
+    }
+    Ok(true)
 }
 
 /// # Safety
-/// As for `dispatch`.
+/// `slf` is an instance of `LoopCore` (the method descriptor checks this before the
+/// call), and `args`, `nargsf`, `kwnames` follow the vectorcall protocol.
 unsafe fn parse_and_schedule(
     py: Python<'_>,
     spec: &Spec,
@@ -191,9 +199,10 @@ unsafe fn parse_and_schedule(
     nargsf: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> PyResult<Py<PyAny>> {
-    // SAFETY: `slf` is a live LoopCore instance, borrowed for the call.
-    let slf = unsafe { Bound::from_borrowed_ptr(py, slf) };
-    let slf = slf.cast::<LoopCore>()?;
+    // SAFETY: `slf` is a live instance of LoopCore or a subclass, borrowed for the call:
+    // the method descriptor checked its type before calling us.
+    let slf = unsafe { Bound::from_borrowed_ptr(py, slf).cast_into_unchecked::<LoopCore>() };
+    let slf = &slf;
     // SAFETY: vectorcall's argument count, with the offset flag masked off.
     let nargs = usize::try_from(unsafe { ffi::PyVectorcall_NARGS(nargsf as usize) }).unwrap_or(0);
     let nkw = if kwnames.is_null() {
@@ -218,8 +227,7 @@ unsafe fn parse_and_schedule(
         let name = unsafe {
             Bound::from_borrowed_ptr(py, ffi::PyTuple_GET_ITEM(kwnames, i as ffi::Py_ssize_t))
         };
-        let name = name.cast::<PyString>()?;
-        if name.is(pyo3::intern!(py, "context")) || name.to_str()? == "context" {
+        if is_context_name(&name)? {
             context = Some(arg(nargs + i));
         } else {
             return Err(PyTypeError::new_err(format!(

@@ -40,6 +40,33 @@ def test_timers_fire_in_time_order_and_equal_times_in_scheduling_order(loop):
     assert order == ["a1", "a2", "b", "c"]
 
 
+def test_many_timers_in_and_out_of_order_fire_sorted_with_cancelled_ones_skipped(loop):
+    # Ascending deadlines, shuffled ones and equal ones interleaved, a third cancelled:
+    # whatever structure keeps them, they must fire in deadline order (asyncio's heap
+    # does not order equal deadlines, so neither does this test).
+    import random
+
+    rng = random.Random(7)
+    base = loop.time() + 0.02
+    offsets = [i * 1e-4 for i in range(300)]
+    offsets += [rng.uniform(0, 0.03) for _ in range(300)]
+    offsets += [0.015] * 50
+    rng.shuffle(offsets[300:])
+    fired, expected = [], {}
+    for seq, offset in enumerate(offsets):
+        handle = loop.call_at(base + offset, fired.append, seq)
+        if seq % 3 == 0:
+            handle.cancel()
+        else:
+            expected[seq] = handle.when()
+    loop.call_at(base + 0.05, loop.stop)
+    loop.run_forever()
+    assert sorted(fired) == sorted(expected)
+    deadlines = [expected[seq] for seq in fired]
+    assert deadlines == sorted(deadlines)
+    assert len(loop._scheduled) == 0
+
+
 def test_call_later_waits_at_least_its_delay(loop):
     fired = []
     start = loop.time()
