@@ -163,18 +163,24 @@ pub fn install(ty: &Bound<'_, PyType>) -> PyResult<()> {
 /// calls, and the first other one seen (C callers such as `_asyncio`'s futures and tasks
 /// pass the same non-interned object every time). Held strongly, so the pointers
 /// compared against stay theirs.
-static CONTEXT_NAMES: PyOnceLock<(Py<PyString>, GilCell<Option<Py<PyString>>>)> = PyOnceLock::new();
+struct ContextNames {
+    interned: Py<PyString>,
+    other: GilCell<Option<Py<PyString>>>,
+}
+
+static CONTEXT_NAMES: PyOnceLock<ContextNames> = PyOnceLock::new();
 
 /// Whether a keyword name is `context`, by identity when it is one seen before.
 fn is_context_name(name: &Bound<'_, PyAny>) -> PyResult<bool> {
     let py = name.py();
-    let (interned, other) = CONTEXT_NAMES.get_or_init(py, || {
-        (PyString::intern(py, "context").unbind(), GilCell::new(None))
+    let names = CONTEXT_NAMES.get_or_init(py, || ContextNames {
+        interned: PyString::intern(py, "context").unbind(),
+        other: GilCell::new(None),
     });
-    if name.is(interned) {
+    if name.is(&names.interned) {
         return Ok(true);
     }
-    let mut other = other.borrow_mut(py)?;
+    let mut other = names.other.borrow_mut(py)?;
     if other.as_ref().is_some_and(|o| name.is(o)) {
         return Ok(true);
     }
