@@ -15,7 +15,7 @@ use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::{closed_loop, invalid_fd, os_error};
 use crate::gil_cell::GilCell;
-use crate::handles::{CallArgs, Handle, TimerHandle};
+use crate::handles::{self, CallArgs, Handle, TimerHandle};
 use crate::poller::{self, Poller, Registry, Token, READABLE, WAKER_TOKEN, WRITABLE};
 use crate::pyhelpers;
 use crate::sock_ops::{self, Attempt, SockKind, SockOp};
@@ -366,6 +366,7 @@ impl LoopCore {
             py,
             TimerHandle::new_initializer(LoopCore::new_handle(slf, callback, args, context)?, when),
         )?;
+        handles::set_gc_tracked(handle.bind(py).as_super(), false);
         handle.get().scheduled.store(true, Ordering::Relaxed);
         slf.get()
             .state
@@ -462,6 +463,8 @@ impl LoopCore {
         let fd = checked_fd(fd)?;
         let args = CallArgs::from_tuple(Some(args));
         let handle = Py::new(slf.py(), LoopCore::new_handle(slf, callback, args, None)?)?;
+        // Kept by the fd registry for as long as it is registered, and run many times.
+        handles::set_gc_tracked(handle.bind(slf.py()), true);
         if let Some(old) = slf
             .get()
             .set_waiter(slf.py(), fd, Some(Waiter::Handle(handle)), bit)?
@@ -604,7 +607,7 @@ impl LoopCore {
             let may_report = !st.fds.is_empty() || core.signals_watched.load(Ordering::Relaxed);
             (timeout_ms, st.timers.len() > 0, may_report)
         };
-        drop(dead_timers);
+        release_timers(py, dead_timers);
         if timeout_ms != 0 {
             // A signal that arrived while we held the GIL would not interrupt the wait.
             py.check_signals()?;
@@ -627,7 +630,7 @@ impl LoopCore {
                     }
                 }
             }
-            drop(dead_timers);
+            release_timers(py, dead_timers);
         }
 
         let ntodo = core.state.borrow_mut(py)?.ready.len();
@@ -638,11 +641,13 @@ impl LoopCore {
             match item {
                 Ready::Handle(handle) => {
                     let handle = handle.into_bound(py);
-                    if core.debug.load(Ordering::Relaxed) {
-                        slf.call_method1("_run_handle_debug", (handle,))?;
+                    let outcome = if core.debug.load(Ordering::Relaxed) {
+                        slf.call_method1("_run_handle_debug", (&handle,)).map(drop)
                     } else {
-                        Handle::run(&handle)?;
-                    }
+                        Handle::run(&handle)
+                    };
+                    handles::release_from_loop(handle);
+                    outcome?;
                 }
                 Ready::Io(transport, events) => transport.on_ready(py, events)?,
                 Ready::Sock(op) => {
@@ -674,6 +679,7 @@ impl LoopCore {
             LoopCore::debug_checks(slf, &callback, "call_soon", true)?;
         }
         let handle = Py::new(py, LoopCore::new_handle(slf, callback, args, context)?)?;
+        handles::set_gc_tracked(handle.bind(py), false);
         core.state
             .borrow_mut(py)?
             .ready
@@ -694,6 +700,7 @@ impl LoopCore {
             LoopCore::debug_checks(slf, &callback, "call_soon_threadsafe", false)?;
         }
         let handle = Py::new(py, LoopCore::new_handle(slf, callback, args, context)?)?;
+        handles::set_gc_tracked(handle.bind(py), false);
         // Holding the GIL, we can append to the ready queue itself, which keeps FIFO
         // order with `call_soon`. Only if the loop thread is inside a borrow (we got the
         // GIL from it mid-update) does the handle go to the side queue instead.
@@ -1075,9 +1082,13 @@ impl LoopCore {
             let flush = mem::take(&mut st.flush);
             (mem::take(&mut st.ready), fds, flush, st.poller.take())
         };
-        drop(queued);
-        drop(dead_timers);
-        drop(released);
+        for handle in queued {
+            handles::release_from_loop(handle.into_bound(py));
+        }
+        release_timers(py, dead_timers);
+        let (ready, fds, flush, poller) = released;
+        release_ready(py, ready);
+        drop((fds, flush, poller));
         Ok(())
     }
 
@@ -1246,7 +1257,13 @@ impl LoopCore {
                 st.future_kwargs.take(),
             )
         });
-        drop(released);
+        if let Some((ready, timers, fds, flush, kwargs)) = released {
+            Python::attach(|py| {
+                release_ready(py, ready);
+                release_timers(py, timers);
+            });
+            drop((fds, flush, kwargs));
+        }
     }
 }
 
@@ -1410,6 +1427,22 @@ impl LoopCore {
             st.flush = pending;
         }
         outcome
+    }
+}
+
+/// Lets go of timers the loop no longer keeps (see `handles::release_from_loop`).
+fn release_timers(py: Python<'_>, timers: Vec<Py<TimerHandle>>) {
+    for timer in timers {
+        handles::release_from_loop(timer.into_bound(py).into_super());
+    }
+}
+
+/// Lets go of ready-queue entries that will not run.
+fn release_ready(py: Python<'_>, ready: impl IntoIterator<Item = Ready>) {
+    for item in ready {
+        if let Ready::Handle(handle) = item {
+            handles::release_from_loop(handle.into_bound(py));
+        }
     }
 }
 

@@ -59,6 +59,9 @@ pub(crate) struct HandleState {
     pub source_traceback: Option<Py<PyAny>>,
     /// Kept from `cancel()` in debug mode, as asyncio does, so logs can still name it.
     pub repr: Option<Py<PyAny>>,
+    /// `context` is the handle's own copy of the caller's context (no `context=` was
+    /// given), referenced by nothing else when it was made.
+    pub context_copied: bool,
 }
 
 /// A callback scheduled by `call_soon`, `add_reader` and friends. Freed handles are
@@ -93,9 +96,9 @@ impl Handle {
         context: Option<Bound<'_, PyAny>>,
         debug: bool,
     ) -> PyResult<Handle> {
-        let context = match context {
-            Some(ctx) if !ctx.is_none() => ctx.unbind(),
-            _ => copy_context(py)?,
+        let (context, context_copied) = match context {
+            Some(ctx) if !ctx.is_none() => (ctx.unbind(), false),
+            _ => (copy_context(py)?, true),
         };
         let source_traceback = if debug {
             Some(pyhelpers::extract_stack(py)?)
@@ -110,6 +113,7 @@ impl Handle {
                 loop_,
                 source_traceback,
                 repr: None,
+                context_copied,
             }),
             cancelled: AtomicBool::new(false),
         })
@@ -218,6 +222,68 @@ impl Handle {
             }
         }
         Ok(PyString::new(py, &format!("<{}>", info.join(" "))))
+    }
+}
+
+/// Takes a handle the loop has just created for one run (`call_soon`, `call_later`...)
+/// off the cyclic collector's lists, or puts any other handle on them. The context the
+/// handle copied for itself follows the handle.
+///
+/// A one-shot handle is owned by the loop's queues until it runs or is cancelled, and
+/// most (every task step, every future callback) are referenced by nothing else: the
+/// collector walking thousands of queued handles and their contexts is pure cost.
+/// While untracked, a handle's references only make what it points to look reachable,
+/// which is true while the loop holds it. When the loop lets go, `release_from_loop`
+/// tracks again whatever is still referenced elsewhere, so cycles through stored handles
+/// and contexts stay collectable. (PyO3's free list hands back objects the collector no
+/// longer tracks, so tracking is set explicitly either way.)
+pub(crate) fn set_gc_tracked(handle: &Bound<'_, Handle>, tracked: bool) {
+    set_object_tracked(handle.as_any(), tracked);
+    let py = handle.py();
+    let context = match handle.get().state.borrow_mut(py) {
+        Ok(state) if state.context_copied => state.context.as_ref().map(|c| c.clone_ref(py)),
+        _ => None,
+    };
+    if let Some(context) = context {
+        set_object_tracked(context.bind(py), tracked);
+    }
+}
+
+fn set_object_tracked(obj: &Bound<'_, PyAny>, tracked: bool) {
+    let ptr = obj.as_ptr();
+    // SAFETY: the GIL is held and `obj` is live. Both callers pass objects of GC types (a
+    // PyO3 class; a contextvars.Context). Tracking is changed only when it is not
+    // already in the wanted state, as PyObject_GC_Track requires. An untracked context
+    // must be tracked again before it can be freed: `release_from_loop` sees to that,
+    // and nothing else drops a one-shot handle's context while the loop holds it (the
+    // handle's `__clear__` runs only for tracked handles).
+    unsafe {
+        let is_tracked = ffi::PyObject_GC_IsTracked(ptr) == 1;
+        if tracked && !is_tracked {
+            ffi::PyObject_GC_Track(ptr.cast());
+        } else if !tracked && is_tracked {
+            ffi::PyObject_GC_UnTrack(ptr.cast());
+        }
+    }
+}
+
+/// The loop drops its reference to a handle (it ran, or was cancelled, or the loop
+/// closed): what is still referenced elsewhere goes back under the collector.
+pub(crate) fn release_from_loop(handle: Bound<'_, Handle>) {
+    // SAFETY: reading the reference count of a live object with the GIL held.
+    if unsafe { ffi::Py_REFCNT(handle.as_ptr()) } > 1 {
+        set_gc_tracked(&handle, true);
+        return;
+    }
+    // The handle dies with our reference. Its context is tracked again whatever its
+    // count: a contextvars.Context must be tracked when it is freed (its dealloc
+    // unlinks it from the collector's list unconditionally), and whoever else holds it
+    // (`get_context()`) needs it tracked anyway.
+    let py = handle.py();
+    if let Ok(state) = handle.get().state.borrow_mut(py) {
+        if let (true, Some(context)) = (state.context_copied, &state.context) {
+            set_object_tracked(context.bind(py), true);
+        }
     }
 }
 

@@ -319,3 +319,40 @@ def test_ferroloop_run_and_policy():
         assert asyncio.run(main()) is ferroloop.Loop
     finally:
         asyncio.set_event_loop_policy(old)
+
+
+def test_handles_and_contexts_kept_in_cycles_are_still_collected(loop):
+    # The loop keeps its queued handles (and the contexts they copied) away from the
+    # cyclic GC while it owns them; whatever is still referenced after the loop lets go
+    # must be collectable again, and a full collection in the middle of a turn must not
+    # trip over any of them.
+    import gc
+    import weakref
+
+    class Owner:
+        def __init__(self):
+            self.handle = None
+            self.context = None
+
+        def fire(self):
+            gc.collect()
+
+    refs = []
+    for i in range(300):
+        owner = Owner()
+        if i % 3 == 0:
+            owner.handle = loop.call_soon(owner.fire)
+        elif i % 3 == 1:
+            owner.handle = loop.call_later(0, owner.fire)
+            owner.context = owner.handle._context
+        else:
+            owner.handle = loop.call_later(3600, owner.fire)
+            owner.handle.cancel()
+        refs.append(weakref.ref(owner))
+        del owner
+    kept_context = loop.call_soon(int)._context
+    loop.call_later(0.01, loop.stop)
+    loop.run_forever()
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+    assert kept_context.run(lambda: 42) == 42
