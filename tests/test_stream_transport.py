@@ -99,6 +99,36 @@ def test_echo_is_byte_exact_and_half_close_keeps_the_reply_path(loop, factory):
     assert echoed == payload
 
 
+def test_extra_info_of_an_accepted_connection_survives_its_close(loop):
+    # asyncio reads socket, sockname and peername when the transport is made; asking
+    # for them first after the connection is closed must give the same answers.
+    async def main():
+        server_sides = []
+
+        def factory():
+            server_sides.append(Collect())
+            return server_sides[-1]
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tr, client = await loop.create_connection(Collect, "127.0.0.1", port)
+        await _wait_for(lambda: server_sides and server_sides[0].transport is not None)
+        accepted = server_sides[0].transport
+        client_name = tr.get_extra_info("sockname")
+        tr.close()
+        await _wait_for(lambda: server_sides[0].lost is not None)
+        assert accepted.is_closing()
+        assert accepted.get_extra_info("sockname") == ("127.0.0.1", port)
+        assert accepted.get_extra_info("peername") == client_name
+        sock = accepted.get_extra_info("socket")
+        assert sock is accepted.get_extra_info("socket")
+        assert sock.fileno() == -1
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+
+
 def test_transport_surface(loop):
     async def main():
         server_side = Collect()

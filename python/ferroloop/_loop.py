@@ -60,6 +60,11 @@ _connect_failures: contextvars.ContextVar[list | None] = contextvars.ContextVar(
 )
 
 
+# `_make_socket_transport`'s "no peer address given" (None is a valid address: an
+# unnamed Unix socket's).
+_NO_PEER = object()
+
+
 def _sighandler_noop(signum, frame):
     """The Python-level handler of a signal the loop handles; the work happens when
     the loop reads the signal number from its wakeup fd."""
@@ -396,9 +401,15 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
 
     # -- transports ------------------------------------------------------------
 
-    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
+    def _make_socket_transport(
+        self, sock, protocol, waiter=None, *, extra=None, server=None, peername=_NO_PEER
+    ):
         base_events._set_nodelay(sock)
-        transport = SocketTransport(self, sock, protocol, socket_extra(sock, extra), server)
+        if extra is None and peername is not _NO_PEER:
+            # An accepted connection: its extra dict is made only if asked for.
+            transport = SocketTransport(self, sock, protocol, None, server, peername)
+        else:
+            transport = SocketTransport(self, sock, protocol, socket_extra(sock, extra), server)
         transport._register()
         if server is not None:
             server._attach(transport)
@@ -408,7 +419,10 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         """What asyncio's transports schedule when created: connection_made, then
         reading, then the waiter (in that order, each in its own callback)."""
         self.call_soon(protocol.connection_made, transport)
-        self.call_soon(transport._start_reading)
+        # asyncio's reader handle copies the context when reading starts; the copy
+        # this callback runs in is the same, so it is handed over instead of copied.
+        context = contextvars.copy_context()
+        self.call_soon(transport._start_reading, context, context=context)
         if waiter is not None:
             self.call_soon(futures._set_result_unless_cancelled, waiter, None)
         return transport
@@ -574,13 +588,12 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
                     ssl_shutdown_timeout,
                 )
                 return
-            extra = {"peername": addr}
             if sslcontext:
                 self.create_task(
                     self._accept_ssl(
                         protocol_factory,
                         conn,
-                        extra,
+                        {"peername": addr},
                         sslcontext,
                         server,
                         ssl_handshake_timeout,
@@ -588,12 +601,12 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
                     )
                 )
             else:
-                self._accept_plain(protocol_factory, conn, extra, server)
+                self._accept_plain(protocol_factory, conn, addr, server)
 
-    def _accept_plain(self, protocol_factory, conn, extra, server):
+    def _accept_plain(self, protocol_factory, conn, peername, server):
         try:
             protocol = protocol_factory()
-            self._make_socket_transport(conn, protocol, extra=extra, server=server)
+            self._make_socket_transport(conn, protocol, server=server, peername=peername)
         except (SystemExit, KeyboardInterrupt):
             conn.close()
             raise

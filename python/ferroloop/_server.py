@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import inspect
-import weakref
 from asyncio import base_events
 
 __all__ = ["Server"]
@@ -16,10 +15,13 @@ _BASE_TAKES_TRANSPORT = len(inspect.signature(base_events.Server._attach).parame
 class Server(base_events.Server):
     """`asyncio.Server` with `close_clients()` and `abort_clients()`."""
 
-    def _clients_set(self) -> weakref.WeakSet:
+    def _clients_set(self) -> set:
+        # A plain set, not asyncio 3.13's WeakSet: every transport leaves it in
+        # `_detach` when its connection is lost, and an idle connection then costs the
+        # set's slot instead of a weak reference and its callback.
         clients = self.__dict__.get("_ferroloop_clients")
         if clients is None:
-            clients = self.__dict__["_ferroloop_clients"] = weakref.WeakSet()
+            clients = self.__dict__["_ferroloop_clients"] = set()
         return clients
 
     def _attach(self, transport=None) -> None:

@@ -25,9 +25,9 @@ use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
 use crate::poller;
 use crate::transports::{
-    asyncio_logger, close, extra_info, flow_control, in_context, is_fatal_to_loop, lose_connection,
-    register, release_socket, report, report_fatal, set_limits, set_reading, start_reading,
-    to_bytes, Common, CONNLOST_LOG_THRESHOLD,
+    asyncio_logger, close, flow_control, get_extra_info, in_context, is_fatal_to_loop,
+    lose_connection, register, release_socket, report, report_fatal, set_limits, set_reading,
+    start_reading, to_bytes, Common, Extra, CONNLOST_LOG_THRESHOLD,
 };
 
 /// asyncio's `max_size` for one datagram read.
@@ -435,7 +435,7 @@ impl DatagramTransport {
                     sock.clone().unbind(),
                     fd,
                     protocol.clone().unbind(),
-                    extra.clone().unbind(),
+                    Extra::Dict(extra.clone().unbind()),
                 ),
                 family,
                 address: address.filter(|a| !a.is_none()).map(|a| a.clone().unbind()),
@@ -451,8 +451,12 @@ impl DatagramTransport {
         })
     }
 
-    fn _start_reading(&self, py: Python<'_>) -> PyResult<()> {
-        start_reading(&self.state, py)
+    /// Starts reading; the read callbacks run in `context` (the context the loop runs
+    /// this call in, passed by the caller so that no second copy is made), or in a copy
+    /// of the current one.
+    #[pyo3(signature = (context=None))]
+    fn _start_reading(&self, py: Python<'_>, context: Option<Py<PyAny>>) -> PyResult<()> {
+        start_reading(&self.state, py, context)
     }
 
     #[pyo3(signature = (data, addr=None))]
@@ -588,8 +592,7 @@ impl DatagramTransport {
         name: &Bound<'_, PyAny>,
         default: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let extra = self.state.borrow_mut(py)?.extra.clone_ref(py);
-        extra_info(py, &extra, name, default)
+        get_extra_info(&self.state, py, name, default)
     }
 
     fn _call_connection_lost(
@@ -623,7 +626,8 @@ impl DatagramTransport {
             )
         };
         drop(released);
-        release_socket(py, loop_.as_ref(), token, sock)?;
+        let extra = slf.get().state.borrow_mut(py)?.extra_dict(py)?;
+        release_socket(py, loop_.as_ref(), token, sock, &extra)?;
         outcome
     }
 

@@ -8,7 +8,7 @@ use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PySystemExit, PyTypeError
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString};
 
 use std::ops::DerefMut;
 use std::os::fd::RawFd;
@@ -196,27 +196,94 @@ pub(crate) fn release_socket(
     loop_: Option<&Py<LoopCore>>,
     token: Option<Token>,
     sock: Option<Py<PyAny>>,
+    extra: &Py<PyDict>,
 ) -> PyResult<()> {
     if let (Some(loop_), Some(token)) = (loop_, token) {
         loop_.get().deregister_transport(py, token)?;
     }
     if let Some(sock) = sock {
+        // What asyncio reads at creation must still be there after the close.
+        fill_socket_extra(py, sock.bind(py), extra)?;
         sock.bind(py).call_method0("close")?;
     }
     Ok(())
 }
 
-/// `get_extra_info(name, default)` over the transport's extra dict.
-pub(crate) fn extra_info(
+static FILL_SOCKET_EXTRA: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// Adds the lazily made `socket` and `sockname` entries to `extra`, if missing.
+pub(crate) fn fill_socket_extra(
     py: Python<'_>,
+    sock: &Bound<'_, PyAny>,
     extra: &Py<PyDict>,
+) -> PyResult<()> {
+    let fill = FILL_SOCKET_EXTRA.get_or_try_init(py, || {
+        Ok::<_, PyErr>(
+            py.import("ferroloop._transports")?
+                .getattr("fill_socket_extra")?
+                .unbind(),
+        )
+    })?;
+    fill.bind(py).call1((sock, extra))?;
+    Ok(())
+}
+
+/// A transport's `get_extra_info` entries.
+pub(crate) enum Extra {
+    /// An accepted connection's peer address, all it has until anything else is asked
+    /// for: an idle connection keeps no dict.
+    Peer(Py<PyAny>),
+    Dict(Py<PyDict>),
+}
+
+impl Extra {
+    fn visit(&self, visit: &pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        match self {
+            Extra::Peer(peer) => visit.call(peer),
+            Extra::Dict(dict) => visit.call(dict),
+        }
+    }
+}
+
+/// `get_extra_info(name, default)`. `socket` and `sockname` are made from the open
+/// socket when first asked for (or when it is closed: see `release_socket`).
+pub(crate) fn get_extra_info<S: DerefMut<Target = Common>>(
+    cell: &GilCell<S>,
+    py: Python<'_>,
     name: &Bound<'_, PyAny>,
     default: Option<Py<PyAny>>,
 ) -> PyResult<Py<PyAny>> {
-    match extra.bind(py).get_item(name)? {
-        Some(value) => Ok(value.unbind()),
-        None => Ok(default.unwrap_or_else(|| py.None())),
+    let key = name
+        .cast::<PyString>()
+        .ok()
+        .map(|s| s.to_str())
+        .transpose()?;
+    let made_on_demand = matches!(key, Some("socket" | "sockname"));
+    let (extra, sock) = {
+        let mut st = cell.borrow_mut(py)?;
+        if let Extra::Peer(peer) = &st.extra {
+            match key {
+                Some("peername") => return Ok(peer.clone_ref(py)),
+                _ if !made_on_demand => return Ok(default.unwrap_or_else(|| py.None())),
+                _ => {}
+            }
+        }
+        (
+            st.extra_dict(py)?,
+            st.sock.as_ref().map(|s| s.clone_ref(py)),
+        )
+    };
+    let extra_dict = extra.bind(py);
+    if let Some(value) = extra_dict.get_item(name)? {
+        return Ok(value.unbind());
     }
+    if let (Some(sock), true) = (sock, made_on_demand) {
+        fill_socket_extra(py, sock.bind(py), &extra)?;
+        if let Some(value) = extra_dict.get_item(name)? {
+            return Ok(value.unbind());
+        }
+    }
+    Ok(default.unwrap_or_else(|| py.None()))
 }
 
 /// What every native transport keeps, as asyncio's `_SelectorTransport` does: its loop,
@@ -233,7 +300,7 @@ pub(crate) struct Common {
     /// The context the read callbacks run in, taken when reading starts (asyncio runs
     /// them from a reader handle made at that point).
     pub context: Option<Py<PyAny>>,
-    pub extra: Py<PyDict>,
+    pub extra: Extra,
     pub buffer_size: usize,
     pub high_water: usize,
     pub low_water: usize,
@@ -256,7 +323,7 @@ impl Common {
         sock: Py<PyAny>,
         fd: RawFd,
         protocol: Py<PyAny>,
-        extra: Py<PyDict>,
+        extra: Extra,
     ) -> Common {
         Common {
             loop_: Some(loop_),
@@ -321,7 +388,21 @@ impl Common {
         if let Some(loop_) = &self.loop_ {
             visit.call(loop_)?;
         }
-        visit.call(&self.extra)
+        self.extra.visit(visit)
+    }
+
+    /// The extra dict, made from the peer address on first need.
+    pub fn extra_dict(&mut self, py: Python<'_>) -> PyResult<Py<PyDict>> {
+        let dict = match &self.extra {
+            Extra::Dict(dict) => return Ok(dict.clone_ref(py)),
+            Extra::Peer(peer) => {
+                let dict = PyDict::new(py);
+                dict.set_item(pyo3::intern!(py, "peername"), peer)?;
+                dict.unbind()
+            }
+        };
+        self.extra = Extra::Dict(dict.clone_ref(py));
+        Ok(dict)
     }
 }
 
@@ -356,8 +437,12 @@ pub(crate) fn register<S: DerefMut<Target = Common>>(
 pub(crate) fn start_reading<S: DerefMut<Target = Common>>(
     cell: &GilCell<S>,
     py: Python<'_>,
+    context: Option<Py<PyAny>>,
 ) -> PyResult<()> {
-    let context = copy_context(py)?;
+    let context = match context {
+        Some(context) => context,
+        None => copy_context(py)?,
+    };
     let mut st = cell.borrow_mut(py)?;
     if st.sock.is_none() {
         return Ok(());

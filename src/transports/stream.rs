@@ -24,9 +24,9 @@ use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
 use crate::poller::{self, READABLE, WRITABLE};
 use crate::transports::{
-    asyncio_logger, close, extra_info, flow_control, in_context, is_fatal_to_loop, lose_connection,
-    register, release_socket, report_fatal, set_limits, set_reading, start_reading, to_bytes,
-    Common, CONNLOST_LOG_THRESHOLD,
+    asyncio_logger, close, flow_control, get_extra_info, in_context, is_fatal_to_loop,
+    lose_connection, register, release_socket, report_fatal, set_limits, set_reading,
+    start_reading, to_bytes, Common, Extra, CONNLOST_LOG_THRESHOLD,
 };
 
 /// Bytes read per readiness event: asyncio's `max_size`. One read per event keeps one
@@ -547,13 +547,16 @@ fn front_len(bytes: &Py<PyBytes>) -> usize {
 #[pymethods]
 impl StreamTransport {
     #[new]
-    #[pyo3(signature = (r#loop, sock, protocol, extra, server=None))]
+    /// `extra` is the `get_extra_info` dict; `None` for an accepted connection, which
+    /// passes only `peername`.
+    #[pyo3(signature = (r#loop, sock, protocol, extra, server=None, peername=None))]
     fn py_new(
         r#loop: &Bound<'_, PyAny>,
         sock: &Bound<'_, PyAny>,
         protocol: &Bound<'_, PyAny>,
-        extra: &Bound<'_, PyDict>,
+        extra: Option<&Bound<'_, PyDict>>,
         server: Option<&Bound<'_, PyAny>>,
+        peername: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<StreamTransport> {
         let loop_ = r#loop.cast::<LoopCore>()?.clone().unbind();
         let fd: RawFd = sock.call_method0("fileno")?.extract()?;
@@ -567,7 +570,12 @@ impl StreamTransport {
                     sock.clone().unbind(),
                     fd,
                     protocol.clone().unbind(),
-                    extra.clone().unbind(),
+                    match (extra, peername) {
+                        (Some(extra), _) => Extra::Dict(extra.clone().unbind()),
+                        (None, peer) => Extra::Peer(
+                            peer.map_or_else(|| r#loop.py().None(), |p| p.clone().unbind()),
+                        ),
+                    },
                 ),
                 read_path: Some(ReadPath::of(protocol)?),
                 protocol_connected: true,
@@ -597,8 +605,12 @@ impl StreamTransport {
         Ok(())
     }
 
-    fn _start_reading(&self, py: Python<'_>) -> PyResult<()> {
-        start_reading(&self.state, py)
+    /// Starts reading; the read callbacks run in `context` (the context the loop runs
+    /// this call in, passed by the caller so that no second copy is made), or in a copy
+    /// of the current one.
+    #[pyo3(signature = (context=None))]
+    fn _start_reading(&self, py: Python<'_>, context: Option<Py<PyAny>>) -> PyResult<()> {
+        start_reading(&self.state, py, context)
     }
 
     fn write(slf: &Bound<'_, StreamTransport>, data: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -715,8 +727,7 @@ impl StreamTransport {
         name: &Bound<'_, PyAny>,
         default: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let extra = self.state.borrow_mut(py)?.extra.clone_ref(py);
-        extra_info(py, &extra, name, default)
+        get_extra_info(&self.state, py, name, default)
     }
 
     /// Calls `protocol.connection_lost(exc)`, then releases the fd and closes the
@@ -754,7 +765,8 @@ impl StreamTransport {
             )
         };
         drop(released);
-        release_socket(py, loop_.as_ref(), token, sock)?;
+        let extra = slf.get().state.borrow_mut(py)?.extra_dict(py)?;
+        release_socket(py, loop_.as_ref(), token, sock, &extra)?;
         if let Some(waiter) = waiter {
             let waiter = waiter.bind(py);
             if !waiter.call_method0("done")?.is_truthy()? {
