@@ -1208,6 +1208,33 @@ impl LoopCore {
         LoopCore::fd_handle(slf, fd, WRITABLE)
     }
 
+    /// The open connections `server` accepted (`Server.close_clients` and
+    /// `abort_clients`): the fd registry already holds every live transport, so the
+    /// server keeps no set of its own.
+    fn _server_transports(
+        &self,
+        py: Python<'_>,
+        server: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<Py<StreamTransport>>> {
+        let transports: Vec<Py<StreamTransport>> = self
+            .state
+            .borrow_mut(py)?
+            .fds
+            .owners()
+            .filter_map(|owner| match owner {
+                FdOwner::Transport(NativeTransport::Stream(t)) => Some(t.clone_ref(py)),
+                _ => None,
+            })
+            .collect();
+        let mut served = Vec::new();
+        for transport in transports {
+            if transport.get().server_is(py, server)? {
+                served.push(transport);
+            }
+        }
+        Ok(served)
+    }
+
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         if let Some(st) = self.state.borrow_for_gc() {
             for item in &st.ready {

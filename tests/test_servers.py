@@ -108,6 +108,10 @@ def test_close_clients_and_abort_clients(loop):
             server.close()
             pytest.skip("this Python's asyncio.Server has no close_clients (3.13+)")
         port = server.sockets[0].getsockname()[1]
+        other = await loop.create_server(Echo, "127.0.0.1", 0)
+        other_reader, other_writer = await asyncio.open_connection(
+            "127.0.0.1", other.sockets[0].getsockname()[1]
+        )
         pairs = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
         for reader, writer in pairs:
             writer.write(b"x")
@@ -118,6 +122,12 @@ def test_close_clients_and_abort_clients(loop):
             assert await reader.read() == b""
         pairs = []
         await server.wait_closed()
+        # Another server's connections are not its clients.
+        other_writer.write(b"still here")
+        assert await other_reader.readexactly(10) == b"still here"
+        other_writer.close()
+        other.close()
+        await other.wait_closed()
 
         server = await loop.create_server(Echo, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]

@@ -111,7 +111,7 @@ def test_extra_info_of_an_accepted_connection_survives_its_close(loop):
 
         server = await loop.create_server(factory, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        tr, client = await loop.create_connection(Collect, "127.0.0.1", port)
+        tr, _ = await loop.create_connection(Collect, "127.0.0.1", port)
         await _wait_for(lambda: server_sides and server_sides[0].transport is not None)
         accepted = server_sides[0].transport
         client_name = tr.get_extra_info("sockname")

@@ -45,11 +45,13 @@ thread_local! {
 static BUFFERED_PROTOCOL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// How the protocol takes data, looked up once per `set_protocol`.
+/// How the protocol takes data. Its methods are looked up on every call, as asyncio
+/// does (a replaced `data_received` is honoured), by `PyObject_VectorcallMethod`, which
+/// makes no bound method: an idle connection keeps none either.
+#[derive(Clone, Copy)]
 enum ReadPath {
-    /// `Protocol.data_received`.
-    Data(Py<PyAny>),
-    /// `BufferedProtocol.get_buffer` and `buffer_updated`.
-    Buffered(Py<PyAny>, Py<PyAny>),
+    Data,
+    Buffered,
 }
 
 impl ReadPath {
@@ -63,13 +65,33 @@ impl ReadPath {
             )
         })?;
         if protocol.is_instance(buffered.bind(py))? {
-            Ok(ReadPath::Buffered(
-                protocol.getattr("get_buffer")?.unbind(),
-                protocol.getattr("buffer_updated")?.unbind(),
-            ))
+            Ok(ReadPath::Buffered)
         } else {
-            Ok(ReadPath::Data(protocol.getattr("data_received")?.unbind()))
+            Ok(ReadPath::Data)
         }
+    }
+}
+
+/// `obj.name(arg)` without a bound method object.
+fn call_method_one<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &Bound<'py, PyString>,
+    arg: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let args = [obj.as_ptr(), arg.as_ptr()];
+    // SAFETY: `name` is a str and `args` holds two borrowed references alive for the
+    // call (the receiver first, as PyObject_VectorcallMethod requires). The call returns
+    // a new reference or NULL with an error set.
+    unsafe {
+        Bound::from_owned_ptr_or_err(
+            obj.py(),
+            ffi::PyObject_VectorcallMethod(
+                name.as_ptr(),
+                args.as_ptr(),
+                2 | ffi::PY_VECTORCALL_ARGUMENTS_OFFSET,
+                std::ptr::null_mut(),
+            ),
+        )
     }
 }
 
@@ -108,6 +130,16 @@ pub struct StreamTransport {
 }
 
 impl StreamTransport {
+    /// Whether this connection was accepted by `server`.
+    pub(crate) fn server_is(&self, py: Python<'_>, server: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Ok(self
+            .state
+            .borrow_mut(py)?
+            .server
+            .as_ref()
+            .is_some_and(|s| s.is(server)))
+    }
+
     fn loop_of(&self, py: Python<'_>) -> PyResult<Option<Py<LoopCore>>> {
         Ok(self
             .state
@@ -135,22 +167,23 @@ impl StreamTransport {
 
     fn read_ready(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
         let py = slf.py();
-        let (fd, path, context) = {
+        let (fd, path, protocol, context) = {
             let st = slf.get().state.borrow_mut(py)?;
             if st.sock.is_none() || !st.started || !st.is_reading() || st.read_eof {
                 return Ok(());
             }
-            let path = match &st.read_path {
-                Some(ReadPath::Data(cb)) => ReadPath::Data(cb.clone_ref(py)),
-                Some(ReadPath::Buffered(g, u)) => {
-                    ReadPath::Buffered(g.clone_ref(py), u.clone_ref(py))
-                }
-                None => return Ok(()),
+            let (Some(path), Some(protocol)) = (st.read_path, &st.protocol) else {
+                return Ok(());
             };
-            (st.fd, path, st.context.as_ref().map(|c| c.clone_ref(py)))
+            (
+                st.fd,
+                path,
+                protocol.clone_ref(py).into_bound(py),
+                st.context.as_ref().map(|c| c.clone_ref(py)),
+            )
         };
         match path {
-            ReadPath::Data(data_received) => {
+            ReadPath::Data => {
                 let received = READ_BUF.with(|buf| {
                     let mut buf = buf.borrow_mut();
                     // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
@@ -167,7 +200,8 @@ impl StreamTransport {
                     Ok(None) => StreamTransport::on_eof(slf, context.as_ref()),
                     Ok(Some(data)) => {
                         let called = in_context(py, context.as_ref(), || {
-                            data_received.bind(py).call1((data,)).map(|_| ())
+                            let name = pyo3::intern!(py, "data_received");
+                            call_method_one(&protocol, name, data.as_any()).map(drop)
                         });
                         StreamTransport::protocol_outcome(
                             slf,
@@ -177,9 +211,11 @@ impl StreamTransport {
                     }
                 }
             }
-            ReadPath::Buffered(get_buffer, buffer_updated) => {
+            ReadPath::Buffered => {
                 let got = in_context(py, context.as_ref(), || {
-                    let buf = get_buffer.bind(py).call1((-1,))?;
+                    let hint = (-1i32).into_pyobject(py)?;
+                    let name = pyo3::intern!(py, "get_buffer");
+                    let buf = call_method_one(&protocol, name, hint.as_any())?;
                     if buf.len()? == 0 {
                         return Err(PyRuntimeError::new_err(
                             "get_buffer() returned an empty buffer",
@@ -209,7 +245,9 @@ impl StreamTransport {
                     return StreamTransport::on_eof(slf, context.as_ref());
                 }
                 let called = in_context(py, context.as_ref(), || {
-                    buffer_updated.bind(py).call1((nbytes,)).map(|_| ())
+                    let nbytes = nbytes.into_pyobject(py)?;
+                    let name = pyo3::intern!(py, "buffer_updated");
+                    call_method_one(&protocol, name, nbytes.as_any()).map(drop)
                 });
                 StreamTransport::protocol_outcome(
                     slf,
@@ -869,14 +907,6 @@ impl StreamTransport {
         st.c.visit(&visit)?;
         for obj in [&st.server, &st.empty_waiter].into_iter().flatten() {
             visit.call(obj)?;
-        }
-        match &st.read_path {
-            Some(ReadPath::Data(cb)) => visit.call(cb)?,
-            Some(ReadPath::Buffered(g, u)) => {
-                visit.call(g)?;
-                visit.call(u)?;
-            }
-            None => {}
         }
         Ok(())
     }
