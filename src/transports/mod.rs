@@ -8,8 +8,9 @@ use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PySystemExit, PyTypeError
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString, PyTuple};
 
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::DerefMut;
 use std::os::fd::RawFd;
 
@@ -232,14 +233,64 @@ pub(crate) fn fill_socket_extra(
 pub(crate) enum Extra {
     /// An accepted connection's peer address, all it has until anything else is asked
     /// for: an idle connection keeps no dict.
-    Peer(Py<PyAny>),
+    Peer(Peer),
     Dict(Py<PyDict>),
+}
+
+/// A peer address: an IP address and port kept as plain data (rebuilt as the socket
+/// module's tuple when asked for), or the address object as the socket module gave it.
+pub(crate) enum Peer {
+    Inet(SocketAddr),
+    Object(Py<PyAny>),
+}
+
+impl Peer {
+    /// Keeps `(host, port)` or `(host, port, flowinfo, scope_id)` as plain data when
+    /// rebuilding it gives back the very same text; anything else as it is.
+    pub fn of(addr: &Bound<'_, PyAny>) -> Peer {
+        Peer::parse(addr).unwrap_or_else(|| Peer::Object(addr.clone().unbind()))
+    }
+
+    fn parse(addr: &Bound<'_, PyAny>) -> Option<Peer> {
+        let tuple = addr.cast::<PyTuple>().ok()?;
+        let host_obj = tuple.get_item(0).ok()?;
+        let host = host_obj.cast::<PyString>().ok()?.to_str().ok()?;
+        let port: u16 = tuple.get_item(1).ok()?.extract().ok()?;
+        let parsed = match tuple.len() {
+            2 => SocketAddr::V4(SocketAddrV4::new(host.parse().ok()?, port)),
+            4 => SocketAddr::V6(SocketAddrV6::new(
+                host.parse().ok()?,
+                port,
+                tuple.get_item(2).ok()?.extract().ok()?,
+                tuple.get_item(3).ok()?.extract().ok()?,
+            )),
+            _ => return None,
+        };
+        (parsed.ip().to_string() == host).then_some(Peer::Inet(parsed))
+    }
+
+    fn to_object(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(match self {
+            Peer::Object(obj) => obj.clone_ref(py),
+            Peer::Inet(SocketAddr::V4(a)) => (a.ip().to_string(), a.port())
+                .into_pyobject(py)?
+                .into_any()
+                .unbind(),
+            Peer::Inet(SocketAddr::V6(a)) => {
+                (a.ip().to_string(), a.port(), a.flowinfo(), a.scope_id())
+                    .into_pyobject(py)?
+                    .into_any()
+                    .unbind()
+            }
+        })
+    }
 }
 
 impl Extra {
     fn visit(&self, visit: &pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
         match self {
-            Extra::Peer(peer) => visit.call(peer),
+            Extra::Peer(Peer::Object(peer)) => visit.call(peer),
+            Extra::Peer(Peer::Inet(_)) => Ok(()),
             Extra::Dict(dict) => visit.call(dict),
         }
     }
@@ -263,7 +314,7 @@ pub(crate) fn get_extra_info<S: DerefMut<Target = Common>>(
         let mut st = cell.borrow_mut(py)?;
         if let Extra::Peer(peer) = &st.extra {
             match key {
-                Some("peername") => return Ok(peer.clone_ref(py)),
+                Some("peername") => return peer.to_object(py),
                 _ if !made_on_demand => return Ok(default.unwrap_or_else(|| py.None())),
                 _ => {}
             }
@@ -397,7 +448,7 @@ impl Common {
             Extra::Dict(dict) => return Ok(dict.clone_ref(py)),
             Extra::Peer(peer) => {
                 let dict = PyDict::new(py);
-                dict.set_item(pyo3::intern!(py, "peername"), peer)?;
+                dict.set_item(pyo3::intern!(py, "peername"), peer.to_object(py)?)?;
                 dict.unbind()
             }
         };

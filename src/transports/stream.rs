@@ -26,7 +26,7 @@ use crate::poller::{self, READABLE, WRITABLE};
 use crate::transports::{
     asyncio_logger, close, flow_control, get_extra_info, in_context, is_fatal_to_loop,
     lose_connection, register, release_socket, report_fatal, set_limits, set_reading,
-    start_reading, to_bytes, Common, Extra, CONNLOST_LOG_THRESHOLD,
+    start_reading, to_bytes, Common, Extra, Peer, CONNLOST_LOG_THRESHOLD,
 };
 
 /// Bytes read per readiness event: asyncio's `max_size`. One read per event keeps one
@@ -610,9 +610,8 @@ impl StreamTransport {
                     protocol.clone().unbind(),
                     match (extra, peername) {
                         (Some(extra), _) => Extra::Dict(extra.clone().unbind()),
-                        (None, peer) => Extra::Peer(
-                            peer.map_or_else(|| r#loop.py().None(), |p| p.clone().unbind()),
-                        ),
+                        (None, Some(peer)) => Extra::Peer(Peer::of(peer)),
+                        (None, None) => Extra::Peer(Peer::Object(r#loop.py().None())),
                     },
                 ),
                 read_path: Some(ReadPath::of(protocol)?),
