@@ -831,6 +831,19 @@ impl LoopCore {
         monotonic()
     }
 
+    /// A signal handler's handle, `Handle(callback, args, self, None)`: kept by the loop
+    /// for as long as the handler is installed, so it stays under the cyclic GC.
+    fn _signal_handle(
+        slf: &Bound<'_, LoopCore>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+    ) -> PyResult<Py<Handle>> {
+        let args = CallArgs::from_tuple(Some(args));
+        let handle = Py::new(slf.py(), LoopCore::new_handle(slf, callback, args, None)?)?;
+        handles::set_gc_tracked(handle.bind(slf.py()), true);
+        Ok(handle)
+    }
+
     /// Appends an existing handle to the ready queue (signal handlers use this).
     fn _add_callback(&self, py: Python<'_>, handle: Py<Handle>) -> PyResult<()> {
         if !handle.get().is_cancelled() {

@@ -191,7 +191,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             signal.set_wakeup_fd(self._wakeup_fd(), warn_on_full_buffer=False)
         except (ValueError, OSError) as exc:
             raise RuntimeError(str(exc)) from None
-        self._signal_handlers[sig] = Handle(callback, args, self, None)
+        self._signal_handlers[sig] = self._signal_handle(callback, args)
         self._signals_watched = True
         try:
             signal.signal(sig, _sighandler_noop)
