@@ -60,8 +60,29 @@ pub(crate) struct HandleState {
     /// Kept from `cancel()` in debug mode, as asyncio does, so logs can still name it.
     pub repr: Option<Py<PyAny>>,
     /// `context` is the handle's own copy of the caller's context (no `context=` was
-    /// given), referenced by nothing else when it was made.
+    /// given), referenced by nothing else when it was made. The loop may keep such a
+    /// context off the cyclic GC's lists (see `set_gc_tracked`).
     pub context_copied: bool,
+}
+
+impl HandleState {
+    /// Puts a copied context back on the collector's lists. A `contextvars.Context`
+    /// must be tracked when it is freed (its dealloc unlinks it from the collector's
+    /// list without checking), so this runs before the handle lets go of it.
+    fn retrack_context(&self) {
+        if let (true, Some(context)) = (self.context_copied, &self.context) {
+            // SAFETY: handle state lives in a Python object and is only touched, and
+            // dropped, by code attached to the interpreter (methods, tp_dealloc,
+            // tp_clear); the context is a live GC object.
+            unsafe { set_ptr_tracked(context.as_ptr(), true) };
+        }
+    }
+}
+
+impl Drop for HandleState {
+    fn drop(&mut self) {
+        self.retrack_context();
+    }
 }
 
 /// A callback scheduled by `call_soon`, `add_reader` and friends. Freed handles are
@@ -250,13 +271,16 @@ pub(crate) fn set_gc_tracked(handle: &Bound<'_, Handle>, tracked: bool) {
 }
 
 fn set_object_tracked(obj: &Bound<'_, PyAny>, tracked: bool) {
-    let ptr = obj.as_ptr();
-    // SAFETY: the GIL is held and `obj` is live. Both callers pass objects of GC types (a
-    // PyO3 class; a contextvars.Context). Tracking is changed only when it is not
-    // already in the wanted state, as PyObject_GC_Track requires. An untracked context
-    // must be tracked again before it can be freed: `release_from_loop` sees to that,
-    // and nothing else drops a one-shot handle's context while the loop holds it (the
-    // handle's `__clear__` runs only for tracked handles).
+    // SAFETY: a `Bound` proves the thread is attached and the object live; both callers
+    // pass objects of GC types (a PyO3 class; a contextvars.Context).
+    unsafe { set_ptr_tracked(obj.as_ptr(), tracked) }
+}
+
+/// # Safety
+/// The thread is attached and `ptr` is a live object of a GC type. Tracking changes
+/// only when it is not already in the wanted state, as `PyObject_GC_Track` requires.
+unsafe fn set_ptr_tracked(ptr: *mut ffi::PyObject, tracked: bool) {
+    // SAFETY: the caller's contract.
     unsafe {
         let is_tracked = ffi::PyObject_GC_IsTracked(ptr) == 1;
         if tracked && !is_tracked {
@@ -268,22 +292,13 @@ fn set_object_tracked(obj: &Bound<'_, PyAny>, tracked: bool) {
 }
 
 /// The loop drops its reference to a handle (it ran, or was cancelled, or the loop
-/// closed): what is still referenced elsewhere goes back under the collector.
+/// closed): a handle still referenced elsewhere goes back under the collector, with
+/// its context. (One that dies with this reference re-tracks its context as it is
+/// dropped: see `HandleState::retrack_context`.)
 pub(crate) fn release_from_loop(handle: Bound<'_, Handle>) {
     // SAFETY: reading the reference count of a live object with the GIL held.
     if unsafe { ffi::Py_REFCNT(handle.as_ptr()) } > 1 {
         set_gc_tracked(&handle, true);
-        return;
-    }
-    // The handle dies with our reference. Its context is tracked again whatever its
-    // count: a contextvars.Context must be tracked when it is freed (its dealloc
-    // unlinks it from the collector's list unconditionally), and whoever else holds it
-    // (`get_context()`) needs it tracked anyway.
-    let py = handle.py();
-    if let Ok(state) = handle.get().state.borrow_mut(py) {
-        if let (true, Some(context)) = (state.context_copied, &state.context) {
-            set_object_tracked(context.bind(py), true);
-        }
     }
 }
 
@@ -487,6 +502,7 @@ impl Handle {
 
     fn __clear__(&self) {
         let taken = self.state.borrow_mut_for_gc().map(|mut state| {
+            state.retrack_context();
             (
                 state.callback.take(),
                 state.args.take(),

@@ -356,3 +356,38 @@ def test_handles_and_contexts_kept_in_cycles_are_still_collected(loop):
     gc.collect()
     assert [r for r in refs if r() is not None] == []
     assert kept_context.run(lambda: 42) == 42
+
+
+def test_dropping_a_loop_with_queued_handles_is_safe():
+    # Queued handles (and the contexts they copied) are kept off the cyclic GC while
+    # the loop owns them; a loop dropped unclosed with work queued must still be
+    # collected without crashing. Run in a subprocess: a crash is an exit code.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import gc, threading, warnings
+        import ferroloop
+        warnings.simplefilter("ignore")
+        for i in range(200):
+            loop = ferroloop.new_event_loop()
+            loop.call_soon(print, "never")
+            loop.call_later(60, print, "never")
+            loop.call_later(0, print, "never").cancel()
+            t = threading.Thread(target=loop.call_soon_threadsafe, args=(print,))
+            t.start(); t.join()
+            kept = loop.call_soon(int)
+            ctx = kept._context
+            del loop, kept
+            if i % 10 == 0:
+                gc.collect()
+            del ctx
+        gc.collect()
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "ok"
