@@ -231,11 +231,16 @@ fn reject_non_empty(value: &Bound<'_, PyAny>, name: &str) -> PyResult<()> {
 /// A delay or deadline as asyncio computes it: `base + value`, with Python's own
 /// arithmetic for anything that is not a plain int or float.
 fn deadline(py: Python<'_>, base: f64, value: &Bound<'_, PyAny>) -> PyResult<f64> {
-    if let Ok(f) = value.cast::<PyFloat>() {
+    // Exact float and int first: pointer comparisons, where the subclass checks walk
+    // the type's bases (an int delay would otherwise be tested against float's).
+    if let Ok(f) = value.cast_exact::<PyFloat>() {
         return Ok(base + f.value());
     }
-    if value.is_instance_of::<PyInt>() {
+    if value.is_exact_instance_of::<PyInt>() || value.is_instance_of::<PyInt>() {
         return Ok(base + value.extract::<f64>()?);
+    }
+    if let Ok(f) = value.cast::<PyFloat>() {
+        return Ok(base + f.value());
     }
     let sum = PyFloat::new(py, base).add(value)?;
     sum.extract::<f64>().map_err(|_| {
@@ -362,11 +367,10 @@ impl LoopCore {
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<TimerHandle>> {
         let py = slf.py();
-        let handle = Py::new(
-            py,
-            TimerHandle::new_initializer(LoopCore::new_handle(slf, callback, args, context)?, when),
-        )?;
-        handles::set_gc_tracked(handle.bind(py).as_super(), false);
+        let handle = LoopCore::new_handle(slf, callback, args, context)?;
+        handle.untrack_own_context(py);
+        let handle = Py::new(py, TimerHandle::new_initializer(handle, when))?;
+        handles::untrack_new_handle(handle.bind(py).as_super());
         handle.get().scheduled.store(true, Ordering::Relaxed);
         slf.get()
             .state
@@ -678,8 +682,10 @@ impl LoopCore {
         if core.debug.load(Ordering::Relaxed) {
             LoopCore::debug_checks(slf, &callback, "call_soon", true)?;
         }
-        let handle = Py::new(py, LoopCore::new_handle(slf, callback, args, context)?)?;
-        handles::set_gc_tracked(handle.bind(py), false);
+        let handle = LoopCore::new_handle(slf, callback, args, context)?;
+        handle.untrack_own_context(py);
+        let handle = Py::new(py, handle)?;
+        handles::untrack_new_handle(handle.bind(py));
         core.state
             .borrow_mut(py)?
             .ready
@@ -699,8 +705,10 @@ impl LoopCore {
         if core.debug.load(Ordering::Relaxed) {
             LoopCore::debug_checks(slf, &callback, "call_soon_threadsafe", false)?;
         }
-        let handle = Py::new(py, LoopCore::new_handle(slf, callback, args, context)?)?;
-        handles::set_gc_tracked(handle.bind(py), false);
+        let handle = LoopCore::new_handle(slf, callback, args, context)?;
+        handle.untrack_own_context(py);
+        let handle = Py::new(py, handle)?;
+        handles::untrack_new_handle(handle.bind(py));
         // Holding the GIL, we can append to the ready queue itself, which keeps FIFO
         // order with `call_soon`. Only if the loop thread is inside a borrow (we got the
         // GIL from it mid-update) does the handle go to the side queue instead.

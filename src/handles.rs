@@ -270,6 +270,25 @@ pub(crate) fn set_gc_tracked(handle: &Bound<'_, Handle>, tracked: bool) {
     }
 }
 
+/// `set_gc_tracked(handle, false)` for a handle the loop has just made, in two steps
+/// that need no borrow of the shared object: its own context before it is wrapped
+/// (`Handle::untrack_own_context`), then the object itself.
+pub(crate) fn untrack_new_handle(handle: &Bound<'_, Handle>) {
+    set_object_tracked(handle.as_any(), false);
+}
+
+impl Handle {
+    /// Takes the context this handle copied for itself off the collector's lists (see
+    /// `set_gc_tracked`); done before the handle is shared.
+    pub(crate) fn untrack_own_context(&self, py: Python<'_>) {
+        if let Ok(state) = self.state.borrow_mut(py) {
+            if let (true, Some(context)) = (state.context_copied, &state.context) {
+                set_object_tracked(context.bind(py), false);
+            }
+        }
+    }
+}
+
 fn set_object_tracked(obj: &Bound<'_, PyAny>, tracked: bool) {
     // SAFETY: a `Bound` proves the thread is attached and the object live; both callers
     // pass objects of GC types (a PyO3 class; a contextvars.Context).
