@@ -719,7 +719,11 @@ impl LoopCore {
             }
             Err(_) => true,
         };
-        if queued_aside || !core.wake_pending.swap(true, Ordering::AcqRel) {
+        // A plain load first: while a wake-up is already in flight (the common case
+        // for a burst of calls) no read-modify-write is needed.
+        let must_wake = !core.wake_pending.load(Ordering::Acquire)
+            && !core.wake_pending.swap(true, Ordering::AcqRel);
+        if queued_aside || must_wake {
             let mut queue = core
                 .threadsafe
                 .lock()
