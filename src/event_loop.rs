@@ -15,7 +15,7 @@ use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::{closed_loop, invalid_fd, os_error};
 use crate::gil_cell::GilCell;
-use crate::handles::{self, CallArgs, Handle, TimerHandle};
+use crate::handles::{self, CallArgs, Handle, QueuedCall, TimerHandle};
 use crate::poller::{self, Poller, Registry, Token, READABLE, WAKER_TOKEN, WRITABLE};
 use crate::pyhelpers;
 use crate::sock_ops::{self, Attempt, SockKind, SockOp};
@@ -75,6 +75,8 @@ pub(crate) enum FdOwner {
 /// the queue's order as asyncio's reader/writer handles would.
 pub(crate) enum Ready {
     Handle(Py<Handle>),
+    /// A callback from asyncio's C tasks and futures, queued without a handle object.
+    Call(QueuedCall),
     Io(NativeTransport, u32),
     Sock(SockOp),
 }
@@ -256,7 +258,7 @@ fn deadline(py: Python<'_>, base: f64, value: &Bound<'_, PyAny>) -> PyResult<f64
 }
 
 impl LoopCore {
-    fn new_core() -> PyResult<LoopCore> {
+    pub(crate) fn new_core() -> PyResult<LoopCore> {
         let poller = Poller::new().map_err(os_error)?;
         let wake_fd = poller.wake_tx_fd();
         Ok(LoopCore {
@@ -653,6 +655,15 @@ impl LoopCore {
                     handles::release_from_loop(handle);
                     outcome?;
                 }
+                Ready::Call(call) => {
+                    if core.debug.load(Ordering::Relaxed) {
+                        // Debug mode times and names every callback: give it its handle.
+                        let handle = call.to_handle(py, slf.as_any())?;
+                        slf.call_method1("_run_handle_debug", (handle,))?;
+                    } else {
+                        call.run(py, slf.as_any())?;
+                    }
+                }
                 Ready::Io(transport, events) => transport.on_ready(py, events)?,
                 Ready::Sock(op) => {
                     let (fd, bit) = (op.fd, op.bit());
@@ -691,6 +702,33 @@ impl LoopCore {
             .ready
             .push_back(Ready::Handle(handle.clone_ref(py)));
         Ok(handle)
+    }
+
+    /// `call_soon(callback[, arg], context=context)` from asyncio's C tasks and
+    /// futures, which drop the returned handle unseen: the call is queued without a
+    /// handle object (in debug mode, which checks and names callbacks, as any other).
+    pub(crate) fn call_soon_from_asyncio(
+        slf: &Bound<'_, LoopCore>,
+        callback: Bound<'_, PyAny>,
+        arg: Option<Bound<'_, PyAny>>,
+        context: Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let core = slf.get();
+        if core.debug.load(Ordering::Relaxed) || context.is_none() {
+            let args = arg.map(|a| CallArgs::One(a.unbind()));
+            return Ok(LoopCore::call_soon(slf, callback, args, Some(context))?.into_any());
+        }
+        core.check_closed()?;
+        core.state
+            .borrow_mut(py)?
+            .ready
+            .push_back(Ready::Call(QueuedCall {
+                callback: callback.unbind(),
+                arg: arg.map(Bound::unbind),
+                context: context.unbind(),
+            }));
+        Ok(py.None())
     }
 
     pub(crate) fn call_soon_threadsafe(
@@ -1012,17 +1050,33 @@ impl LoopCore {
 
     /// A snapshot of the ready queue (asyncio exposes its deque; tests read its length).
     #[getter(_ready)]
-    fn ready_snapshot(&self, py: Python<'_>) -> PyResult<Vec<Py<Handle>>> {
-        Ok(self
+    fn ready_snapshot(slf: &Bound<'_, LoopCore>) -> PyResult<Vec<Py<Handle>>> {
+        let py = slf.py();
+        // Queued calls get handles made for them, outside the borrow (making one
+        // allocates Python objects).
+        let queued: Vec<Result<Py<Handle>, QueuedCall>> = slf
+            .get()
             .state
             .borrow_mut(py)?
             .ready
             .iter()
             .filter_map(|item| match item {
-                Ready::Handle(h) => Some(h.clone_ref(py)),
+                Ready::Handle(h) => Some(Ok(h.clone_ref(py))),
+                Ready::Call(call) => Some(Err(QueuedCall {
+                    callback: call.callback.clone_ref(py),
+                    arg: call.arg.as_ref().map(|a| a.clone_ref(py)),
+                    context: call.context.clone_ref(py),
+                })),
                 Ready::Io(..) | Ready::Sock(_) => None,
             })
-            .collect())
+            .collect();
+        queued
+            .into_iter()
+            .map(|item| match item {
+                Ok(handle) => Ok(handle),
+                Err(call) => call.to_handle(py, slf.as_any()),
+            })
+            .collect()
     }
 
     /// asyncio's `__init__` assigns an empty queue; the Rust queue is the real one.
@@ -1265,6 +1319,7 @@ impl LoopCore {
             for item in &st.ready {
                 match item {
                     Ready::Handle(h) => visit.call(h)?,
+                    Ready::Call(call) => call.visit(&visit)?,
                     Ready::Io(t, _) => t.visit(&visit)?,
                     Ready::Sock(op) => op.visit(&visit)?,
                 }

@@ -8,12 +8,13 @@
 //! `set_result` value) is kept without a tuple at all.
 
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyString, PyTuple, PyType};
+use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 
 use crate::event_loop::LoopCore;
 use crate::gil_cell::GilCell;
@@ -43,12 +44,15 @@ struct Spec {
     name: &'static str,
     required: &'static [&'static str],
     schedule: Schedule,
+    /// asyncio's C tasks and futures call this one (see `ASYNCIO_KWNAMES`).
+    from_asyncio: bool,
 }
 
 const CALL_SOON: Spec = Spec {
     name: "call_soon",
     required: &["callback"],
     schedule: |slf, _, cb, args, ctx| Ok(LoopCore::call_soon(slf, cb, args, ctx)?.into_any()),
+    from_asyncio: true,
 };
 const CALL_SOON_THREADSAFE: Spec = Spec {
     name: "call_soon_threadsafe",
@@ -56,6 +60,7 @@ const CALL_SOON_THREADSAFE: Spec = Spec {
     schedule: |slf, _, cb, args, ctx| {
         Ok(LoopCore::call_soon_threadsafe(slf, cb, args, ctx)?.into_any())
     },
+    from_asyncio: false,
 };
 const CALL_LATER: Spec = Spec {
     name: "call_later",
@@ -64,6 +69,7 @@ const CALL_LATER: Spec = Spec {
         Some(delay) => Ok(LoopCore::call_later(slf, delay, cb, args, ctx)?.into_any()),
         None => Err(PyValueError::new_err("call_later() without a delay")),
     },
+    from_asyncio: false,
 };
 const CALL_AT: Spec = Spec {
     name: "call_at",
@@ -72,6 +78,7 @@ const CALL_AT: Spec = Spec {
         Some(when) => Ok(LoopCore::call_at(slf, when, cb, args, ctx)?.into_any()),
         None => Err(PyValueError::new_err("call_at() without a time")),
     },
+    from_asyncio: false,
 };
 
 macro_rules! method_def {
@@ -159,6 +166,63 @@ pub fn install(ty: &Bound<'_, PyType>) -> PyResult<()> {
     Ok(())
 }
 
+/// The keyword-names tuple (`("context",)`) asyncio's C module passes when its tasks
+/// and futures call `call_soon`; they drop the handle it returns unseen, so calls made
+/// with exactly this tuple are queued without a handle object. Learnt once by
+/// watching such a call (`probe_asyncio_kwnames`); `None` without the C module.
+static ASYNCIO_KWNAMES: PyOnceLock<Option<Py<PyTuple>>> = PyOnceLock::new();
+/// While the probe runs, `call_soon` records the keyword names it is called with.
+static PROBING: AtomicBool = AtomicBool::new(false);
+static PROBED: GilCellStatic = GilCellStatic::new();
+
+/// A `GilCell<Option<Py<PyTuple>>>` usable in a static.
+struct GilCellStatic(std::sync::OnceLock<GilCell<Option<Py<PyTuple>>>>);
+
+impl GilCellStatic {
+    const fn new() -> Self {
+        GilCellStatic(std::sync::OnceLock::new())
+    }
+
+    fn borrow_mut<'a>(
+        &'a self,
+        py: Python<'_>,
+    ) -> PyResult<std::cell::RefMut<'a, Option<Py<PyTuple>>>> {
+        self.0.get_or_init(|| GilCell::new(None)).borrow_mut(py)
+    }
+}
+
+/// Learns `ASYNCIO_KWNAMES`: a C `asyncio.Future` of a throwaway loop gets a done
+/// callback and a result, which makes the C module call `call_soon` once. Any failure
+/// leaves the fast path off.
+pub fn probe_asyncio_kwnames(py: Python<'_>) {
+    let learnt = (|| -> PyResult<Option<Py<PyTuple>>> {
+        let Ok(c_asyncio) = py.import("_asyncio") else {
+            return Ok(None);
+        };
+        let probe = Bound::new(py, LoopCore::new_core()?)?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("loop", &probe)?;
+        let future = c_asyncio.getattr("Future")?.call((), Some(&kwargs))?;
+        let noop = py.import("builtins")?.getattr("id")?;
+        future.call_method1("add_done_callback", (noop,))?;
+        PROBING.store(true, Ordering::Relaxed);
+        let scheduled = future.call_method1("set_result", (py.None(),));
+        PROBING.store(false, Ordering::Relaxed);
+        probe.call_method0("_close_core")?;
+        scheduled?;
+        let Some(names) = PROBED.borrow_mut(py)?.take() else {
+            return Ok(None);
+        };
+        let names_ref = names.bind(py);
+        let only_context = names_ref.len() == 1
+            && names_ref.get_item(0)?.cast::<PyString>()?.to_str()? == "context";
+        // The interned name is what Python code passes: never taken for asyncio's.
+        let interned = names_ref.get_item(0)?.is(pyo3::intern!(py, "context"));
+        Ok((only_context && !interned).then_some(names))
+    })();
+    let _ = ASYNCIO_KWNAMES.set(py, learnt.unwrap_or(None));
+}
+
 /// The `context` str objects callers pass as keyword names: the interned one of Python
 /// calls, and the first other one seen (C callers such as `_asyncio`'s futures and tasks
 /// pass the same non-interned object every time). Held strongly, so the pointers
@@ -226,6 +290,21 @@ unsafe fn parse_and_schedule(
     };
     // SAFETY: every entry of the stack is a live borrowed reference (see above).
     let arg = |i: usize| unsafe { Bound::from_borrowed_ptr(py, stack[i]) };
+
+    if spec.from_asyncio && nkw == 1 && (nargs == 1 || nargs == 2) {
+        if PROBING.load(Ordering::Relaxed) {
+            // SAFETY: a non-NULL kwnames is a live tuple, borrowed for the call.
+            let names = unsafe { Bound::from_borrowed_ptr(py, kwnames) };
+            *PROBED.borrow_mut(py)? = Some(names.cast_into::<PyTuple>()?.unbind());
+        } else if ASYNCIO_KWNAMES
+            .get(py)
+            .and_then(Option::as_ref)
+            .is_some_and(|names| names.as_ptr() == kwnames)
+        {
+            let extra = (nargs == 2).then(|| arg(1));
+            return LoopCore::call_soon_from_asyncio(slf, arg(0), extra, arg(nargs));
+        }
+    }
 
     let mut context = None;
     for i in 0..nkw {

@@ -325,6 +325,63 @@ fn py_float_repr(py: Python<'_>, value: f64) -> PyResult<String> {
     Ok(value.into_pyobject(py)?.repr()?.to_string())
 }
 
+/// A callback queued by asyncio's own C code (a task step, a future's done callback),
+/// which drops the handle `call_soon` returns unseen: queued without a `Handle` object.
+/// One is made only if the callback fails (for the exception handler's `handle`) or
+/// someone looks at the ready queue.
+pub(crate) struct QueuedCall {
+    pub callback: Py<PyAny>,
+    pub arg: Option<Py<PyAny>>,
+    pub context: Py<PyAny>,
+}
+
+impl QueuedCall {
+    pub(crate) fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.callback)?;
+        if let Some(arg) = &self.arg {
+            visit.call(arg)?;
+        }
+        visit.call(&self.context)
+    }
+
+    /// The `Handle` this call stands for.
+    pub(crate) fn to_handle(
+        &self,
+        py: Python<'_>,
+        loop_: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<Handle>> {
+        let handle = Handle::build(
+            py,
+            self.callback.bind(py).clone(),
+            self.arg.as_ref().map(|a| CallArgs::One(a.clone_ref(py))),
+            Some(loop_.clone().unbind()),
+            Some(self.context.bind(py).clone()),
+            false,
+        )?;
+        let handle = Py::new(py, handle)?;
+        set_gc_tracked(handle.bind(py), true);
+        Ok(handle)
+    }
+
+    /// Runs the call as `Handle._run` would run its handle.
+    pub(crate) fn run(self, py: Python<'_>, loop_: &Bound<'_, PyAny>) -> PyResult<()> {
+        let args = self.arg.as_ref().map(|a| CallArgs::One(a.clone_ref(py)));
+        match call_in_context(py, &self.callback, args.as_ref(), &self.context) {
+            Ok(()) => Ok(()),
+            Err(err)
+                if err.is_instance_of::<PySystemExit>(py)
+                    || err.is_instance_of::<PyKeyboardInterrupt>(py) =>
+            {
+                Err(err)
+            }
+            Err(err) => {
+                let handle = self.to_handle(py, loop_)?;
+                report_callback_error(handle.bind(py), &self.callback, args.as_ref(), err)
+            }
+        }
+    }
+}
+
 /// `contextvars.copy_context()` through the C API.
 pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
     // SAFETY: called with the GIL held; returns a new reference or NULL with an error set.

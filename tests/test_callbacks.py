@@ -393,3 +393,71 @@ def test_dropping_a_loop_with_queued_handles_is_safe():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "ok"
+
+
+def test_future_done_callbacks_fail_run_in_their_context_and_show_in_ready(loop):
+    # Done callbacks of asyncio's C futures are queued by the C module, which drops the
+    # handle call_soon returns: ferroloop queues them without one. Everything a handle
+    # would show must still be there.
+    var = contextvars.ContextVar("var", default="unset")
+    contexts, seen = [], []
+    loop.set_exception_handler(lambda lp, ctx: contexts.append(ctx))
+
+    def failing(fut):
+        raise ZeroDivisionError(fut.result())
+
+    fut = loop.create_future()
+    var.set("registered")
+    fut.add_done_callback(failing)
+    fut.add_done_callback(lambda f: seen.append((var.get(), f.result())))
+    var.set("later")
+    fut.set_result(7)
+    queued = list(loop._ready)
+    assert len(queued) == 2
+    assert all(type(h).__name__ == "Handle" and not h.cancelled() for h in queued)
+    assert "failing" in repr(queued[0])
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    assert seen == [("registered", 7)]
+    (ctx,) = contexts
+    assert isinstance(ctx["exception"], ZeroDivisionError)
+    assert ctx["message"].startswith("Exception in callback")
+    assert "failing" in ctx["message"]
+    assert type(ctx["handle"]).__name__ == "Handle"
+    assert "failing" in repr(ctx["handle"])
+
+
+def test_keyboard_interrupt_from_a_done_callback_leaves_the_loop(loop):
+    def interrupt(_fut):
+        raise KeyboardInterrupt
+
+    after = []
+    fut = loop.create_future()
+    fut.add_done_callback(interrupt)
+    fut.set_result(None)
+    loop.call_soon(after.append, "next turn")
+    with pytest.raises(KeyboardInterrupt):
+        loop.run_forever()
+    # The rest of the queue is still there, as with asyncio.
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    assert after == ["next turn"]
+
+
+@pytest.mark.parametrize("debug_from", ["scheduling", "running"])
+def test_debug_mode_times_done_callbacks_too(loop, caplog, debug_from):
+    def slow(_fut):
+        time.sleep(0.03)
+
+    loop.slow_callback_duration = 0.01
+    fut = loop.create_future()
+    fut.add_done_callback(slow)
+    with caplog.at_level("WARNING", logger="asyncio"):
+        if debug_from == "scheduling":
+            loop.set_debug(True)
+        fut.set_result(None)
+        # Switched on with the callback already queued: it is timed all the same.
+        loop.set_debug(True)
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+    assert any("slow" in r.getMessage() and "took" in r.getMessage() for r in caplog.records)
