@@ -135,6 +135,9 @@ pub(crate) struct LoopState {
     /// `{"loop": self}`, built once: `asyncio.Future.__init__` takes its argument from
     /// a dict, which would otherwise be built for every `create_future`.
     future_kwargs: Option<Py<PyDict>>,
+    /// `_task_factory`, kept here so `create_task` reads it without an attribute
+    /// lookup in the instance dict.
+    task_factory: Option<Py<PyAny>>,
 }
 
 /// Handles scheduled from other threads, and where to write to wake the loop.
@@ -271,6 +274,7 @@ impl LoopCore {
                 events: vec![libc::epoll_event { events: 0, u64: 0 }; INITIAL_EVENTS],
                 thread_id: None,
                 future_kwargs: None,
+                task_factory: None,
             }),
             threadsafe: Mutex::new(ThreadsafeQueue {
                 handles: Vec::new(),
@@ -916,6 +920,24 @@ impl LoopCore {
         Ok(())
     }
 
+    #[getter(_task_factory)]
+    fn task_factory(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        Ok(self
+            .state
+            .borrow_mut(py)?
+            .task_factory
+            .as_ref()
+            .map(|f| f.clone_ref(py)))
+    }
+
+    #[setter(_task_factory)]
+    fn set_task_factory_attr(&self, py: Python<'_>, factory: Option<Py<PyAny>>) -> PyResult<()> {
+        let factory = factory.filter(|f| !f.is_none(py));
+        let old = mem::replace(&mut self.state.borrow_mut(py)?.task_factory, factory);
+        drop(old);
+        Ok(())
+    }
+
     #[setter(_signals_watched)]
     fn set_signals_watched(&self, value: bool) {
         self.signals_watched.store(value, Ordering::Relaxed);
@@ -958,7 +980,8 @@ impl LoopCore {
         let none = py.None().into_bound(py);
         let name = name.unwrap_or(&none);
         let context = context.unwrap_or(&none);
-        if !slf.getattr(pyo3::intern!(py, "_task_factory"))?.is_none() {
+        let has_factory = slf.get().state.borrow_mut(py)?.task_factory.is_some();
+        if has_factory {
             let base = py.import("asyncio.base_events")?.getattr("BaseEventLoop")?;
             let kwargs = PyDict::new(py);
             kwargs.set_item("name", name)?;
@@ -1330,6 +1353,9 @@ impl LoopCore {
             if let Some(kwargs) = &st.future_kwargs {
                 visit.call(kwargs)?;
             }
+            if let Some(factory) = &st.task_factory {
+                visit.call(factory)?;
+            }
             for h in st.timers.handles() {
                 visit.call(h)?;
             }
@@ -1362,14 +1388,15 @@ impl LoopCore {
                 mem::take(&mut st.fds),
                 mem::take(&mut st.flush),
                 st.future_kwargs.take(),
+                st.task_factory.take(),
             )
         });
-        if let Some((ready, timers, fds, flush, kwargs)) = released {
+        if let Some((ready, timers, fds, flush, kwargs, factory)) = released {
             Python::attach(|py| {
                 release_ready(py, ready);
                 release_timers(py, timers);
             });
-            drop((fds, flush, kwargs));
+            drop((fds, flush, kwargs, factory));
         }
     }
 }
@@ -1415,9 +1442,7 @@ impl LoopCore {
         kind: SockKind,
     ) -> PyResult<Py<PyAny>> {
         let py = slf.py();
-        let fut = slf
-            .call_method0(pyo3::intern!(py, "create_future"))?
-            .unbind();
+        let fut = LoopCore::create_future(slf)?;
         let op = SockOp {
             fd,
             fut: fut.clone_ref(py),
