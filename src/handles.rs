@@ -86,21 +86,15 @@ impl Drop for HandleState {
 }
 
 /// A callback scheduled by `call_soon`, `add_reader` and friends. Freed handles are
-/// kept on a free list: every task step allocates one.
-#[pyclass(
-    module = "ferroloop._ferroloop",
-    subclass,
-    frozen,
-    weakref,
-    freelist = 1024
-)]
+/// kept on a free list (`freelist.rs`): every timer and many callbacks allocate one.
+#[pyclass(module = "ferroloop._ferroloop", subclass, frozen, weakref)]
 pub struct Handle {
     pub(crate) state: GilCell<HandleState>,
     cancelled: AtomicBool,
 }
 
 /// A callback scheduled for a point in time (`call_later`, `call_at`).
-#[pyclass(module = "ferroloop._ferroloop", extends = Handle, frozen, freelist = 256)]
+#[pyclass(module = "ferroloop._ferroloop", extends = Handle, frozen)]
 pub struct TimerHandle {
     pub(crate) when: f64,
     /// True while the timer sits in the loop's heap.

@@ -3,6 +3,7 @@
 mod errors;
 mod event_loop;
 mod fastcall;
+mod freelist;
 mod gil_cell;
 mod handles;
 mod poller;
@@ -17,9 +18,14 @@ use pyo3::prelude::*;
 fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event_loop::LoopCore>()?;
     fastcall::install(&m.py().get_type::<event_loop::LoopCore>())?;
-    fastcall::probe_asyncio_kwnames(m.py());
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
+    freelist::install(
+        &m.py().get_type::<handles::Handle>(),
+        &m.py().get_type::<handles::TimerHandle>(),
+    )?;
+    // Makes one handle: after the free lists are in place.
+    fastcall::probe_asyncio_kwnames(m.py());
     m.add_class::<transports::stream::StreamTransport>()?;
     m.add_class::<transports::datagram::DatagramTransport>()?;
     Ok(())
