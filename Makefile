@@ -19,6 +19,7 @@ servers:
 # integration tests of real libraries against real PostgreSQL and Redis servers.
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 test: install servers
+	cargo test --lib --quiet
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
