@@ -236,12 +236,12 @@ fn reject_non_empty(value: &Bound<'_, PyAny>, name: &str) -> PyResult<()> {
 /// A delay or deadline as asyncio computes it: `base + value`, with Python's own
 /// arithmetic for anything that is not a plain int or float.
 fn deadline(py: Python<'_>, base: f64, value: &Bound<'_, PyAny>) -> PyResult<f64> {
-    // Exact float and int first: pointer comparisons, where the subclass checks walk
-    // the type's bases (an int delay would otherwise be tested against float's).
+    // An exact float by pointer comparison, then int by its type flag: the subclass
+    // test for float walks the type's bases, which an int delay would pay for.
     if let Ok(f) = value.cast_exact::<PyFloat>() {
         return Ok(base + f.value());
     }
-    if value.is_exact_instance_of::<PyInt>() || value.is_instance_of::<PyInt>() {
+    if value.is_instance_of::<PyInt>() {
         return Ok(base + value.extract::<f64>()?);
     }
     if let Ok(f) = value.cast::<PyFloat>() {
@@ -348,6 +348,32 @@ impl LoopCore {
         Ok(())
     }
 
+    /// A handle for one run (see `handles::track`): its own context already off the
+    /// collector's lists; the caller untracks the object once it is made.
+    fn one_shot_handle(
+        slf: &Bound<'_, LoopCore>,
+        callback: Bound<'_, PyAny>,
+        args: Option<CallArgs>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Handle> {
+        let handle = LoopCore::new_handle(slf, callback, args, context)?;
+        handle.untrack_own_context(slf.py());
+        Ok(handle)
+    }
+
+    /// A handle the loop keeps and runs many times (an fd callback, a signal
+    /// handler): under the collector like any other object.
+    fn kept_handle(
+        slf: &Bound<'_, LoopCore>,
+        callback: Bound<'_, PyAny>,
+        args: Bound<'_, PyTuple>,
+    ) -> PyResult<Py<Handle>> {
+        let args = CallArgs::from_tuple(Some(args));
+        let handle = Py::new(slf.py(), LoopCore::new_handle(slf, callback, args, None)?)?;
+        handles::track(handle.bind(slf.py()));
+        Ok(handle)
+    }
+
     fn new_handle(
         slf: &Bound<'_, LoopCore>,
         callback: Bound<'_, PyAny>,
@@ -373,10 +399,9 @@ impl LoopCore {
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<TimerHandle>> {
         let py = slf.py();
-        let handle = LoopCore::new_handle(slf, callback, args, context)?;
-        handle.untrack_own_context(py);
+        let handle = LoopCore::one_shot_handle(slf, callback, args, context)?;
         let handle = Py::new(py, TimerHandle::new_initializer(handle, when))?;
-        handles::untrack_new_handle(handle.bind(py).as_super());
+        handles::untrack(handle.bind(py).as_super());
         handle.get().scheduled.store(true, Ordering::Relaxed);
         slf.get()
             .state
@@ -471,10 +496,7 @@ impl LoopCore {
         let fd = fileobj_to_int(fd)?;
         slf.get().check_closed()?;
         let fd = checked_fd(fd)?;
-        let args = CallArgs::from_tuple(Some(args));
-        let handle = Py::new(slf.py(), LoopCore::new_handle(slf, callback, args, None)?)?;
-        // Kept by the fd registry for as long as it is registered, and run many times.
-        handles::set_gc_tracked(handle.bind(slf.py()), true);
+        let handle = LoopCore::kept_handle(slf, callback, args)?;
         if let Some(old) = slf
             .get()
             .set_waiter(slf.py(), fd, Some(Waiter::Handle(handle)), bit)?
@@ -697,10 +719,8 @@ impl LoopCore {
         if core.debug.load(Ordering::Relaxed) {
             LoopCore::debug_checks(slf, &callback, "call_soon", true)?;
         }
-        let handle = LoopCore::new_handle(slf, callback, args, context)?;
-        handle.untrack_own_context(py);
-        let handle = Py::new(py, handle)?;
-        handles::untrack_new_handle(handle.bind(py));
+        let handle = Py::new(py, LoopCore::one_shot_handle(slf, callback, args, context)?)?;
+        handles::untrack(handle.bind(py));
         core.state
             .borrow_mut(py)?
             .ready
@@ -747,10 +767,8 @@ impl LoopCore {
         if core.debug.load(Ordering::Relaxed) {
             LoopCore::debug_checks(slf, &callback, "call_soon_threadsafe", false)?;
         }
-        let handle = LoopCore::new_handle(slf, callback, args, context)?;
-        handle.untrack_own_context(py);
-        let handle = Py::new(py, handle)?;
-        handles::untrack_new_handle(handle.bind(py));
+        let handle = Py::new(py, LoopCore::one_shot_handle(slf, callback, args, context)?)?;
+        handles::untrack(handle.bind(py));
         // Holding the GIL, we can append to the ready queue itself, which keeps FIFO
         // order with `call_soon`. Only if the loop thread is inside a borrow (we got the
         // GIL from it mid-update) does the handle go to the side queue instead.
@@ -892,10 +910,7 @@ impl LoopCore {
         callback: Bound<'_, PyAny>,
         args: Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
-        let args = CallArgs::from_tuple(Some(args));
-        let handle = Py::new(slf.py(), LoopCore::new_handle(slf, callback, args, None)?)?;
-        handles::set_gc_tracked(handle.bind(slf.py()), true);
-        Ok(handle)
+        LoopCore::kept_handle(slf, callback, args)
     }
 
     /// Appends an existing handle to the ready queue (signal handlers use this).

@@ -173,22 +173,10 @@ pub fn install(ty: &Bound<'_, PyType>) -> PyResult<()> {
 static ASYNCIO_KWNAMES: PyOnceLock<Option<Py<PyTuple>>> = PyOnceLock::new();
 /// While the probe runs, `call_soon` records the keyword names it is called with.
 static PROBING: AtomicBool = AtomicBool::new(false);
-static PROBED: GilCellStatic = GilCellStatic::new();
+static PROBED: PyOnceLock<GilCell<Option<Py<PyTuple>>>> = PyOnceLock::new();
 
-/// A `GilCell<Option<Py<PyTuple>>>` usable in a static.
-struct GilCellStatic(std::sync::OnceLock<GilCell<Option<Py<PyTuple>>>>);
-
-impl GilCellStatic {
-    const fn new() -> Self {
-        GilCellStatic(std::sync::OnceLock::new())
-    }
-
-    fn borrow_mut<'a>(
-        &'a self,
-        py: Python<'_>,
-    ) -> PyResult<std::cell::RefMut<'a, Option<Py<PyTuple>>>> {
-        self.0.get_or_init(|| GilCell::new(None)).borrow_mut(py)
-    }
+fn probed(py: Python<'_>) -> PyResult<std::cell::RefMut<'_, Option<Py<PyTuple>>>> {
+    PROBED.get_or_init(py, || GilCell::new(None)).borrow_mut(py)
 }
 
 /// Learns `ASYNCIO_KWNAMES`: a C `asyncio.Future` of a throwaway loop gets a done
@@ -210,7 +198,7 @@ pub fn probe_asyncio_kwnames(py: Python<'_>) {
         PROBING.store(false, Ordering::Relaxed);
         probe.call_method0("_close_core")?;
         scheduled?;
-        let Some(names) = PROBED.borrow_mut(py)?.take() else {
+        let Some(names) = probed(py)?.take() else {
             return Ok(None);
         };
         let names_ref = names.bind(py);
@@ -223,39 +211,14 @@ pub fn probe_asyncio_kwnames(py: Python<'_>) {
     let _ = ASYNCIO_KWNAMES.set(py, learnt.unwrap_or(None));
 }
 
-/// The `context` str objects callers pass as keyword names: the interned one of Python
-/// calls, and the first other one seen (C callers such as `_asyncio`'s futures and tasks
-/// pass the same non-interned object every time). Held strongly, so the pointers
-/// compared against stay theirs.
-struct ContextNames {
-    interned: Py<PyString>,
-    other: GilCell<Option<Py<PyString>>>,
-}
-
-static CONTEXT_NAMES: PyOnceLock<ContextNames> = PyOnceLock::new();
-
-/// Whether a keyword name is `context`, by identity when it is one seen before.
+/// Whether a keyword name is `context`: by identity for the interned name Python code
+/// passes, by value for any other (asyncio's C module passes a non-interned one, in a
+/// tuple `parse_and_schedule` recognises before it looks at names).
 fn is_context_name(name: &Bound<'_, PyAny>) -> PyResult<bool> {
-    let py = name.py();
-    let names = CONTEXT_NAMES.get_or_init(py, || ContextNames {
-        interned: PyString::intern(py, "context").unbind(),
-        other: GilCell::new(None),
-    });
-    if name.is(&names.interned) {
+    if name.is(pyo3::intern!(name.py(), "context")) {
         return Ok(true);
     }
-    let mut other = names.other.borrow_mut(py)?;
-    if other.as_ref().is_some_and(|o| name.is(o)) {
-        return Ok(true);
-    }
-    let name = name.cast::<PyString>()?;
-    if name.to_str()? != "context" {
-        return Ok(false);
-    }
-    if other.is_none() {
-        *other = Some(name.clone().unbind());
-    }
-    Ok(true)
+    Ok(name.cast::<PyString>()?.to_str()? == "context")
 }
 
 /// # Safety
@@ -295,7 +258,7 @@ unsafe fn parse_and_schedule(
         if PROBING.load(Ordering::Relaxed) {
             // SAFETY: a non-NULL kwnames is a live tuple, borrowed for the call.
             let names = unsafe { Bound::from_borrowed_ptr(py, kwnames) };
-            *PROBED.borrow_mut(py)? = Some(names.cast_into::<PyTuple>()?.unbind());
+            *probed(py)? = Some(names.cast_into::<PyTuple>()?.unbind());
         } else if ASYNCIO_KWNAMES
             .get(py)
             .and_then(Option::as_ref)

@@ -61,7 +61,7 @@ pub(crate) struct HandleState {
     pub repr: Option<Py<PyAny>>,
     /// `context` is the handle's own copy of the caller's context (no `context=` was
     /// given), referenced by nothing else when it was made. The loop may keep such a
-    /// context off the cyclic GC's lists (see `set_gc_tracked`).
+    /// context off the cyclic GC's lists (see the notes above `track`).
     pub context_copied: bool,
 }
 
@@ -240,40 +240,37 @@ impl Handle {
     }
 }
 
-/// Takes a handle the loop has just created for one run (`call_soon`, `call_later`...)
-/// off the cyclic collector's lists, or puts any other handle on them. The context the
-/// handle copied for itself follows the handle.
-///
-/// A one-shot handle is owned by the loop's queues until it runs or is cancelled, and
-/// most (every task step, every future callback) are referenced by nothing else: the
-/// collector walking thousands of queued handles and their contexts is pure cost.
-/// While untracked, a handle's references only make what it points to look reachable,
-/// which is true while the loop holds it. When the loop lets go, `release_from_loop`
-/// tracks again whatever is still referenced elsewhere, so cycles through stored handles
-/// and contexts stay collectable. (PyO3's free list hands back objects the collector no
-/// longer tracks, so tracking is set explicitly either way.)
-pub(crate) fn set_gc_tracked(handle: &Bound<'_, Handle>, tracked: bool) {
-    set_object_tracked(handle.as_any(), tracked);
-    let py = handle.py();
-    let context = match handle.get().state.borrow_mut(py) {
-        Ok(state) if state.context_copied => state.context.as_ref().map(|c| c.clone_ref(py)),
-        _ => None,
-    };
-    if let Some(context) = context {
-        set_object_tracked(context.bind(py), tracked);
+// Cyclic-GC tracking of handles.
+//
+// A handle the loop makes for one run (`call_soon`, `call_later`...) is owned by the
+// loop's queues until it runs or is cancelled, and most are referenced by nothing else:
+// the collector walking thousands of queued handles and the contexts they copied is
+// pure cost. Such a handle and its own context are therefore taken off the collector's
+// lists when made (`Handle::untrack_own_context`, `untrack`). While untracked, their
+// references only make what they point to look reachable, which is true while the loop
+// holds them. When the loop lets go, `release_from_loop` tracks again whatever is still
+// referenced elsewhere, so cycles through stored handles stay collectable; a context is
+// also tracked again before its handle drops it (`HandleState::retrack_context`).
+// Every other handle is tracked explicitly (`track`): the free list in `freelist.rs`
+// hands back objects the collector does not track.
+
+/// Puts a handle, and the context it copied, on the collector's lists.
+pub(crate) fn track(handle: &Bound<'_, Handle>) {
+    set_object_tracked(handle.as_any(), true);
+    if let Ok(state) = handle.get().state.borrow_mut(handle.py()) {
+        state.retrack_context();
     }
 }
 
-/// `set_gc_tracked(handle, false)` for a handle the loop has just made, in two steps
-/// that need no borrow of the shared object: its own context before it is wrapped
-/// (`Handle::untrack_own_context`), then the object itself.
-pub(crate) fn untrack_new_handle(handle: &Bound<'_, Handle>) {
+/// Takes a newly made one-shot handle object off the collector's lists (its context
+/// went off before the handle was wrapped, without borrowing the shared object).
+pub(crate) fn untrack(handle: &Bound<'_, Handle>) {
     set_object_tracked(handle.as_any(), false);
 }
 
 impl Handle {
-    /// Takes the context this handle copied for itself off the collector's lists (see
-    /// `set_gc_tracked`); done before the handle is shared.
+    /// Takes the context this handle copied for itself off the collector's lists;
+    /// done before the handle is shared.
     pub(crate) fn untrack_own_context(&self, py: Python<'_>) {
         if let Ok(state) = self.state.borrow_mut(py) {
             if let (true, Some(context)) = (state.context_copied, &state.context) {
@@ -311,7 +308,7 @@ unsafe fn set_ptr_tracked(ptr: *mut ffi::PyObject, tracked: bool) {
 pub(crate) fn release_from_loop(handle: Bound<'_, Handle>) {
     // SAFETY: reading the reference count of a live object with the GIL held.
     if unsafe { ffi::Py_REFCNT(handle.as_ptr()) } > 1 {
-        set_gc_tracked(&handle, true);
+        track(&handle);
     }
 }
 
@@ -353,7 +350,7 @@ impl QueuedCall {
             false,
         )?;
         let handle = Py::new(py, handle)?;
-        set_gc_tracked(handle.bind(py), true);
+        track(handle.bind(py));
         Ok(handle)
     }
 
