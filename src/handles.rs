@@ -50,19 +50,42 @@ impl CallArgs {
     }
 }
 
+/// The context a handle's callback runs in.
+pub(crate) enum HandleContext {
+    /// Passed by the caller (`context=`), or made for `get_context()`: tracked by the
+    /// collector like any object.
+    Given(Py<PyAny>),
+    /// The handle's own copy of the caller's context, referenced by nothing else when it
+    /// was made. The loop may keep it off the cyclic GC's lists (see the notes above
+    /// `track`).
+    Own(Py<PyAny>),
+    /// The caller's context was empty. A copy of it would be an empty context that
+    /// nothing else can see, so none is made: the callback runs in an empty context lent
+    /// by `EMPTY_CONTEXT` (see `lend_empty_context`), and one is made only if the
+    /// handle is asked for its context or the callback changes or keeps the lent one.
+    Empty,
+}
+
+impl HandleContext {
+    /// The context object, if one was made.
+    fn object(&self) -> Option<&Py<PyAny>> {
+        match self {
+            HandleContext::Given(c) | HandleContext::Own(c) => Some(c),
+            HandleContext::Empty => None,
+        }
+    }
+}
+
 pub(crate) struct HandleState {
     pub callback: Option<Py<PyAny>>,
     /// `None` for a callback taking no arguments.
     pub args: Option<CallArgs>,
-    pub context: Option<Py<PyAny>>,
+    /// `None` once the collector cleared the handle.
+    pub context: Option<HandleContext>,
     pub loop_: Option<Py<PyAny>>,
     pub source_traceback: Option<Py<PyAny>>,
     /// Kept from `cancel()` in debug mode, as asyncio does, so logs can still name it.
     pub repr: Option<Py<PyAny>>,
-    /// `context` is the handle's own copy of the caller's context (no `context=` was
-    /// given), referenced by nothing else when it was made. The loop may keep such a
-    /// context off the cyclic GC's lists (see the notes above `track`).
-    pub context_copied: bool,
 }
 
 impl HandleState {
@@ -70,7 +93,7 @@ impl HandleState {
     /// must be tracked when it is freed (its dealloc unlinks it from the collector's
     /// list without checking), so this runs before the handle lets go of it.
     fn retrack_context(&self) {
-        if let (true, Some(context)) = (self.context_copied, &self.context) {
+        if let Some(HandleContext::Own(context)) = &self.context {
             // SAFETY: handle state lives in a Python object and is only touched, and
             // dropped, by code attached to the interpreter (methods, tp_dealloc,
             // tp_clear); the context is a live GC object.
@@ -111,9 +134,16 @@ impl Handle {
         context: Option<Bound<'_, PyAny>>,
         debug: bool,
     ) -> PyResult<Handle> {
-        let (context, context_copied) = match context {
-            Some(ctx) if !ctx.is_none() => (ctx.unbind(), false),
-            _ => (copy_context(py)?, true),
+        let context = match context {
+            Some(ctx) if !ctx.is_none() => HandleContext::Given(ctx.unbind()),
+            _ => {
+                let copy = copy_context(py)?;
+                if is_empty_context(copy.bind(py)) {
+                    HandleContext::Empty
+                } else {
+                    HandleContext::Own(copy)
+                }
+            }
         };
         let source_traceback = if debug {
             Some(pyhelpers::extract_stack(py)?)
@@ -128,7 +158,6 @@ impl Handle {
                 loop_,
                 source_traceback,
                 repr: None,
-                context_copied,
             }),
             cancelled: AtomicBool::new(false),
         })
@@ -149,16 +178,34 @@ impl Handle {
         }
         let (callback, args, context) = {
             let state = handle.state.borrow_mut(py)?;
-            match (&state.callback, &state.context) {
-                (Some(cb), Some(ctx)) => (
-                    cb.clone_ref(py),
-                    state.args.as_ref().map(|a| a.clone_ref(py)),
-                    ctx.clone_ref(py),
-                ),
-                _ => return Ok(()),
+            let (Some(cb), Some(ctx)) = (&state.callback, &state.context) else {
+                return Ok(());
+            };
+            let ctx = ctx.object().map(|c| c.clone_ref(py));
+            (
+                cb.clone_ref(py),
+                state.args.as_ref().map(|a| a.clone_ref(py)),
+                ctx,
+            )
+        };
+        let outcome = match context {
+            Some(context) => call_in_context(py, &callback, args.as_ref(), &context),
+            None => {
+                let lent = lend_empty_context(py)?;
+                let outcome = call_in_context(py, &callback, args.as_ref(), &lent);
+                if let Some(kept) = return_empty_context(py, lent) {
+                    // The callback set a variable in it or kept a reference (a
+                    // `ContextVar.set` token): from now on it is this handle's context,
+                    // as the copy asyncio would have made would be.
+                    let mut state = handle.state.borrow_mut(py)?;
+                    if matches!(state.context, Some(HandleContext::Empty)) {
+                        state.context = Some(HandleContext::Given(kept));
+                    }
+                }
+                outcome
             }
         };
-        match call_in_context(py, &callback, args.as_ref(), &context) {
+        match outcome {
             Ok(()) => Ok(()),
             Err(err) => {
                 if err.is_instance_of::<PySystemExit>(py)
@@ -273,7 +320,7 @@ impl Handle {
     /// done before the handle is shared.
     pub(crate) fn untrack_own_context(&self, py: Python<'_>) {
         if let Ok(state) = self.state.borrow_mut(py) {
-            if let (true, Some(context)) = (state.context_copied, &state.context) {
+            if let Some(HandleContext::Own(context)) = &state.context {
                 set_object_tracked(context.bind(py), false);
             }
         }
@@ -379,6 +426,48 @@ pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
     unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent()) }.map(Bound::unbind)
 }
 
+/// A context that sets no variable. (`False` also if its size cannot be read.)
+fn is_empty_context(context: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: attached, with a live object; PyObject_Size returns -1 with an error set
+    // on failure, which is cleared here (such a context is treated as not empty).
+    let size = unsafe { ffi::PyObject_Size(context.as_ptr()) };
+    if size < 0 {
+        drop(PyErr::take(context.py()));
+    }
+    size == 0
+}
+
+/// One empty context, kept between the runs of handles whose context is
+/// `HandleContext::Empty`. Taken out while lent, so two callbacks (a loop in another
+/// thread, a nested run) never share it.
+static EMPTY_CONTEXT: GilCell<Option<Py<PyAny>>> = GilCell::new(None);
+
+/// An empty context nobody else references, to run one callback in.
+fn lend_empty_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    if let Some(spare) = EMPTY_CONTEXT.borrow_mut(py).ok().and_then(|mut s| s.take()) {
+        return Ok(spare);
+    }
+    // SAFETY: attached; returns a new reference or NULL with an error set.
+    unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_New()) }.map(Bound::unbind)
+}
+
+/// Takes back a context lent by `lend_empty_context` after the callback ran. If it is
+/// still empty and referenced only here, nothing can tell it from a new one and it is
+/// kept for the next callback; otherwise it is handed back to the caller.
+fn return_empty_context(py: Python<'_>, context: Py<PyAny>) -> Option<Py<PyAny>> {
+    // SAFETY: reading the reference count of a live object while attached.
+    let unshared = unsafe { ffi::Py_REFCNT(context.as_ptr()) } == 1;
+    if !(unshared && is_empty_context(context.bind(py))) {
+        return Some(context);
+    }
+    if let Ok(mut spare) = EMPTY_CONTEXT.borrow_mut(py) {
+        if spare.is_none() {
+            *spare = Some(context);
+        }
+    }
+    None
+}
+
 /// Calls `callback(*args)` with `context` entered, as `Context.run` would.
 fn call_in_context(
     py: Python<'_>,
@@ -479,11 +568,16 @@ impl Handle {
     }
 
     fn get_context(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        Ok(self
-            .state
-            .borrow_mut(py)?
+        let mut state = self.state.borrow_mut(py)?;
+        if let Some(HandleContext::Empty) = state.context {
+            // SAFETY: attached; returns a new reference or NULL with an error set.
+            let made = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_New()) }?;
+            state.context = Some(HandleContext::Given(made.unbind()));
+        }
+        Ok(state
             .context
             .as_ref()
+            .and_then(HandleContext::object)
             .map(|c| c.clone_ref(py)))
     }
 
@@ -549,11 +643,12 @@ impl Handle {
         // The GC runs with the GIL held. A borrow that is already active means we are in
         // the middle of updating this handle; skipping one traversal is harmless.
         if let Some(state) = self.state.borrow_for_gc() {
+            let context = state.context.as_ref().and_then(HandleContext::object);
             for obj in [
-                &state.callback,
-                &state.context,
-                &state.loop_,
-                &state.source_traceback,
+                state.callback.as_ref(),
+                context,
+                state.loop_.as_ref(),
+                state.source_traceback.as_ref(),
             ]
             .into_iter()
             .flatten()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import socket
 import threading
 import time
 
@@ -108,6 +109,69 @@ def test_context_is_copied_at_scheduling_and_explicit_context_used(loop):
     loop.call_soon(loop.stop)
     loop.run_forever()
     assert seen == ["outer", "explicit"]
+
+
+def test_callbacks_scheduled_from_an_empty_context_each_run_in_their_own_copy(loop):
+    # ferroloop makes no context object for a handle whose caller's context is empty:
+    # the copies must still be separate, mutable, and the one get_context() returns.
+    var = contextvars.ContextVar("var", default="unset")
+    seen = []
+
+    def setter(tag):
+        seen.append((tag, var.get()))
+        var.set(tag)
+
+    def schedule():
+        loop.call_soon(setter, "a")
+        loop.call_soon(setter, "b")
+        loop.call_later(0, setter, "c")
+        handle = loop.call_soon(setter, "d")
+        ctx = handle._context
+        assert isinstance(ctx, contextvars.Context) and len(ctx) == 0
+        assert handle._context is ctx
+        ctx.run(var.set, "preset")
+        t = threading.Thread(target=loop.call_soon_threadsafe, args=(setter, "e"))
+        t.start()
+        t.join()
+        loop.call_later(0.001, loop.stop)
+
+    contextvars.Context().run(schedule)
+    loop.run_forever()
+    assert sorted(seen) == [
+        ("a", "unset"), ("b", "unset"), ("c", "unset"), ("d", "preset"), ("e", "unset"),
+    ]
+    assert var.get() == "unset"
+
+
+def test_a_reader_from_an_empty_context_keeps_one_context_across_runs(loop):
+    # asyncio copies the context once for add_reader: what one run sets, the next sees,
+    # and a ContextVar token from one run resets in the next.
+    var = contextvars.ContextVar("var", default=0)
+    rsock, wsock = socket.socketpair()
+    runs = []
+    tokens = []
+
+    def on_readable():
+        rsock.recv(1)
+        runs.append(var.get())
+        if len(runs) == 2:
+            var.reset(tokens.pop())
+        else:
+            tokens.append(var.set(var.get() + 1))
+        if len(runs) < 4:
+            wsock.send(b"x")
+        else:
+            loop.remove_reader(rsock)
+            loop.stop()
+
+    try:
+        contextvars.Context().run(loop.add_reader, rsock, on_readable)
+        wsock.send(b"x")
+        loop.run_forever()
+    finally:
+        rsock.close()
+        wsock.close()
+    assert runs == [0, 1, 0, 1]
 
 
 def test_callback_exception_goes_to_handler_and_loop_goes_on(loop):
