@@ -14,6 +14,7 @@ use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::{closed_loop, invalid_fd, os_error};
+use crate::freelist;
 use crate::gil_cell::GilCell;
 use crate::handles::{self, CallArgs, Handle, QueuedCall, TimerHandle};
 use crate::poller::{self, Poller, Registry, Token, READABLE, WAKER_TOKEN, WRITABLE};
@@ -25,6 +26,8 @@ use crate::transports::stream::StreamTransport;
 
 /// asyncio caps one poll at a day (`MAXIMUM_SELECT_TIMEOUT`).
 const MAX_POLL_TIMEOUT_S: f64 = 24.0 * 3600.0;
+/// The longest wait while the handle free lists hold memory to give back (`freelist::decay`).
+const DECAY_POLL_MS: i32 = 1000;
 const INITIAL_EVENTS: usize = 256;
 const MAX_EVENTS: usize = 64 * 1024;
 
@@ -78,14 +81,16 @@ pub(crate) enum Ready {
     /// A callback from asyncio's C tasks and futures, queued without a handle object.
     Call(QueuedCall),
     Io(NativeTransport, u32),
-    Sock(SockOp),
+    /// Boxed, so that an entry is 32 bytes, not 48: the queue of a burst of callbacks
+    /// is written and read in full.
+    Sock(Box<SockOp>),
 }
 
 /// What waits for one direction of an fd: an `add_reader`/`add_writer` handle, or a
 /// socket operation completed in Rust (`sock_recv` and friends).
 pub(crate) enum Waiter {
     Handle(Py<Handle>),
-    Sock(SockOp),
+    Sock(Box<SockOp>),
 }
 
 impl Waiter {
@@ -640,9 +645,13 @@ impl LoopCore {
             (timeout_ms, st.timers.len() > 0, may_report)
         };
         release_timers(py, dead_timers);
+        let mut timeout_ms = timeout_ms;
         if timeout_ms != 0 {
             // A signal that arrived while we held the GIL would not interrupt the wait.
             py.check_signals()?;
+            if freelist::decay(py, monotonic()) && !(0..=DECAY_POLL_MS).contains(&timeout_ms) {
+                timeout_ms = DECAY_POLL_MS;
+            }
         }
         if timeout_ms != 0 || may_report {
             LoopCore::poll(slf, timeout_ms)?;
@@ -1206,6 +1215,7 @@ impl LoopCore {
         let (ready, fds, flush, poller) = released;
         release_ready(py, ready);
         drop((fds, flush, poller));
+        freelist::trim(py);
         Ok(())
     }
 
@@ -1458,12 +1468,12 @@ impl LoopCore {
     ) -> PyResult<Py<PyAny>> {
         let py = slf.py();
         let fut = LoopCore::create_future(slf)?;
-        let op = SockOp {
+        let op = Box::new(SockOp {
             fd,
             fut: fut.clone_ref(py),
             sock: sock.clone().unbind(),
             kind,
-        };
+        });
         let bit = op.bit();
         if let Some(old) = slf.get().set_waiter(py, fd, Some(Waiter::Sock(op)), bit)? {
             old.retire(py)?;
@@ -1596,4 +1606,12 @@ fn release_ready(py: Python<'_>, ready: impl IntoIterator<Item = Ready>) {
 fn fd_in_use(fd: RawFd, transport: &Bound<'_, PyAny>) -> PyErr {
     let repr = transport.repr().map(|r| r.to_string()).unwrap_or_default();
     PyRuntimeError::new_err(format!("File descriptor {fd} is used by transport {repr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_ready_entry_is_four_words() {
+        assert_eq!(std::mem::size_of::<super::Ready>(), 32);
+    }
 }

@@ -428,9 +428,9 @@ pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
 
 /// A context that sets no variable. (`False` also if its size cannot be read.)
 fn is_empty_context(context: &Bound<'_, PyAny>) -> bool {
-    // SAFETY: attached, with a live object; PyObject_Size returns -1 with an error set
+    // SAFETY: attached, with a live object; PyMapping_Size returns -1 with an error set
     // on failure, which is cleared here (such a context is treated as not empty).
-    let size = unsafe { ffi::PyObject_Size(context.as_ptr()) };
+    let size = unsafe { ffi::PyMapping_Size(context.as_ptr()) };
     if size < 0 {
         drop(PyErr::take(context.py()));
     }

@@ -155,7 +155,7 @@ impl SockOp {
     /// Runs the op on readiness: resolves its future and returns `None`, or returns
     /// itself to wait again. A cancelled future's op is dropped without touching the
     /// socket, so no data is consumed for a caller that is gone.
-    pub fn run(mut self, py: Python<'_>) -> PyResult<Option<SockOp>> {
+    pub fn run(mut self: Box<Self>, py: Python<'_>) -> PyResult<Option<Box<SockOp>>> {
         let fut = self.fut.bind(py);
         if fut.call_method0(pyo3::intern!(py, "done"))?.is_truthy()? {
             return Ok(None);
