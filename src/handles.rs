@@ -27,6 +27,14 @@ impl CallArgs {
             .map(|a| CallArgs::Many(a.unbind()))
     }
 
+    /// Releases the reference without the thread-local check a plain drop makes.
+    fn drop_ref(self, py: Python<'_>) {
+        match self {
+            CallArgs::One(arg) => arg.drop_ref(py),
+            CallArgs::Many(args) => args.drop_ref(py),
+        }
+    }
+
     fn clone_ref(&self, py: Python<'_>) -> CallArgs {
         match self {
             CallArgs::One(arg) => CallArgs::One(arg.clone_ref(py)),
@@ -105,6 +113,30 @@ impl HandleState {
 impl Drop for HandleState {
     fn drop(&mut self) {
         self.retrack_context();
+        // SAFETY: handle state lives in a Python object and is dropped by tp_dealloc or
+        // tp_clear, or (a handle never wrapped) by loop code: always attached.
+        let py = unsafe { Python::assume_attached() };
+        // Released through `drop_ref`: dropping a `Py` asks a thread-local whether the
+        // thread is attached, for each field of every handle.
+        let context = match self.context.take() {
+            Some(HandleContext::Given(c) | HandleContext::Own(c)) => Some(c),
+            Some(HandleContext::Empty) | None => None,
+        };
+        for obj in [
+            self.callback.take(),
+            context,
+            self.loop_.take(),
+            self.source_traceback.take(),
+            self.repr.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            obj.drop_ref(py);
+        }
+        if let Some(args) = self.args.take() {
+            args.drop_ref(py);
+        }
     }
 }
 
@@ -138,10 +170,10 @@ impl Handle {
             Some(ctx) if !ctx.is_none() => HandleContext::Given(ctx.unbind()),
             _ => {
                 let copy = copy_context(py)?;
-                if is_empty_context(copy.bind(py)) {
+                if is_empty_context(&copy) {
                     HandleContext::Empty
                 } else {
-                    HandleContext::Own(copy)
+                    HandleContext::Own(copy.unbind())
                 }
             }
         };
@@ -181,18 +213,20 @@ impl Handle {
             let (Some(cb), Some(ctx)) = (&state.callback, &state.context) else {
                 return Ok(());
             };
-            let ctx = ctx.object().map(|c| c.clone_ref(py));
+            // Bound references: they are released without asking a thread-local
+            // whether the thread is attached, as dropping a `Py` does.
             (
-                cb.clone_ref(py),
+                cb.bind(py).clone(),
                 state.args.as_ref().map(|a| a.clone_ref(py)),
-                ctx,
+                ctx.object().map(|c| c.bind(py).clone()),
             )
         };
-        let outcome = match context {
-            Some(context) => call_in_context(py, &callback, args.as_ref(), &context),
+        let callback = callback.as_unbound();
+        let outcome = match &context {
+            Some(context) => call_in_context(py, callback, args.as_ref(), context.as_unbound()),
             None => {
                 let lent = lend_empty_context(py)?;
-                let outcome = call_in_context(py, &callback, args.as_ref(), &lent);
+                let outcome = call_in_context(py, callback, args.as_ref(), &lent);
                 if let Some(kept) = return_empty_context(py, lent) {
                     // The callback set a variable in it or kept a reference (a
                     // `ContextVar.set` token): from now on it is this handle's context,
@@ -205,17 +239,22 @@ impl Handle {
                 outcome
             }
         };
-        match outcome {
+        let result = match outcome {
             Ok(()) => Ok(()),
             Err(err) => {
                 if err.is_instance_of::<PySystemExit>(py)
                     || err.is_instance_of::<PyKeyboardInterrupt>(py)
                 {
-                    return Err(err);
+                    Err(err)
+                } else {
+                    report_callback_error(slf, callback, args.as_ref(), err)
                 }
-                report_callback_error(slf, &callback, args.as_ref(), err)
             }
+        };
+        if let Some(args) = args {
+            args.drop_ref(py);
         }
+        result
     }
 
     pub(crate) fn do_cancel(slf: &Bound<'_, Handle>) -> PyResult<()> {
@@ -242,7 +281,12 @@ impl Handle {
             }
             (state.callback.take(), state.args.take())
         };
-        drop(released);
+        if let Some(callback) = released.0 {
+            callback.drop_ref(py);
+        }
+        if let Some(args) = released.1 {
+            args.drop_ref(py);
+        }
         Ok(())
     }
 
@@ -421,9 +465,9 @@ impl QueuedCall {
 }
 
 /// `contextvars.copy_context()` through the C API.
-pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
+pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     // SAFETY: called with the GIL held; returns a new reference or NULL with an error set.
-    unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent()) }.map(Bound::unbind)
+    unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent()) }
 }
 
 /// A context that sets no variable. (`False` also if its size cannot be read.)

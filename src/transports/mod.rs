@@ -492,7 +492,7 @@ pub(crate) fn start_reading<S: DerefMut<Target = Common>>(
 ) -> PyResult<()> {
     let context = match context {
         Some(context) => context,
-        None => copy_context(py)?,
+        None => copy_context(py)?.unbind(),
     };
     let mut st = cell.borrow_mut(py)?;
     if st.sock.is_none() {
