@@ -143,6 +143,51 @@ method_def!(
     c"call_at(when, callback, *args, context=None)\n--\n\nLike call_later(), but uses an absolute time."
 );
 
+/// Gives a subclass of `LoopCore` (ferroloop's `Loop`) its own copy of each of
+/// `LoopCore`'s methods that it does not define itself.
+///
+/// A method descriptor is bound to one type. CPython's specialised call of a method
+/// descriptor is taken only for an instance of exactly that type; otherwise every call
+/// goes the generic way and checks the instance's type by walking its MRO. So the class
+/// programs actually instantiate gets descriptors of its own, made from the same method
+/// definitions. What a name resolves to does not change: `LoopCore` precedes every
+/// other base of the subclass that would define it.
+#[pyfunction]
+pub fn bind_methods_to(cls: &Bound<'_, PyType>) -> PyResult<()> {
+    let py = cls.py();
+    let core = py.get_type::<LoopCore>();
+    // The methods take `self` as a LoopCore (call_soon and friends unchecked): the
+    // descriptor's own type check is what guarantees it, so it must be a subclass.
+    if cls.is(&core) || !cls.is_subclass_of::<LoopCore>()? {
+        return Err(PyTypeError::new_err("not a subclass of LoopCore"));
+    }
+    let own = cls.getattr(pyo3::intern!(py, "__dict__"))?;
+    let core_dict = core.getattr(pyo3::intern!(py, "__dict__"))?;
+    for item in core_dict
+        .call_method0(pyo3::intern!(py, "items"))?
+        .try_iter()?
+    {
+        let (name, attr): (Bound<'_, PyString>, Bound<'_, PyAny>) = item?.extract()?;
+        // SAFETY: reading the type pointer of a live object; PyMethodDescr_Type is a
+        // static type object.
+        let is_method = unsafe { ffi::Py_TYPE(attr.as_ptr()) == &raw mut ffi::PyMethodDescr_Type };
+        if !is_method || own.contains(&name)? {
+            continue;
+        }
+        // SAFETY: `attr` is exactly a method descriptor, so its layout is
+        // PyMethodDescrObject. Its method definition lives as long as `LoopCore`'s type,
+        // which is never freed (it belongs to this module for the process's life), so
+        // the new descriptor may keep the pointer. PyDescr_NewMethod returns a new
+        // reference or NULL with an error set.
+        let descr = unsafe {
+            let def = (*attr.as_ptr().cast::<ffi::PyMethodDescrObject>()).d_method;
+            Bound::from_owned_ptr_or_err(py, ffi::PyDescr_NewMethod(cls.as_type_ptr(), def))
+        }?;
+        cls.setattr(name, descr)?;
+    }
+    Ok(())
+}
+
 /// Adds the four methods to `LoopCore`'s type.
 pub fn install(ty: &Bound<'_, PyType>) -> PyResult<()> {
     let py = ty.py();

@@ -7,6 +7,7 @@ import contextvars
 import socket
 import threading
 import time
+import types
 
 import ferroloop
 import pytest
@@ -525,3 +526,37 @@ def test_debug_mode_times_done_callbacks_too(loop, caplog, debug_from):
         loop.call_soon(loop.stop)
         loop.run_forever()
     assert any("slow" in r.getMessage() and "took" in r.getMessage() for r in caplog.records)
+
+
+def test_loop_methods_bound_to_loop_and_subclasses_still_work():
+    # Loop gets its own descriptors of LoopCore's methods (for CPython's fast call of an
+    # exact type); subclasses, overrides and super() calls must behave as before.
+    from ferroloop import _ferroloop
+
+    assert ferroloop.Loop.__dict__["call_soon"].__objclass__ is ferroloop.Loop
+    # What Loop defines in Python itself is kept.
+    assert isinstance(ferroloop.Loop.__dict__["close"], types.FunctionType)
+    with pytest.raises(TypeError):
+        _ferroloop.bind_methods_to(int)
+    with pytest.raises(TypeError):
+        _ferroloop.bind_methods_to(_ferroloop.LoopCore)
+
+    calls = []
+
+    class MyLoop(ferroloop.Loop):
+        def call_soon(self, callback, *args, context=None):
+            calls.append(callback)
+            return super().call_soon(callback, *args, context=context)
+
+    loop = MyLoop()
+    try:
+        seen = []
+        loop.call_soon(seen.append, 1)
+        loop.call_later(0, seen.append, 2)
+        assert loop.run_until_complete(asyncio.sleep(0.01, "done")) == "done"
+        assert seen == [1, 2]
+        assert calls[0] == seen.append
+        # A method called through LoopCore's own descriptor on a Loop still works.
+        assert _ferroloop.LoopCore.time(loop) <= loop.time()
+    finally:
+        loop.close()

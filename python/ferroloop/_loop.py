@@ -38,7 +38,7 @@ from asyncio import (
 from asyncio.log import logger
 from operator import methodcaller
 
-from ._ferroloop import Handle, LoopCore
+from ._ferroloop import Handle, LoopCore, bind_methods_to
 from ._server import Server
 from ._transports import DatagramTransport, SocketTransport, socket_extra
 
@@ -884,6 +884,12 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             if total > 0:
                 os.lseek(fileno, offset + total, os.SEEK_SET)
         return total
+
+
+# LoopCore's methods (call_soon, create_future...) as descriptors of `Loop` itself: the
+# interpreter's fast call of a method descriptor needs the instance's type to be exactly
+# the descriptor's.
+bind_methods_to(Loop)
 
 
 def _sendfile_once(fileno, offset, count, sock):
