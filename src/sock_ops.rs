@@ -6,12 +6,14 @@
 //! loop runs the op in ready-queue order, with no Python frame: it performs the I/O and
 //! resolves the future, or waits again if the readiness was spurious.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::ffi::c_int;
 use std::io;
 use std::os::fd::RawFd;
 
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use pyo3::{PyTraverseError, PyVisit};
@@ -19,11 +21,24 @@ use pyo3::{PyTraverseError, PyVisit};
 use crate::errors::{os_error, would_block};
 use crate::poller::{READABLE, WRITABLE};
 
-/// Reads of up to this size land in a reused buffer before the copy into `bytes`.
+/// Reads of up to this size land in a reused buffer before the copy into `bytes`...
 const STACKED_READ: usize = 256 * 1024;
+
+/// ...unless both the size asked for and what the thread's last read returned are at
+/// least this much: such a read goes straight into a `bytes` of the size asked for,
+/// cut to what arrived. (Allocating the full size for a read that returns little
+/// costs more than the copy it saves.)
+const DIRECT_READ: usize = 16 * 1024;
 
 thread_local! {
     static RECV_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; STACKED_READ]);
+    static LAST_READ: Cell<usize> = const { Cell::new(0) };
+}
+
+unsafe extern "C" {
+    /// CPython's own resize of a `bytes` object nothing else references yet (what
+    /// `socket.recv` uses); not exposed by pyo3-ffi.
+    fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> c_int;
 }
 
 pub(crate) enum SockKind {
@@ -50,6 +65,9 @@ pub(crate) enum Attempt {
 
 /// `recv(fd, n)` into a new `bytes`; `WouldBlock` when there is nothing to read yet.
 pub(crate) fn try_recv(py: Python<'_>, fd: RawFd, n: usize) -> PyResult<Attempt> {
+    if n >= DIRECT_READ && LAST_READ.get() >= DIRECT_READ {
+        return try_recv_direct(py, fd, n);
+    }
     let mut large = Vec::new();
     let received = RECV_BUF.with(|small| {
         let mut small = small.borrow_mut();
@@ -64,6 +82,7 @@ pub(crate) fn try_recv(py: Python<'_>, fd: RawFd, n: usize) -> PyResult<Attempt>
         if got < 0 {
             Err(io::Error::last_os_error())
         } else {
+            LAST_READ.set(got as usize);
             Ok(PyBytes::new(py, &buf[..got as usize]))
         }
     });
@@ -72,6 +91,41 @@ pub(crate) fn try_recv(py: Python<'_>, fd: RawFd, n: usize) -> PyResult<Attempt>
         Err(err) if would_block(&err) => Ok(Attempt::WouldBlock),
         Err(err) => Err(os_error(err)),
     }
+}
+
+/// `try_recv` straight into a `bytes` of `n` bytes, cut to what arrived.
+fn try_recv_direct(py: Python<'_>, fd: RawFd, n: usize) -> PyResult<Attempt> {
+    let size =
+        ffi::Py_ssize_t::try_from(n).map_err(|_| PyValueError::new_err("recv size too large"))?;
+    // SAFETY: attached; with a NULL source this makes a new, uninitialised bytes of
+    // `size` bytes (a new reference) or returns NULL with an error set.
+    let mut obj = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), size) };
+    if obj.is_null() {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: `obj` is a bytes object of `n` bytes that only we reference; recv writes
+    // at most `n` bytes into its buffer.
+    let got = unsafe { libc::recv(fd, ffi::PyBytes_AsString(obj).cast(), n, 0) };
+    if got < 0 {
+        let err = io::Error::last_os_error();
+        // SAFETY: releasing the reference made above.
+        unsafe { ffi::Py_DECREF(obj) };
+        return if would_block(&err) {
+            Ok(Attempt::WouldBlock)
+        } else {
+            Err(os_error(err))
+        };
+    }
+    LAST_READ.set(got as usize);
+    // SAFETY: the object is referenced only by us, as _PyBytes_Resize requires; on
+    // failure it frees it, sets `obj` to NULL and leaves an error set.
+    if got as usize != n && unsafe { _PyBytes_Resize(&mut obj, got as ffi::Py_ssize_t) } < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: `obj` is a new reference to the filled bytes object.
+    Ok(Attempt::Done(
+        unsafe { Bound::from_owned_ptr(py, obj) }.unbind(),
+    ))
 }
 
 pub(crate) fn writable_buffer(obj: &Bound<'_, PyAny>) -> PyResult<PyUntypedBuffer> {

@@ -187,6 +187,40 @@ def test_sock_echo_round_trip(loop):
     assert loop.run_until_complete(main()) == payload
 
 
+def test_sock_recv_large_then_short_reads_and_eof(loop):
+    # After a large read ferroloop reads straight into a bytes of the size asked for and
+    # cuts it to what arrived: full, partial, tiny and empty (EOF) results must be exact.
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    big = os.urandom(100 * 1024)
+
+    async def main():
+        await loop.sock_sendall(b, big)
+        got = bytearray()
+        while len(got) < len(big):
+            chunk = await loop.sock_recv(a, 65536)
+            assert type(chunk) is bytes and 0 < len(chunk) <= 65536
+            got += chunk
+        assert bytes(got) == big
+        b.send(b"tiny!")
+        assert await loop.sock_recv(a, 65536) == b"tiny!"
+        await loop.sock_sendall(b, big[:40000])
+        first = await loop.sock_recv(a, 65536)
+        rest = bytearray(first)
+        while len(rest) < 40000:
+            rest += await loop.sock_recv(a, 65536)
+        assert bytes(rest) == big[:40000]
+        b.shutdown(socket.SHUT_WR)
+        assert await loop.sock_recv(a, 65536) == b""
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        a.close()
+        b.close()
+
+
 def test_sock_datagram_calls(loop):
     async def main():
         a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
