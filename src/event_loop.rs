@@ -16,7 +16,7 @@ use pyo3::{PyTraverseError, PyVisit};
 use crate::errors::{closed_loop, invalid_fd, os_error};
 use crate::freelist;
 use crate::gil_cell::GilCell;
-use crate::handles::{self, CallArgs, Handle, QueuedCall, TimerHandle};
+use crate::handles::{self, CallArgs, Handle, LentContext, QueuedCall, TimerHandle};
 use crate::poller::{self, Poller, Registry, Token, READABLE, WAKER_TOKEN, WRITABLE};
 use crate::pyhelpers;
 use crate::sock_ops::{self, Attempt, SockKind, SockOp};
@@ -675,17 +675,24 @@ impl LoopCore {
         }
 
         let ntodo = core.state.borrow_mut(py)?.ready.len();
+        // Consecutive callbacks whose handles copied an empty context share one entered
+        // empty context; everything else leaves it first.
+        let mut lent = LentContext::default();
         for _ in 0..ntodo {
             let Some(item) = core.state.borrow_mut(py)?.ready.pop_front() else {
                 break;
             };
+            if !matches!(item, Ready::Handle(_)) {
+                lent.leave(py)?;
+            }
             match item {
                 Ready::Handle(handle) => {
                     let handle = handle.into_bound(py);
                     let outcome = if core.debug.load(Ordering::Relaxed) {
+                        lent.leave(py)?;
                         slf.call_method1("_run_handle_debug", (&handle,)).map(drop)
                     } else {
-                        Handle::run(&handle)
+                        Handle::run_lent(&handle, &mut lent)
                     };
                     handles::release_from_loop(handle);
                     outcome?;
@@ -711,6 +718,7 @@ impl LoopCore {
                 }
             }
         }
+        lent.leave(py)?;
         core.flush_transports(py)
     }
 

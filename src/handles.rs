@@ -203,6 +203,16 @@ impl Handle {
     /// Runs the callback inside its context. Exceptions other than `SystemExit` and
     /// `KeyboardInterrupt` go to the loop's exception handler; those two propagate.
     pub(crate) fn run(slf: &Bound<'_, Handle>) -> PyResult<()> {
+        let mut lent = LentContext::default();
+        let outcome = Handle::run_lent(slf, &mut lent);
+        let left = lent.leave(slf.py());
+        outcome.and(left)
+    }
+
+    /// `run`, for the loop's turn: a callback whose context is `Empty` runs in the
+    /// empty context `lent` has entered, which stays entered for the next such callback
+    /// (see `LentContext`). Any other callback leaves it first.
+    pub(crate) fn run_lent(slf: &Bound<'_, Handle>, lent: &mut LentContext) -> PyResult<()> {
         let py = slf.py();
         let handle = slf.get();
         if handle.is_cancelled() {
@@ -223,17 +233,33 @@ impl Handle {
         };
         let callback = callback.as_unbound();
         let outcome = match &context {
-            Some(context) => call_in_context(py, callback, args.as_ref(), context.as_unbound()),
+            Some(context) => {
+                lent.leave(py)?;
+                call_in_context(py, callback, args.as_ref(), context.as_unbound())
+            }
             None => {
-                let lent = lend_empty_context(py)?;
-                let outcome = call_in_context(py, callback, args.as_ref(), &lent);
-                if let Some(kept) = return_empty_context(py, lent) {
-                    // The callback set a variable in it or kept a reference (a
-                    // `ContextVar.set` token): from now on it is this handle's context,
-                    // as the copy asyncio would have made would be.
-                    let mut state = handle.state.borrow_mut(py)?;
-                    if matches!(state.context, Some(HandleContext::Empty)) {
-                        state.context = Some(HandleContext::Given(kept));
+                // Changed since the last callback (by a `__del__` as the loop let a
+                // handle go): not empty any more, so not for this one.
+                if !lent.is_clean(py) {
+                    lent.leave(py)?;
+                }
+                lent.enter(py)?;
+                let outcome = call(py, callback, args.as_ref());
+                // SAFETY: reading the reference count of a live object while attached.
+                let shared = unsafe { ffi::Py_REFCNT(slf.as_ptr()) } > 1;
+                // A handle only the loop holds dies after this run, and nothing can see
+                // its context; one held elsewhere (an fd's callback, a handle someone
+                // kept) must keep what its callback did to it. An error is reported
+                // from the thread's own context.
+                if outcome.is_err() || (shared && !lent.is_clean(py)) {
+                    if let Some(changed) = lent.exit(py)? {
+                        // The callback set a variable in it or kept a reference (a
+                        // `ContextVar.set` token): from now on it is this handle's
+                        // context, as the copy asyncio would have made would be.
+                        let mut state = handle.state.borrow_mut(py)?;
+                        if matches!(state.context, Some(HandleContext::Empty)) {
+                            state.context = Some(HandleContext::Given(changed));
+                        }
                     }
                 }
                 outcome
@@ -495,21 +521,99 @@ fn lend_empty_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
     unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_New()) }.map(Bound::unbind)
 }
 
-/// Takes back a context lent by `lend_empty_context` after the callback ran. If it is
-/// still empty and referenced only here, nothing can tell it from a new one and it is
-/// kept for the next callback; otherwise it is handed back to the caller.
-fn return_empty_context(py: Python<'_>, context: Py<PyAny>) -> Option<Py<PyAny>> {
-    // SAFETY: reading the reference count of a live object while attached.
-    let unshared = unsafe { ffi::Py_REFCNT(context.as_ptr()) } == 1;
-    if !(unshared && is_empty_context(context.bind(py))) {
-        return Some(context);
+/// An empty context lent by `lend_empty_context` and entered for a stretch of
+/// consecutive callbacks whose handles' context is `HandleContext::Empty`: one
+/// `PyContext_Enter`/`PyContext_Exit` for the stretch instead of one per callback.
+///
+/// Sharing it is invisible as long as it stays as it was entered: empty, and
+/// referenced by nothing new (no `ContextVar.set` token holds it). It is checked before
+/// each callback and after any whose handle outlives the run, and left (`leave`)
+/// before anything else runs (another callback, a transport, an exception handler), so
+/// they see the thread's own context as they would in asyncio.
+#[derive(Default)]
+pub(crate) struct LentContext {
+    /// The entered context, and its reference count just after it was entered.
+    entered: Option<(Py<PyAny>, ffi::Py_ssize_t)>,
+}
+
+impl LentContext {
+    fn enter(&mut self, py: Python<'_>) -> PyResult<()> {
+        if self.entered.is_some() {
+            return Ok(());
+        }
+        let context = lend_empty_context(py)?;
+        // SAFETY: a live context nothing else references (so not entered anywhere);
+        // attached, PyContext_Enter enters it or sets an error and returns -1.
+        if unsafe { ffi::PyContext_Enter(context.as_ptr()) } < 0 {
+            return Err(PyErr::fetch(py));
+        }
+        // SAFETY: reading the reference count of a live object while attached.
+        let count = unsafe { ffi::Py_REFCNT(context.as_ptr()) };
+        self.entered = Some((context, count));
+        Ok(())
     }
-    if let Ok(mut spare) = EMPTY_CONTEXT.borrow_mut(py) {
-        if spare.is_none() {
-            *spare = Some(context);
+
+    /// Nothing entered, or the entered context is still empty and referenced only by
+    /// this and the thread state.
+    fn is_clean(&self, py: Python<'_>) -> bool {
+        let Some((context, count)) = &self.entered else {
+            return true;
+        };
+        // SAFETY: reading the reference count of a live object while attached.
+        let unshared = unsafe { ffi::Py_REFCNT(context.as_ptr()) } == *count;
+        unshared && is_empty_context(context.bind(py))
+    }
+
+    /// Leaves the entered context. A clean one is kept for the next callbacks; one the
+    /// callbacks changed is returned.
+    fn exit(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        let clean = self.is_clean(py);
+        let Some((context, _)) = self.entered.take() else {
+            return Ok(None);
+        };
+        // SAFETY: the context entered by `enter` on this thread, still the current one
+        // (every callback leaves the contexts it entered).
+        if unsafe { ffi::PyContext_Exit(context.as_ptr()) } < 0 {
+            return Err(PyErr::fetch(py));
+        }
+        if !clean {
+            return Ok(Some(context));
+        }
+        if let Ok(mut spare) = EMPTY_CONTEXT.borrow_mut(py) {
+            if spare.is_none() {
+                *spare = Some(context);
+                return Ok(None);
+            }
+        }
+        context.drop_ref(py);
+        Ok(None)
+    }
+
+    /// Leaves the entered context, if any: something other than an `Empty` handle's
+    /// callback runs next.
+    pub(crate) fn leave(&mut self, py: Python<'_>) -> PyResult<()> {
+        if self.entered.is_some() {
+            if let Some(changed) = self.exit(py)? {
+                changed.drop_ref(py);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LentContext {
+    /// An error leaves the turn with the context still entered: leave it.
+    fn drop(&mut self) {
+        if let Some((context, _)) = self.entered.take() {
+            // SAFETY: the loop's turn, which owns this, runs attached.
+            let py = unsafe { Python::assume_attached() };
+            // SAFETY: as in `exit`.
+            if unsafe { ffi::PyContext_Exit(context.as_ptr()) } < 0 {
+                PyErr::fetch(py).write_unraisable(py, None);
+            }
+            context.drop_ref(py);
         }
     }
-    None
 }
 
 /// Calls `callback(*args)` with `context` entered, as `Context.run` would.
@@ -525,6 +629,16 @@ fn call_in_context(
     if unsafe { ffi::PyContext_Enter(context.as_ptr()) } < 0 {
         return Err(PyErr::fetch(py));
     }
+    let outcome = call(py, callback, args);
+    // SAFETY: exits the context entered above, on the same thread, with the GIL held.
+    if unsafe { ffi::PyContext_Exit(context.as_ptr()) } < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    outcome
+}
+
+/// Calls `callback(*args)` in the current context.
+fn call(py: Python<'_>, callback: &Py<PyAny>, args: Option<&CallArgs>) -> PyResult<()> {
     // SAFETY: callback and args are live references kept alive by the caller for the
     // whole call; each call returns a new reference or NULL with an error set.
     let result = unsafe {
@@ -539,18 +653,13 @@ fn call_in_context(
             }
         }
     };
-    let outcome = if result.is_null() {
+    if result.is_null() {
         Err(PyErr::fetch(py))
     } else {
         // SAFETY: a non-NULL result is a new reference we own and release here.
         unsafe { ffi::Py_DECREF(result) };
         Ok(())
-    };
-    // SAFETY: exits the context entered above, on the same thread, with the GIL held.
-    if unsafe { ffi::PyContext_Exit(context.as_ptr()) } < 0 {
-        return Err(PyErr::fetch(py));
     }
-    outcome
 }
 
 fn report_callback_error(

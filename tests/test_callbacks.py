@@ -560,3 +560,53 @@ def test_loop_methods_bound_to_loop_and_subclasses_still_work():
         assert _ferroloop.LoopCore.time(loop) <= loop.time()
     finally:
         loop.close()
+
+
+def test_callbacks_from_an_empty_context_errors_and_neighbours(loop):
+    # Callbacks whose caller's context was empty: an exception handler runs in the
+    # runner's own context (as asyncio calls it outside the handle's context), a
+    # variable one callback sets is seen neither by the next such callback nor by a
+    # callback with an explicit context, and a handle someone kept keeps what its
+    # callback set.
+    var = contextvars.ContextVar("var", default="unset")
+    seen = []
+
+    def fail():
+        seen.append(("fail", var.get()))
+        var.set("fail")
+        raise ValueError("boom")
+
+    def handler(lp, context):
+        seen.append(("handler", var.get(), type(context["exception"]).__name__))
+
+    def setter(tag):
+        seen.append((tag, var.get()))
+        var.set(tag)
+
+    explicit = contextvars.Context()
+    kept = []
+
+    def schedule():
+        loop.call_soon(setter, "a")
+        loop.call_soon(fail)
+        loop.call_soon(setter, "b")
+        loop.call_soon(setter, "c", context=explicit)
+        loop.call_soon(setter, "d")
+        kept.append(loop.call_soon(setter, "e"))
+        loop.call_soon(setter, "f")
+        loop.call_soon(loop.stop)
+
+    loop.set_exception_handler(handler)
+    token = var.set("outer")
+    try:
+        contextvars.Context().run(schedule)
+        loop.run_forever()
+        assert var.get() == "outer"
+    finally:
+        var.reset(token)
+    assert seen == [
+        ("a", "unset"), ("fail", "unset"), ("handler", "outer", "ValueError"), ("b", "unset"),
+        ("c", "unset"), ("d", "unset"), ("e", "unset"), ("f", "unset"),
+    ]
+    assert explicit[var] == "c"
+    assert kept[0]._context[var] == "e"
