@@ -257,3 +257,81 @@ def test_1000_tls_connections_leak_no_fd(loop):
         await server.wait_closed()
 
     loop.run_until_complete(asyncio.wait_for(main(), 300))
+
+
+def test_tls_protocol_writes_flow_control_pause_and_close_notify(loop):
+    # ferroloop runs SSLProtocol's per-record path in Rust: writelines, bad and empty
+    # writes, a write far past the high-water mark (pause_writing, then resume_writing
+    # as the peer reads), pause_reading, and the peer's close_notify (eof_received,
+    # then connection_lost) must behave as asyncio's.
+    big = random.Random(7).randbytes(4 << 20)
+    events = []
+    server_side = {}
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            self.got = bytearray()
+            server_side["proto"] = self
+            self.written = 0
+            transport.set_write_buffer_limits(high=64 * 1024)
+            with pytest.raises(TypeError) as info:
+                transport.write("text")
+            events.append(("bad write", str(info.value)))
+            transport.write(b"")
+            transport.writelines([b"hello ", bytearray(b"tls "), memoryview(b"world\n")])
+            # In pieces: once the socket's transport pauses the TLS layer, the rest
+            # waits in the TLS buffers, and the protocol is paused in turn.
+            for i in range(0, len(big), 65536):
+                transport.write(memoryview(big)[i : i + 65536])
+                self.written = i + 65536
+
+        def pause_writing(self):
+            # Paused while connection_made is still writing, not later.
+            events.append(("pause_writing", self.written < len(big)))
+
+        def resume_writing(self):
+            events.append("resume_writing")
+
+        def data_received(self, data):
+            self.got += data
+
+        def eof_received(self):
+            events.append(("eof_received", bytes(self.got)))
+
+        def connection_lost(self, exc):
+            events.append(("connection_lost", exc))
+
+    async def main():
+        server = await loop.create_server(Server, "127.0.0.1", 0, ssl=server_context())
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(), server_hostname="localhost"
+        )
+        assert await reader.readexactly(16) == b"hello tls world\n"
+        await asyncio.sleep(0.05)  # the server is now held by the unread 4 MiB
+        received = await reader.readexactly(len(big))
+        transport = server_side["proto"].transport
+        transport.pause_reading()
+        writer.write(b"after pause")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        assert bytes(server_side["proto"].got) == b""
+        transport.resume_reading()
+        await asyncio.sleep(0.05)
+        writer.close()  # sends close_notify
+        await writer.wait_closed()
+        for _ in range(100):
+            if any(e[0] == "connection_lost" for e in events if isinstance(e, tuple)):
+                break
+            await asyncio.sleep(0.01)
+        server.close()
+        await server.wait_closed()
+        return received
+
+    assert loop.run_until_complete(main()) == big
+    assert events[0] == ("bad write", "data: expecting a bytes-like instance, got str")
+    assert events[1] == ("pause_writing", True)
+    assert "resume_writing" in events
+    assert ("eof_received", b"after pause") in events
+    assert events[-1] == ("connection_lost", None)

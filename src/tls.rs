@@ -1,0 +1,441 @@
+//! The per-record path of asyncio's `SSLProtocol` (Python 3.11's `asyncio.sslproto`),
+//! in Rust.
+//!
+//! TLS runs on asyncio's own `SSLProtocol` over the Rust transport. Its handshake,
+//! shutdown and flow-control transitions stay in Python; what runs for every record
+//! (`get_buffer`, `buffer_updated` reading the records and handing the plaintext to the
+//! protocol, `_write_appdata` encrypting what the protocol writes and sending it) is
+//! done here with the same steps, on the same attributes, so the Python class keeps
+//! owning its state. Only a step that changes state (a pause, a close_notify, an error)
+//! calls back into the Python methods. `python/ferroloop/_sslproto.py` installs these
+//! as methods of a subclass, on the Python versions whose `sslproto` they follow.
+
+use pyo3::exceptions::{PyException, PyTypeError};
+use pyo3::ffi;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyList, PySlice, PyString, PyTuple};
+
+/// What `asyncio.sslproto` defines that the path compares against.
+struct SslProto {
+    wrapped: Py<PyAny>,
+    flushing: Py<PyAny>,
+    shutdown: Py<PyAny>,
+    unwrapped: Py<PyAny>,
+    do_handshake: Py<PyAny>,
+    /// `SSLAgainErrors`: a read or write that must wait for more data.
+    again: Py<PyAny>,
+    /// `asyncio.sslproto.SSLProtocol`, for the rare cases left to its own methods.
+    base: Py<PyAny>,
+}
+
+static SSLPROTO: PyOnceLock<SslProto> = PyOnceLock::new();
+
+fn sslproto(py: Python<'_>) -> PyResult<&SslProto> {
+    SSLPROTO.get_or_try_init(py, || {
+        let module = py.import("asyncio.sslproto")?;
+        let state = module.getattr("SSLProtocolState")?;
+        let member = |name: &str| state.getattr(name).map(Bound::unbind);
+        Ok(SslProto {
+            wrapped: member("WRAPPED")?,
+            flushing: member("FLUSHING")?,
+            shutdown: member("SHUTDOWN")?,
+            unwrapped: member("UNWRAPPED")?,
+            do_handshake: member("DO_HANDSHAKE")?,
+            again: module.getattr("SSLAgainErrors")?.unbind(),
+            base: module.getattr("SSLProtocol")?.unbind(),
+        })
+    })
+}
+
+/// `SSLProtocol.get_buffer`: the protocol's own buffer when it is large enough (always,
+/// unless a caller asks for more than `max_size`, which the Python method handles).
+fn get_buffer<'py>(proto: &Bound<'py, PyAny>, n: isize) -> PyResult<Bound<'py, PyAny>> {
+    let py = proto.py();
+    let max_size: isize = proto.getattr(intern!(py, "max_size"))?.extract()?;
+    let want = if n <= 0 || n > max_size { max_size } else { n };
+    let buffer = proto.getattr(intern!(py, "_ssl_buffer"))?;
+    if isize::try_from(buffer.len()?).unwrap_or(isize::MAX) < want {
+        let base = sslproto(py)?.base.bind(py);
+        return base.getattr(intern!(py, "get_buffer"))?.call1((proto, n));
+    }
+    proto.getattr(intern!(py, "_ssl_buffer_view"))
+}
+
+/// `SSLProtocol.buffer_updated`: feeds the received bytes to the TLS object and, once
+/// the connection is up, reads the records out to the protocol.
+fn buffer_updated(proto: &Bound<'_, PyAny>, nbytes: isize) -> PyResult<()> {
+    let py = proto.py();
+    let names = sslproto(py)?;
+    let view = proto.getattr(intern!(py, "_ssl_buffer_view"))?;
+    let received = view.get_item(PySlice::new(py, 0, nbytes, 1))?;
+    proto
+        .getattr(intern!(py, "_incoming"))?
+        .call_method1(intern!(py, "write"), (received,))?;
+    let state = proto.getattr(intern!(py, "_state"))?;
+    if state.is(&names.wrapped) {
+        do_read(proto, names)
+    } else if state.is(&names.do_handshake) {
+        proto.call_method0(intern!(py, "_do_handshake")).map(drop)
+    } else if state.is(&names.flushing) {
+        proto.call_method0(intern!(py, "_do_flush")).map(drop)
+    } else if state.is(&names.shutdown) {
+        proto.call_method0(intern!(py, "_do_shutdown")).map(drop)
+    } else {
+        Ok(())
+    }
+}
+
+/// `SSLProtocol._do_read` in the WRAPPED state: an `Exception` becomes a fatal error of
+/// the connection, as there.
+fn do_read(proto: &Bound<'_, PyAny>, names: &SslProto) -> PyResult<()> {
+    let py = proto.py();
+    let outcome = (|| {
+        if !proto
+            .getattr(intern!(py, "_app_reading_paused"))?
+            .is_truthy()?
+        {
+            if proto
+                .getattr(intern!(py, "_app_protocol_is_buffer"))?
+                .is_truthy()?
+            {
+                proto.call_method0(intern!(py, "_do_read__buffered"))?;
+            } else {
+                do_read_copied(proto, names)?;
+            }
+            if proto.getattr(intern!(py, "_write_backlog"))?.is_truthy()? {
+                do_write(proto, names)?;
+            } else {
+                process_outgoing(proto)?;
+            }
+        }
+        control_ssl_reading(proto)
+    })();
+    fatal_on_exception(proto, outcome)
+}
+
+/// An `Exception` (not `KeyboardInterrupt` and the like) ends the connection through
+/// `_fatal_error`, as `SSLProtocol`'s `except Exception` blocks do.
+fn fatal_on_exception(proto: &Bound<'_, PyAny>, outcome: PyResult<()>) -> PyResult<()> {
+    let py = proto.py();
+    match outcome {
+        Err(err) if err.is_instance_of::<PyException>(py) => proto
+            .call_method1(
+                intern!(py, "_fatal_error"),
+                (err.value(py), "Fatal error on SSL protocol"),
+            )
+            .map(drop),
+        other => other,
+    }
+}
+
+/// `SSLProtocol._do_read__copied`: every record available, as one `data_received`.
+fn do_read_copied(proto: &Bound<'_, PyAny>, names: &SslProto) -> PyResult<()> {
+    let py = proto.py();
+    let sslobj = proto.getattr(intern!(py, "_sslobj"))?;
+    let max_size = proto.getattr(intern!(py, "max_size"))?;
+    let incoming = proto.getattr(intern!(py, "_incoming"))?;
+    let mut chunks = Vec::new();
+    let mut eof = false;
+    loop {
+        // With nothing left to decrypt (no buffered plaintext, no bytes in the incoming
+        // BIO, no EOF marked on it), the read could only fail with SSLWantReadError,
+        // whose making (a formatted message, attributes) costs more than the record.
+        if !chunks.is_empty() && nothing_to_read(&sslobj, &incoming)? {
+            break;
+        }
+        match sslobj.call_method1(intern!(py, "read"), (&max_size,)) {
+            Ok(chunk) => {
+                if chunk.len()? == 0 {
+                    eof = true;
+                    break;
+                }
+                chunks.push(chunk);
+            }
+            Err(err) if err.matches(py, names.again.bind(py))? => break,
+            Err(err) => return Err(err),
+        }
+    }
+    let data = match chunks.len() {
+        0 => None,
+        1 => chunks.pop(),
+        _ => Some(
+            PyBytes::new(py, b"").call_method1(intern!(py, "join"), (PyList::new(py, chunks)?,))?,
+        ),
+    };
+    if let Some(data) = data {
+        proto
+            .getattr(intern!(py, "_app_protocol"))?
+            .call_method1(intern!(py, "data_received"), (data,))?;
+    }
+    if eof {
+        // close_notify
+        proto.call_method0(intern!(py, "_call_eof_received"))?;
+        proto.call_method0(intern!(py, "_start_shutdown"))?;
+    }
+    Ok(())
+}
+
+/// No plaintext buffered in the TLS object and no input left in its incoming BIO.
+fn nothing_to_read(sslobj: &Bound<'_, PyAny>, incoming: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = sslobj.py();
+    Ok(incoming
+        .getattr(intern!(py, "pending"))?
+        .extract::<usize>()?
+        == 0
+        && !incoming.getattr(intern!(py, "eof"))?.is_truthy()?
+        && sslobj
+            .call_method0(intern!(py, "pending"))?
+            .extract::<usize>()?
+            == 0)
+}
+
+/// `SSLProtocol._do_write`: encrypts the backlog as far as the TLS object takes it.
+fn do_write(proto: &Bound<'_, PyAny>, names: &SslProto) -> PyResult<()> {
+    let py = proto.py();
+    let backlog = proto.getattr(intern!(py, "_write_backlog"))?;
+    let sslobj = proto.getattr(intern!(py, "_sslobj"))?;
+    while backlog.is_truthy()? {
+        let data = backlog.get_item(0)?;
+        let count: usize = match sslobj.call_method1(intern!(py, "write"), (&data,)) {
+            Ok(count) => count.extract()?,
+            Err(err) if err.matches(py, names.again.bind(py))? => break,
+            Err(err) => return Err(err),
+        };
+        let data_len = data.len()?;
+        let size: usize = proto
+            .getattr(intern!(py, "_write_buffer_size"))?
+            .extract()?;
+        if count < data_len {
+            let rest = data.get_item(PySlice::new(py, count as isize, data_len as isize, 1))?;
+            backlog.set_item(0, rest)?;
+            proto.setattr(
+                intern!(py, "_write_buffer_size"),
+                size.saturating_sub(count),
+            )?;
+        } else {
+            backlog.call_method0(intern!(py, "popleft"))?;
+            proto.setattr(
+                intern!(py, "_write_buffer_size"),
+                size.saturating_sub(data_len),
+            )?;
+        }
+    }
+    process_outgoing(proto)
+}
+
+/// `SSLProtocol._process_outgoing`: sends what the TLS object produced.
+fn process_outgoing(proto: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = proto.py();
+    if !proto
+        .getattr(intern!(py, "_ssl_writing_paused"))?
+        .is_truthy()?
+    {
+        let data = proto
+            .getattr(intern!(py, "_outgoing"))?
+            .call_method0(intern!(py, "read"))?;
+        if data.len()? > 0 {
+            proto
+                .getattr(intern!(py, "_transport"))?
+                .call_method1(intern!(py, "write"), (data,))?;
+        }
+    }
+    control_app_writing(proto)
+}
+
+/// `SSLProtocol._control_app_writing`: left to the Python method when the protocol's
+/// writing must be paused or resumed.
+fn control_app_writing(proto: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = proto.py();
+    let pending: usize = proto
+        .getattr(intern!(py, "_outgoing"))?
+        .getattr(intern!(py, "pending"))?
+        .extract()?;
+    let buffered: usize = proto
+        .getattr(intern!(py, "_write_buffer_size"))?
+        .extract()?;
+    let paused = proto
+        .getattr(intern!(py, "_app_writing_paused"))?
+        .is_truthy()?;
+    let marks = (
+        intern!(py, "_outgoing_high_water"),
+        intern!(py, "_outgoing_low_water"),
+    );
+    if crosses(proto, pending + buffered, paused, marks)? {
+        proto.call_method0(intern!(py, "_control_app_writing"))?;
+    }
+    Ok(())
+}
+
+/// `SSLProtocol._control_ssl_reading`: left to the Python method when reading from the
+/// transport must be paused or resumed.
+fn control_ssl_reading(proto: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = proto.py();
+    let pending: usize = proto
+        .getattr(intern!(py, "_incoming"))?
+        .getattr(intern!(py, "pending"))?
+        .extract()?;
+    let paused = proto
+        .getattr(intern!(py, "_ssl_reading_paused"))?
+        .is_truthy()?;
+    let marks = (
+        intern!(py, "_incoming_high_water"),
+        intern!(py, "_incoming_low_water"),
+    );
+    if crosses(proto, pending, paused, marks)? {
+        proto.call_method0(intern!(py, "_control_ssl_reading"))?;
+    }
+    Ok(())
+}
+
+/// Whether `size` calls for a pause (at or above the high-water mark, not paused) or a
+/// resume (at or below the low-water mark, paused).
+fn crosses(
+    proto: &Bound<'_, PyAny>,
+    size: usize,
+    paused: bool,
+    (high, low): (&Bound<'_, PyString>, &Bound<'_, PyString>),
+) -> PyResult<bool> {
+    Ok(if paused {
+        size <= proto.getattr(low)?.extract::<usize>()?
+    } else {
+        size >= proto.getattr(high)?.extract::<usize>()?
+    })
+}
+
+/// What the protocol wrote: one object (`write`) or an iterable of them (`writelines`).
+enum Written<'a, 'py> {
+    One(&'a Bound<'py, PyAny>),
+    Many(&'a Bound<'py, PyAny>),
+}
+
+/// `SSLProtocol._write_appdata`: queues what the protocol wrote and, once the
+/// connection is up, encrypts and sends it.
+fn write_appdata(proto: &Bound<'_, PyAny>, written: Written<'_, '_>) -> PyResult<()> {
+    let py = proto.py();
+    let names = sslproto(py)?;
+    let state = proto.getattr(intern!(py, "_state"))?;
+    if state.is(&names.flushing) || state.is(&names.shutdown) || state.is(&names.unwrapped) {
+        // Closing: the Python method counts and logs the lost write.
+        let list_of_data = match written {
+            Written::One(data) => PyTuple::new(py, [data])?.into_any(),
+            Written::Many(list) => list.clone(),
+        };
+        let base = names.base.bind(py);
+        return base
+            .getattr(intern!(py, "_write_appdata"))?
+            .call1((proto, list_of_data))
+            .map(drop);
+    }
+    let backlog = proto.getattr(intern!(py, "_write_backlog"))?;
+    match written {
+        Written::One(data) => queue(proto, &backlog, data)?,
+        Written::Many(list) => {
+            for data in list.try_iter()? {
+                queue(proto, &backlog, &data?)?;
+            }
+        }
+    }
+    let outcome = if state.is(&names.wrapped) {
+        do_write(proto, names)
+    } else {
+        Ok(())
+    };
+    fatal_on_exception(proto, outcome)
+}
+
+/// Appends to the backlog and counts it, as `_write_appdata` does for each item.
+fn queue(
+    proto: &Bound<'_, PyAny>,
+    backlog: &Bound<'_, PyAny>,
+    data: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = proto.py();
+    backlog.call_method1(intern!(py, "append"), (data,))?;
+    let size: usize = proto
+        .getattr(intern!(py, "_write_buffer_size"))?
+        .extract()?;
+    proto.setattr(intern!(py, "_write_buffer_size"), size + data.len()?)
+}
+
+/// `_SSLProtocolTransport.write`: checks the data and hands it to the protocol's
+/// `_write_appdata` (the Rust one above: the transport is made by ferroloop's
+/// `SSLProtocol`), without a one-item tuple.
+fn transport_write(transport: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = transport.py();
+    // SAFETY: type checks on a live object while attached.
+    let bytes_like = unsafe {
+        ffi::PyBytes_Check(data.as_ptr()) != 0
+            || ffi::PyByteArray_Check(data.as_ptr()) != 0
+            || ffi::PyMemoryView_Check(data.as_ptr()) != 0
+    };
+    if !bytes_like {
+        return Err(PyTypeError::new_err(format!(
+            "data: expecting a bytes-like instance, got {}",
+            data.get_type().name()?
+        )));
+    }
+    if !data.is_truthy()? {
+        return Ok(());
+    }
+    let proto = transport.getattr(intern!(py, "_ssl_protocol"))?;
+    write_appdata(&proto, Written::One(data))
+}
+
+#[pyfunction]
+fn ssl_transport_write(transport: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+    transport_write(transport, data)
+}
+
+/// `_SSLProtocolTransport.is_closing`.
+#[pyfunction]
+fn ssl_transport_is_closing<'py>(transport: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    transport.getattr(intern!(transport.py(), "_closed"))
+}
+
+#[pyfunction]
+fn ssl_get_buffer<'py>(proto: &Bound<'py, PyAny>, n: isize) -> PyResult<Bound<'py, PyAny>> {
+    get_buffer(proto, n)
+}
+
+#[pyfunction]
+fn ssl_buffer_updated(proto: &Bound<'_, PyAny>, nbytes: isize) -> PyResult<()> {
+    buffer_updated(proto, nbytes)
+}
+
+#[pyfunction]
+fn ssl_write_appdata(proto: &Bound<'_, PyAny>, list_of_data: &Bound<'_, PyAny>) -> PyResult<()> {
+    write_appdata(proto, Written::Many(list_of_data))
+}
+
+unsafe extern "C" {
+    /// CPython's `instancemethod`: wraps a callable so that it binds to instances as a
+    /// function does (what Cython uses for its methods); not exposed by pyo3-ffi.
+    fn PyInstanceMethod_New(func: *mut ffi::PyObject) -> *mut ffi::PyObject;
+}
+
+/// The methods, as objects a class body can bind: `{name: instancemethod}` (the
+/// protocol's `get_buffer`, `buffer_updated`, `_write_appdata`; the app transport's
+/// `write` and `is_closing`).
+#[pyfunction]
+pub fn ssl_protocol_methods(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let methods = PyDict::new(py);
+    for (name, func) in [
+        ("get_buffer", wrap_pyfunction!(ssl_get_buffer, py)?),
+        ("buffer_updated", wrap_pyfunction!(ssl_buffer_updated, py)?),
+        ("_write_appdata", wrap_pyfunction!(ssl_write_appdata, py)?),
+        ("write", wrap_pyfunction!(ssl_transport_write, py)?),
+        (
+            "is_closing",
+            wrap_pyfunction!(ssl_transport_is_closing, py)?,
+        ),
+    ] {
+        // SAFETY: attached; `func` is a live callable; returns a new reference or NULL
+        // with an error set.
+        let method =
+            unsafe { Bound::from_owned_ptr_or_err(py, PyInstanceMethod_New(func.as_ptr())) }?;
+        methods.set_item(name, method)?;
+    }
+    Ok(methods)
+}
