@@ -248,60 +248,63 @@ fn process_outgoing(proto: &Bound<'_, PyAny>) -> PyResult<()> {
 /// writing must be paused or resumed.
 fn control_app_writing(proto: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = proto.py();
-    let pending: usize = proto
-        .getattr(intern!(py, "_outgoing"))?
-        .getattr(intern!(py, "pending"))?
-        .extract()?;
     let buffered: usize = proto
         .getattr(intern!(py, "_write_buffer_size"))?
         .extract()?;
-    let paused = proto
-        .getattr(intern!(py, "_app_writing_paused"))?
-        .is_truthy()?;
-    let marks = (
-        intern!(py, "_outgoing_high_water"),
-        intern!(py, "_outgoing_low_water"),
-    );
-    if crosses(proto, pending + buffered, paused, marks)? {
-        proto.call_method0(intern!(py, "_control_app_writing"))?;
-    }
-    Ok(())
+    let flow = Flow {
+        bio: intern!(py, "_outgoing"),
+        paused: intern!(py, "_app_writing_paused"),
+        high: intern!(py, "_outgoing_high_water"),
+        low: intern!(py, "_outgoing_low_water"),
+        control: intern!(py, "_control_app_writing"),
+    };
+    flow.control(proto, buffered)
 }
 
 /// `SSLProtocol._control_ssl_reading`: left to the Python method when reading from the
 /// transport must be paused or resumed.
 fn control_ssl_reading(proto: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = proto.py();
-    let pending: usize = proto
-        .getattr(intern!(py, "_incoming"))?
-        .getattr(intern!(py, "pending"))?
-        .extract()?;
-    let paused = proto
-        .getattr(intern!(py, "_ssl_reading_paused"))?
-        .is_truthy()?;
-    let marks = (
-        intern!(py, "_incoming_high_water"),
-        intern!(py, "_incoming_low_water"),
-    );
-    if crosses(proto, pending, paused, marks)? {
-        proto.call_method0(intern!(py, "_control_ssl_reading"))?;
-    }
-    Ok(())
+    let flow = Flow {
+        bio: intern!(py, "_incoming"),
+        paused: intern!(py, "_ssl_reading_paused"),
+        high: intern!(py, "_incoming_high_water"),
+        low: intern!(py, "_incoming_low_water"),
+        control: intern!(py, "_control_ssl_reading"),
+    };
+    flow.control(proto, 0)
 }
 
-/// Whether `size` calls for a pause (at or above the high-water mark, not paused) or a
-/// resume (at or below the low-water mark, paused).
-fn crosses(
-    proto: &Bound<'_, PyAny>,
-    size: usize,
-    paused: bool,
-    (high, low): (&Bound<'_, PyString>, &Bound<'_, PyString>),
-) -> PyResult<bool> {
-    Ok(if paused {
-        size <= proto.getattr(low)?.extract::<usize>()?
-    } else {
-        size >= proto.getattr(high)?.extract::<usize>()?
-    })
+/// One direction's flow control: the attribute names `SSLProtocol` keeps it under.
+struct Flow<'a, 'py> {
+    bio: &'a Bound<'py, PyString>,
+    paused: &'a Bound<'py, PyString>,
+    high: &'a Bound<'py, PyString>,
+    low: &'a Bound<'py, PyString>,
+    control: &'a Bound<'py, PyString>,
+}
+
+impl Flow<'_, '_> {
+    /// Calls the Python method only when the size (the BIO's pending bytes plus
+    /// `extra`) calls for a pause (at or above the high-water mark, not paused) or a
+    /// resume (at or below the low-water mark, paused): it decides again and acts.
+    fn control(&self, proto: &Bound<'_, PyAny>, extra: usize) -> PyResult<()> {
+        let py = proto.py();
+        let pending: usize = proto
+            .getattr(self.bio)?
+            .getattr(intern!(py, "pending"))?
+            .extract()?;
+        let size = pending + extra;
+        let crosses = if proto.getattr(self.paused)?.is_truthy()? {
+            size <= proto.getattr(self.low)?.extract::<usize>()?
+        } else {
+            size >= proto.getattr(self.high)?.extract::<usize>()?
+        };
+        if crosses {
+            proto.call_method0(self.control)?;
+        }
+        Ok(())
+    }
 }
 
 /// What the protocol wrote: one object (`write`) or an iterable of them (`writelines`).
