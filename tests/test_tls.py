@@ -260,10 +260,10 @@ def test_1000_tls_connections_leak_no_fd(loop):
 
 
 def test_tls_protocol_writes_flow_control_pause_and_close_notify(loop):
-    # ferroloop runs SSLProtocol's per-record path in Rust: writelines, bad and empty
-    # writes, a write far past the high-water mark (pause_writing, then resume_writing
-    # as the peer reads), pause_reading, and the peer's close_notify (eof_received,
-    # then connection_lost) must behave as asyncio's.
+    # asyncio's SSLProtocol over the Rust transport: writelines, bad and empty writes,
+    # writes far past the high-water mark (pause_writing while still writing, then
+    # resume_writing as the peer reads), pause_reading, and the peer's close_notify
+    # (eof_received, then connection_lost) must behave as on asyncio's own transport.
     big = random.Random(7).randbytes(4 << 20)
     events = []
     server_side = {}
