@@ -649,7 +649,7 @@ impl LoopCore {
         if timeout_ms != 0 {
             // A signal that arrived while we held the GIL would not interrupt the wait.
             py.check_signals()?;
-            if freelist::decay(py, monotonic()) && !(0..=DECAY_POLL_MS).contains(&timeout_ms) {
+            if freelist::decay(py, monotonic) && !(0..=DECAY_POLL_MS).contains(&timeout_ms) {
                 timeout_ms = DECAY_POLL_MS;
             }
         }

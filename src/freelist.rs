@@ -147,11 +147,16 @@ static LAST_DECAY: GilCell<f64> = GilCell::new(0.0);
 /// Called by a loop about to wait in the poller. Once per `DECAY_INTERVAL_S`, frees
 /// the objects that stayed unused since the last pass. Returns whether the lists still
 /// hold more than their floor, in which case the loop should not wait longer than
-/// `DECAY_INTERVAL_S` (so that an idle program gives the memory back).
-pub fn decay(py: Python<'_>, now: f64) -> bool {
+/// `DECAY_INTERVAL_S` (so that an idle program gives the memory back). With nothing
+/// above the floor it returns at once, without reading the clock `now` gives.
+pub fn decay(py: Python<'_>, now: impl FnOnce() -> f64) -> bool {
+    if !(HANDLES.holds_surplus(py) || TIMER_HANDLES.holds_surplus(py)) {
+        return false;
+    }
     let Ok(mut last) = LAST_DECAY.borrow_mut(py) else {
         return false;
     };
+    let now = now();
     if now - *last >= DECAY_INTERVAL_S {
         *last = now;
         for list in [&HANDLES, &TIMER_HANDLES] {

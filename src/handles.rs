@@ -82,6 +82,13 @@ impl HandleContext {
             HandleContext::Empty => None,
         }
     }
+
+    fn into_object(self) -> Option<Py<PyAny>> {
+        match self {
+            HandleContext::Given(c) | HandleContext::Own(c) => Some(c),
+            HandleContext::Empty => None,
+        }
+    }
 }
 
 pub(crate) struct HandleState {
@@ -118,10 +125,7 @@ impl Drop for HandleState {
         let py = unsafe { Python::assume_attached() };
         // Released through `drop_ref`: dropping a `Py` asks a thread-local whether the
         // thread is attached, for each field of every handle.
-        let context = match self.context.take() {
-            Some(HandleContext::Given(c) | HandleContext::Own(c)) => Some(c),
-            Some(HandleContext::Empty) | None => None,
-        };
+        let context = self.context.take().and_then(HandleContext::into_object);
         for obj in [
             self.callback.take(),
             context,
@@ -235,7 +239,9 @@ impl Handle {
         let outcome = match &context {
             Some(context) => {
                 lent.leave(py)?;
-                call_in_context(py, callback, args.as_ref(), context.as_unbound())
+                in_context(py, Some(context.as_unbound()), || {
+                    call(py, callback, args.as_ref())
+                })
             }
             None => {
                 // Changed since the last callback (by a `__del__` as the loop let a
@@ -474,7 +480,9 @@ impl QueuedCall {
     /// Runs the call as `Handle._run` would run its handle.
     pub(crate) fn run(self, py: Python<'_>, loop_: &Bound<'_, PyAny>) -> PyResult<()> {
         let args = self.arg.as_ref().map(|a| CallArgs::One(a.clone_ref(py)));
-        match call_in_context(py, &self.callback, args.as_ref(), &self.context) {
+        match in_context(py, Some(&self.context), || {
+            call(py, &self.callback, args.as_ref())
+        }) {
             Ok(()) => Ok(()),
             Err(err)
                 if err.is_instance_of::<PySystemExit>(py)
@@ -616,20 +624,23 @@ impl Drop for LentContext {
     }
 }
 
-/// Calls `callback(*args)` with `context` entered, as `Context.run` would.
-fn call_in_context(
+/// Runs `f` with `context` entered, as `Context.run` would (no context: as it is).
+/// Handles run their callbacks so, and transports their protocol's methods.
+pub(crate) fn in_context<R>(
     py: Python<'_>,
-    callback: &Py<PyAny>,
-    args: Option<&CallArgs>,
-    context: &Py<PyAny>,
-) -> PyResult<()> {
-    // SAFETY: `context` is a live contextvars.Context (built by copy_context or checked by
-    // the caller's `context=` argument being passed through); with the GIL held,
-    // PyContext_Enter either enters it or sets an error and returns -1.
+    context: Option<&Py<PyAny>>,
+    f: impl FnOnce() -> PyResult<R>,
+) -> PyResult<R> {
+    let Some(context) = context else {
+        return f();
+    };
+    // SAFETY: `context` is a live object (a context copied by copy_context or given as
+    // `context=`); attached, PyContext_Enter either enters it or sets an error (a
+    // TypeError for anything but a Context) and returns -1.
     if unsafe { ffi::PyContext_Enter(context.as_ptr()) } < 0 {
         return Err(PyErr::fetch(py));
     }
-    let outcome = call(py, callback, args);
+    let outcome = f();
     // SAFETY: exits the context entered above, on the same thread, with the GIL held.
     if unsafe { ffi::PyContext_Exit(context.as_ptr()) } < 0 {
         return Err(PyErr::fetch(py));

@@ -23,11 +23,12 @@ use pyo3::{PyTraverseError, PyVisit};
 use crate::errors::os_error;
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
+use crate::handles::in_context;
 use crate::poller;
 use crate::transports::{
-    asyncio_logger, close, flow_control, get_extra_info, in_context, is_fatal_to_loop,
-    lose_connection, register, release_socket, report, report_fatal, set_limits, set_reading,
-    start_reading, to_bytes, Common, Extra, CONNLOST_LOG_THRESHOLD,
+    asyncio_logger, close, flow_control, get_extra_info, is_fatal_to_loop, lose_connection,
+    register, release_socket, report, report_fatal, set_limits, set_reading, start_reading,
+    to_bytes, Common, Extra, CONNLOST_LOG_THRESHOLD,
 };
 
 /// asyncio's `max_size` for one datagram read.

@@ -39,28 +39,6 @@ pub(crate) fn is_fatal_to_loop(py: Python<'_>, err: &PyErr) -> bool {
     err.is_instance_of::<PySystemExit>(py) || err.is_instance_of::<PyKeyboardInterrupt>(py)
 }
 
-/// Runs `f` with `context` entered, as the reader handle of asyncio would.
-pub(crate) fn in_context<R>(
-    py: Python<'_>,
-    context: Option<&Py<PyAny>>,
-    f: impl FnOnce() -> PyResult<R>,
-) -> PyResult<R> {
-    let Some(context) = context else {
-        return f();
-    };
-    // SAFETY: `context` is a live contextvars.Context made by copy_context; with the GIL
-    // held PyContext_Enter either enters it or sets an error and returns -1.
-    if unsafe { ffi::PyContext_Enter(context.as_ptr()) } < 0 {
-        return Err(PyErr::fetch(py));
-    }
-    let outcome = f();
-    // SAFETY: exits the context entered above, on the same thread, with the GIL held.
-    if unsafe { ffi::PyContext_Exit(context.as_ptr()) } < 0 {
-        return Err(PyErr::fetch(py));
-    }
-    outcome
-}
-
 /// `set_write_buffer_limits(high, low)` as asyncio computes and checks them.
 fn write_limits(
     high: Option<&Bound<'_, PyAny>>,

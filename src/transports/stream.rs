@@ -22,11 +22,12 @@ use pyo3::{PyTraverseError, PyVisit};
 use crate::errors::{os_error, would_block};
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
+use crate::handles::in_context;
 use crate::poller::{self, READABLE, WRITABLE};
 use crate::transports::{
-    asyncio_logger, close, flow_control, get_extra_info, in_context, is_fatal_to_loop,
-    lose_connection, register, release_socket, report_fatal, set_limits, set_reading,
-    start_reading, to_bytes, Common, Extra, Peer, CONNLOST_LOG_THRESHOLD,
+    asyncio_logger, close, flow_control, get_extra_info, is_fatal_to_loop, lose_connection,
+    register, release_socket, report_fatal, set_limits, set_reading, start_reading, to_bytes,
+    Common, Extra, Peer, CONNLOST_LOG_THRESHOLD,
 };
 
 /// Bytes read per readiness event: asyncio's `max_size`. One read per event keeps one
