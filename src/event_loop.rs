@@ -111,10 +111,24 @@ impl Waiter {
 }
 
 /// The waiters of one fd's two directions.
+///
+/// An fd that only socket operations wait on is registered edge-triggered and stays
+/// registered between operations: a `sock_recv` that waits again on the same socket
+/// then makes no `epoll_ctl` call (level-triggered, each wait would add the fd and
+/// each completion remove it). Edge-triggered is safe for them because every
+/// operation tries its I/O before it waits, and a registration left behind cannot
+/// report the same readiness twice, so one whose socket was closed and whose file
+/// lives on elsewhere (a forked child) costs a wake-up per arrival, never a busy loop.
+/// An `add_reader`/`add_writer` handle makes the fd level-triggered, as asyncio
+/// promises, for as long as one is there.
 #[derive(Default)]
 pub(crate) struct FdCallbacks {
     reader: Option<Waiter>,
     writer: Option<Waiter>,
+    /// Weak reference to the socket the edge-triggered registration was made for. The
+    /// registration is trusted only for that same socket object: a different (or dead)
+    /// one may own a reused fd number whose old registration left with its file.
+    sock: Option<Py<PyAny>>,
 }
 
 impl FdCallbacks {
@@ -124,6 +138,46 @@ impl FdCallbacks {
         } else {
             &mut self.writer
         }
+    }
+
+    fn has_handle(&self) -> bool {
+        matches!(self.reader, Some(Waiter::Handle(_)))
+            || matches!(self.writer, Some(Waiter::Handle(_)))
+    }
+
+    /// The directions something waits on.
+    fn waiting(&self) -> u32 {
+        let mut bits = 0;
+        if self.reader.is_some() {
+            bits |= READABLE;
+        }
+        if self.writer.is_some() {
+            bits |= WRITABLE;
+        }
+        bits
+    }
+
+    /// Whether the registration was made for `sock`; if not, remembers `sock` as the
+    /// socket it is (about to be) made for.
+    fn made_for(&mut self, py: Python<'_>, sock: &Py<PyAny>) -> bool {
+        let same = self.sock.as_ref().is_some_and(|weak| {
+            // SAFETY: `weak` is a weak reference object (made below); the result is a
+            // borrowed reference or None, compared by address only.
+            unsafe { ffi::PyWeakref_GetObject(weak.as_ptr()) == sock.as_ptr() }
+        });
+        if !same {
+            // SAFETY: attached; returns a new reference or NULL with an error set.
+            let weak = unsafe { ffi::PyWeakref_NewRef(sock.as_ptr(), std::ptr::null_mut()) };
+            self.sock = if weak.is_null() {
+                // Not weakly referenceable: every wait renews the registration.
+                drop(PyErr::take(py));
+                None
+            } else {
+                // SAFETY: a new reference owned by nobody else.
+                Some(unsafe { Bound::from_owned_ptr(py, weak) }.unbind())
+            };
+        }
+        same
     }
 }
 
@@ -435,12 +489,12 @@ impl LoopCore {
     }
 
     /// Puts `waiter` in (or, with `None`, takes it out of) one direction of `fd`;
-    /// returns the waiter it replaces.
+    /// returns the waiter it replaces. See `FdCallbacks` for the two modes.
     fn set_waiter(
         &self,
         py: Python<'_>,
         fd: RawFd,
-        handle: Option<Waiter>,
+        waiter: Option<Waiter>,
         bit: u32,
     ) -> PyResult<Option<Waiter>> {
         let mut st = self.state.borrow_mut(py)?;
@@ -448,46 +502,65 @@ impl LoopCore {
         let Some(poller) = &st.poller else {
             return Err(closed_loop());
         };
-        match st.fds.token_of(fd) {
-            Some(token) => {
-                let Some((owner, interest)) = st.fds.get_mut(token) else {
-                    return Ok(None);
-                };
-                let cbs = match owner {
-                    FdOwner::Callbacks(cbs) => cbs,
-                    FdOwner::Transport(transport) => {
-                        let transport = transport.clone_ref(py);
-                        return Err(fd_in_use(fd, transport.as_any(py)));
-                    }
-                };
-                let adding = handle.is_some();
-                let old = mem::replace(cbs.slot(bit), handle);
-                let interest = if adding {
-                    interest | bit
-                } else {
-                    interest & !bit
-                };
-                if interest == 0 {
-                    poller.deregister(&mut st.fds, token);
-                } else {
-                    poller
-                        .set_interest(&mut st.fds, token, interest)
-                        .map_err(os_error)?;
+        let Some(token) = st.fds.token_of(fd) else {
+            let Some(waiter) = waiter else {
+                return Ok(None);
+            };
+            let mut cbs = FdCallbacks::default();
+            let interest = match &waiter {
+                Waiter::Handle(_) => bit,
+                Waiter::Sock(op) => {
+                    cbs.made_for(py, &op.sock);
+                    poller::EDGE | bit
                 }
-                Ok(old)
+            };
+            *cbs.slot(bit) = Some(waiter);
+            poller
+                .register(&mut st.fds, fd, interest, FdOwner::Callbacks(cbs))
+                .map_err(os_error)?;
+            return Ok(None);
+        };
+        let Some((owner, interest)) = st.fds.get_mut(token) else {
+            return Ok(None);
+        };
+        let cbs = match owner {
+            FdOwner::Callbacks(cbs) => cbs,
+            FdOwner::Transport(transport) => {
+                let transport = transport.clone_ref(py);
+                return Err(fd_in_use(fd, transport.as_any(py)));
             }
-            None => {
-                let Some(handle) = handle else {
-                    return Ok(None);
-                };
-                let mut cbs = FdCallbacks::default();
-                *cbs.slot(bit) = Some(handle);
-                poller
-                    .register(&mut st.fds, fd, bit, FdOwner::Callbacks(cbs))
-                    .map_err(os_error)?;
-                Ok(None)
+        };
+        let edge = interest & poller::EDGE != 0;
+        // Whether the kernel's registration is known to be for this fd's current file.
+        let trusted = match &waiter {
+            Some(Waiter::Sock(op)) => edge && cbs.made_for(py, &op.sock),
+            _ => true,
+        };
+        let old = mem::replace(cbs.slot(bit), waiter);
+        let waiting = cbs.waiting();
+        if cbs.has_handle() {
+            cbs.sock = None;
+            poller
+                .set_interest(&mut st.fds, token, waiting)
+                .map_err(os_error)?;
+        } else if waiting == 0 {
+            if !edge {
+                poller.deregister(&mut st.fds, token);
             }
+            // (Edge-triggered with nothing waiting stays registered for the next wait.)
+        } else if trusted {
+            let kept = if edge { interest } else { 0 };
+            poller
+                .set_interest(&mut st.fds, token, poller::EDGE | kept | waiting)
+                .map_err(os_error)?;
+        } else if let Some(owner) = poller.deregister(&mut st.fds, token) {
+            // Registered anew under a new generation: were the old registration still
+            // in the kernel (its file open elsewhere), its events are dropped as stale.
+            poller
+                .register(&mut st.fds, fd, poller::EDGE | waiting, owner)
+                .map_err(os_error)?;
         }
+        Ok(old)
     }
 
     fn add_fd_callback(
@@ -564,6 +637,17 @@ impl LoopCore {
                 }
             };
             let (readable, writable) = poller::readiness(event.events);
+            if interest & poller::EDGE != 0 {
+                // Only socket operations wait here, and the registration stays.
+                for (ready, slot) in [(readable, &mut cbs.reader), (writable, &mut cbs.writer)] {
+                    if ready && matches!(slot, Some(Waiter::Sock(_))) {
+                        if let Some(Waiter::Sock(op)) = slot.take() {
+                            st.ready.push_back(Ready::Sock(op));
+                        }
+                    }
+                }
+                continue;
+            }
             let mut drop_bits = 0;
             for (ready, slot, bit) in [
                 (readable, &mut cbs.reader, READABLE),
@@ -1301,7 +1385,7 @@ impl LoopCore {
     }
 
     /// Withdraws the socket operation of future `fut`, whose caller was cancelled, while
-    /// the socket is still open (a registration must not outlive its fd).
+    /// the socket is still open (its fd number names the slot only then).
     fn _sock_op_cancel(
         &self,
         py: Python<'_>,

@@ -2,7 +2,9 @@
 //! generation numbers, and the waker that interrupts a blocked wait.
 //!
 //! epoll is used directly (one `epoll_wait` per turn, no timerfd) and in
-//! level-triggered mode, which is what asyncio's `add_reader`/`add_writer` promise.
+//! level-triggered mode, which is what asyncio's `add_reader`/`add_writer` promise;
+//! an fd that only `sock_*` operations wait on is edge-triggered (see
+//! `event_loop::FdCallbacks`).
 
 use std::collections::HashMap;
 use std::io;
@@ -11,6 +13,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 pub const READABLE: u32 = libc::EPOLLIN as u32;
 pub const WRITABLE: u32 = libc::EPOLLOUT as u32;
+/// Edge-triggered mode, for fds that only socket operations wait on (see `set_waiter`).
+pub const EDGE: u32 = libc::EPOLLET as u32;
 const ERROR_BITS: u32 = (libc::EPOLLERR | libc::EPOLLHUP) as u32;
 /// Token of the waker's read end; slot tokens never reach it (slot index < 2^32 - 1).
 pub const WAKER_TOKEN: u64 = u64::MAX;

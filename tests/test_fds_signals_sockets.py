@@ -302,6 +302,142 @@ def test_sock_recv_cancelled_while_a_new_call_waits_does_not_steal_it(loop):
     loop.run_until_complete(main())
 
 
+def _pair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+async def _recv_after_wait(loop, sock, peer, data):
+    """A sock_recv that has to wait (nothing to read yet), then gets `data`."""
+    waiting = asyncio.ensure_future(loop.sock_recv(sock, 100))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    peer.send(data)
+    return await asyncio.wait_for(waiting, 5)
+
+
+def test_sock_recv_on_a_reused_fd_number_while_the_old_file_lives_on(loop):
+    # The old socket's file stays open through a duplicate (as in a forked child) while
+    # its fd number goes to a new socket: the new socket's calls must wait on the new
+    # file, and the old file's readiness must not reach them.
+    async def main():
+        a, b = _pair()
+        assert await _recv_after_wait(loop, a, b, b"first") == b"first"
+        number = a.fileno()
+        keep = os.dup(number)
+        a.close()
+        c, d = _pair()
+        if c.fileno() != number:
+            os.dup2(c.fileno(), number)
+            c.close()
+            c = socket.socket(fileno=number)
+            c.setblocking(False)
+        waiting = asyncio.ensure_future(loop.sock_recv(c, 100))
+        await asyncio.sleep(0.01)
+        b.send(b"stale")  # readiness of the old file only
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        d.send(b"fresh")
+        assert await asyncio.wait_for(waiting, 5) == b"fresh"
+        assert os.read(keep, 100) == b"stale"
+        os.close(keep)
+        for s in (b, c, d):
+            s.close()
+
+    before = open_fds()
+    loop.run_until_complete(main())
+    assert open_fds() == before
+
+
+def test_add_reader_after_sock_calls_is_level_triggered(loop):
+    async def main():
+        a, b = _pair()
+        assert await _recv_after_wait(loop, a, b, b"one") == b"one"
+        got = []
+        done = loop.create_future()
+
+        def on_readable():
+            got.append(a.recv(1))  # one byte per call: the rest must still wake us
+            if len(got) == 3:
+                loop.remove_reader(a)
+                done.set_result(None)
+
+        loop.add_reader(a, on_readable)
+        b.send(b"xyz")
+        await asyncio.wait_for(done, 5)
+        assert got == [b"x", b"y", b"z"]
+        assert await _recv_after_wait(loop, a, b, b"two") == b"two"
+        # And back: a reader added while a sock call waits on the writer side.
+        big = os.urandom(4 << 20)
+        sending = asyncio.ensure_future(loop.sock_sendall(a, big))
+        await asyncio.sleep(0.01)
+        assert not sending.done()
+        loop.add_reader(a, on_readable)
+        b.send(b"!")
+        received = bytearray()
+        while len(received) < len(big):
+            try:
+                received += b.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        await asyncio.wait_for(sending, 5)
+        assert bytes(received) == big
+        assert got[3:] == [b"!"]
+        loop.remove_reader(a)
+        a.close()
+        b.close()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 30))
+
+
+def test_a_socket_taken_over_by_a_transport_after_sock_calls(loop):
+    async def main():
+        a, b = _pair()
+        assert await _recv_after_wait(loop, a, b, b"before") == b"before"
+        received = loop.create_future()
+
+        class Proto(asyncio.Protocol):
+            def data_received(self, data):
+                received.set_result(data)
+
+        tr, _ = await loop.connect_accepted_socket(Proto, a)
+        b.send(b"to the transport")
+        assert await asyncio.wait_for(received, 5) == b"to the transport"
+        tr.close()
+        await asyncio.sleep(0)
+        b.close()
+
+    loop.run_until_complete(main())
+
+
+def test_sock_calls_keep_no_socket_alive(loop):
+    import gc
+    import warnings
+    import weakref
+
+    async def main():
+        a, b = _pair()
+        assert await _recv_after_wait(loop, a, b, b"x") == b"x"
+        buf = bytearray(10)
+        waiting = asyncio.ensure_future(loop.sock_recv_into(a, buf))
+        await asyncio.sleep(0.01)
+        b.send(b"y")
+        assert await asyncio.wait_for(waiting, 5) == 1
+        ref = weakref.ref(a)
+        del a, waiting
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+        assert ref() is None
+        b.close()
+
+    before = open_fds()
+    loop.run_until_complete(main())
+    assert open_fds() == before
+
+
 def test_sock_calls_refuse_a_transport_socket_and_bad_sizes(loop):
     async def main():
         a, b = socket.socketpair()
