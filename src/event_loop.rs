@@ -70,7 +70,7 @@ impl NativeTransport {
 /// Who handles the events of a registered fd.
 pub(crate) enum FdOwner {
     /// `add_reader`/`add_writer` callbacks.
-    Callbacks(FdCallbacks),
+    Callbacks(Box<FdCallbacks>),
     Transport(NativeTransport),
 }
 
@@ -506,7 +506,7 @@ impl LoopCore {
             let Some(waiter) = waiter else {
                 return Ok(None);
             };
-            let mut cbs = FdCallbacks::default();
+            let mut cbs = Box::<FdCallbacks>::default();
             let interest = match &waiter {
                 Waiter::Handle(_) => bit,
                 Waiter::Sock(op) => {
@@ -1705,5 +1705,6 @@ mod tests {
     #[test]
     fn a_ready_entry_is_four_words() {
         assert_eq!(std::mem::size_of::<super::Ready>(), 32);
+        assert_eq!(std::mem::size_of::<super::FdOwner>(), 16);
     }
 }

@@ -505,7 +505,7 @@ pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
 }
 
 /// A context that sets no variable. (`False` also if its size cannot be read.)
-fn is_empty_context(context: &Bound<'_, PyAny>) -> bool {
+pub(crate) fn is_empty_context(context: &Bound<'_, PyAny>) -> bool {
     // SAFETY: attached, with a live object; PyMapping_Size returns -1 with an error set
     // on failure, which is cleared here (such a context is treated as not empty).
     let size = unsafe { ffi::PyMapping_Size(context.as_ptr()) };
@@ -645,6 +645,25 @@ pub(crate) fn in_context<R>(
     if unsafe { ffi::PyContext_Exit(context.as_ptr()) } < 0 {
         return Err(PyErr::fetch(py));
     }
+    outcome
+}
+
+/// Runs `f` in `context`, or, with none (the context it would have copied was empty),
+/// in a lent empty context; a lent context that `f` changed (a variable set, a token
+/// holding it) is left in `context`, to be the caller's own from then on, as the copy
+/// it stood for would have kept the change.
+pub(crate) fn in_context_or_lent<R>(
+    py: Python<'_>,
+    context: &mut Option<Py<PyAny>>,
+    f: impl FnOnce() -> PyResult<R>,
+) -> PyResult<R> {
+    if let Some(context) = context.as_ref() {
+        return in_context(py, Some(context), f);
+    }
+    let mut lent = LentContext::default();
+    lent.enter(py)?;
+    let outcome = f();
+    *context = lent.exit(py)?;
     outcome
 }
 

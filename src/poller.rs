@@ -6,7 +6,6 @@
 //! an fd that only `sock_*` operations wait on is edge-triggered (see
 //! `event_loop::FdCallbacks`).
 
-use std::collections::HashMap;
 use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -55,11 +54,17 @@ struct Slot<T> {
     owner: Option<T>,
 }
 
+/// `by_fd` entry of an fd that is not registered.
+const NO_SLOT: u32 = u32::MAX;
+
 /// Registrations keyed by fd, each with the owner that handles its events.
 pub struct Registry<T> {
     slots: Vec<Slot<T>>,
     free: Vec<u32>,
-    by_fd: HashMap<RawFd, u32>,
+    /// Slot index by fd number (the kernel hands out the lowest free number, so the
+    /// numbers in use are dense): 4 bytes per number up to the highest registered.
+    by_fd: Vec<u32>,
+    registered: usize,
 }
 
 impl<T> Default for Registry<T> {
@@ -67,15 +72,16 @@ impl<T> Default for Registry<T> {
         Registry {
             slots: Vec::new(),
             free: Vec::new(),
-            by_fd: HashMap::new(),
+            by_fd: Vec::new(),
+            registered: 0,
         }
     }
 }
 
 impl<T> Registry<T> {
     pub fn token_of(&self, fd: RawFd) -> Option<Token> {
-        let index = *self.by_fd.get(&fd)?;
-        let slot = &self.slots[index as usize];
+        let index = *self.by_fd.get(usize::try_from(fd).ok()?)?;
+        let slot = self.slots.get(index as usize)?;
         Some(Token {
             index,
             generation: slot.generation,
@@ -99,7 +105,7 @@ impl<T> Registry<T> {
 
     /// No fd is registered (the waker is not part of the registry).
     pub fn is_empty(&self) -> bool {
-        self.by_fd.is_empty()
+        self.registered == 0
     }
 
     pub fn owners(&self) -> impl Iterator<Item = &T> {
@@ -125,7 +131,14 @@ impl<T> Registry<T> {
                 (self.slots.len() - 1) as u32
             }
         };
-        self.by_fd.insert(fd, index);
+        // Callers pass open fds (non-negative); a negative one is simply not indexed.
+        if let Ok(at) = usize::try_from(fd) {
+            if at >= self.by_fd.len() {
+                self.by_fd.resize(at + 1, NO_SLOT);
+            }
+            self.by_fd[at] = index;
+        }
+        self.registered += 1;
         Token {
             index,
             generation: self.slots[index as usize].generation,
@@ -140,7 +153,14 @@ impl<T> Registry<T> {
         }
         let owner = slot.owner.take();
         slot.generation = slot.generation.wrapping_add(1);
-        self.by_fd.remove(&slot.fd);
+        if let Some(at) = usize::try_from(slot.fd)
+            .ok()
+            .and_then(|at| self.by_fd.get_mut(at))
+            .filter(|at| **at == token.index)
+        {
+            *at = NO_SLOT;
+        }
+        self.registered -= 1;
         self.free.push(token.index);
         owner
     }

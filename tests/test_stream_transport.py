@@ -427,6 +427,64 @@ def test_context_of_protocol_callbacks_is_a_copy(loop):
     assert seen[1] == "changed in callback"
 
 
+@pytest.mark.parametrize("buffered", [False, True])
+def test_protocol_callbacks_from_an_empty_context_keep_one_context_each(loop, buffered):
+    # Connections made from an empty context: each one's read callbacks share one
+    # context of their own across calls (a token from one call resets in a later one),
+    # separate from every other connection's and from the creator's.
+    import contextvars
+
+    count = contextvars.ContextVar("count", default=0)
+    tokens = contextvars.ContextVar("tokens", default=None)
+
+    def on_read(seen):
+        seen.append(count.get())
+        count.set(count.get() + 1)
+        if tokens.get() is None:
+            tokens.set(tokens.set("first"))
+        elif len(seen) == 3:
+            tokens.reset(tokens.get())  # ValueError from any other context
+            seen.append(tokens.get())
+
+    class Plain(Collect):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def data_received(self, data):
+            on_read(self.seen)
+
+    class Buffered(asyncio.BufferedProtocol):
+        def __init__(self):
+            self.seen = []
+            self.buf = bytearray(64)
+
+        def get_buffer(self, hint):
+            count.set(count.get() + 100)  # visible to buffer_updated, then undone
+            return self.buf
+
+        def buffer_updated(self, nbytes):
+            count.set(count.get() - 100)
+            on_read(self.seen)
+
+    async def main():
+        pairs = [socket.socketpair() for _ in range(2)]
+        made = [await loop.connect_accepted_socket(Buffered if buffered else Plain, a) for a, _ in pairs]
+        for reads in (1, 2, 3):
+            for _, b in pairs:
+                b.send(b"x")
+            await _wait_for(lambda n=reads: all(len(p.seen) >= n for _, p in made))
+        assert count.get() == 0
+        for (tr, _), (_, b) in zip(made, pairs):
+            tr.close()
+            b.close()
+        await asyncio.sleep(0)
+        return [p.seen for _, p in made]
+
+    task = contextvars.Context().run(loop.create_task, main())
+    assert loop.run_until_complete(task) == [[0, 1, 2, None]] * 2
+
+
 def test_unclosed_transport_socket_is_closed_with_the_loop_gone(loop):
     # Closing the loop does not close transports (as in asyncio); closing the transport
     # afterwards must not raise and must release the socket.

@@ -23,12 +23,11 @@ use pyo3::{PyTraverseError, PyVisit};
 use crate::errors::os_error;
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
-use crate::handles::in_context;
 use crate::poller;
 use crate::transports::{
-    asyncio_logger, close, flow_control, get_extra_info, is_fatal_to_loop, lose_connection,
-    register, release_socket, report, report_fatal, set_limits, set_reading, start_reading,
-    to_bytes, Common, Extra, CONNLOST_LOG_THRESHOLD,
+    asyncio_logger, close, flow_control, get_extra_info, in_read_context, is_fatal_to_loop,
+    lose_connection, register, release_socket, report, report_fatal, set_limits, set_reading,
+    start_reading, to_bytes, Common, Extra, CONNLOST_LOG_THRESHOLD,
 };
 
 /// asyncio's `max_size` for one datagram read.
@@ -207,7 +206,7 @@ impl DatagramTransport {
 
     fn read_ready(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
         let py = slf.py();
-        let (fd, family, sock, protocol, context) = {
+        let (fd, family, sock, protocol, mut context) = {
             let st = slf.get().state.borrow_mut(py)?;
             if st.conn_lost > 0 || st.closing || st.paused {
                 return Ok(());
@@ -227,7 +226,7 @@ impl DatagramTransport {
         match DatagramTransport::receive(py, fd, family, sock.bind(py)) {
             Received::WouldBlock => Ok(()),
             Received::Datagram(data, addr) => {
-                let called = in_context(py, context.as_ref(), || {
+                let called = in_read_context(&slf.get().state, py, &mut context, || {
                     protocol
                         .call_method1(pyo3::intern!(py, "datagram_received"), (data, addr))
                         .map(|_| ())
@@ -235,7 +234,7 @@ impl DatagramTransport {
                 DatagramTransport::callback_outcome(slf, called)
             }
             Received::Failed(err) if err.is_instance_of::<PyOSError>(py) => {
-                let called = in_context(py, context.as_ref(), || {
+                let called = in_read_context(&slf.get().state, py, &mut context, || {
                     protocol
                         .call_method1(pyo3::intern!(py, "error_received"), (err.value(py),))
                         .map(|_| ())

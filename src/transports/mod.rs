@@ -16,7 +16,7 @@ use std::os::fd::RawFd;
 
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
-use crate::handles::copy_context;
+use crate::handles::{copy_context, in_context_or_lent, is_empty_context};
 use crate::poller::{Token, READABLE, WRITABLE};
 
 /// asyncio's `constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES`.
@@ -327,7 +327,8 @@ pub(crate) struct Common {
     pub token: Option<Token>,
     pub protocol: Option<Py<PyAny>>,
     /// The context the read callbacks run in, taken when reading starts (asyncio runs
-    /// them from a reader handle made at that point).
+    /// them from a reader handle made at that point); `None` once started if that
+    /// context was empty, until a callback sets something in the one it is lent.
     pub context: Option<Py<PyAny>>,
     pub extra: Extra,
     pub buffer_size: usize,
@@ -469,16 +470,38 @@ pub(crate) fn start_reading<S: DerefMut<Target = Common>>(
     context: Option<Py<PyAny>>,
 ) -> PyResult<()> {
     let context = match context {
-        Some(context) => context,
-        None => copy_context(py)?.unbind(),
+        Some(context) => context.into_bound(py),
+        None => copy_context(py)?,
     };
     let mut st = cell.borrow_mut(py)?;
     if st.sock.is_none() {
         return Ok(());
     }
     st.started = true;
-    st.context = Some(context);
+    // An empty one is not kept: the read callbacks borrow an empty context instead
+    // (`in_context_or_lent`), and an idle connection holds one object fewer.
+    st.context = (!is_empty_context(&context)).then(|| context.unbind());
     st.sync_interest(py)
+}
+
+/// Runs one of the protocol's read callbacks in the transport's read context
+/// (`context`, taken from `Common::context`); a lent one the callback changed becomes
+/// the transport's, for this read's next callback and every later one.
+pub(crate) fn in_read_context<S: DerefMut<Target = Common>, R>(
+    cell: &GilCell<S>,
+    py: Python<'_>,
+    context: &mut Option<Py<PyAny>>,
+    f: impl FnOnce() -> PyResult<R>,
+) -> PyResult<R> {
+    let lent = context.is_none();
+    let outcome = in_context_or_lent(py, context, f);
+    if let (true, Some(changed)) = (lent, context.as_ref()) {
+        let mut st = cell.borrow_mut(py)?;
+        if st.context.is_none() {
+            st.context = Some(changed.clone_ref(py));
+        }
+    }
+    outcome
 }
 
 /// `pause_reading` (`pause` true) or `resume_reading`, logged in debug mode as asyncio

@@ -22,12 +22,11 @@ use pyo3::{PyTraverseError, PyVisit};
 use crate::errors::{os_error, would_block};
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
-use crate::handles::in_context;
 use crate::poller::{self, READABLE, WRITABLE};
 use crate::transports::{
-    asyncio_logger, close, flow_control, get_extra_info, is_fatal_to_loop, lose_connection,
-    register, release_socket, report_fatal, set_limits, set_reading, start_reading, to_bytes,
-    Common, Extra, Peer, CONNLOST_LOG_THRESHOLD,
+    asyncio_logger, close, flow_control, get_extra_info, in_read_context, is_fatal_to_loop,
+    lose_connection, register, release_socket, report_fatal, set_limits, set_reading,
+    start_reading, to_bytes, Common, Extra, Peer, CONNLOST_LOG_THRESHOLD,
 };
 
 /// Bytes read per readiness event: asyncio's `max_size`. One read per event keeps one
@@ -168,7 +167,7 @@ impl StreamTransport {
 
     fn read_ready(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
         let py = slf.py();
-        let (fd, path, protocol, context) = {
+        let (fd, path, protocol, mut context) = {
             let st = slf.get().state.borrow_mut(py)?;
             if st.sock.is_none() || !st.started || !st.is_reading() || st.read_eof {
                 return Ok(());
@@ -198,9 +197,9 @@ impl StreamTransport {
                 match received {
                     Err(err) if would_block(&err) => Ok(()),
                     Err(err) => StreamTransport::fatal_error(slf, os_error(err), READ_ERROR),
-                    Ok(None) => StreamTransport::on_eof(slf, context.as_ref()),
+                    Ok(None) => StreamTransport::on_eof(slf, &mut context),
                     Ok(Some(data)) => {
-                        let called = in_context(py, context.as_ref(), || {
+                        let called = in_read_context(&slf.get().state, py, &mut context, || {
                             let name = pyo3::intern!(py, "data_received");
                             call_method_one(&protocol, name, data.as_any()).map(drop)
                         });
@@ -213,7 +212,7 @@ impl StreamTransport {
                 }
             }
             ReadPath::Buffered => {
-                let got = in_context(py, context.as_ref(), || {
+                let got = in_read_context(&slf.get().state, py, &mut context, || {
                     let hint = (-1i32).into_pyobject(py)?;
                     let name = pyo3::intern!(py, "get_buffer");
                     let buf = call_method_one(&protocol, name, hint.as_any())?;
@@ -243,9 +242,9 @@ impl StreamTransport {
                     Err(err) => return StreamTransport::fatal_error(slf, err, READ_ERROR),
                 };
                 if nbytes == 0 {
-                    return StreamTransport::on_eof(slf, context.as_ref());
+                    return StreamTransport::on_eof(slf, &mut context);
                 }
-                let called = in_context(py, context.as_ref(), || {
+                let called = in_read_context(&slf.get().state, py, &mut context, || {
                     let nbytes = nbytes.into_pyobject(py)?;
                     let name = pyo3::intern!(py, "buffer_updated");
                     call_method_one(&protocol, name, nbytes.as_any()).map(drop)
@@ -273,7 +272,7 @@ impl StreamTransport {
         }
     }
 
-    fn on_eof(slf: &Bound<'_, StreamTransport>, context: Option<&Py<PyAny>>) -> PyResult<()> {
+    fn on_eof(slf: &Bound<'_, StreamTransport>, context: &mut Option<Py<PyAny>>) -> PyResult<()> {
         let py = slf.py();
         let protocol = slf
             .get()
@@ -285,7 +284,7 @@ impl StreamTransport {
         let Some(protocol) = protocol else {
             return Ok(());
         };
-        let keep_open = in_context(py, context, || {
+        let keep_open = in_read_context(&slf.get().state, py, context, || {
             protocol
                 .bind(py)
                 .call_method0(pyo3::intern!(py, "eof_received"))?
