@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from tests.conftest import open_fds
+
 
 class Echo(asyncio.Protocol):
     def connection_made(self, transport):
@@ -141,6 +143,57 @@ def test_close_clients_and_abort_clients(loop):
         await server.wait_closed()
 
     loop.run_until_complete(main())
+
+
+def test_accepted_connections_socket_made_on_demand_and_every_fd_released(new_loop):
+    # ferroloop's transport of an accepted connection owns its fd and makes a socket
+    # object only when asked. That object must be the fd's, non-blocking, and the same
+    # each time; and whether a connection is closed by the peer, by the server or not at
+    # all before the loop closes, asked for its socket or not, no fd stays open.
+    import gc
+    import warnings
+
+    before = open_fds()
+    loop = new_loop()
+    accepted = []
+
+    class Accepted(asyncio.Protocol):
+        def connection_made(self, transport):
+            accepted.append(transport)
+
+    async def main():
+        server = await loop.create_server(Accepted, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        clients = [await loop.create_connection(asyncio.Protocol, "127.0.0.1", port) for _ in range(6)]
+        while len(accepted) < 6:
+            await asyncio.sleep(0.01)
+        for tr in accepted[::2]:
+            sock = tr.get_extra_info("socket")
+            assert sock is tr.get_extra_info("socket")
+            assert sock.fileno() >= 0 and sock.gettimeout() == 0
+            assert (sock.family, sock.type) == (socket.AF_INET, socket.SOCK_STREAM)
+            assert sock.getpeername() == tr.get_extra_info("peername")
+        # By the peer: 0 and 1; by the server: 2 and 3; 4 and 5 stay open.
+        for tr, _ in clients[:2]:
+            tr.close()
+        for tr in accepted[2:4]:
+            tr.close()
+        while not all(tr.is_closing() for tr in accepted[:4]):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)
+        assert accepted[0].get_extra_info("socket").fileno() == -1
+        for tr, _ in clients[2:]:
+            tr.close()
+        server.close()
+        await asyncio.sleep(0.01)
+
+    loop.run_until_complete(main())
+    loop.close()
+    accepted.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    assert open_fds() == before
 
 
 def test_unix_server_and_connection_with_stale_socket_file(loop, tmp_path):

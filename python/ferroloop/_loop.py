@@ -604,17 +604,33 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
                 self._accept_plain(protocol_factory, conn, addr, server)
 
     def _accept_plain(self, protocol_factory, conn, peername, server):
+        transport = None
         try:
             protocol = protocol_factory()
-            self._make_socket_transport(conn, protocol, server=server, peername=peername)
+            base_events._set_nodelay(conn)
+            # The transport takes the fd over and keeps no socket object until one is
+            # asked for (get_extra_info("socket"), sendfile): an idle connection holds
+            # one object fewer.
+            transport = SocketTransport(self, None, protocol, None, server, peername, conn.detach())
+            transport._register()
+            if server is not None:
+                server._attach(transport)
+            self._start_transport(transport, protocol, None)
         except (SystemExit, KeyboardInterrupt):
-            conn.close()
+            self._discard_accepted(conn, transport)
             raise
         except BaseException as exc:  # noqa: BLE001 - reported, the server goes on
-            conn.close()
+            self._discard_accepted(conn, transport)
             self.call_exception_handler(
                 {"message": "Error on transport creation for incoming connection", "exception": exc}
             )
+
+    @staticmethod
+    def _discard_accepted(conn, transport):
+        if transport is None:
+            conn.close()  # (a no-op once detached: the transport closed the fd then)
+        else:
+            transport.abort()
 
     async def _accept_ssl(
         self, protocol_factory, conn, extra, sslcontext, server, handshake_timeout, shutdown_timeout

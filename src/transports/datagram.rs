@@ -27,7 +27,7 @@ use crate::poller;
 use crate::transports::{
     asyncio_logger, close, flow_control, get_extra_info, in_read_context, is_fatal_to_loop,
     lose_connection, register, release_socket, report, report_fatal, set_limits, set_reading,
-    start_reading, to_bytes, Common, Extra, CONNLOST_LOG_THRESHOLD,
+    socket_object, start_reading, to_bytes, Common, Extra, Sock, CONNLOST_LOG_THRESHOLD,
 };
 
 /// asyncio's `max_size` for one datagram read.
@@ -211,7 +211,9 @@ impl DatagramTransport {
             if st.conn_lost > 0 || st.closing || st.paused {
                 return Ok(());
             }
-            let (Some(sock), Some(protocol)) = (&st.sock, &st.protocol) else {
+            let (Some(sock), Some(protocol)) =
+                (st.sock.as_ref().and_then(Sock::as_object), &st.protocol)
+            else {
                 return Ok(());
             };
             (
@@ -295,7 +297,12 @@ impl DatagramTransport {
         loop {
             let (sock, connected, front) = {
                 let mut st = slf.get().state.borrow_mut(py)?;
-                let Some(sock) = st.sock.as_ref().map(|s| s.clone_ref(py)) else {
+                let Some(sock) = st
+                    .sock
+                    .as_ref()
+                    .and_then(Sock::as_object)
+                    .map(|s| s.clone_ref(py))
+                else {
                     return Ok(());
                 };
                 let connected = st.connected;
@@ -432,7 +439,7 @@ impl DatagramTransport {
             state: GilCell::new(DatagramState {
                 c: Common::new(
                     loop_,
-                    sock.clone().unbind(),
+                    Sock::Object(sock.clone().unbind()),
                     fd,
                     protocol.clone().unbind(),
                     Extra::Dict(extra.clone().unbind()),
@@ -493,7 +500,12 @@ impl DatagramTransport {
                     return Ok(());
                 }
             }
-            let Some(sock) = st.sock.as_ref().map(|s| s.clone_ref(py)) else {
+            let Some(sock) = st
+                .sock
+                .as_ref()
+                .and_then(Sock::as_object)
+                .map(|s| s.clone_ref(py))
+            else {
                 return Ok(());
             };
             (sock, st.connected, st.buffer.is_empty())
@@ -633,12 +645,7 @@ impl DatagramTransport {
 
     #[getter]
     fn _sock(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        Ok(self
-            .state
-            .borrow_mut(py)?
-            .sock
-            .as_ref()
-            .map(|s| s.clone_ref(py)))
+        socket_object(&self.state, py)
     }
 
     #[getter]

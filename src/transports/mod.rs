@@ -10,9 +10,10 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString, PyTuple};
 
+use std::mem;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::DerefMut;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
@@ -174,14 +175,16 @@ pub(crate) fn release_socket(
     py: Python<'_>,
     loop_: Option<&Py<LoopCore>>,
     token: Option<Token>,
-    sock: Option<Py<PyAny>>,
+    sock: Option<Sock>,
     extra: &Py<PyDict>,
 ) -> PyResult<()> {
     if let (Some(loop_), Some(token)) = (loop_, token) {
         loop_.get().deregister_transport(py, token)?;
     }
-    if let Some(sock) = sock {
-        // What asyncio reads at creation must still be there after the close.
+    if let Some(mut sock) = sock {
+        // What asyncio reads at creation must still be there after the close. (Should
+        // making the object fail, dropping `sock` closes the fd.)
+        let sock = sock.object(py)?;
         fill_socket_extra(py, sock.bind(py), extra)?;
         sock.bind(py).call_method0("close")?;
     }
@@ -288,7 +291,7 @@ pub(crate) fn get_extra_info<S: DerefMut<Target = Common>>(
         .map(|s| s.to_str())
         .transpose()?;
     let made_on_demand = matches!(key, Some("socket" | "sockname"));
-    let (extra, sock) = {
+    let extra = {
         let mut st = cell.borrow_mut(py)?;
         if let Extra::Peer(peer) = &st.extra {
             match key {
@@ -297,16 +300,16 @@ pub(crate) fn get_extra_info<S: DerefMut<Target = Common>>(
                 _ => {}
             }
         }
-        (
-            st.extra_dict(py)?,
-            st.sock.as_ref().map(|s| s.clone_ref(py)),
-        )
+        st.extra_dict(py)?
     };
     let extra_dict = extra.bind(py);
     if let Some(value) = extra_dict.get_item(name)? {
         return Ok(value.unbind());
     }
-    if let (Some(sock), true) = (sock, made_on_demand) {
+    if !made_on_demand {
+        return Ok(default.unwrap_or_else(|| py.None()));
+    }
+    if let Some(sock) = socket_object(cell, py)? {
         fill_socket_extra(py, sock.bind(py), &extra)?;
         if let Some(value) = extra_dict.get_item(name)? {
             return Ok(value.unbind());
@@ -315,13 +318,22 @@ pub(crate) fn get_extra_info<S: DerefMut<Target = Common>>(
     Ok(default.unwrap_or_else(|| py.None()))
 }
 
+/// The transport's socket object, made on first need; `None` once it is closed.
+pub(crate) fn socket_object<S: DerefMut<Target = Common>>(
+    cell: &GilCell<S>,
+    py: Python<'_>,
+) -> PyResult<Option<Py<PyAny>>> {
+    let mut st = cell.borrow_mut(py)?;
+    st.sock.as_mut().map(|sock| sock.object(py)).transpose()
+}
+
 /// What every native transport keeps, as asyncio's `_SelectorTransport` does: its loop,
 /// socket and registration, its protocol, and the flags that decide the fd's interest.
 /// Each transport's state derefs to it, so `state.closing` reads the same everywhere.
 pub(crate) struct Common {
     pub loop_: Option<Py<LoopCore>>,
-    /// The socket object; `None` once the connection is lost and the socket closed.
-    pub sock: Option<Py<PyAny>>,
+    /// The socket; `None` once the connection is lost and the socket closed.
+    pub sock: Option<Sock>,
     pub fd: RawFd,
     /// The fd's registration with the loop; `None` before `_register` and after loss.
     pub token: Option<Token>,
@@ -347,10 +359,50 @@ pub(crate) struct Common {
     pub interest: u32,
 }
 
+/// A transport's socket: the socket object it was made with, or, for a connection the
+/// loop accepted, just the fd (owned here), until something asks for a socket object
+/// (an idle connection then holds one object fewer, as uvloop's do).
+pub(crate) enum Sock {
+    Object(Py<PyAny>),
+    Fd(OwnedFd),
+}
+
+impl Sock {
+    /// The socket object, made on first need from the fd (which it then owns).
+    pub fn object(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let raw = match self {
+            Sock::Object(obj) => return Ok(obj.clone_ref(py)),
+            Sock::Fd(fd) => fd.as_raw_fd(),
+        };
+        // Given only the fd, the socket module reads its family, type and protocol.
+        let kwargs = PyDict::new(py);
+        kwargs.set_item(pyo3::intern!(py, "fileno"), raw)?;
+        let obj = py
+            .import(pyo3::intern!(py, "socket"))?
+            .getattr(pyo3::intern!(py, "socket"))?
+            .call((), Some(&kwargs))?;
+        // The object owns the fd from here on: it must not be closed twice.
+        if let Sock::Fd(fd) = mem::replace(self, Sock::Object(obj.clone().unbind())) {
+            let _ = fd.into_raw_fd();
+        }
+        // Made from an fd, the object would take it for blocking; it is not.
+        obj.call_method1(pyo3::intern!(py, "setblocking"), (false,))?;
+        Ok(obj.unbind())
+    }
+
+    /// The socket object, if one was made.
+    pub fn as_object(&self) -> Option<&Py<PyAny>> {
+        match self {
+            Sock::Object(obj) => Some(obj),
+            Sock::Fd(_) => None,
+        }
+    }
+}
+
 impl Common {
     pub fn new(
         loop_: Py<LoopCore>,
-        sock: Py<PyAny>,
+        sock: Sock,
         fd: RawFd,
         protocol: Py<PyAny>,
         extra: Extra,
@@ -409,7 +461,8 @@ impl Common {
     }
 
     pub fn visit(&self, visit: &pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
-        for obj in [&self.sock, &self.protocol, &self.context]
+        let sock = self.sock.as_ref().and_then(Sock::as_object);
+        for obj in [sock, self.protocol.as_ref(), self.context.as_ref()]
             .into_iter()
             .flatten()
         {

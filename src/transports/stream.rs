@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::ops::{Deref, DerefMut};
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::ffi;
@@ -26,7 +26,7 @@ use crate::poller::{self, READABLE, WRITABLE};
 use crate::transports::{
     asyncio_logger, close, flow_control, get_extra_info, in_read_context, is_fatal_to_loop,
     lose_connection, register, release_socket, report_fatal, set_limits, set_reading,
-    start_reading, to_bytes, Common, Extra, Peer, CONNLOST_LOG_THRESHOLD,
+    socket_object, start_reading, to_bytes, Common, Extra, Peer, Sock, CONNLOST_LOG_THRESHOLD,
 };
 
 /// Bytes read per readiness event: asyncio's `max_size`. One read per event keeps one
@@ -586,26 +586,38 @@ fn front_len(bytes: &Py<PyBytes>) -> usize {
 impl StreamTransport {
     #[new]
     /// `extra` is the `get_extra_info` dict; `None` for an accepted connection, which
-    /// passes only `peername`.
-    #[pyo3(signature = (r#loop, sock, protocol, extra, server=None, peername=None))]
+    /// passes only `peername`. An accepted connection may also come as `sock=None` and
+    /// its `fd`: the transport takes the fd over whatever happens (it closes it if this
+    /// fails), so the caller must not use or close it again.
+    #[pyo3(signature = (r#loop, sock, protocol, extra, server=None, peername=None, fd=-1))]
     fn py_new(
         r#loop: &Bound<'_, PyAny>,
-        sock: &Bound<'_, PyAny>,
+        sock: Option<&Bound<'_, PyAny>>,
         protocol: &Bound<'_, PyAny>,
         extra: Option<&Bound<'_, PyDict>>,
         server: Option<&Bound<'_, PyAny>>,
         peername: Option<&Bound<'_, PyAny>>,
+        fd: RawFd,
     ) -> PyResult<StreamTransport> {
+        let (sock, fd) = match sock {
+            Some(sock) => {
+                let fd: RawFd = sock.call_method0("fileno")?.extract()?;
+                if fd < 0 {
+                    return Err(PyValueError::new_err("the socket is closed"));
+                }
+                (Sock::Object(sock.clone().unbind()), fd)
+            }
+            // SAFETY: `fd` is an open socket handed over by the caller, which keeps no
+            // other owner of it (ferroloop._loop passes a detached accepted one).
+            None if fd >= 0 => (Sock::Fd(unsafe { OwnedFd::from_raw_fd(fd) }), fd),
+            None => return Err(PyValueError::new_err("a socket or its fd is required")),
+        };
         let loop_ = r#loop.cast::<LoopCore>()?.clone().unbind();
-        let fd: RawFd = sock.call_method0("fileno")?.extract()?;
-        if fd < 0 {
-            return Err(PyValueError::new_err("the socket is closed"));
-        }
         Ok(StreamTransport {
             state: GilCell::new(StreamState {
                 c: Common::new(
                     loop_,
-                    sock.clone().unbind(),
+                    sock,
                     fd,
                     protocol.clone().unbind(),
                     match (extra, peername) {
@@ -848,12 +860,7 @@ impl StreamTransport {
 
     #[getter]
     fn _sock(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        Ok(self
-            .state
-            .borrow_mut(py)?
-            .sock
-            .as_ref()
-            .map(|s| s.clone_ref(py)))
+        socket_object(&self.state, py)
     }
 
     #[getter]
