@@ -68,6 +68,14 @@ class BufferedEcho(asyncio.BufferedProtocol):
         return True
 
 
+class BufferedViewEcho(BufferedEcho):
+    """Writes a view of its receive buffer, which the next read overwrites: whatever the
+    transport keeps of a write must be a copy."""
+
+    def buffer_updated(self, nbytes):
+        self.transport.write(memoryview(self.buf)[:nbytes])
+
+
 async def _wait_for(predicate, timeout=5.0):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -92,11 +100,37 @@ async def _echo_round_trip(protocol_factory, payload: bytes) -> bytes:
     return echoed
 
 
-@pytest.mark.parametrize("factory", [Echo, BufferedEcho], ids=["Protocol", "BufferedProtocol"])
+@pytest.mark.parametrize(
+    "factory",
+    [Echo, BufferedEcho, BufferedViewEcho],
+    ids=["Protocol", "BufferedProtocol", "BufferedProtocol-view"],
+)
 def test_echo_is_byte_exact_and_half_close_keeps_the_reply_path(loop, factory):
     payload = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4: many reads, many writes
     echoed = loop.run_until_complete(_echo_round_trip(factory, payload))
     assert echoed == payload
+
+
+def test_buffer_writes_to_a_full_socket_keep_every_byte(loop):
+    # The peer reads nothing for a while: the echo's writes of views of its receive
+    # buffer meet a full socket, are sent in part, and the rest must be kept as it was
+    # when written, though the next read overwrites the buffer it came from.
+    payload = bytes(range(251)) * (64 * 1024)  # 16 MiB, more than both sockets hold
+
+    async def main():
+        server = await loop.create_server(BufferedViewEcho, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(payload)
+        await asyncio.sleep(0.3)
+        echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return echoed
+
+    assert loop.run_until_complete(main()) == payload
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])

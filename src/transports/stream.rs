@@ -12,11 +12,12 @@ use std::io;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
+use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict, PyString};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::{os_error, would_block};
@@ -432,6 +433,65 @@ impl StreamTransport {
     }
 
     /// Queues `chunks` for the end of the turn (a slice: `write` allocates nothing more).
+    /// `write` of a bytearray or memoryview, which its owner may change as soon as the
+    /// call returns (a `BufferedProtocol` echoing from its receive buffer), so what is
+    /// kept must be copied. With nothing buffered it is sent at once, as asyncio's
+    /// transports send every write, and only what the socket does not take is copied.
+    fn write_buffer(slf: &Bound<'_, StreamTransport>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let buf = PyUntypedBuffer::get(data)?;
+        if !buf.is_c_contiguous() {
+            let bytes = to_bytes(data)?;
+            return StreamTransport::queue(slf, std::slice::from_ref(&bytes));
+        }
+        // SAFETY: a C-contiguous buffer of `len_bytes()` bytes, exported (so neither
+        // resized nor freed) while `buf` lives; only read here.
+        let view =
+            unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
+        let sent = {
+            let st = slf.get().state.borrow_mut(py)?;
+            let direct = !view.is_empty()
+                && st.buffer.is_empty()
+                && !st.write_waiting
+                && !st.eof
+                && st.empty_waiter.is_none()
+                && st.conn_lost == 0
+                && st.sock.is_some()
+                && st.token.is_some();
+            if direct {
+                // SAFETY: `view` is valid for reads of its length (above); MSG_NOSIGNAL
+                // turns a broken pipe into EPIPE.
+                let n = unsafe {
+                    libc::send(st.fd, view.as_ptr().cast(), view.len(), libc::MSG_NOSIGNAL)
+                };
+                if n < 0 {
+                    let err = io::Error::last_os_error();
+                    if !would_block(&err) {
+                        drop(st);
+                        return StreamTransport::fatal_error(
+                            slf,
+                            os_error(err),
+                            "Fatal write error on socket transport",
+                        );
+                    }
+                    0
+                } else {
+                    n as usize
+                }
+            } else {
+                0
+            }
+        };
+        if sent == view.len() && sent > 0 {
+            return Ok(());
+        }
+        // The rest (or, when it could not be sent now, all of it: `queue` also raises
+        // what asyncio raises for a write after write_eof or during sendfile).
+        let rest = PyBytes::new(py, &view[sent..]);
+        drop(buf);
+        StreamTransport::queue(slf, std::slice::from_ref(&rest))
+    }
+
     fn queue(slf: &Bound<'_, StreamTransport>, chunks: &[Bound<'_, PyBytes>]) -> PyResult<()> {
         let py = slf.py();
         let pending = {
@@ -663,6 +723,11 @@ impl StreamTransport {
     }
 
     fn write(slf: &Bound<'_, StreamTransport>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        if !data.is_instance_of::<PyBytes>()
+            && (data.is_instance_of::<PyByteArray>() || data.is_instance_of::<PyMemoryView>())
+        {
+            return StreamTransport::write_buffer(slf, data);
+        }
         let bytes = to_bytes(data)?;
         StreamTransport::queue(slf, std::slice::from_ref(&bytes))
     }
