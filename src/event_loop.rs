@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyTuple, PyWeakrefReference};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::{closed_loop, invalid_fd, os_error};
@@ -128,7 +128,7 @@ pub(crate) struct FdCallbacks {
     /// Weak reference to the socket the edge-triggered registration was made for. The
     /// registration is trusted only for that same socket object: a different (or dead)
     /// one may own a reused fd number whose old registration left with its file.
-    sock: Option<Py<PyAny>>,
+    sock: Option<Py<PyWeakrefReference>>,
 }
 
 impl FdCallbacks {
@@ -160,22 +160,17 @@ impl FdCallbacks {
     /// Whether the registration was made for `sock`; if not, remembers `sock` as the
     /// socket it is (about to be) made for.
     fn made_for(&mut self, py: Python<'_>, sock: &Py<PyAny>) -> bool {
-        let same = self.sock.as_ref().is_some_and(|weak| {
-            // SAFETY: `weak` is a weak reference object (made below); the result is a
-            // borrowed reference or None, compared by address only.
-            unsafe { ffi::PyWeakref_GetObject(weak.as_ptr()) == sock.as_ptr() }
-        });
+        let same = self
+            .sock
+            .as_ref()
+            .and_then(|weak| weak.bind(py).upgrade())
+            .is_some_and(|target| target.is(sock));
         if !same {
-            // SAFETY: attached; returns a new reference or NULL with an error set.
-            let weak = unsafe { ffi::PyWeakref_NewRef(sock.as_ptr(), std::ptr::null_mut()) };
-            self.sock = if weak.is_null() {
-                // Not weakly referenceable: every wait renews the registration.
-                drop(PyErr::take(py));
-                None
-            } else {
-                // SAFETY: a new reference owned by nobody else.
-                Some(unsafe { Bound::from_owned_ptr(py, weak) }.unbind())
-            };
+            // Not weakly referenceable: no socket is trusted, every wait renews the
+            // registration.
+            self.sock = PyWeakrefReference::new(sock.bind(py))
+                .ok()
+                .map(Bound::unbind);
         }
         same
     }
