@@ -211,15 +211,13 @@ impl DatagramTransport {
             if st.conn_lost > 0 || st.closing || st.paused {
                 return Ok(());
             }
-            let (Some(sock), Some(protocol)) =
-                (st.sock.as_ref().and_then(Sock::as_object), &st.protocol)
-            else {
+            let (Some(sock), Some(protocol)) = (st.sock_object(py), &st.protocol) else {
                 return Ok(());
             };
             (
                 st.fd,
                 st.family,
-                sock.clone_ref(py),
+                sock,
                 protocol.clone_ref(py),
                 st.context.as_ref().map(|c| c.clone_ref(py)),
             )
@@ -297,12 +295,7 @@ impl DatagramTransport {
         loop {
             let (sock, connected, front) = {
                 let mut st = slf.get().state.borrow_mut(py)?;
-                let Some(sock) = st
-                    .sock
-                    .as_ref()
-                    .and_then(Sock::as_object)
-                    .map(|s| s.clone_ref(py))
-                else {
+                let Some(sock) = st.sock_object(py) else {
                     return Ok(());
                 };
                 let connected = st.connected;
@@ -500,12 +493,7 @@ impl DatagramTransport {
                     return Ok(());
                 }
             }
-            let Some(sock) = st
-                .sock
-                .as_ref()
-                .and_then(Sock::as_object)
-                .map(|s| s.clone_ref(py))
-            else {
+            let Some(sock) = st.sock_object(py) else {
                 return Ok(());
             };
             (sock, st.connected, st.buffer.is_empty())

@@ -437,6 +437,14 @@ impl Common {
         self.loop_.as_ref().map(|l| l.clone_ref(py))
     }
 
+    /// The socket object, if one was made (a datagram transport always has one).
+    pub fn sock_object(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.sock
+            .as_ref()
+            .and_then(Sock::as_object)
+            .map(|s| s.clone_ref(py))
+    }
+
     pub fn protocol_ref(&self, py: Python<'_>) -> Option<Py<PyAny>> {
         self.protocol.as_ref().map(|p| p.clone_ref(py))
     }
