@@ -52,6 +52,32 @@ def test_sendfile_over_a_transport_with_offset_and_count(loop, data_file):
         loop.run_until_complete(asyncio.wait_for(main(), 30))
 
 
+def test_sendfile_from_an_accepted_connection(loop, data_file):
+    # The server side of an accepted connection (whose socket object ferroloop makes
+    # only when asked) sends the file, then writes and closes as usual.
+    async def main():
+        done = loop.create_future()
+
+        async def handler(reader, writer):
+            sent = await loop.sendfile(writer.transport, f)
+            writer.write(b":tail")
+            writer.close()
+            done.set_result(sent)
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await reader.read() == DATA + b":tail"
+        assert await done == len(DATA)
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+    with open(data_file, "rb") as f:
+        loop.run_until_complete(asyncio.wait_for(main(), 30))
+
+
 def test_sock_sendfile_whole_file_and_fallback_for_non_files(loop, data_file):
     async def main():
         a, b = socket.socketpair()
