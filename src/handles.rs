@@ -525,6 +525,11 @@ fn lend_empty_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
     if let Some(spare) = EMPTY_CONTEXT.borrow_mut(py).ok().and_then(|mut s| s.take()) {
         return Ok(spare);
     }
+    new_context(py)
+}
+
+/// A new, empty `contextvars.Context`.
+fn new_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
     // SAFETY: attached; returns a new reference or NULL with an error set.
     unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_New()) }.map(Bound::unbind)
 }
@@ -753,9 +758,7 @@ impl Handle {
     fn get_context(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         let mut state = self.state.borrow_mut(py)?;
         if let Some(HandleContext::Empty) = state.context {
-            // SAFETY: attached; returns a new reference or NULL with an error set.
-            let made = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_New()) }?;
-            state.context = Some(HandleContext::Given(made.unbind()));
+            state.context = Some(HandleContext::Given(new_context(py)?));
         }
         Ok(state
             .context

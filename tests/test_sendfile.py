@@ -24,6 +24,13 @@ async def _collect(reader, out: bytearray, done: asyncio.Future):
     done.set_result(bytes(out))
 
 
+async def _close(writer, server):
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+
+
 def test_sendfile_over_a_transport_with_offset_and_count(loop, data_file):
     async def main():
         received = bytearray()
@@ -43,10 +50,7 @@ def test_sendfile_over_a_transport_with_offset_and_count(loop, data_file):
         writer.write(b":tail")  # writing works again after sendfile
         writer.write_eof()
         assert await done == b"head:" + DATA[1000:501_000] + b":tail"
-        writer.close()
-        await writer.wait_closed()
-        server.close()
-        await server.wait_closed()
+        await _close(writer, server)
 
     with open(data_file, "rb") as f:
         loop.run_until_complete(asyncio.wait_for(main(), 30))
@@ -69,10 +73,7 @@ def test_sendfile_from_an_accepted_connection(loop, data_file):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert await reader.read() == DATA + b":tail"
         assert await done == len(DATA)
-        writer.close()
-        await writer.wait_closed()
-        server.close()
-        await server.wait_closed()
+        await _close(writer, server)
 
     with open(data_file, "rb") as f:
         loop.run_until_complete(asyncio.wait_for(main(), 30))

@@ -406,8 +406,11 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
     ):
         base_events._set_nodelay(sock)
         if extra is None and peername is not _NO_PEER:
-            # An accepted connection: its extra dict is made only if asked for.
-            transport = SocketTransport(self, sock, protocol, None, server, peername)
+            # An accepted connection: the transport takes the fd over, and makes a
+            # socket object and an extra dict only if asked for (an idle connection
+            # holds neither). If registering it fails, the dropped transport closes the
+            # fd; the caller's close of the detached socket then does nothing.
+            transport = SocketTransport(self, None, protocol, None, server, peername, sock.detach())
         else:
             transport = SocketTransport(self, sock, protocol, socket_extra(sock, extra), server)
         transport._register()
@@ -604,33 +607,17 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
                 self._accept_plain(protocol_factory, conn, addr, server)
 
     def _accept_plain(self, protocol_factory, conn, peername, server):
-        transport = None
         try:
             protocol = protocol_factory()
-            base_events._set_nodelay(conn)
-            # The transport takes the fd over and keeps no socket object until one is
-            # asked for (get_extra_info("socket"), sendfile): an idle connection holds
-            # one object fewer.
-            transport = SocketTransport(self, None, protocol, None, server, peername, conn.detach())
-            transport._register()
-            if server is not None:
-                server._attach(transport)
-            self._start_transport(transport, protocol, None)
+            self._make_socket_transport(conn, protocol, server=server, peername=peername)
         except (SystemExit, KeyboardInterrupt):
-            self._discard_accepted(conn, transport)
+            conn.close()
             raise
         except BaseException as exc:  # noqa: BLE001 - reported, the server goes on
-            self._discard_accepted(conn, transport)
+            conn.close()
             self.call_exception_handler(
                 {"message": "Error on transport creation for incoming connection", "exception": exc}
             )
-
-    @staticmethod
-    def _discard_accepted(conn, transport):
-        if transport is None:
-            conn.close()  # (a no-op once detached: the transport closed the fd then)
-        else:
-            transport.abort()
 
     async def _accept_ssl(
         self, protocol_factory, conn, extra, sslcontext, server, handshake_timeout, shutdown_timeout

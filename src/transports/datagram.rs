@@ -211,7 +211,7 @@ impl DatagramTransport {
             if st.conn_lost > 0 || st.closing || st.paused {
                 return Ok(());
             }
-            let (Some(sock), Some(protocol)) = (st.sock_object(py), &st.protocol) else {
+            let (Some(sock), Some(protocol)) = (st.socket_if_made(py), &st.protocol) else {
                 return Ok(());
             };
             (
@@ -295,7 +295,7 @@ impl DatagramTransport {
         loop {
             let (sock, connected, front) = {
                 let mut st = slf.get().state.borrow_mut(py)?;
-                let Some(sock) = st.sock_object(py) else {
+                let Some(sock) = st.socket_if_made(py) else {
                     return Ok(());
                 };
                 let connected = st.connected;
@@ -493,7 +493,7 @@ impl DatagramTransport {
                     return Ok(());
                 }
             }
-            let Some(sock) = st.sock_object(py) else {
+            let Some(sock) = st.socket_if_made(py) else {
                 return Ok(());
             };
             (sock, st.connected, st.buffer.is_empty())

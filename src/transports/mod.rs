@@ -438,7 +438,7 @@ impl Common {
     }
 
     /// The socket object, if one was made (a datagram transport always has one).
-    pub fn sock_object(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+    pub fn socket_if_made(&self, py: Python<'_>) -> Option<Py<PyAny>> {
         self.sock
             .as_ref()
             .and_then(Sock::as_object)

@@ -36,6 +36,7 @@ const MAX_READ: usize = 256 * 1024;
 /// Buffers handed to one `sendmsg`.
 const MAX_IOV: usize = 64;
 const READ_ERROR: &str = "Fatal read error on socket transport";
+const WRITE_ERROR: &str = "Fatal write error on socket transport";
 
 thread_local! {
     /// The buffer every `Protocol` read lands in before it is copied into the `bytes`
@@ -337,11 +338,7 @@ impl StreamTransport {
                 }
                 Err(err) => {
                     drop(st);
-                    return StreamTransport::fatal_error(
-                        slf,
-                        os_error(err),
-                        "Fatal write error on socket transport",
-                    );
+                    return StreamTransport::fatal_error(slf, os_error(err), WRITE_ERROR);
                 }
             }
         }
@@ -432,7 +429,6 @@ impl StreamTransport {
         flow_control(&slf.get().state, slf.as_any(), false)
     }
 
-    /// Queues `chunks` for the end of the turn (a slice: `write` allocates nothing more).
     /// `write` of a bytearray or memoryview, which its owner may change as soon as the
     /// call returns (a `BufferedProtocol` echoing from its receive buffer), so what is
     /// kept must be copied. With nothing buffered it is sent at once, as asyncio's
@@ -468,11 +464,7 @@ impl StreamTransport {
                     let err = io::Error::last_os_error();
                     if !would_block(&err) {
                         drop(st);
-                        return StreamTransport::fatal_error(
-                            slf,
-                            os_error(err),
-                            "Fatal write error on socket transport",
-                        );
+                        return StreamTransport::fatal_error(slf, os_error(err), WRITE_ERROR);
                     }
                     0
                 } else {
@@ -492,6 +484,7 @@ impl StreamTransport {
         StreamTransport::queue(slf, std::slice::from_ref(&rest))
     }
 
+    /// Queues `chunks` for the end of the turn (a slice: `write` allocates nothing more).
     fn queue(slf: &Bound<'_, StreamTransport>, chunks: &[Bound<'_, PyBytes>]) -> PyResult<()> {
         let py = slf.py();
         let pending = {
@@ -723,11 +716,13 @@ impl StreamTransport {
     }
 
     fn write(slf: &Bound<'_, StreamTransport>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        if !data.is_instance_of::<PyBytes>()
-            && (data.is_instance_of::<PyByteArray>() || data.is_instance_of::<PyMemoryView>())
-        {
+        if let Ok(bytes) = data.cast::<PyBytes>() {
+            return StreamTransport::queue(slf, std::slice::from_ref(bytes));
+        }
+        if data.is_instance_of::<PyByteArray>() || data.is_instance_of::<PyMemoryView>() {
             return StreamTransport::write_buffer(slf, data);
         }
+        // Anything else: the TypeError asyncio raises.
         let bytes = to_bytes(data)?;
         StreamTransport::queue(slf, std::slice::from_ref(&bytes))
     }
