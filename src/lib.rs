@@ -10,6 +10,7 @@ mod poller;
 mod pyhelpers;
 mod sock_ops;
 mod timers;
+mod tls;
 mod transports;
 
 use pyo3::prelude::*;
@@ -27,6 +28,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     // Makes one handle: after the free lists are in place.
     fastcall::probe_asyncio_kwnames(m.py());
+    m.add_function(wrap_pyfunction!(tls::ssl_protocol_methods, m)?)?;
     m.add_class::<transports::stream::StreamTransport>()?;
     m.add_class::<transports::datagram::DatagramTransport>()?;
     Ok(())

@@ -335,3 +335,94 @@ def test_tls_protocol_writes_flow_control_pause_and_close_notify(loop):
     assert "resume_writing" in events
     assert ("eof_received", b"after pause") in events
     assert events[-1] == ("connection_lost", None)
+
+
+class _CountingSSLObject(ssl.SSLObject):
+    """A subclass the server's context makes: its methods must be the ones called."""
+
+    reads = 0
+
+    def read(self, *args):
+        type(self).reads += 1
+        return super().read(*args)
+
+
+def _tls_client_one_segment(port, chunks, replies):
+    # Handshakes over memory BIOs, then sends every record of `chunks` and the
+    # close_notify after them in one sendall, so the server receives many records, and
+    # the end of the stream, per read. Keeps what the server sends until it closes.
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536) or b"")
+    for chunk in chunks:
+        tls.write(chunk)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.unwrap()  # queues the close_notify; the server's is still to come
+    sock.sendall(outgoing.read())
+    while data := sock.recv(65536):
+        replies.append(data)
+    sock.close()
+
+
+@pytest.mark.parametrize("subclass", [False, True], ids=["SSLObject", "subclass"])
+def test_tls_many_records_per_read_after_paused_reading_then_close_notify(loop, subclass):
+    # The server reads nothing for 0.3 s while 3 MiB of records of random sizes (1 byte
+    # to 40 KiB) arrive in one send with the close_notify right after them: once it
+    # reads, each read finds many records, a batch holds more than 256 KiB of plaintext,
+    # and the end of the stream comes in the same read as the last data. Every byte
+    # must arrive once and in order, before eof_received, then connection_lost(None).
+    rng = random.Random(11)
+    chunks = []
+    total = 0
+    while total < 3 << 20:
+        chunks.append(rng.randbytes(rng.choice([1, 7, 100, 1500, 16384, 16385, 40000])))
+        total += len(chunks[-1])
+    expected = b"".join(chunks)
+    events = []
+    _CountingSSLObject.reads = 0
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            self.got = bytearray()
+            self.calls = 0
+            transport.pause_reading()
+            asyncio.get_running_loop().call_later(0.3, transport.resume_reading)
+
+        def data_received(self, data):
+            self.got += data
+            self.calls += 1
+
+        def eof_received(self):
+            events.append(("eof", bytes(self.got) == expected, self.calls))
+
+        def connection_lost(self, exc):
+            events.append(("lost", exc))
+
+    async def main():
+        ctx = server_context()
+        if subclass:
+            ctx.sslobject_class = _CountingSSLObject
+        server = await loop.create_server(Server, "127.0.0.1", 0, ssl=ctx)
+        port = server.sockets[0].getsockname()[1]
+        replies = []
+        await asyncio.to_thread(_tls_client_one_segment, port, chunks, replies)
+        for _ in range(200):
+            if len(events) == 2:
+                break
+            await asyncio.sleep(0.01)
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 60))
+    assert events[0][:2] == ("eof", True)
+    assert events[0][2] < len(chunks)  # records were read out in batches
+    assert events[1] == ("lost", None)
+    assert (_CountingSSLObject.reads > 0) == subclass

@@ -31,13 +31,13 @@ from asyncio import (
     events,
     exceptions,
     futures,
-    sslproto,
     trsock,
     unix_events,
 )
 from asyncio.log import logger
 from operator import methodcaller
 
+from . import _sslproto
 from ._ferroloop import Handle, LoopCore, bind_methods_to
 from ._server import Server
 from ._transports import DatagramTransport, SocketTransport, socket_extra
@@ -444,7 +444,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
         ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT,
     ):
-        ssl_protocol = sslproto.SSLProtocol(
+        ssl_protocol = _sslproto.SSLProtocol(
             self,
             protocol,
             sslcontext,

@@ -1,0 +1,37 @@
+"""asyncio's `SSLProtocol` with its per-record path in Rust (`src/tls.rs`).
+
+The subclasses keep every state transition of asyncio's classes (handshake, shutdown,
+flow control) and replace the methods that run for every record with Rust versions of
+the same steps. They follow Python 3.11's `asyncio.sslproto`; on other versions
+asyncio's classes are used as they are.
+"""
+
+from __future__ import annotations
+
+import sys
+from asyncio import sslproto
+
+from ._ferroloop import ssl_protocol_methods
+
+if sys.version_info[:2] == (3, 11):
+    _METHODS = ssl_protocol_methods()
+
+    class _SSLProtocolTransport(sslproto._SSLProtocolTransport):
+        write = _METHODS["write"]
+        is_closing = _METHODS["is_closing"]
+
+    class SSLProtocol(sslproto.SSLProtocol):
+        get_buffer = _METHODS["get_buffer"]
+        buffer_updated = _METHODS["buffer_updated"]
+        _write_appdata = _METHODS["_write_appdata"]
+
+        def _get_app_transport(self):
+            if self._app_transport is None:
+                if self._app_transport_created:
+                    raise RuntimeError("Creating _SSLProtocolTransport twice")
+                self._app_transport = _SSLProtocolTransport(self._loop, self)
+                self._app_transport_created = True
+            return self._app_transport
+
+else:
+    SSLProtocol = sslproto.SSLProtocol

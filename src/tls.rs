@@ -1,0 +1,637 @@
+//! The per-record path of asyncio's `SSLProtocol` (Python 3.11's `asyncio.sslproto`),
+//! in Rust.
+//!
+//! TLS runs on asyncio's own `SSLProtocol` over the Rust transport. Its handshake,
+//! shutdown and flow-control transitions stay in Python; what runs for every record
+//! (`get_buffer`, `buffer_updated` reading the records and handing the plaintext to the
+//! protocol, `_write_appdata` encrypting what the protocol writes and sending it) is
+//! done here with the same steps, on the same attributes, so the Python class keeps
+//! owning its state. Only a step that changes state (a pause, a close_notify, an error)
+//! calls back into the Python methods. `python/ferroloop/_sslproto.py` installs these
+//! as methods of a subclass, on the Python versions whose `sslproto` they follow.
+//!
+//! Where the steps differ from asyncio's, the result does not:
+//! - Attributes are read in the instance dictionary (`Proto`).
+//! - Records are decrypted through the C object under a stock `ssl.SSLObject`, into a
+//!   reused buffer, and the read that could only raise `SSLWantReadError` is not
+//!   made (`read_records`).
+
+use std::cell::Cell;
+
+use pyo3::exceptions::{PyException, PyTypeError};
+
+use pyo3::ffi;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyList, PySlice, PyString, PyTuple};
+
+/// What `asyncio.sslproto` defines that the path compares against.
+struct SslProto {
+    wrapped: Py<PyAny>,
+    flushing: Py<PyAny>,
+    shutdown: Py<PyAny>,
+    unwrapped: Py<PyAny>,
+    do_handshake: Py<PyAny>,
+    /// `SSLAgainErrors`: a read or write that must wait for more data.
+    again: Py<PyAny>,
+    /// `asyncio.sslproto.SSLProtocol`, for the rare cases left to its own methods.
+    base: Py<PyAny>,
+}
+
+static SSLPROTO: PyOnceLock<SslProto> = PyOnceLock::new();
+
+fn sslproto(py: Python<'_>) -> PyResult<&SslProto> {
+    SSLPROTO.get_or_try_init(py, || {
+        let module = py.import("asyncio.sslproto")?;
+        let state = module.getattr("SSLProtocolState")?;
+        let member = |name: &str| state.getattr(name).map(Bound::unbind);
+        Ok(SslProto {
+            wrapped: member("WRAPPED")?,
+            flushing: member("FLUSHING")?,
+            shutdown: member("SHUTDOWN")?,
+            unwrapped: member("UNWRAPPED")?,
+            do_handshake: member("DO_HANDSHAKE")?,
+            again: module.getattr("SSLAgainErrors")?.unbind(),
+            base: module.getattr("SSLProtocol")?.unbind(),
+        })
+    })
+}
+
+/// An `SSLProtocol` whose attributes the path reads and writes in its instance
+/// dictionary, where they live (`SSLProtocol` defines no descriptor for them), instead
+/// of through `getattr`, which first searches the class's MRO for a descriptor.
+/// Class attributes (`max_size`) are found through `getattr` when the dictionary has
+/// no entry.
+struct Proto<'py> {
+    obj: Bound<'py, PyAny>,
+    dict: Bound<'py, PyDict>,
+}
+
+impl<'py> Proto<'py> {
+    fn of(obj: Bound<'py, PyAny>) -> PyResult<Self> {
+        let py = obj.py();
+        // SAFETY: attached; `obj` is live; returns a new reference (made on first
+        // use) or NULL with an error set.
+        let dict = unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                ffi::PyObject_GenericGetDict(obj.as_ptr(), std::ptr::null_mut()),
+            )
+        }?
+        .cast_into::<PyDict>()?;
+        Ok(Proto { obj, dict })
+    }
+
+    fn py(&self) -> Python<'py> {
+        self.obj.py()
+    }
+
+    fn get(&self, name: &Bound<'py, PyString>) -> PyResult<Bound<'py, PyAny>> {
+        match self.dict.get_item(name)? {
+            Some(value) => Ok(value),
+            None => self.obj.getattr(name),
+        }
+    }
+
+    fn set<V: IntoPyObject<'py>>(&self, name: &Bound<'py, PyString>, value: V) -> PyResult<()> {
+        self.dict.set_item(name, value)
+    }
+}
+
+/// `SSLProtocol.get_buffer`: the protocol's own buffer when it is large enough (always,
+/// unless a caller asks for more than `max_size`, which the Python method handles).
+fn get_buffer<'py>(proto: &Proto<'py>, n: isize) -> PyResult<Bound<'py, PyAny>> {
+    let py = proto.py();
+    let max_size: isize = proto.get(intern!(py, "max_size"))?.extract()?;
+    let want = if n <= 0 || n > max_size { max_size } else { n };
+    let buffer = proto.get(intern!(py, "_ssl_buffer"))?;
+    if isize::try_from(buffer.len()?).unwrap_or(isize::MAX) < want {
+        let base = sslproto(py)?.base.bind(py);
+        return base
+            .getattr(intern!(py, "get_buffer"))?
+            .call1((&proto.obj, n));
+    }
+    proto.get(intern!(py, "_ssl_buffer_view"))
+}
+
+/// `SSLProtocol.buffer_updated`: feeds the received bytes to the TLS object and, once
+/// the connection is up, reads the records out to the protocol.
+fn buffer_updated(proto: &Proto<'_>, nbytes: isize) -> PyResult<()> {
+    let py = proto.py();
+    let names = sslproto(py)?;
+    let view = proto.get(intern!(py, "_ssl_buffer_view"))?;
+    let received = view.get_item(PySlice::new(py, 0, nbytes, 1))?;
+    proto
+        .get(intern!(py, "_incoming"))?
+        .call_method1(intern!(py, "write"), (received,))?;
+    let state = proto.get(intern!(py, "_state"))?;
+    if state.is(&names.wrapped) {
+        do_read(proto, names)
+    } else if state.is(&names.do_handshake) {
+        proto
+            .obj
+            .call_method0(intern!(py, "_do_handshake"))
+            .map(drop)
+    } else if state.is(&names.flushing) {
+        proto.obj.call_method0(intern!(py, "_do_flush")).map(drop)
+    } else if state.is(&names.shutdown) {
+        proto
+            .obj
+            .call_method0(intern!(py, "_do_shutdown"))
+            .map(drop)
+    } else {
+        Ok(())
+    }
+}
+
+/// `SSLProtocol._do_read` in the WRAPPED state: an `Exception` becomes a fatal error of
+/// the connection, as there.
+fn do_read(proto: &Proto<'_>, names: &SslProto) -> PyResult<()> {
+    let py = proto.py();
+    let outcome = (|| {
+        if !proto.get(intern!(py, "_app_reading_paused"))?.is_truthy()? {
+            if proto
+                .get(intern!(py, "_app_protocol_is_buffer"))?
+                .is_truthy()?
+            {
+                proto.obj.call_method0(intern!(py, "_do_read__buffered"))?;
+            } else {
+                do_read_copied(proto, names)?;
+            }
+            if proto.get(intern!(py, "_write_backlog"))?.is_truthy()? {
+                do_write(proto, names)?;
+            } else {
+                process_outgoing(proto)?;
+            }
+        }
+        control_ssl_reading(proto)
+    })();
+    fatal_on_exception(proto, outcome)
+}
+
+/// An `Exception` (not `KeyboardInterrupt` and the like) ends the connection through
+/// `_fatal_error`, as `SSLProtocol`'s `except Exception` blocks do.
+fn fatal_on_exception(proto: &Proto<'_>, outcome: PyResult<()>) -> PyResult<()> {
+    let py = proto.py();
+    match outcome {
+        Err(err) if err.is_instance_of::<PyException>(py) => proto
+            .obj
+            .call_method1(
+                intern!(py, "_fatal_error"),
+                (err.value(py), "Fatal error on SSL protocol"),
+            )
+            .map(drop),
+        other => other,
+    }
+}
+
+/// `SSLProtocol._do_read__copied`: every record available, as one `data_received`.
+fn do_read_copied(proto: &Proto<'_>, names: &SslProto) -> PyResult<()> {
+    let py = proto.py();
+    let sslobj = proto.get(intern!(py, "_sslobj"))?;
+    let (data, eof) = match raw_sslobj(&sslobj)? {
+        Some(raw) => read_records(&raw, &proto.get(intern!(py, "_incoming"))?, names)?,
+        None => read_records_wrapped(proto, &sslobj, names)?,
+    };
+    if let Some(data) = data {
+        proto
+            .get(intern!(py, "_app_protocol"))?
+            .call_method1(intern!(py, "data_received"), (data,))?;
+    }
+    if eof {
+        // close_notify
+        proto.obj.call_method0(intern!(py, "_call_eof_received"))?;
+        proto.obj.call_method0(intern!(py, "_start_shutdown"))?;
+    }
+    Ok(())
+}
+
+/// The plaintext of every record the TLS object can decrypt now (`None` if there is
+/// none), and whether the peer's close_notify came.
+type Records<'py> = (Option<Bound<'py, PyAny>>, bool);
+
+/// Reads the records of a stock `ssl.SSLObject` through its C object, into this
+/// thread's scratch buffer, then copies the plaintext out into one `bytes`.
+///
+/// Two costs of asyncio's loop are avoided:
+/// - `read(n)` allocates `n` bytes (`max_size`, 256 KiB) for every record and shrinks
+///   them. glibc serves and frees blocks that size at the top of its heap, trimming
+///   and regrowing it (page faults, `brk`) on some runs and not others.
+/// - The last read of each batch only raises `SSLWantReadError`, whose making (a
+///   formatted message, attributes) costs about 1 µs, more than a small record's
+///   decryption. It is not made when there is nothing left to decrypt: no plaintext
+///   pending in the TLS object, no input in its incoming BIO and no EOF marked on it.
+///   OpenSSL takes input from the BIO one record at a time (it reads ahead only when
+///   `SSL_CTX_set_read_ahead` is set, which Python's `ssl` never does), so a record
+///   is in the BIO until it is decrypted.
+fn read_records<'py>(
+    raw: &Bound<'py, PyAny>,
+    incoming: &Bound<'py, PyAny>,
+    names: &SslProto,
+) -> PyResult<Records<'py>> {
+    let py = raw.py();
+    let mut scratch = Scratch::take();
+    let mut parts = Vec::new();
+    let mut filled = 0;
+    let mut eof = false;
+    loop {
+        if filled == scratch.buf.len() {
+            parts.push(PyBytes::new(py, &scratch.buf[..filled]));
+            filled = 0;
+        }
+        if (filled > 0 || !parts.is_empty()) && nothing_to_read(raw, incoming)? {
+            break;
+        }
+        match scratch.read_into(raw, filled) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(n) => filled += n,
+            Err(err) if err.matches(py, names.again.bind(py))? => break,
+            Err(err) => return Err(err),
+        }
+    }
+    let data = if parts.is_empty() {
+        (filled > 0).then(|| PyBytes::new(py, &scratch.buf[..filled]).into_any())
+    } else {
+        if filled > 0 {
+            parts.push(PyBytes::new(py, &scratch.buf[..filled]));
+        }
+        Some(join(py, parts)?)
+    };
+    Ok((data, eof))
+}
+
+/// The records of a TLS object of another class, read as asyncio does.
+fn read_records_wrapped<'py>(
+    proto: &Proto<'py>,
+    sslobj: &Bound<'py, PyAny>,
+    names: &SslProto,
+) -> PyResult<Records<'py>> {
+    let py = proto.py();
+    let max_size = proto.get(intern!(py, "max_size"))?;
+    let mut chunks = Vec::new();
+    loop {
+        match sslobj.call_method1(intern!(py, "read"), (&max_size,)) {
+            Ok(chunk) if chunk.len()? == 0 => return Ok((join_chunks(py, chunks)?, true)),
+            Ok(chunk) => chunks.push(chunk),
+            Err(err) if err.matches(py, names.again.bind(py))? => break,
+            Err(err) => return Err(err),
+        }
+    }
+    Ok((join_chunks(py, chunks)?, false))
+}
+
+fn join_chunks<'py>(
+    py: Python<'py>,
+    mut chunks: Vec<Bound<'py, PyAny>>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    match chunks.len() {
+        0 | 1 => Ok(chunks.pop()),
+        _ => join(py, chunks).map(Some),
+    }
+}
+
+fn join<'py, T: pyo3::PyTypeInfo>(
+    py: Python<'py>,
+    parts: Vec<Bound<'py, T>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    PyBytes::new(py, b"").call_method1(intern!(py, "join"), (PyList::new(py, parts)?,))
+}
+
+/// The scratch buffer records are decrypted into: `max_size` bytes, as asyncio reads.
+const SCRATCH_SIZE: usize = 256 * 1024;
+
+thread_local! {
+    /// This thread's scratch buffer while no read uses it. `_ssl` releases the GIL in
+    /// `SSL_read`, so each thread needs its own; a read that finds it taken (a
+    /// callback of the TLS object reading another connection) makes another.
+    static SCRATCH: Cell<Option<Box<[u8]>>> = const { Cell::new(None) };
+}
+
+/// This thread's scratch buffer, taken for one batch of reads and put back on drop.
+struct Scratch {
+    buf: Box<[u8]>,
+}
+
+impl Scratch {
+    fn take() -> Self {
+        let buf = SCRATCH
+            .with(Cell::take)
+            .unwrap_or_else(|| vec![0; SCRATCH_SIZE].into_boxed_slice());
+        Scratch { buf }
+    }
+
+    /// `raw.read(len, view)` into `buf[at..]`: the number of bytes decrypted (0 at
+    /// close_notify).
+    fn read_into(&mut self, raw: &Bound<'_, PyAny>, at: usize) -> PyResult<usize> {
+        let py = raw.py();
+        let room = &mut self.buf[at..];
+        let len = room.len();
+        // SAFETY: `room` is valid for `len` writable bytes while `self` lives, and the
+        // view is released below before this function returns, so no reference to the
+        // memory outlives the call (`_ssl` writes through a Py_buffer it releases
+        // before returning).
+        let view = unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                ffi::PyMemoryView_FromMemory(
+                    room.as_mut_ptr().cast(),
+                    len as ffi::Py_ssize_t,
+                    ffi::PyBUF_WRITE,
+                ),
+            )
+        }?;
+        let result = raw.call_method1(intern!(py, "read"), (len, &view));
+        // SAFETY: a live object, attached.
+        if unsafe { ffi::Py_REFCNT(view.as_ptr()) } > 1 {
+            // Someone kept the view: release it so the memory can no longer be
+            // reached through it.
+            view.call_method0(intern!(py, "release"))?;
+        }
+        result?.extract()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        SCRATCH.with(|slot| slot.set(Some(buf)));
+    }
+}
+
+/// No plaintext pending in the TLS object, no input in its incoming BIO, no EOF marked
+/// on it: a read could only raise `SSLWantReadError`.
+fn nothing_to_read(raw: &Bound<'_, PyAny>, incoming: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = raw.py();
+    Ok(incoming
+        .getattr(intern!(py, "pending"))?
+        .extract::<usize>()?
+        == 0
+        && !incoming.getattr(intern!(py, "eof"))?.is_truthy()?
+        && raw
+            .call_method0(intern!(py, "pending"))?
+            .extract::<usize>()?
+            == 0)
+}
+
+/// The C object under a stock `ssl.SSLObject` (whose `read`, `write` and `pending` only
+/// pass their arguments on), so a read that must wait raises through no Python frame;
+/// `None` for an object of a subclass, which is used as it is.
+fn raw_sslobj<'py>(sslobj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = sslobj.py();
+    let stock = SSLOBJECT
+        .get_or_try_init(py, || {
+            py.import("ssl")?.getattr("SSLObject").map(Bound::unbind)
+        })?
+        .bind(py);
+    if sslobj.get_type().is(stock) {
+        sslobj.getattr(intern!(py, "_sslobj")).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+static SSLOBJECT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// `SSLProtocol._do_write`: encrypts the backlog as far as the TLS object takes it.
+fn do_write(proto: &Proto<'_>, names: &SslProto) -> PyResult<()> {
+    let py = proto.py();
+    let backlog = proto.get(intern!(py, "_write_backlog"))?;
+    let sslobj = proto.get(intern!(py, "_sslobj"))?;
+    let sslobj = raw_sslobj(&sslobj)?.unwrap_or(sslobj);
+    while backlog.is_truthy()? {
+        let data = backlog.get_item(0)?;
+        let count: usize = match sslobj.call_method1(intern!(py, "write"), (&data,)) {
+            Ok(count) => count.extract()?,
+            Err(err) if err.matches(py, names.again.bind(py))? => break,
+            Err(err) => return Err(err),
+        };
+        let data_len = data.len()?;
+        let size: usize = proto.get(intern!(py, "_write_buffer_size"))?.extract()?;
+        if count < data_len {
+            let rest = data.get_item(PySlice::new(py, count as isize, data_len as isize, 1))?;
+            backlog.set_item(0, rest)?;
+            proto.set(
+                intern!(py, "_write_buffer_size"),
+                size.saturating_sub(count),
+            )?;
+        } else {
+            backlog.call_method0(intern!(py, "popleft"))?;
+            proto.set(
+                intern!(py, "_write_buffer_size"),
+                size.saturating_sub(data_len),
+            )?;
+        }
+    }
+    process_outgoing(proto)
+}
+
+/// `SSLProtocol._process_outgoing`: sends what the TLS object produced.
+fn process_outgoing(proto: &Proto<'_>) -> PyResult<()> {
+    let py = proto.py();
+    if !proto.get(intern!(py, "_ssl_writing_paused"))?.is_truthy()? {
+        let data = proto
+            .get(intern!(py, "_outgoing"))?
+            .call_method0(intern!(py, "read"))?;
+        if data.len()? > 0 {
+            proto
+                .get(intern!(py, "_transport"))?
+                .call_method1(intern!(py, "write"), (data,))?;
+        }
+    }
+    control_app_writing(proto)
+}
+
+/// `SSLProtocol._control_app_writing`: left to the Python method when the protocol's
+/// writing must be paused or resumed.
+fn control_app_writing(proto: &Proto<'_>) -> PyResult<()> {
+    let py = proto.py();
+    let buffered: usize = proto.get(intern!(py, "_write_buffer_size"))?.extract()?;
+    let flow = Flow {
+        bio: intern!(py, "_outgoing"),
+        paused: intern!(py, "_app_writing_paused"),
+        high: intern!(py, "_outgoing_high_water"),
+        low: intern!(py, "_outgoing_low_water"),
+        control: intern!(py, "_control_app_writing"),
+    };
+    flow.control(proto, buffered)
+}
+
+/// `SSLProtocol._control_ssl_reading`: left to the Python method when reading from the
+/// transport must be paused or resumed.
+fn control_ssl_reading(proto: &Proto<'_>) -> PyResult<()> {
+    let py = proto.py();
+    let flow = Flow {
+        bio: intern!(py, "_incoming"),
+        paused: intern!(py, "_ssl_reading_paused"),
+        high: intern!(py, "_incoming_high_water"),
+        low: intern!(py, "_incoming_low_water"),
+        control: intern!(py, "_control_ssl_reading"),
+    };
+    flow.control(proto, 0)
+}
+
+/// One direction's flow control: the attribute names `SSLProtocol` keeps it under.
+struct Flow<'a, 'py> {
+    bio: &'a Bound<'py, PyString>,
+    paused: &'a Bound<'py, PyString>,
+    high: &'a Bound<'py, PyString>,
+    low: &'a Bound<'py, PyString>,
+    control: &'a Bound<'py, PyString>,
+}
+
+impl Flow<'_, '_> {
+    /// Calls the Python method only when the size (the BIO's pending bytes plus
+    /// `extra`) calls for a pause (at or above the high-water mark, not paused) or a
+    /// resume (at or below the low-water mark, paused): it decides again and acts.
+    fn control(&self, proto: &Proto<'_>, extra: usize) -> PyResult<()> {
+        let py = proto.py();
+        let pending: usize = proto
+            .get(self.bio)?
+            .getattr(intern!(py, "pending"))?
+            .extract()?;
+        let size = pending + extra;
+        let crosses = if proto.get(self.paused)?.is_truthy()? {
+            size <= proto.get(self.low)?.extract::<usize>()?
+        } else {
+            size >= proto.get(self.high)?.extract::<usize>()?
+        };
+        if crosses {
+            proto.obj.call_method0(self.control)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the protocol wrote: one object (`write`) or an iterable of them (`writelines`).
+enum Written<'a, 'py> {
+    One(&'a Bound<'py, PyAny>),
+    Many(&'a Bound<'py, PyAny>),
+}
+
+/// `SSLProtocol._write_appdata`: queues what the protocol wrote and, once the
+/// connection is up, encrypts and sends it.
+fn write_appdata(proto: &Proto<'_>, written: Written<'_, '_>) -> PyResult<()> {
+    let py = proto.py();
+    let names = sslproto(py)?;
+    let state = proto.get(intern!(py, "_state"))?;
+    if state.is(&names.flushing) || state.is(&names.shutdown) || state.is(&names.unwrapped) {
+        // Closing: the Python method counts and logs the lost write.
+        let list_of_data = match written {
+            Written::One(data) => PyTuple::new(py, [data])?.into_any(),
+            Written::Many(list) => list.clone(),
+        };
+        let base = names.base.bind(py);
+        return base
+            .getattr(intern!(py, "_write_appdata"))?
+            .call1((&proto.obj, list_of_data))
+            .map(drop);
+    }
+    let backlog = proto.get(intern!(py, "_write_backlog"))?;
+    match written {
+        Written::One(data) => queue(proto, &backlog, data)?,
+        Written::Many(list) => {
+            for data in list.try_iter()? {
+                queue(proto, &backlog, &data?)?;
+            }
+        }
+    }
+    let outcome = if state.is(&names.wrapped) {
+        do_write(proto, names)
+    } else {
+        Ok(())
+    };
+    fatal_on_exception(proto, outcome)
+}
+
+/// Appends to the backlog and counts it, as `_write_appdata` does for each item.
+fn queue(proto: &Proto<'_>, backlog: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = proto.py();
+    backlog.call_method1(intern!(py, "append"), (data,))?;
+    let size: usize = proto.get(intern!(py, "_write_buffer_size"))?.extract()?;
+    proto.set(intern!(py, "_write_buffer_size"), size + data.len()?)
+}
+
+/// `_SSLProtocolTransport.write`: checks the data and hands it to the protocol's
+/// `_write_appdata` (the Rust one above: the transport is made by ferroloop's
+/// `SSLProtocol`), without a one-item tuple.
+fn transport_write(transport: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = transport.py();
+    // SAFETY: type checks on a live object while attached.
+    let bytes_like = unsafe {
+        ffi::PyBytes_Check(data.as_ptr()) != 0
+            || ffi::PyByteArray_Check(data.as_ptr()) != 0
+            || ffi::PyMemoryView_Check(data.as_ptr()) != 0
+    };
+    if !bytes_like {
+        return Err(PyTypeError::new_err(format!(
+            "data: expecting a bytes-like instance, got {}",
+            data.get_type().name()?
+        )));
+    }
+    if !data.is_truthy()? {
+        return Ok(());
+    }
+    let proto = Proto::of(transport.getattr(intern!(py, "_ssl_protocol"))?)?;
+    write_appdata(&proto, Written::One(data))
+}
+
+#[pyfunction]
+fn ssl_transport_write(transport: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+    transport_write(transport, data)
+}
+
+/// `_SSLProtocolTransport.is_closing`.
+#[pyfunction]
+fn ssl_transport_is_closing<'py>(transport: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    transport.getattr(intern!(transport.py(), "_closed"))
+}
+
+#[pyfunction]
+fn ssl_get_buffer<'py>(proto: &Bound<'py, PyAny>, n: isize) -> PyResult<Bound<'py, PyAny>> {
+    get_buffer(&Proto::of(proto.clone())?, n)
+}
+
+#[pyfunction]
+fn ssl_buffer_updated(proto: &Bound<'_, PyAny>, nbytes: isize) -> PyResult<()> {
+    buffer_updated(&Proto::of(proto.clone())?, nbytes)
+}
+
+#[pyfunction]
+fn ssl_write_appdata(proto: &Bound<'_, PyAny>, list_of_data: &Bound<'_, PyAny>) -> PyResult<()> {
+    write_appdata(&Proto::of(proto.clone())?, Written::Many(list_of_data))
+}
+
+unsafe extern "C" {
+    /// CPython's `instancemethod`: wraps a callable so that it binds to instances as a
+    /// function does (what Cython uses for its methods); not exposed by pyo3-ffi.
+    fn PyInstanceMethod_New(func: *mut ffi::PyObject) -> *mut ffi::PyObject;
+}
+
+/// The methods, as objects a class body can bind: `{name: instancemethod}` (the
+/// protocol's `get_buffer`, `buffer_updated`, `_write_appdata`; the app transport's
+/// `write` and `is_closing`).
+#[pyfunction]
+pub fn ssl_protocol_methods(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let methods = PyDict::new(py);
+    for (name, func) in [
+        ("get_buffer", wrap_pyfunction!(ssl_get_buffer, py)?),
+        ("buffer_updated", wrap_pyfunction!(ssl_buffer_updated, py)?),
+        ("_write_appdata", wrap_pyfunction!(ssl_write_appdata, py)?),
+        ("write", wrap_pyfunction!(ssl_transport_write, py)?),
+        (
+            "is_closing",
+            wrap_pyfunction!(ssl_transport_is_closing, py)?,
+        ),
+    ] {
+        // SAFETY: attached; `func` is a live callable; returns a new reference or NULL
+        // with an error set.
+        let method =
+            unsafe { Bound::from_owned_ptr_or_err(py, PyInstanceMethod_New(func.as_ptr())) }?;
+        methods.set_item(name, method)?;
+    }
+    Ok(methods)
+}
