@@ -237,7 +237,7 @@ fn read_records<'py>(
     let mut eof = false;
     loop {
         if filled == scratch.buf.len() {
-            parts.push(PyBytes::new(py, &scratch.buf[..filled]));
+            parts.push(PyBytes::new(py, &scratch.buf[..filled]).into_any());
             filled = 0;
         }
         if (filled > 0 || !parts.is_empty()) && nothing_to_read(raw, incoming)? {
@@ -253,15 +253,10 @@ fn read_records<'py>(
             Err(err) => return Err(err),
         }
     }
-    let data = if parts.is_empty() {
-        (filled > 0).then(|| PyBytes::new(py, &scratch.buf[..filled]).into_any())
-    } else {
-        if filled > 0 {
-            parts.push(PyBytes::new(py, &scratch.buf[..filled]));
-        }
-        Some(join(py, parts)?)
-    };
-    Ok((data, eof))
+    if filled > 0 {
+        parts.push(PyBytes::new(py, &scratch.buf[..filled]).into_any());
+    }
+    Ok((join_chunks(py, parts)?, eof))
 }
 
 /// The records of a TLS object of another class, read as asyncio does.
@@ -284,21 +279,17 @@ fn read_records_wrapped<'py>(
     Ok((join_chunks(py, chunks)?, false))
 }
 
+/// The chunks as one `bytes` (`None` for none), joined only when there are several.
 fn join_chunks<'py>(
     py: Python<'py>,
     mut chunks: Vec<Bound<'py, PyAny>>,
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
     match chunks.len() {
         0 | 1 => Ok(chunks.pop()),
-        _ => join(py, chunks).map(Some),
+        _ => PyBytes::new(py, b"")
+            .call_method1(intern!(py, "join"), (PyList::new(py, chunks)?,))
+            .map(Some),
     }
-}
-
-fn join<'py, T: pyo3::PyTypeInfo>(
-    py: Python<'py>,
-    parts: Vec<Bound<'py, T>>,
-) -> PyResult<Bound<'py, PyAny>> {
-    PyBytes::new(py, b"").call_method1(intern!(py, "join"), (PyList::new(py, parts)?,))
 }
 
 /// The scratch buffer records are decrypted into: `max_size` bytes, as asyncio reads.
