@@ -29,6 +29,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Makes one handle: after the free lists are in place.
     fastcall::probe_asyncio_kwnames(m.py());
     m.add_function(wrap_pyfunction!(tls::ssl_protocol_methods, m)?)?;
+    m.add_class::<tls::TlsState>()?;
     m.add_class::<transports::stream::StreamTransport>()?;
     m.add_class::<transports::datagram::DatagramTransport>()?;
     Ok(())

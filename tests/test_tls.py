@@ -5,12 +5,15 @@ client certificates, start_tls on both sides, the shutdown timeout and fd leaks.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import random
 import socket
 import ssl
+import sys
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -257,6 +260,64 @@ def test_1000_tls_connections_leak_no_fd(loop):
         await server.wait_closed()
 
     loop.run_until_complete(asyncio.wait_for(main(), 300))
+
+
+def test_tls_protocols_and_transports_are_freed_once_closed(loop):
+    # Every SSL protocol and app transport of 40 closed connections (both ends) is
+    # gone after a collection: nothing of the TLS layer keeps them alive.
+    refs = []
+
+    async def handler(reader, writer):
+        refs.append(weakref.ref(writer.transport))
+        refs.append(weakref.ref(writer.transport._ssl_protocol))
+        await _echo(reader, writer)
+
+    async def main():
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_context())
+        port = server.sockets[0].getsockname()[1]
+
+        async def one(i):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_context(), server_hostname="localhost"
+            )
+            refs.append(weakref.ref(writer.transport))
+            refs.append(weakref.ref(writer.transport._ssl_protocol))
+            body = bytes([i]) * (1000 * i + 1)
+            writer.write(body)
+            assert await reader.readexactly(len(body)) == body
+            writer.close()
+            await writer.wait_closed()
+
+        await asyncio.gather(*(one(i) for i in range(40)))
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.05)
+
+    loop.run_until_complete(asyncio.wait_for(main(), 60))
+    assert len(refs) == 160
+    gc.collect()
+    assert [ref for ref in refs if ref() is not None] == []
+
+
+def test_ssl_protocol_in_a_reference_cycle_is_collected(loop_name):
+    # A cycle through the attributes the per-record path keeps (here the protocol as
+    # its own transport and app protocol) is found by the collector.
+    if loop_name == "ferroloop" and sys.version_info[:2] == (3, 11):
+        from ferroloop._sslproto import SSLProtocol
+    else:
+        from asyncio.sslproto import SSLProtocol
+    loop = asyncio.new_event_loop()
+    try:
+        proto = SSLProtocol(loop, asyncio.Protocol(), client_context(), None)
+        proto._transport = proto
+        proto._app_protocol = proto
+        proto._write_backlog.append(proto)
+        ref = weakref.ref(proto)
+        del proto
+        gc.collect()
+        assert ref() is None
+    finally:
+        loop.close()
 
 
 def test_tls_protocol_writes_flow_control_pause_and_close_notify(loop):

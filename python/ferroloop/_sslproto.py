@@ -2,8 +2,9 @@
 
 The subclasses keep every state transition of asyncio's classes (handshake, shutdown,
 flow control) and replace the methods that run for every record with Rust versions of
-the same steps. They follow Python 3.11's `asyncio.sslproto`; on other versions
-asyncio's classes are used as they are.
+the same steps. `TlsState`, first in the protocol's bases, keeps the attributes those
+steps use as fields and defines the per-record methods. They follow Python 3.11's
+`asyncio.sslproto`; on other versions asyncio's classes are used as they are.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import sys
 from asyncio import sslproto
 
-from ._ferroloop import ssl_protocol_methods
+from ._ferroloop import TlsState, ssl_protocol_methods
 
 if sys.version_info[:2] == (3, 11):
     _METHODS = ssl_protocol_methods()
@@ -20,11 +21,7 @@ if sys.version_info[:2] == (3, 11):
         write = _METHODS["write"]
         is_closing = _METHODS["is_closing"]
 
-    class SSLProtocol(sslproto.SSLProtocol):
-        get_buffer = _METHODS["get_buffer"]
-        buffer_updated = _METHODS["buffer_updated"]
-        _write_appdata = _METHODS["_write_appdata"]
-
+    class SSLProtocol(TlsState, sslproto.SSLProtocol):
         def _get_app_transport(self):
             if self._app_transport is None:
                 if self._app_transport_created:
