@@ -17,6 +17,7 @@
 //!   made (`read_records`).
 
 use std::cell::Cell;
+use std::io;
 
 use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError};
 
@@ -283,12 +284,40 @@ fn max_size(proto: &Proto<'_>) -> PyResult<isize> {
 /// the connection is up, reads the records out to the protocol.
 fn buffer_updated(proto: &Proto<'_>, nbytes: isize) -> PyResult<()> {
     let py = proto.py();
-    let names = sslproto(py)?;
     let view = proto.get(|st| &st.ssl_buffer_view)?;
     let received = view.get_item(PySlice::new(py, 0, nbytes, 1))?;
     proto
         .get(|st| &st.incoming)?
         .call_method1(intern!(py, "write"), (received,))?;
+    records_received(&proto.obj)
+}
+
+/// What the stream transport calls instead of `get_buffer` and `buffer_updated`:
+/// `recv` (the socket's read) fills this thread's scratch buffer, whose bytes go into
+/// the incoming BIO, the step `buffer_updated` starts with; the number read (0 at
+/// EOF) or the read's error. `records_received` then does the rest.
+pub(crate) fn receive(
+    proto: &Bound<'_, TlsState>,
+    recv: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+) -> PyResult<io::Result<usize>> {
+    let mut scratch = Scratch::take();
+    let n = match recv(&mut scratch.buf) {
+        Ok(n) => n,
+        Err(err) => return Ok(Err(err)),
+    };
+    if n > 0 {
+        let incoming = Proto::of(proto).get(|st| &st.incoming)?;
+        scratch.write_to(&incoming, n)?;
+    }
+    Ok(Ok(n))
+}
+
+/// The rest of `buffer_updated`, once the bytes are in the incoming BIO: the handshake,
+/// the records or the shutdown, by state.
+pub(crate) fn records_received(proto: &Bound<'_, TlsState>) -> PyResult<()> {
+    let proto = &Proto::of(proto);
+    let py = proto.py();
+    let names = sslproto(py)?;
     let state = proto.get(|st| &st.state)?;
     let obj = proto.any();
     if state.is(&names.wrapped) {
@@ -490,29 +519,51 @@ impl Scratch {
         let py = raw.py();
         let room = &mut self.buf[at..];
         let len = room.len();
-        // SAFETY: `room` is valid for `len` writable bytes while `self` lives, and the
-        // view is released below before this function returns, so no reference to the
-        // memory outlives the call (`_ssl` writes through a Py_buffer it releases
-        // before returning).
-        let view = unsafe {
-            Bound::from_owned_ptr_or_err(
-                py,
-                ffi::PyMemoryView_FromMemory(
-                    room.as_mut_ptr().cast(),
-                    len as ffi::Py_ssize_t,
-                    ffi::PyBUF_WRITE,
-                ),
-            )
-        }?;
-        let result = raw.call_method1(intern!(py, "read"), (len, &view));
-        // SAFETY: a live object, attached.
-        if unsafe { ffi::Py_REFCNT(view.as_ptr()) } > 1 {
-            // Someone kept the view: release it so the memory can no longer be
-            // reached through it.
-            view.call_method0(intern!(py, "release"))?;
-        }
-        result?.extract()
+        with_view(py, room, ffi::PyBUF_WRITE, |view| {
+            raw.call_method1(intern!(py, "read"), (len, view))?
+                .extract()
+        })
     }
+
+    /// `bio.write(buf[..n])`.
+    fn write_to(&mut self, bio: &Bound<'_, PyAny>, n: usize) -> PyResult<()> {
+        let py = bio.py();
+        with_view(py, &mut self.buf[..n], ffi::PyBUF_READ, |view| {
+            bio.call_method1(intern!(py, "write"), (view,)).map(drop)
+        })
+    }
+}
+
+/// Calls `f` with a memoryview of `buf` (`flags`: `PyBUF_READ` or `PyBUF_WRITE`) that
+/// no longer reaches the memory once `f` returns.
+fn with_view<'py, R>(
+    py: Python<'py>,
+    buf: &mut [u8],
+    flags: std::os::raw::c_int,
+    f: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<R>,
+) -> PyResult<R> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes (writable, as it is borrowed
+    // mutably) for this whole call, and the view is released below before it returns
+    // if anyone kept it, so no reference to the memory outlives the borrow. (`_ssl`
+    // reaches the memory through a Py_buffer it releases before returning.)
+    let view = unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            ffi::PyMemoryView_FromMemory(
+                buf.as_mut_ptr().cast(),
+                buf.len() as ffi::Py_ssize_t,
+                flags,
+            ),
+        )
+    }?;
+    let result = f(&view);
+    // SAFETY: a live object, attached.
+    if unsafe { ffi::Py_REFCNT(view.as_ptr()) } > 1 {
+        // Someone kept the view: release it so the memory can no longer be reached
+        // through it.
+        view.call_method0(intern!(py, "release"))?;
+    }
+    result
 }
 
 impl Drop for Scratch {
@@ -560,14 +611,7 @@ static SSLOBJECT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 fn do_write(proto: &Proto<'_>, names: &SslProto) -> PyResult<()> {
     let py = proto.py();
     let backlog = proto.get(|st| &st.write_backlog)?;
-    let sslobj = {
-        let st = proto.state()?;
-        st.raw
-            .as_ref()
-            .or(st.sslobj.as_ref())
-            .map(|obj| obj.bind(py).clone())
-    }
-    .ok_or_else(|| PyRuntimeError::new_err("SSLProtocol has no SSL object"))?;
+    let sslobj = ssl_writer(proto)?;
     while backlog.is_truthy()? {
         let data = backlog.get_item(0)?;
         let count: usize = match sslobj.call_method1(intern!(py, "write"), (&data,)) {
@@ -590,6 +634,49 @@ fn do_write(proto: &Proto<'_>, names: &SslProto) -> PyResult<()> {
             .saturating_sub(isize::try_from(written).unwrap_or(isize::MAX));
     }
     process_outgoing(proto)
+}
+
+/// `_write_appdata` of one item with the backlog empty, in the WRAPPED state: the item
+/// is encrypted without passing through the backlog, which ends as asyncio's would
+/// (what the TLS object did not take, queued and counted).
+fn write_now(
+    proto: &Proto<'_>,
+    names: &SslProto,
+    backlog: &Bound<'_, PyAny>,
+    data: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = proto.py();
+    match ssl_writer(proto)?.call_method1(intern!(py, "write"), (data,)) {
+        Ok(count) => {
+            let count: usize = count.extract()?;
+            let data_len = data.len()?;
+            if count < data_len {
+                let rest = data.get_item(PySlice::new(py, count as isize, data_len as isize, 1))?;
+                queue(proto, backlog, &rest)?;
+                return do_write(proto, names);
+            }
+            process_outgoing(proto)
+        }
+        Err(err) if err.matches(py, names.again.bind(py))? => {
+            queue(proto, backlog, data)?;
+            process_outgoing(proto)
+        }
+        Err(err) => {
+            queue(proto, backlog, data)?;
+            Err(err)
+        }
+    }
+}
+
+/// What encrypts: the C object under a stock `ssl.SSLObject`, or the object itself.
+fn ssl_writer<'py>(proto: &Proto<'py>) -> PyResult<Bound<'py, PyAny>> {
+    let py = proto.py();
+    let st = proto.state()?;
+    st.raw
+        .as_ref()
+        .or(st.sslobj.as_ref())
+        .map(|obj| obj.bind(py).clone())
+        .ok_or_else(|| PyRuntimeError::new_err("SSLProtocol has no SSL object"))
 }
 
 /// `SSLProtocol._process_outgoing`: sends what the TLS object produced.
@@ -688,6 +775,10 @@ fn write_appdata(proto: &Proto<'_>, written: Written<'_, '_>) -> PyResult<()> {
     }
     let backlog = proto.get(|st| &st.write_backlog)?;
     match written {
+        Written::One(data) if state.is(&names.wrapped) && backlog.len()? == 0 => {
+            let outcome = write_now(proto, names, &backlog, data);
+            return fatal_on_exception(proto, outcome);
+        }
         Written::One(data) => queue(proto, &backlog, data)?,
         Written::Many(list) => {
             for data in list.try_iter()? {

@@ -24,6 +24,7 @@ use crate::errors::{os_error, would_block};
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
 use crate::poller::{self, READABLE, WRITABLE};
+use crate::tls::{self, TlsState};
 use crate::transports::{
     asyncio_logger, close, flow_control, get_extra_info, in_read_context, is_fatal_to_loop,
     lose_connection, register, release_socket, report_fatal, set_limits, set_reading,
@@ -54,11 +55,18 @@ static BUFFERED_PROTOCOL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 enum ReadPath {
     Data,
     Buffered,
+    /// ferroloop's `SSLProtocol`: the socket is read into the TLS object's incoming
+    /// BIO, for `tls::records_received`, the steps of its `get_buffer` and
+    /// `buffer_updated` without the two calls.
+    Tls,
 }
 
 impl ReadPath {
     fn of(protocol: &Bound<'_, PyAny>) -> PyResult<ReadPath> {
         let py = protocol.py();
+        if protocol.is_instance_of::<TlsState>() {
+            return Ok(ReadPath::Tls);
+        }
         let buffered = BUFFERED_PROTOCOL.get_or_try_init(py, || {
             Ok::<_, PyErr>(
                 py.import("asyncio.protocols")?
@@ -251,6 +259,34 @@ impl StreamTransport {
                     let name = pyo3::intern!(py, "buffer_updated");
                     call_method_one(&protocol, name, nbytes.as_any()).map(drop)
                 });
+                StreamTransport::protocol_outcome(
+                    slf,
+                    called,
+                    "Fatal error: protocol.buffer_updated() call failed.",
+                )
+            }
+            ReadPath::Tls => {
+                let tls = protocol.cast::<TlsState>()?;
+                let received = tls::receive(tls, |buf| {
+                    // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
+                    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                    if n < 0 {
+                        Err(io::Error::last_os_error())
+                    } else {
+                        Ok(n as usize)
+                    }
+                });
+                let called = match received {
+                    Ok(Ok(0)) => return StreamTransport::on_eof(slf, &mut context),
+                    Ok(Ok(_)) => in_read_context(&slf.get().state, py, &mut context, || {
+                        tls::records_received(tls)
+                    }),
+                    Ok(Err(err)) if would_block(&err) => return Ok(()),
+                    Ok(Err(err)) => {
+                        return StreamTransport::fatal_error(slf, os_error(err), READ_ERROR)
+                    }
+                    Err(err) => Err(err),
+                };
                 StreamTransport::protocol_outcome(
                     slf,
                     called,
