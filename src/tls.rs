@@ -1,5 +1,5 @@
-//! The per-record path of asyncio's `SSLProtocol` (Python 3.11's `asyncio.sslproto`),
-//! in Rust.
+//! The per-record path of asyncio's `SSLProtocol` (`asyncio.sslproto` of Python 3.11
+//! to 3.13, whose per-record methods are the same), in Rust.
 //!
 //! TLS runs on asyncio's own `SSLProtocol` over the Rust transport. Its handshake,
 //! shutdown and flow-control transitions stay in Python; what runs for every record
@@ -7,11 +7,16 @@
 //! protocol, `_write_appdata` encrypting what the protocol writes and sending it) is
 //! done here with the same steps, on the same attributes, so the Python class keeps
 //! owning its state. Only a step that changes state (a pause, a close_notify, an error)
-//! calls back into the Python methods. `python/ferroloop/_sslproto.py` installs these
-//! as methods of a subclass, on the Python versions whose `sslproto` they follow.
+//! calls back into the Python methods. `python/ferroloop/_sslproto.py` puts `TlsState`
+//! first in the bases of a subclass, on the Python versions whose `sslproto` it follows.
 //!
 //! Where the steps differ from asyncio's, the result does not:
-//! - Attributes are read in the instance dictionary (`Proto`).
+//! - The attributes the steps use are fields of `TlsState`, not dictionary entries.
+//! - The stream transport reads the socket straight into the incoming BIO
+//!   (`receive`, `records_received`) instead of calling `get_buffer` and
+//!   `buffer_updated`.
+//! - One write with nothing queued is encrypted without passing through the backlog
+//!   (`write_now`).
 //! - Records are decrypted through the C object under a stock `ssl.SSLObject`, into a
 //!   reused buffer, and the read that could only raise `SSLWantReadError` is not
 //!   made (`read_records`).

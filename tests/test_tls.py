@@ -10,7 +10,6 @@ import hashlib
 import random
 import socket
 import ssl
-import sys
 import threading
 import time
 import weakref
@@ -302,7 +301,7 @@ def test_tls_protocols_and_transports_are_freed_once_closed(loop):
 def test_ssl_protocol_in_a_reference_cycle_is_collected(loop_name):
     # A cycle through the attributes the per-record path keeps (here the protocol as
     # its own transport and app protocol) is found by the collector.
-    if loop_name == "ferroloop" and sys.version_info[:2] == (3, 11):
+    if loop_name == "ferroloop":
         from ferroloop._sslproto import SSLProtocol
     else:
         from asyncio.sslproto import SSLProtocol

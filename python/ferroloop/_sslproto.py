@@ -3,8 +3,9 @@
 The subclasses keep every state transition of asyncio's classes (handshake, shutdown,
 flow control) and replace the methods that run for every record with Rust versions of
 the same steps. `TlsState`, first in the protocol's bases, keeps the attributes those
-steps use as fields and defines the per-record methods. They follow Python 3.11's
-`asyncio.sslproto`; on other versions asyncio's classes are used as they are.
+steps use as fields and defines the per-record methods. They follow `asyncio.sslproto`
+of Python 3.11 to 3.13, whose per-record methods are the same; on other versions
+asyncio's classes are used as they are.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from asyncio import sslproto
 
 from ._ferroloop import TlsState, ssl_protocol_methods
 
-if sys.version_info[:2] == (3, 11):
+if (3, 11) <= sys.version_info[:2] <= (3, 13):
     _METHODS = ssl_protocol_methods()
 
     class _SSLProtocolTransport(sslproto._SSLProtocolTransport):
