@@ -64,7 +64,6 @@ pub struct Registry<T> {
     /// Slot index by fd number (the kernel hands out the lowest free number, so the
     /// numbers in use are dense): 4 bytes per number up to the highest registered.
     by_fd: Vec<u32>,
-    registered: usize,
 }
 
 impl<T> Default for Registry<T> {
@@ -73,7 +72,6 @@ impl<T> Default for Registry<T> {
             slots: Vec::new(),
             free: Vec::new(),
             by_fd: Vec::new(),
-            registered: 0,
         }
     }
 }
@@ -105,7 +103,8 @@ impl<T> Registry<T> {
 
     /// No fd is registered (the waker is not part of the registry).
     pub fn is_empty(&self) -> bool {
-        self.registered == 0
+        // Every slot is either registered or on the free list.
+        self.free.len() == self.slots.len()
     }
 
     pub fn owners(&self) -> impl Iterator<Item = &T> {
@@ -138,7 +137,6 @@ impl<T> Registry<T> {
             }
             self.by_fd[at] = index;
         }
-        self.registered += 1;
         Token {
             index,
             generation: self.slots[index as usize].generation,
@@ -160,7 +158,6 @@ impl<T> Registry<T> {
         {
             *at = NO_SLOT;
         }
-        self.registered -= 1;
         self.free.push(token.index);
         owner
     }

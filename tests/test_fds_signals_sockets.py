@@ -221,37 +221,6 @@ def test_sock_recv_large_then_short_reads_and_eof(loop):
         b.close()
 
 
-def test_sock_recv_sees_eof_that_came_with_the_last_data(loop):
-    # The peer's last bytes and its FIN arrive while no read waits, and the loop polls
-    # meanwhile (the fd is registered edge-triggered after the first wait). The read
-    # that takes those bytes takes fewer than asked and consumes the FIN, so EOF is
-    # pending with no new readiness to come: the next sock_recv must return b"" at
-    # once, not wait for an event (a "short read means empty" shortcut hangs here).
-    async def main():
-        srv = _listener()
-        cli = socket.socket()
-        cli.setblocking(False)
-        await loop.sock_connect(cli, srv.getsockname())
-        peer, _ = srv.accept()
-        try:
-            first = loop.create_task(loop.sock_recv(cli, 1000))
-            await asyncio.sleep(0.05)
-            peer.sendall(b"first")
-            assert await first == b"first"
-            peer.sendall(b"last")
-            peer.close()
-            await asyncio.sleep(0.1)
-            assert await loop.sock_recv(cli, 1000) == b"last"
-            assert await asyncio.wait_for(loop.sock_recv(cli, 1000), 5) == b""
-            view = memoryview(bytearray(10))
-            assert await asyncio.wait_for(loop.sock_recv_into(cli, view), 5) == 0
-        finally:
-            cli.close()
-            srv.close()
-
-    loop.run_until_complete(main())
-
-
 def test_sock_datagram_calls(loop):
     async def main():
         a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -347,6 +316,34 @@ async def _recv_after_wait(loop, sock, peer, data):
     assert not waiting.done()
     peer.send(data)
     return await asyncio.wait_for(waiting, 5)
+
+
+def test_sock_recv_sees_eof_that_came_with_the_last_data(loop):
+    # The peer's last bytes and its FIN arrive while no read waits, and the loop polls
+    # meanwhile (the fd is registered edge-triggered after the first wait). The read
+    # that takes those bytes takes fewer than asked and consumes the FIN, so EOF is
+    # pending with no new readiness to come: the next sock_recv must return b"" at
+    # once, not wait for an event (a "short read means empty" shortcut hangs here).
+    async def main():
+        srv = _listener()
+        cli = socket.socket()
+        cli.setblocking(False)
+        await loop.sock_connect(cli, srv.getsockname())
+        peer, _ = srv.accept()
+        try:
+            assert await _recv_after_wait(loop, cli, peer, b"first") == b"first"
+            peer.sendall(b"last")
+            peer.close()
+            await asyncio.sleep(0.1)
+            assert await loop.sock_recv(cli, 1000) == b"last"
+            assert await asyncio.wait_for(loop.sock_recv(cli, 1000), 5) == b""
+            view = memoryview(bytearray(10))
+            assert await asyncio.wait_for(loop.sock_recv_into(cli, view), 5) == 0
+        finally:
+            cli.close()
+            srv.close()
+
+    loop.run_until_complete(main())
 
 
 def test_sock_recv_on_a_reused_fd_number_while_the_old_file_lives_on(loop):

@@ -196,13 +196,8 @@ impl StreamTransport {
             ReadPath::Data => {
                 let received = READ_BUF.with(|buf| {
                     let mut buf = buf.borrow_mut();
-                    // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
-                    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-                    if n < 0 {
-                        Err(io::Error::last_os_error())
-                    } else {
-                        Ok((n > 0).then(|| PyBytes::new(py, &buf[..n as usize])))
-                    }
+                    let n = recv_slice(fd, &mut buf)?;
+                    Ok::<_, io::Error>((n > 0).then(|| PyBytes::new(py, &buf[..n])))
                 });
                 match received {
                     Err(err) if would_block(&err) => Ok(()),
@@ -267,15 +262,7 @@ impl StreamTransport {
             }
             ReadPath::Tls => {
                 let tls = protocol.cast::<TlsState>()?;
-                let received = tls::receive(tls, |buf| {
-                    // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
-                    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-                    if n < 0 {
-                        Err(io::Error::last_os_error())
-                    } else {
-                        Ok(n as usize)
-                    }
-                });
+                let received = tls::receive(tls, |buf| recv_slice(fd, buf));
                 let called = match received {
                     Ok(Ok(0)) => return StreamTransport::on_eof(slf, &mut context),
                     Ok(Ok(_)) => in_read_context(&slf.get().state, py, &mut context, || {
@@ -585,6 +572,17 @@ enum Pending {
 
 /// `recv_into` a writable buffer object, as `socket.recv_into` would.
 /// The outer error is the buffer's (not writable, ...), the inner one the socket's.
+/// One `recv` into `buf`: the number of bytes read (0 at EOF).
+fn recv_slice(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 fn recv_into(fd: RawFd, buf: &Bound<'_, PyAny>) -> PyResult<io::Result<usize>> {
     let py = buf.py();
     let mut view = std::mem::MaybeUninit::<ffi::Py_buffer>::uninit();
