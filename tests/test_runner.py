@@ -59,3 +59,21 @@ def test_no_arguments_is_a_usage_error():
     )
     assert proc.returncode == 2
     assert "usage" in proc.stderr
+
+
+def test_version_is_printed_not_taken_for_a_script(tmp_path):
+    from importlib.metadata import version
+
+    for flag in ("--version", "-V"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ferroloop", flag],
+            check=False,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == ""
+        expected = f"ferroloop {version('ferroloop')} (CPython {sys.version.split()[0]})"
+        assert proc.stdout.strip() == expected

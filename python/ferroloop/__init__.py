@@ -29,20 +29,53 @@ def new_event_loop() -> Loop:
     return Loop()
 
 
-class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
-    """An asyncio event loop policy whose loops are ferroloop loops.
+_policy_class: type | None = None
 
-    It derives from asyncio's default policy so that the child-watcher API of
-    Python 3.11 (`set_child_watcher`/`get_child_watcher`) stays available.
+
+def _event_loop_policy_class() -> type:
+    """ferroloop's event loop policy class, made on first use.
+
+    It derives from asyncio's default policy so that the child-watcher API of Python
+    3.11 (`set_child_watcher`/`get_child_watcher`) stays available. It is made lazily
+    because policies are deprecated from Python 3.14 (reading
+    `asyncio.DefaultEventLoopPolicy` warns there): importing ferroloop must not warn,
+    while a program that asks for the policy gets asyncio's own warning.
     """
+    global _policy_class
+    if _policy_class is None:
+        base = getattr(asyncio, "DefaultEventLoopPolicy", None)
+        if base is None:
+            raise RuntimeError(
+                "this Python has no event loop policies: use ferroloop.run(main()) or "
+                "asyncio.run(main(), loop_factory=ferroloop.new_event_loop)"
+            )
 
-    def _loop_factory(self) -> Loop:
-        return Loop()
+        class EventLoopPolicy(base):
+            """An asyncio event loop policy whose loops are ferroloop loops."""
+
+            def _loop_factory(self) -> Loop:
+                return Loop()
+
+        EventLoopPolicy.__module__ = __name__
+        EventLoopPolicy.__qualname__ = "EventLoopPolicy"
+        _policy_class = EventLoopPolicy
+    return _policy_class
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EventLoopPolicy":
+        return _event_loop_policy_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def install() -> None:
-    """Make ferroloop the loop of `asyncio.run`, `asyncio.new_event_loop` and friends."""
-    asyncio.set_event_loop_policy(EventLoopPolicy())
+    """Make ferroloop the loop of `asyncio.run`, `asyncio.new_event_loop` and friends.
+
+    This sets asyncio's event loop policy, an API deprecated from Python 3.14 (asyncio
+    warns there) and planned for removal in 3.16: prefer `ferroloop.run(main())` or
+    `asyncio.run(main(), loop_factory=ferroloop.new_event_loop)`.
+    """
+    asyncio.set_event_loop_policy(_event_loop_policy_class()())
 
 
 def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None) -> _T:

@@ -4,12 +4,13 @@ run a program with ferroloop as asyncio's loop, as plain `python` would run it."
 from __future__ import annotations
 
 import os
+import platform
 import runpy
 import signal
 import sys
 import traceback
 
-USAGE = "usage: python -m ferroloop (script.py | -m module) [args ...]"
+USAGE = "usage: python -m ferroloop [--version] (script.py | -m module) [args ...]"
 
 
 def _user_traceback(tb):
@@ -31,6 +32,9 @@ def main(argv: list[str]) -> None:
 
     import ferroloop
 
+    if argv[0] in ("-V", "--version"):
+        print(f"ferroloop {ferroloop.__version__} (CPython {platform.python_version()})")
+        return
     ferroloop.install()
     try:
         if argv[0] == "-m":

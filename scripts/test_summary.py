@@ -1,0 +1,50 @@
+"""Prints the per-interpreter table of a scripts/test-all.sh run and its closing line.
+
+    python3 scripts/test_summary.py SECONDS VERSION=JUNIT_XML=EXIT ...
+
+Exits 1 when no interpreter ran or a run wrote no report."""
+
+from __future__ import annotations
+
+import sys
+import xml.etree.ElementTree as ET
+
+
+def counts(path: str) -> dict[str, int]:
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    total = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for suite in suites:
+        for key in total:
+            total[key] += int(suite.get(key, 0))
+    return total
+
+
+def main(argv: list[str]) -> int:
+    seconds, runs = int(argv[0]), argv[1:]
+    ok = bool(runs)
+    passed = failed = skipped = 0
+    print("\n| CPython | passed | failed | skipped | pytest exit |")
+    print("|---|---|---|---|---|")
+    for run in runs:
+        version, path, rc = run.split("=")
+        try:
+            c = counts(path)
+        except (OSError, ET.ParseError) as exc:
+            print(f"| {version} | - | - | - | {rc} (no report: {exc}) |")
+            ok = False
+            continue
+        bad = c["failures"] + c["errors"]
+        good = c["tests"] - bad - c["skipped"]
+        passed, failed, skipped = passed + good, failed + bad, skipped + c["skipped"]
+        print(f"| {version} | {good} | {bad} | {c['skipped']} | {rc} |")
+    versions = ", ".join(run.split("=")[0] for run in runs) or "none"
+    print(f"\nInterpreters tested: {versions}; wall time {seconds // 60} min {seconds % 60} s")
+    if not runs:
+        print("no interpreter ran")
+    print(f"All: {passed} passed, {failed} failed, {skipped} skipped")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
