@@ -33,9 +33,12 @@ pub fn reject_ssl_socket(sock: &Bound<'_, PyAny>) -> PyResult<()> {
 }
 static TASK_KWNAMES: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
 
-/// Whether `asyncio.Task` and `create_task` take `context=` (Python 3.11+).
+static TASK_TAKES_CONTEXT: PyOnceLock<bool> = PyOnceLock::new();
+
+/// Whether `asyncio.Task` and `create_task` take `context=` (Python 3.11+); the version
+/// is parsed once.
 pub fn task_takes_context(py: Python<'_>) -> bool {
-    py.version_info() >= (3, 11)
+    *TASK_TAKES_CONTEXT.get_or_init(py, || py.version_info() >= (3, 11))
 }
 
 /// `asyncio.Task(coro, loop=loop_, name=name, context=context)` by vectorcall; before

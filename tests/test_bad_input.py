@@ -86,7 +86,9 @@ def outcome(factory, case):
             loop.close()
 
 
-@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::RuntimeWarning")
+@pytest.mark.filterwarnings(
+    "ignore::ResourceWarning", "ignore::RuntimeWarning", "ignore::DeprecationWarning"
+)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_same_exception_as_asyncio(case):
     expected = DELIBERATE.get(case) or outcome(asyncio.new_event_loop, case)
@@ -94,7 +96,9 @@ def test_same_exception_as_asyncio(case):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::RuntimeWarning")
+@pytest.mark.filterwarnings(
+    "ignore::ResourceWarning", "ignore::RuntimeWarning", "ignore::DeprecationWarning"
+)
 def test_closed_loop_raises_runtime_error_or_as_asyncio(case):
     def closed(factory):
         def make():
