@@ -921,10 +921,14 @@ impl LoopCore {
         args: Option<CallArgs>,
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<TimerHandle>> {
+        let core = slf.get();
         if when.is_none() {
+            // Before 3.11 asyncio looks at the loop being closed first.
+            if slf.py().version_info() < (3, 11) {
+                core.check_closed()?;
+            }
             return Err(PyTypeError::new_err("when cannot be None"));
         }
-        let core = slf.get();
         core.check_closed()?;
         let when = deadline(slf.py(), 0.0, when)?;
         if core.debug.load(Ordering::Relaxed) {
@@ -1091,12 +1095,21 @@ impl LoopCore {
         let none = py.None().into_bound(py);
         let name = name.unwrap_or(&none);
         let context = context.unwrap_or(&none);
+        let takes_context = pyhelpers::task_takes_context(py);
+        if !takes_context && !context.is_none() {
+            // As stock asyncio before 3.11, whose create_task has no `context`.
+            return Err(PyTypeError::new_err(
+                "create_task() got an unexpected keyword argument 'context'",
+            ));
+        }
         let has_factory = slf.get().state.borrow_mut(py)?.task_factory.is_some();
         if has_factory {
             let base = py.import("asyncio.base_events")?.getattr("BaseEventLoop")?;
             let kwargs = PyDict::new(py);
             kwargs.set_item("name", name)?;
-            kwargs.set_item("context", context)?;
+            if takes_context {
+                kwargs.set_item("context", context)?;
+            }
             return Ok(base
                 .getattr("create_task")?
                 .call((slf, coro), Some(&kwargs))?

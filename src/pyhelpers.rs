@@ -33,7 +33,16 @@ pub fn reject_ssl_socket(sock: &Bound<'_, PyAny>) -> PyResult<()> {
 }
 static TASK_KWNAMES: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
 
-/// `asyncio.Task(coro, loop=loop_, name=name, context=context)` by vectorcall.
+static TASK_TAKES_CONTEXT: PyOnceLock<bool> = PyOnceLock::new();
+
+/// Whether `asyncio.Task` and `create_task` take `context=` (Python 3.11+); the version
+/// is parsed once.
+pub fn task_takes_context(py: Python<'_>) -> bool {
+    *TASK_TAKES_CONTEXT.get_or_init(py, || py.version_info() >= (3, 11))
+}
+
+/// `asyncio.Task(coro, loop=loop_, name=name, context=context)` by vectorcall; before
+/// Python 3.11, whose `Task` has no `context`, the context must be None and is not passed.
 pub fn new_task(
     loop_: &Bound<'_, PyAny>,
     coro: &Bound<'_, PyAny>,
@@ -44,8 +53,14 @@ pub fn new_task(
     let task = TASK_TYPE.get_or_try_init(py, || {
         Ok::<_, PyErr>(py.import("asyncio.tasks")?.getattr("Task")?.unbind())
     })?;
+    let with_context = task_takes_context(py);
     let kwnames = TASK_KWNAMES.get_or_try_init(py, || {
-        let names = ["loop", "name", "context"].map(|n| PyString::new(py, n));
+        let names: &[&str] = if with_context {
+            &["loop", "name", "context"]
+        } else {
+            &["loop", "name"]
+        };
+        let names = names.iter().map(|n| PyString::new(py, n));
         Ok::<_, PyErr>(PyTuple::new(py, names)?.unbind())
     })?;
     let args = [
@@ -55,8 +70,8 @@ pub fn new_task(
         context.as_ptr(),
     ];
     // SAFETY: `args` holds borrowed references alive for the call: one positional
-    // argument, then the values of the three names in `kwnames`. The call returns a new
-    // reference or NULL with an error set.
+    // argument, then the values of the names in `kwnames` (two or three, so within
+    // `args`). The call returns a new reference or NULL with an error set.
     unsafe {
         Bound::from_owned_ptr_or_err(
             py,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import socket
+import sys
 import threading
 import time
 import types
@@ -110,6 +111,33 @@ def test_context_is_copied_at_scheduling_and_explicit_context_used(loop):
     loop.call_soon(loop.stop)
     loop.run_forever()
     assert seen == ["outer", "explicit"]
+
+
+@pytest.mark.parametrize("factory", [False, True], ids=["no-factory", "task-factory"])
+def test_create_task_name_and_context_as_asyncio_of_this_version(loop, factory):
+    # create_task(context=) is 3.11+: before, both loops refuse it, with or without a
+    # task factory, and a task runs in a copy of the caller's context.
+    if factory:
+        loop.set_task_factory(lambda lp, coro, **kw: asyncio.Task(coro, loop=lp, **kw))
+    var = contextvars.ContextVar("var", default="caller")
+    ctx = contextvars.Context()
+    ctx.run(var.set, "given")
+
+    async def read():
+        return var.get()
+
+    if sys.version_info >= (3, 11):
+        task = loop.create_task(read(), name="named", context=ctx)
+        expected = "given"
+    else:
+        coro = read()
+        with pytest.raises(TypeError, match="context"):
+            loop.create_task(coro, name="named", context=ctx)
+        coro.close()
+        task = loop.create_task(read(), name="named")
+        expected = "caller"
+    assert task.get_name() == "named"
+    assert loop.run_until_complete(task) == expected
 
 
 def test_callbacks_scheduled_from_an_empty_context_each_run_in_their_own_copy(loop):

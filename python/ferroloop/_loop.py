@@ -50,7 +50,12 @@ except ImportError:  # pragma: no cover - Python built without ssl
 __all__ = ["Loop"]
 
 
-# 3.12 added create_connection(all_errors=...); on older Pythons ferroloop provides it.
+# 3.11's new sslproto added the TLS shutdown timeout (`ssl_shutdown_timeout=` of
+# create_connection, create_server, start_tls and the Unix variants); 3.10's sslproto
+# has none, and its loop methods do not take the argument.
+_HAS_SSL_SHUTDOWN_TIMEOUT = hasattr(constants, "SSL_SHUTDOWN_TIMEOUT")
+
+# 3.12 added create_connection(all_errors=...); ferroloop provides it on 3.11 too.
 _BASE_HAS_ALL_ERRORS = "all_errors" in inspect.signature(
     base_events.BaseEventLoop.create_connection
 ).parameters
@@ -442,17 +447,13 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         extra=None,
         server=None,
         ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
-        ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT,
+        ssl_shutdown_timeout=None,
     ):
+        timeouts = {"ssl_handshake_timeout": ssl_handshake_timeout}
+        if _HAS_SSL_SHUTDOWN_TIMEOUT:
+            timeouts["ssl_shutdown_timeout"] = ssl_shutdown_timeout
         ssl_protocol = _sslproto.SSLProtocol(
-            self,
-            protocol,
-            sslcontext,
-            waiter,
-            server_side,
-            server_hostname,
-            ssl_handshake_timeout=ssl_handshake_timeout,
-            ssl_shutdown_timeout=ssl_shutdown_timeout,
+            self, protocol, sslcontext, waiter, server_side, server_hostname, **timeouts
         )
         self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
@@ -464,38 +465,40 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
 
     # -- connections -----------------------------------------------------------
 
-    async def create_connection(
-        self, protocol_factory, host=None, port=None, *, all_errors=False, **kwargs
-    ):
-        if _BASE_HAS_ALL_ERRORS:
-            return await super().create_connection(
-                protocol_factory, host, port, all_errors=all_errors, **kwargs
-            )
-        if not all_errors or sys.version_info < (3, 11):  # no ExceptionGroup before 3.11
-            return await super().create_connection(protocol_factory, host, port, **kwargs)
-        failures: list[list[BaseException]] = []
-        token = _connect_failures.set(failures)
-        try:
-            return await super().create_connection(protocol_factory, host, port, **kwargs)
-        except OSError as exc:
-            flat = [e for per_address in failures for e in per_address]
-            if flat and (exc in flat or str(exc).startswith("Multiple exceptions: ")):
-                raise ExceptionGroup("create_connection failed", flat) from None  # noqa: F821
-            raise
-        finally:
-            _connect_failures.reset(token)
+    if sys.version_info >= (3, 11):  # all_errors raises an ExceptionGroup (3.11+)
 
-    async def _connect_sock(self, exceptions, addr_info, local_addr_infos=None):
-        failures = _connect_failures.get()
-        if failures is not None:
-            # The base class appends this attempt's error list to `exceptions` first
-            # thing; keep a reference for all_errors.
-            count = len(exceptions)
+        async def create_connection(
+            self, protocol_factory, host=None, port=None, *, all_errors=False, **kwargs
+        ):
+            if _BASE_HAS_ALL_ERRORS:
+                return await super().create_connection(
+                    protocol_factory, host, port, all_errors=all_errors, **kwargs
+                )
+            if not all_errors:
+                return await super().create_connection(protocol_factory, host, port, **kwargs)
+            failures: list[list[BaseException]] = []
+            token = _connect_failures.set(failures)
             try:
-                return await super()._connect_sock(exceptions, addr_info, local_addr_infos)
+                return await super().create_connection(protocol_factory, host, port, **kwargs)
+            except OSError as exc:
+                flat = [e for per_address in failures for e in per_address]
+                if flat and (exc in flat or str(exc).startswith("Multiple exceptions: ")):
+                    raise ExceptionGroup("create_connection failed", flat) from None  # noqa: F821
+                raise
             finally:
-                failures.extend(exceptions[count:])
-        return await super()._connect_sock(exceptions, addr_info, local_addr_infos)
+                _connect_failures.reset(token)
+
+        async def _connect_sock(self, exceptions, addr_info, local_addr_infos=None):
+            failures = _connect_failures.get()
+            if failures is not None:
+                # The base class appends this attempt's error list to `exceptions` first
+                # thing; keep a reference for all_errors.
+                count = len(exceptions)
+                try:
+                    return await super()._connect_sock(exceptions, addr_info, local_addr_infos)
+                finally:
+                    failures.extend(exceptions[count:])
+            return await super()._connect_sock(exceptions, addr_info, local_addr_infos)
 
     # -- servers ---------------------------------------------------------------
 
@@ -525,7 +528,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         server=None,
         backlog=100,
         ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
-        ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT,
+        ssl_shutdown_timeout=None,
     ):
         if sock.fileno() == -1:
             return  # closed while an accept retry was pending
@@ -668,6 +671,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         ssl_handshake_timeout=None,
         ssl_shutdown_timeout=None,
     ):
+        _check_shutdown_timeout_accepted("create_unix_connection", ssl_shutdown_timeout)
         _check_tls_arguments(ssl, server_hostname, ssl_handshake_timeout, ssl_shutdown_timeout)
         if path is not None:
             if sock is not None:
@@ -685,13 +689,11 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
                 raise ValueError("no path and sock were specified")
             _check_unix_stream_socket(sock)
             sock.setblocking(False)
+        timeouts = {"ssl_handshake_timeout": ssl_handshake_timeout}
+        if _HAS_SSL_SHUTDOWN_TIMEOUT:
+            timeouts["ssl_shutdown_timeout"] = ssl_shutdown_timeout
         return await self._create_connection_transport(
-            sock,
-            protocol_factory,
-            ssl,
-            server_hostname,
-            ssl_handshake_timeout=ssl_handshake_timeout,
-            ssl_shutdown_timeout=ssl_shutdown_timeout,
+            sock, protocol_factory, ssl, server_hostname, **timeouts
         )
 
     async def create_unix_server(
@@ -707,6 +709,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         start_serving=True,
         cleanup_socket=True,
     ):
+        _check_shutdown_timeout_accepted("create_unix_server", ssl_shutdown_timeout)
         if isinstance(ssl, bool):
             raise TypeError("ssl argument must be an SSLContext or None")
         if ssl_handshake_timeout is not None and not ssl:
@@ -730,10 +733,10 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
                 except OSError:
                     pass
         sock.setblocking(False)
-        server = Server(
-            self, [sock], protocol_factory, ssl, backlog, ssl_handshake_timeout,
-            ssl_shutdown_timeout,
-        )
+        timeouts = [ssl_handshake_timeout]
+        if _HAS_SSL_SHUTDOWN_TIMEOUT:
+            timeouts.append(ssl_shutdown_timeout)
+        server = Server(self, [sock], protocol_factory, ssl, backlog, *timeouts)
         if start_serving:
             server._start_serving()
             await asyncio.sleep(0)
@@ -910,6 +913,13 @@ def _check_tls_arguments(ssl, server_hostname, handshake_timeout, shutdown_timeo
         raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
     if shutdown_timeout is not None:
         raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
+
+
+def _check_shutdown_timeout_accepted(method: str, shutdown_timeout) -> None:
+    """Before 3.11 asyncio's TLS has no shutdown timeout: the loop methods reject the
+    argument, as stock asyncio's do."""
+    if shutdown_timeout is not None and not _HAS_SSL_SHUTDOWN_TIMEOUT:
+        raise TypeError(f"{method}() got an unexpected keyword argument 'ssl_shutdown_timeout'")
 
 
 def _check_unix_stream_socket(sock) -> None:

@@ -124,7 +124,9 @@ class Result(unittest.TextTestResult):
     def stopTest(self, test):
         signal.setitimer(signal.ITIMER_REAL, 0)
         faulthandler.cancel_dump_traceback_later()
-        asyncio.set_event_loop_policy(None)
+        # Not the default policy: 3.10's IsolatedAsyncioTestCase makes its loop before
+        # startTest, from the policy in place then.
+        asyncio.set_event_loop_policy(ferroloop.EventLoopPolicy())
         super().stopTest(test)
 
     def _set(self, test, outcome):
@@ -246,6 +248,7 @@ def main() -> int:
     created = _count_loops()
     started = time.monotonic()
     runner.resultclass = _make_result_class(args.timeout)
+    asyncio.set_event_loop_policy(ferroloop.EventLoopPolicy())
     result = runner.run(suite)
     print(f"ferroloop loops created: {created[0]}", file=sys.stderr)
     if args.json:
