@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import socket
+import sys
 import threading
 import time
 import types
@@ -507,6 +509,38 @@ def test_keyboard_interrupt_from_a_done_callback_leaves_the_loop(loop):
     loop.call_soon(loop.stop)
     loop.run_forever()
     assert after == ["next turn"]
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_dropped_failed_task_is_reported_without_a_gc_pass(loop, debug):
+    # Nothing the loop keeps after a task's step may hold the finished task: its
+    # "exception was never retrieved" comes as soon as the last reference goes, not at
+    # the next collection. From 3.12 the handler runs in the task's context.
+    name = contextvars.ContextVar("name", default="outside")
+    seen = []
+    loop.set_debug(debug)
+    loop.set_exception_handler(lambda lp, ctx: seen.append((ctx, name.get())))
+
+    async def fails():
+        name.set("inside")
+        raise ZeroDivisionError("dropped")
+
+    async def main():
+        asyncio.Task(fails())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return list(seen)
+
+    gc.disable()
+    try:
+        reported = loop.run_until_complete(main())
+    finally:
+        gc.enable()
+    assert len(reported) == 1
+    ctx, value = reported[0]
+    assert ctx["message"] == "Task exception was never retrieved"
+    assert isinstance(ctx["exception"], ZeroDivisionError)
+    assert value == ("inside" if sys.version_info >= (3, 12) else "outside")
 
 
 @pytest.mark.parametrize("debug_from", ["scheduling", "running"])
