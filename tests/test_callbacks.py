@@ -298,6 +298,33 @@ def test_task_factory(loop):
     assert len(made) == 1
 
 
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are new in 3.12")
+def test_eager_task_factory_runs_tasks_to_their_first_wait_at_creation(loop):
+    steps = []
+
+    async def finishes_at_once():
+        steps.append("at once")
+        return 1
+
+    async def waits():
+        steps.append("to the wait")
+        await asyncio.sleep(0)
+        steps.append("after the wait")
+        return 2
+
+    async def main():
+        loop.set_task_factory(asyncio.eager_task_factory)
+        done = loop.create_task(finishes_at_once(), name="eager")
+        pending = asyncio.create_task(waits())
+        assert steps == ["at once", "to the wait"]
+        assert done.done() and done.result() == 1 and done.get_name() == "eager"
+        assert not pending.done()
+        return await pending
+
+    assert loop.run_until_complete(main()) == 2
+    assert steps == ["at once", "to the wait", "after the wait"]
+
+
 def test_run_in_executor_and_shutdown_default_executor(loop):
     async def main():
         ident = await loop.run_in_executor(None, threading.get_ident)
