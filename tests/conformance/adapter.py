@@ -1,12 +1,13 @@
 """Runs one module of CPython's own `test.test_asyncio` against ferroloop.
 
-    python -m tests.conformance.adapter MODULE [--json OUT] [--timeout SECONDS]
+    python -m tests.conformance.adapter MODULE [--json OUT] [--timeout SECONDS] [--stock]
 
 The tests are imported from the interpreter's `test` package, never copied. Modules
 built on loop mixins (`test_events`, `test_sock_lowlevel`, ...) get one more test class
 whose `create_event_loop()` returns a ferroloop loop; every other module reaches the
 loop through a fresh ferroloop event loop policy installed before each test.
 Exclusions come from `expectations.py`; each test has a timeout so a hang is a failure.
+`--stock` runs the same tests on asyncio's own loop: what ferroloop is measured against.
 """
 
 from __future__ import annotations
