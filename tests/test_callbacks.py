@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import socket
 import sys
 import threading
@@ -324,6 +325,33 @@ def test_task_factory(loop):
     assert len(made) == 1
 
 
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are new in 3.12")
+def test_eager_task_factory_runs_tasks_to_their_first_wait_at_creation(loop):
+    steps = []
+
+    async def finishes_at_once():
+        steps.append("at once")
+        return 1
+
+    async def waits():
+        steps.append("to the wait")
+        await asyncio.sleep(0)
+        steps.append("after the wait")
+        return 2
+
+    async def main():
+        loop.set_task_factory(asyncio.eager_task_factory)
+        done = loop.create_task(finishes_at_once(), name="eager")
+        pending = asyncio.create_task(waits())
+        assert steps == ["at once", "to the wait"]
+        assert done.done() and done.result() == 1 and done.get_name() == "eager"
+        assert not pending.done()
+        return await pending
+
+    assert loop.run_until_complete(main()) == 2
+    assert steps == ["at once", "to the wait", "after the wait"]
+
+
 def test_run_in_executor_and_shutdown_default_executor(loop):
     async def main():
         ident = await loop.run_in_executor(None, threading.get_ident)
@@ -537,6 +565,38 @@ def test_keyboard_interrupt_from_a_done_callback_leaves_the_loop(loop):
     assert after == ["next turn"]
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_dropped_failed_task_is_reported_without_a_gc_pass(loop, debug):
+    # Nothing the loop keeps after a task's step may hold the finished task: its
+    # "exception was never retrieved" comes as soon as the last reference goes, not at
+    # the next collection. From 3.12 the handler runs in the task's context.
+    name = contextvars.ContextVar("name", default="outside")
+    seen = []
+    loop.set_debug(debug)
+    loop.set_exception_handler(lambda lp, ctx: seen.append((ctx, name.get())))
+
+    async def fails():
+        name.set("inside")
+        raise ZeroDivisionError("dropped")
+
+    async def main():
+        asyncio.Task(fails())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return list(seen)
+
+    gc.disable()
+    try:
+        reported = loop.run_until_complete(main())
+    finally:
+        gc.enable()
+    assert len(reported) == 1
+    ctx, value = reported[0]
+    assert ctx["message"] == "Task exception was never retrieved"
+    assert isinstance(ctx["exception"], ZeroDivisionError)
+    assert value == ("inside" if sys.version_info >= (3, 12) else "outside")
+
+
 @pytest.mark.parametrize("debug_from", ["scheduling", "running"])
 def test_debug_mode_times_done_callbacks_too(loop, caplog, debug_from):
     def slow(_fut):
@@ -592,7 +652,8 @@ def test_loop_methods_bound_to_loop_and_subclasses_still_work():
 
 def test_callbacks_from_an_empty_context_errors_and_neighbours(loop):
     # Callbacks whose caller's context was empty: an exception handler runs in the
-    # runner's own context (as asyncio calls it outside the handle's context), a
+    # runner's own context before 3.12 (asyncio called it outside the handle's context)
+    # and from 3.12 in the failing handle's context, with what the callback set; a
     # variable one callback sets is seen neither by the next such callback nor by a
     # callback with an explicit context, and a handle someone kept keeps what its
     # callback set.
@@ -625,6 +686,7 @@ def test_callbacks_from_an_empty_context_errors_and_neighbours(loop):
         loop.call_soon(loop.stop)
 
     loop.set_exception_handler(handler)
+    handler_sees = "fail" if sys.version_info >= (3, 12) else "outer"
     token = var.set("outer")
     try:
         contextvars.Context().run(schedule)
@@ -633,7 +695,7 @@ def test_callbacks_from_an_empty_context_errors_and_neighbours(loop):
     finally:
         var.reset(token)
     assert seen == [
-        ("a", "unset"), ("fail", "unset"), ("handler", "outer", "ValueError"), ("b", "unset"),
+        ("a", "unset"), ("fail", "unset"), ("handler", handler_sees, "ValueError"), ("b", "unset"),
         ("c", "unset"), ("d", "unset"), ("e", "unset"), ("f", "unset"),
     ]
     assert explicit[var] == "c"

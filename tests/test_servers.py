@@ -211,8 +211,18 @@ def test_unix_server_and_connection_with_stale_socket_file(loop, tmp_path):
         reader, writer = await asyncio.open_unix_connection(path)
         assert writer.get_extra_info("peername") == path
         assert await _echo_once(reader, writer, b"unix") == b"unix"
-        tr, _ = await loop.create_unix_connection(asyncio.Protocol, path)
+        echoed = loop.create_future()
+
+        class Client(asyncio.Protocol):
+            def data_received(self, data):
+                echoed.set_result(data)
+
+        tr, _ = await loop.create_unix_connection(Client, path)
         assert isinstance(tr, asyncio.Transport)
+        # Served before it closes: the server's side exists, so wait_closed() (which
+        # from 3.12 waits for it) does not return before it does.
+        tr.write(b"x")
+        assert await echoed == b"x"
         tr.close()
         with pytest.raises(ValueError):
             await loop.create_unix_connection(asyncio.Protocol, path, sock=socket.socket())

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import warnings
 
+import ferroloop
 import pytest
 
 
@@ -76,6 +78,14 @@ class BufferedViewEcho(BufferedEcho):
         self.transport.write(memoryview(self.buf)[:nbytes])
 
 
+def _skip_unless_written_views_are_copied(loop):
+    # From 3.12 asyncio's socket transport keeps a view of a buffer it could not send at
+    # once instead of a copy, so a buffer reused after write() may go out changed;
+    # ferroloop copies on every version.
+    if sys.version_info >= (3, 12) and not isinstance(loop, ferroloop.Loop):
+        pytest.skip("3.12+ asyncio keeps a view of a written buffer, not a copy")
+
+
 async def _wait_for(predicate, timeout=5.0):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -85,9 +95,28 @@ async def _wait_for(predicate, timeout=5.0):
         await asyncio.sleep(0.001)
 
 
+class Accepted:
+    """A protocol factory that keeps the protocols it made: from 3.12 a server's
+    `wait_closed()` also waits for its connections, which the test closes first."""
+
+    def __init__(self, factory):
+        self.factory = factory
+        self.protocols = []
+
+    def __call__(self):
+        protocol = self.factory()
+        self.protocols.append(protocol)
+        return protocol
+
+    def close_all(self):
+        for protocol in self.protocols:
+            protocol.transport.close()
+
+
 async def _echo_round_trip(protocol_factory, payload: bytes) -> bytes:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(protocol_factory, "127.0.0.1", 0)
+    accepted = Accepted(protocol_factory)
+    server = await loop.create_server(accepted, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(payload)
@@ -95,6 +124,7 @@ async def _echo_round_trip(protocol_factory, payload: bytes) -> bytes:
     echoed = await reader.read()
     writer.close()
     await writer.wait_closed()
+    accepted.close_all()
     server.close()
     await server.wait_closed()
     return echoed
@@ -106,6 +136,8 @@ async def _echo_round_trip(protocol_factory, payload: bytes) -> bytes:
     ids=["Protocol", "BufferedProtocol", "BufferedProtocol-view"],
 )
 def test_echo_is_byte_exact_and_half_close_keeps_the_reply_path(loop, factory):
+    if factory is BufferedViewEcho:
+        _skip_unless_written_views_are_copied(loop)
     payload = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4: many reads, many writes
     echoed = loop.run_until_complete(_echo_round_trip(factory, payload))
     assert echoed == payload
@@ -115,10 +147,12 @@ def test_buffer_writes_to_a_full_socket_keep_every_byte(loop):
     # The peer reads nothing for a while: the echo's writes of views of its receive
     # buffer meet a full socket, are sent in part, and the rest must be kept as it was
     # when written, though the next read overwrites the buffer it came from.
+    _skip_unless_written_views_are_copied(loop)
     payload = bytes(range(251)) * (64 * 1024)  # 16 MiB, more than both sockets hold
 
     async def main():
-        server = await loop.create_server(BufferedViewEcho, "127.0.0.1", 0)
+        accepted = Accepted(BufferedViewEcho)
+        server = await loop.create_server(accepted, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(payload)
@@ -126,6 +160,7 @@ def test_buffer_writes_to_a_full_socket_keep_every_byte(loop):
         echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
         writer.close()
         await writer.wait_closed()
+        accepted.close_all()
         server.close()
         await server.wait_closed()
         return echoed

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 
+import ferroloop
 import pytest
 
 
@@ -165,10 +167,14 @@ def test_sendto_buffers_when_the_socket_is_full_and_flushes_later(loop):
             )
             # A Unix datagram receiver that does not read fills up: sends start to
             # block, the transport buffers them and sends them once there is room.
-            n = 3000
+            n, size = 3000, 1005
             for i in range(n):
                 tr.sendto(b"%05d" % i + b"." * 1000)
-            assert tr.get_write_buffer_size() > 0
+            queued = tr.get_write_buffer_size()
+            assert queued > 0
+            # Each queued datagram counts its payload and, from 3.13, 8 header bytes.
+            header = 8 if sys.version_info >= (3, 13) else 0
+            assert queued % (size + header) == 0
             receiver.setblocking(False)
             got = []
             while len(got) < n:
@@ -177,7 +183,12 @@ def test_sendto_buffers_when_the_socket_is_full_and_flushes_later(loop):
                 except BlockingIOError:
                     await asyncio.sleep(0.001)
             assert got == [b"%05d" % i for i in range(n)]  # all of them, in order
-            await _until(lambda: tr.get_write_buffer_size() == 0)
+            # 3.13.0's asyncio takes a datagram's header bytes off the count only when
+            # it is sent at once, not from the buffer (CPython gh-135444, fixed in a
+            # later 3.13): as many are left as datagrams went through the buffer.
+            leaked = queued // (size + header) * header
+            drained = {0} if isinstance(loop, ferroloop.Loop) else {0, leaked}
+            await _until(lambda: tr.get_write_buffer_size() in drained)
             tr.close()
             await _until(lambda: proto.lost is not None)
         finally:
@@ -185,3 +196,35 @@ def test_sendto_buffers_when_the_socket_is_full_and_flushes_later(loop):
             os.unlink(path)
 
     loop.run_until_complete(asyncio.wait_for(main(), 30))
+
+
+def test_sendto_of_an_empty_datagram(loop):
+    # 3.13 sends an empty datagram for sendto(b""); before 3.13 it sent nothing.
+    async def main():
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        peer.setblocking(False)
+        try:
+            tr, proto = await loop.create_datagram_endpoint(
+                Datagrams, remote_addr=peer.getsockname()
+            )
+            tr.sendto(b"")
+            tr.sendto(b"after")
+            got = []
+            while b"after" not in got:
+                try:
+                    got.append(peer.recv(100))
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            assert got == ([b"", b"after"] if sys.version_info >= (3, 13) else [b"after"])
+            # And an empty datagram arrives as one.
+            peer.sendto(b"", tr.get_extra_info("sockname"))
+            peer.sendto(b"end", tr.get_extra_info("sockname"))
+            await _until(lambda: len(proto.received) == 2)
+            assert [data for data, _ in proto.received] == [b"", b"end"]
+            tr.close()
+            await _until(lambda: proto.lost is not None)
+        finally:
+            peer.close()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 20))

@@ -153,6 +153,9 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
                 )
         finally:
             self._current_handle = None
+            # A callback's traceback keeps this frame (its f_back): the frame must not
+            # keep the handle, and through it a finished task, alive until a gc pass.
+            handle = None
 
     def close(self) -> None:
         if self.is_running():

@@ -55,6 +55,11 @@ struct DatagramState {
     address: Option<Py<PyAny>>,
     connected: bool,
     buffer: VecDeque<(Py<PyBytes>, Py<PyAny>)>,
+    /// What a queued datagram adds to the write buffer size besides its payload: 3.13's
+    /// asyncio counts 8 header bytes, so that empty datagrams (which 3.13 sends) count.
+    header_size: usize,
+    /// `sendto(b"")` sends an empty datagram (3.13+); before 3.13 it does nothing.
+    sends_empty: bool,
 }
 
 impl Deref for DatagramState {
@@ -301,7 +306,7 @@ impl DatagramTransport {
                 let connected = st.connected;
                 match st.buffer.pop_front() {
                     Some(front) => {
-                        st.buffer_size -= front.0.as_bytes(py).len();
+                        st.buffer_size -= front.0.as_bytes(py).len() + st.header_size;
                         (sock, connected, front)
                     }
                     None => break,
@@ -312,7 +317,7 @@ impl DatagramTransport {
                 Ok(()) => {}
                 Err(err) if is_retry(py, &err) => {
                     let mut st = slf.get().state.borrow_mut(py)?;
-                    st.buffer_size += data.as_bytes().len();
+                    st.buffer_size += data.as_bytes().len() + st.header_size;
                     st.buffer.push_front((data.unbind(), addr.unbind()));
                     return Ok(());
                 }
@@ -428,6 +433,7 @@ impl DatagramTransport {
             Some(peer) => peer.is_truthy()?,
             None => false,
         };
+        let since_313 = r#loop.py().version_info() >= (3, 13);
         Ok(DatagramTransport {
             state: GilCell::new(DatagramState {
                 c: Common::new(
@@ -441,6 +447,8 @@ impl DatagramTransport {
                 address: address.filter(|a| !a.is_none()).map(|a| a.clone().unbind()),
                 connected,
                 buffer: VecDeque::new(),
+                header_size: if since_313 { 8 } else { 0 },
+                sends_empty: since_313,
             }),
         })
     }
@@ -467,7 +475,7 @@ impl DatagramTransport {
     ) -> PyResult<()> {
         let py = slf.py();
         let data = to_bytes(data)?;
-        if data.as_bytes().is_empty() {
+        if data.as_bytes().is_empty() && !slf.get().state.borrow_mut(py)?.sends_empty {
             return Ok(());
         }
         let mut addr = addr.filter(|a| !a.is_none()).cloned();
@@ -512,7 +520,7 @@ impl DatagramTransport {
         }
         {
             let mut st = slf.get().state.borrow_mut(py)?;
-            st.buffer_size += data.as_bytes().len();
+            st.buffer_size += data.as_bytes().len() + st.header_size;
             st.buffer.push_back((data.unbind(), addr.unbind()));
         }
         flow_control(&slf.get().state, slf.as_any(), true)

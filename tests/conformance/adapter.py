@@ -1,12 +1,13 @@
 """Runs one module of CPython's own `test.test_asyncio` against ferroloop.
 
-    python -m tests.conformance.adapter MODULE [--json OUT] [--timeout SECONDS]
+    python -m tests.conformance.adapter MODULE [--json OUT] [--timeout SECONDS] [--stock]
 
 The tests are imported from the interpreter's `test` package, never copied. Modules
 built on loop mixins (`test_events`, `test_sock_lowlevel`, ...) get one more test class
 whose `create_event_loop()` returns a ferroloop loop; every other module reaches the
 loop through a fresh ferroloop event loop policy installed before each test.
 Exclusions come from `expectations.py`; each test has a timeout so a hang is a failure.
+`--stock` runs the same tests on asyncio's own loop: what ferroloop is measured against.
 """
 
 from __future__ import annotations
@@ -36,10 +37,17 @@ MIXIN_MODULES = {
 }
 
 
-# Other test classes of a mixin module that reach the loop through the policy.
+# Other test classes of a mixin module that reach the loop through the policy (those
+# this Python's module has: TestServer2 is 3.12's, UnixServerCleanupTests 3.13's).
 ALSO_LOAD = {
     "test_sslproto": ["SslProtoHandshakeTests"],
+    "test_server": ["TestServer2", "UnixServerCleanupTests"],
 }
+
+# The loop under test; `--stock` swaps in asyncio's own, to see what the interpreter's
+# asyncio passes through this same adapter.
+new_event_loop = ferroloop.new_event_loop
+EventLoopPolicy = ferroloop.EventLoopPolicy
 
 
 class TestTimeout(Exception):
@@ -58,8 +66,8 @@ def _ferroloop_class(module, base_name):
         {
             # test_events and friends call create_event_loop; the functional tests
             # (test_server, test_buffered_proto) call new_loop.
-            "create_event_loop": lambda self: ferroloop.new_event_loop(),
-            "new_loop": lambda self: ferroloop.new_event_loop(),
+            "create_event_loop": lambda self: new_event_loop(),
+            "new_loop": lambda self: new_event_loop(),
             "__module__": module.__name__,
         },
     )
@@ -71,7 +79,8 @@ def load(module_name: str) -> unittest.TestSuite:
     if module_name in MIXIN_MODULES:
         suite = loader.loadTestsFromTestCase(_ferroloop_class(module, MIXIN_MODULES[module_name]))
         for name in ALSO_LOAD.get(module_name, []):
-            suite.addTests(loader.loadTestsFromTestCase(getattr(module, name)))
+            if hasattr(module, name):
+                suite.addTests(loader.loadTestsFromTestCase(getattr(module, name)))
         return suite
     return loader.loadTestsFromModule(module)
 
@@ -114,7 +123,7 @@ class Result(unittest.TextTestResult):
     def startTest(self, test):
         self.current = short_id(test)
         # A policy left behind by one test must not leak into the next.
-        asyncio.set_event_loop_policy(ferroloop.EventLoopPolicy())
+        asyncio.set_event_loop_policy(EventLoopPolicy())
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGALRM, _alarm)
         signal.setitimer(signal.ITIMER_REAL, self.timeout)
@@ -175,7 +184,7 @@ def _track_virtual_clock(result: Result) -> None:
     def new_test_loop(self, gen=None):
         if gen is None:
             # No virtual time needed: run the test on a real ferroloop loop instead.
-            loop = ferroloop.new_event_loop()
+            loop = new_event_loop()
             self.set_event_loop(loop)
             return loop
         result.virtual_clock.add(result.current)
@@ -234,11 +243,18 @@ def main() -> int:
     parser.add_argument("--json")
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("-k", dest="pattern")
+    parser.add_argument(
+        "--stock", action="store_true", help="run on asyncio's own loop (the yardstick)"
+    )
     args = parser.parse_args()
 
-    if args.module == "test_runners":
+    global new_event_loop, EventLoopPolicy
+    if args.stock:
+        new_event_loop = asyncio.new_event_loop
+        EventLoopPolicy = asyncio.DefaultEventLoopPolicy
+    elif args.module == "test_runners":
         _patch_runner_tests()
-    if args.module == "test_pep492":
+    elif args.module == "test_pep492":
         _patch_pep492_tests()
     suite = load(args.module)
     if args.pattern:
