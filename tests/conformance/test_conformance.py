@@ -50,19 +50,10 @@ MODULES = [
     "test_eager_task_factory",  # 3.12+
     "test_staggered",  # 3.13+
 ]
-# The ones this interpreter has (test_taskgroups, test_timeouts and test_ssl are 3.11+).
+# Only the modules this interpreter's test package has (test_taskgroups, test_timeouts
+# and test_ssl are 3.11+).
 MODULES = [m for m in MODULES if _has_test_module(m)]
 
-
-def _has_module(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(f"test.test_asyncio.{module}") is not None
-    except ModuleNotFoundError:  # no test package: test_cpython_test_package_is_installed fails
-        return True
-
-
-# Only the modules this interpreter's test package has.
-MODULES = [m for m in MODULES if _has_module(m)]
 
 
 def run_module(module: str, out: Path) -> dict:
