@@ -2,12 +2,13 @@
 //! heap and the poller, and runs the turn in asyncio's `_run_once` order.
 
 use std::collections::VecDeque;
+use std::io;
 use std::mem;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyTuple, PyWeakrefReference};
@@ -140,6 +141,14 @@ impl FdCallbacks {
         }
     }
 
+    fn slot_ref(&self, bit: u32) -> Option<&Waiter> {
+        if bit == READABLE {
+            self.reader.as_ref()
+        } else {
+            self.writer.as_ref()
+        }
+    }
+
     fn has_handle(&self) -> bool {
         matches!(self.reader, Some(Waiter::Handle(_)))
             || matches!(self.writer, Some(Waiter::Handle(_)))
@@ -251,12 +260,14 @@ fn current_thread_id() -> u64 {
     u64::from(unsafe { ffi::PyThread_get_thread_ident() })
 }
 
-/// A negative or out-of-range fd number is `ValueError`, as in `selectors`.
+/// A negative fd number is `ValueError`, as in `selectors`; one beyond a C int is
+/// `OverflowError`, as epoll's registration raises for it in asyncio.
 fn checked_fd(fd: i64) -> PyResult<RawFd> {
-    if fd < 0 || fd > i64::from(i32::MAX) {
+    if fd < 0 {
         return Err(invalid_fd(fd));
     }
-    Ok(fd as RawFd)
+    RawFd::try_from(fd)
+        .map_err(|_| PyOverflowError::new_err("Python int too large to convert to C int"))
 }
 
 /// `selectors._fileobj_to_fd` without its range check: an int, or an object with
@@ -587,6 +598,9 @@ impl LoopCore {
         let fd = fileobj_to_int(fd)?;
         if slf.get().closed.load(Ordering::Relaxed) {
             return Ok(false);
+        }
+        if fd > i64::from(RawFd::MAX) {
+            return Ok(false); // never registered, as asyncio's selector finds
         }
         let fd = checked_fd(fd)?;
         match slf.get().set_waiter(slf.py(), fd, None, bit)? {
@@ -1368,8 +1382,8 @@ impl LoopCore {
         sock: &Bound<'_, PyAny>,
         buf: &Bound<'_, PyAny>,
     ) -> PyResult<Py<PyAny>> {
-        let fd = slf.get().sock_fd(sock)?;
         let buffer = sock_ops::writable_buffer(buf)?;
+        let fd = slf.get().sock_fd(sock)?;
         match sock_ops::try_recv_into(slf.py(), fd, &buffer)? {
             Attempt::Done(count) => Ok(count),
             Attempt::WouldBlock => LoopCore::sock_wait(slf, sock, fd, SockKind::RecvInto(buffer)),
@@ -1383,8 +1397,8 @@ impl LoopCore {
         sock: &Bound<'_, PyAny>,
         data: &Bound<'_, PyAny>,
     ) -> PyResult<Option<Py<PyAny>>> {
-        let fd = slf.get().sock_fd(sock)?;
         let buffer = sock_ops::readable_buffer(data)?;
+        let fd = slf.get().sock_fd(sock)?;
         let mut sent = 0;
         if sock_ops::try_send_all(fd, &buffer, &mut sent)? {
             return Ok(None);
@@ -1392,8 +1406,9 @@ impl LoopCore {
         LoopCore::sock_wait(slf, sock, fd, SockKind::Send(buffer, sent)).map(Some)
     }
 
-    /// Withdraws the socket operation of future `fut`, whose caller was cancelled, while
-    /// the socket is still open (its fd number names the slot only then).
+    /// Withdraws the socket operation of future `fut`, whose caller was cancelled. While
+    /// the socket is open its fd number names the slot; once it is closed (by whoever
+    /// cancelled the caller), the op is found by its future and the fd it was parked on.
     fn _sock_op_cancel(
         &self,
         py: Python<'_>,
@@ -1401,25 +1416,31 @@ impl LoopCore {
         writable: bool,
         fut: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let fd: RawFd = sock.call_method0("fileno")?.extract()?;
-        if fd < 0 {
-            return Ok(());
-        }
         let bit = if writable { WRITABLE } else { READABLE };
-        let is_sock_op = {
+        // Only this call's op: another call may have parked its own since.
+        let parked_fd = |cbs: &FdCallbacks| match cbs.slot_ref(bit) {
+            Some(Waiter::Sock(op)) if op.fut.is(fut) => Some(op.fd),
+            _ => None,
+        };
+        let fileno: i64 = sock.call_method0("fileno")?.extract()?;
+        let fd = {
             let mut st = self.state.borrow_mut(py)?;
-            let Some(token) = st.fds.token_of(fd) else {
-                return Ok(());
-            };
-            match st.fds.get_mut(token) {
-                // Only this call's op: another call may have parked its own since.
-                Some((FdOwner::Callbacks(cbs), _)) => {
-                    matches!(cbs.slot(bit), Some(Waiter::Sock(op)) if op.fut.is(fut))
+            if fileno >= 0 {
+                let token = RawFd::try_from(fileno)
+                    .ok()
+                    .and_then(|fd| st.fds.token_of(fd));
+                match token.and_then(|token| st.fds.get_mut(token)) {
+                    Some((FdOwner::Callbacks(cbs), _)) => parked_fd(cbs),
+                    _ => None,
                 }
-                _ => false,
+            } else {
+                st.fds.owners().find_map(|owner| match owner {
+                    FdOwner::Callbacks(cbs) => parked_fd(cbs),
+                    FdOwner::Transport(_) => None,
+                })
             }
         };
-        if is_sock_op {
+        if let Some(fd) = fd {
             let removed = self.set_waiter(py, fd, None, bit)?;
             drop(removed);
         }
@@ -1556,6 +1577,10 @@ impl LoopCore {
         let fd: i64 = sock
             .call_method0(pyo3::intern!(sock.py(), "fileno"))?
             .extract()?;
+        if fd == -1 {
+            // A closed socket: what its own methods raise.
+            return Err(os_error(io::Error::from_raw_os_error(libc::EBADF)));
+        }
         checked_fd(fd)
     }
 

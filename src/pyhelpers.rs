@@ -4,7 +4,7 @@
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 
 static EXTRACT_STACK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static FORMAT_CALLBACK_SOURCE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -134,4 +134,21 @@ pub fn last_frame_location(traceback: &Bound<'_, PyAny>) -> PyResult<Option<Stri
         frame.get_item(0)?,
         frame.get_item(1)?
     )))
+}
+
+/// A `bytes` copy of `data`: `MemoryError` when it cannot be allocated, where
+/// `PyBytes::new` would panic.
+pub fn bytes_copy<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    // A slice never exceeds isize::MAX bytes.
+    let len = data.len() as ffi::Py_ssize_t;
+    // SAFETY: attached; `data` is readable for `len` bytes. The call returns a new
+    // reference to a bytes object, or NULL with an error set.
+    let obj = unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            ffi::PyBytes_FromStringAndSize(data.as_ptr().cast(), len),
+        )
+    }?;
+    // SAFETY: PyBytes_FromStringAndSize returns a bytes object.
+    Ok(unsafe { obj.cast_into_unchecked() })
 }

@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::RawFd;
 
 use pyo3::buffer::PyUntypedBuffer;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -64,19 +64,20 @@ pub(crate) enum Attempt {
 }
 
 /// `recv(fd, n)` into a new `bytes`; `WouldBlock` when there is nothing to read yet.
+/// `n == 0` reads nothing and returns `b""` at once, as `socket.recv(0)` does.
 pub(crate) fn try_recv(py: Python<'_>, fd: RawFd, n: usize) -> PyResult<Attempt> {
-    if n >= DIRECT_READ && LAST_READ.get() >= DIRECT_READ {
+    if n == 0 {
+        return Ok(Attempt::Done(PyBytes::new(py, b"").into_any().unbind()));
+    }
+    // A read larger than the reused buffer goes straight into a `bytes` of its size:
+    // that allocation is the one a copy would need anyway, and a size the buffer
+    // cannot be allocated for is `MemoryError` (never an abort).
+    if n > STACKED_READ || (n >= DIRECT_READ && LAST_READ.get() >= DIRECT_READ) {
         return try_recv_direct(py, fd, n);
     }
-    let mut large = Vec::new();
-    let received = RECV_BUF.with(|small| {
-        let mut small = small.borrow_mut();
-        let buf: &mut [u8] = if n <= small.len() {
-            &mut small[..n]
-        } else {
-            large = vec![0u8; n];
-            &mut large[..]
-        };
+    let received = RECV_BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        let buf = &mut buf[..n];
         // SAFETY: `buf` is a writable buffer of `buf.len()` bytes.
         let got = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
         if got < 0 {
@@ -95,8 +96,7 @@ pub(crate) fn try_recv(py: Python<'_>, fd: RawFd, n: usize) -> PyResult<Attempt>
 
 /// `try_recv` straight into a `bytes` of `n` bytes, cut to what arrived.
 fn try_recv_direct(py: Python<'_>, fd: RawFd, n: usize) -> PyResult<Attempt> {
-    let size =
-        ffi::Py_ssize_t::try_from(n).map_err(|_| PyValueError::new_err("recv size too large"))?;
+    let size = ffi::Py_ssize_t::try_from(n).map_err(|_| PyMemoryError::new_err(()))?;
     // SAFETY: attached; with a NULL source this makes a new, uninitialised bytes of
     // `size` bytes (a new reference) or returns NULL with an error set.
     let mut obj = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), size) };
@@ -141,15 +141,32 @@ pub(crate) fn writable_buffer(obj: &Bound<'_, PyAny>) -> PyResult<PyUntypedBuffe
 pub(crate) fn readable_buffer(obj: &Bound<'_, PyAny>) -> PyResult<PyUntypedBuffer> {
     let buf = PyUntypedBuffer::get(obj)?;
     if !buf.is_c_contiguous() {
-        return Err(PyTypeError::new_err(
-            "a contiguous bytes-like object is required",
-        ));
+        return Err(simple_buffer_error(obj));
     }
     Ok(buf)
 }
 
-/// `recv_into(fd, buf)`; the count of bytes read.
+/// What `socket.send` raises for a non-contiguous buffer: the exporter's own error when
+/// asked for a simple (contiguous) buffer, e.g. `BufferError` from a strided memoryview.
+fn simple_buffer_error(obj: &Bound<'_, PyAny>) -> PyErr {
+    let py = obj.py();
+    let mut view = std::mem::MaybeUninit::<ffi::Py_buffer>::uninit();
+    // SAFETY: attached; `obj` is a live object and `view` has room for a Py_buffer,
+    // which PyObject_GetBuffer fills on success (0) and leaves unset on failure.
+    if unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), view.as_mut_ptr(), ffi::PyBUF_SIMPLE) } < 0 {
+        return PyErr::fetch(py);
+    }
+    // SAFETY: the call above succeeded, so `view` holds a buffer we must release once.
+    unsafe { ffi::PyBuffer_Release(view.as_mut_ptr()) };
+    PyTypeError::new_err("a contiguous bytes-like object is required")
+}
+
+/// `recv_into(fd, buf)`; the count of bytes read. An empty buffer reads nothing and
+/// returns 0 at once, as `socket.recv_into` does.
 pub(crate) fn try_recv_into(py: Python<'_>, fd: RawFd, buf: &PyUntypedBuffer) -> PyResult<Attempt> {
+    if buf.len_bytes() == 0 {
+        return Ok(Attempt::Done(0usize.into_pyobject(py)?.into_any().unbind()));
+    }
     // SAFETY: the buffer is writable and C-contiguous (checked by `writable_buffer`) and
     // stays exported while `buf` lives; recv writes at most `len_bytes()` bytes.
     let got = unsafe { libc::recv(fd, buf.buf_ptr(), buf.len_bytes(), 0) };

@@ -502,7 +502,7 @@ impl StreamTransport {
         }
         // The rest (or, when it could not be sent now, all of it: `queue` also raises
         // what asyncio raises for a write after write_eof or during sendfile).
-        let rest = PyBytes::new(py, &view[sent..]);
+        let rest = crate::pyhelpers::bytes_copy(py, &view[sent..])?;
         drop(buf);
         StreamTransport::queue(slf, std::slice::from_ref(&rest))
     }
