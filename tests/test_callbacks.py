@@ -700,3 +700,41 @@ def test_callbacks_from_an_empty_context_errors_and_neighbours(loop):
     ]
     assert explicit[var] == "c"
     assert kept[0]._context[var] == "e"
+
+
+def test_a_timer_runs_in_the_first_turn_its_deadline_has_passed(loop):
+    # asyncio's turn takes every timer with when < time() + clock resolution after its
+    # poll, behind the callbacks already queued: a timer at loop.time() exactly runs in
+    # the next turn, before anything that turn queues.
+    order = []
+
+    def schedule():
+        loop.call_at(loop.time(), order.append, "timer")
+        loop.call_soon(order.append, "queued with it")
+        loop.call_soon(loop.call_soon, order.append, "queued by the next turn")
+
+    loop.call_soon(schedule)
+    loop.call_later(0.05, loop.stop)
+    loop.run_forever()
+    assert order == ["queued with it", "timer", "queued by the next turn"]
+
+
+def test_a_timer_seen_due_by_loop_time_runs_by_the_following_turn(loop):
+    # A callback that finds loop.time() >= handle.when() is at most one turn ahead of
+    # the timer: the turn after it collects the timer (time() only grows), so the timer
+    # runs before a callback queued from that turn.
+    order = []
+    handle = loop.call_later(0.002, order.append, "timer")
+
+    def spin():
+        if loop.time() >= handle.when():
+            order.append("seen due")
+            loop.call_soon(loop.call_soon, order.append, "two turns later")
+        else:
+            loop.call_soon(spin)
+
+    loop.call_soon(spin)
+    loop.call_later(0.1, loop.stop)
+    loop.run_forever()
+    assert order.index("seen due") < order.index("two turns later")
+    assert order.index("timer") < order.index("two turns later")

@@ -236,9 +236,30 @@ def test_unix_server_and_connection_with_stale_socket_file(loop, tmp_path):
         await server.wait_closed()
 
     loop.run_until_complete(main())
-    if sys.version_info >= (3, 13) or type(loop).__module__.startswith("ferroloop"):
-        # cleanup_socket=True (the default since 3.13) removes the file on close.
-        assert not os.path.exists(path)
+    # A closed server removes its socket file from 3.13 on (cleanup_socket=True, the
+    # default); before, the file stays.
+    assert os.path.exists(path) == (sys.version_info < (3, 13))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="cleanup_socket is new in 3.13")
+def test_unix_server_cleanup_socket_removes_only_its_own_file(loop, tmp_path):
+    kept, replaced = str(tmp_path / "kept.sock"), str(tmp_path / "replaced.sock")
+
+    async def main():
+        server = await loop.create_unix_server(Echo, kept, cleanup_socket=False)
+        server.close()
+        await server.wait_closed()
+        assert os.path.exists(kept)
+        server = await loop.create_unix_server(Echo, replaced)
+        os.unlink(replaced)
+        with open(replaced, "w") as other:  # someone else's file now
+            other.write("not the server's")
+        server.close()
+        await server.wait_closed()
+        with open(replaced) as other:
+            assert other.read() == "not the server's"
+
+    loop.run_until_complete(main())
 
 
 def test_unix_server_in_the_abstract_namespace(loop):

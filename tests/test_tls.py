@@ -5,6 +5,7 @@ client certificates, start_tls on both sides, the shutdown timeout and fd leaks.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import hashlib
 import random
@@ -531,3 +532,107 @@ def test_tls_many_records_per_read_after_paused_reading_then_close_notify(loop, 
     # (3.10's sslproto hands each record's plaintext to data_received on its own.)
     assert events[1] == ("lost", None)
     assert (_CountingSSLObject.reads > 0) == subclass
+
+
+_side = contextvars.ContextVar("side", default=None)
+
+
+@pytest.mark.parametrize("closer", ["client", "server"])
+@pytest.mark.parametrize("buffered", [False, True], ids=["Protocol", "BufferedProtocol"])
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_protocol_callbacks_run_in_the_context_the_protocol_was_made_in(
+    loop, tls, buffered, closer
+):
+    # A variable the protocol factory sets is seen by every callback of the protocol,
+    # on both sides, with and without TLS: asyncio's transports schedule and run them
+    # in copies of the context they were made in (connection_lost and resume_writing
+    # included, whichever side ends the connection). Small socket buffers make the
+    # server's write pause it.
+    payload = random.Random(3).randbytes(1 << 20)
+    seen = []
+
+    class Recorder(asyncio.BufferedProtocol if buffered else asyncio.Protocol):
+        def __init__(self, side, done):
+            _side.set(side)
+            self.side, self.done, self.got = side, done, bytearray()
+            self.buf = bytearray(65536)
+
+        def _record(self, name):
+            seen.append((self.side, name, _side.get()))
+
+        def connection_made(self, transport):
+            self._record("connection_made")
+            self.transport = transport
+            if self.side == "server":
+                sock = transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+                transport.set_write_buffer_limits(high=16384)
+                # In pieces: TLS pauses the protocol once its transport is paused.
+                for i in range(0, len(payload), 65536):
+                    transport.write(payload[i : i + 65536])
+
+        def _received(self, data):
+            self.got += data
+            if self.side == "client" and len(self.got) == len(payload):
+                self.transport.write(b"done")
+                if closer == "client":
+                    self.transport.close()
+            elif self.side == "server" and self.got == b"done" and closer == "server":
+                self.transport.close()
+
+        def data_received(self, data):
+            self._record("data_received")
+            self._received(data)
+
+        def get_buffer(self, sizehint):
+            self._record("get_buffer")
+            return self.buf
+
+        def buffer_updated(self, nbytes):
+            self._record("buffer_updated")
+            self._received(self.buf[:nbytes])
+
+        def eof_received(self):
+            self._record("eof_received")
+
+        def pause_writing(self):
+            self._record("pause_writing")
+
+        def resume_writing(self):
+            self._record("resume_writing")
+
+        def connection_lost(self, exc):
+            self._record("connection_lost")
+            self.done.set_result(None)
+
+    async def main():
+        server_done, client_done = loop.create_future(), loop.create_future()
+        server = await loop.create_server(
+            lambda: Recorder("server", server_done),
+            "127.0.0.1",
+            0,
+            ssl=server_context() if tls else None,
+        )
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, server.sockets[0].getsockname())
+        await loop.create_connection(
+            lambda: Recorder("client", client_done),
+            sock=sock,
+            ssl=client_context() if tls else None,
+            server_hostname="localhost" if tls else None,
+        )
+        await asyncio.wait_for(asyncio.gather(server_done, client_done), 10)
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+    assert [entry for entry in seen if entry[0] != entry[2]] == []
+    received = "buffer_updated" if buffered else "data_received"
+    for side in ("client", "server"):
+        names = {name for who, name, _ in seen if who == side}
+        assert {"connection_made", received, "connection_lost"} <= names, side
+    peer = "server" if closer == "client" else "client"
+    assert ("eof_received" in {n for who, n, _ in seen if who == peer}) is True
+    assert {"pause_writing", "resume_writing"} <= {n for w, n, _ in seen if w == "server"}

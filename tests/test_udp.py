@@ -129,6 +129,40 @@ def test_unix_datagram_endpoints(loop, tmp_path):
     loop.run_until_complete(asyncio.wait_for(main(), 20))
 
 
+def test_unix_datagram_socketpair_unnamed_peers(loop):
+    # The ends of a socketpair have no name: recvfrom reports the sender as None.
+    # asyncio's transport, given such a socket, knows no remote address, so sendto
+    # without one is a fatal error (TypeError from the socket) that closes it.
+    s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s2.setblocking(False)
+    errors = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context["exception"]))
+
+    async def main():
+        tr, proto = await loop.create_datagram_endpoint(Datagrams, sock=s1)
+        s2.send(b"hello")
+        s2.send(b"")
+        s2.send(b"again")
+        await _until(lambda: len(proto.received) == 3)
+        assert proto.received == [(b"hello", None), (b"", None), (b"again", None)]
+        if hasattr(loop, "sock_recvfrom"):  # asyncio: 3.11+
+            s1.send(b"back")
+            assert await loop.sock_recvfrom(s2, 100) == (b"back", None)
+            s1.send(b"into")
+            buf = bytearray(10)
+            assert await loop.sock_recvfrom_into(s2, buf) == (4, None)
+            assert buf[:4] == b"into"
+        tr.sendto(b"no address")
+        await _until(lambda: proto.lost)
+        assert isinstance(proto.lost[1], TypeError)
+        assert len(errors) == 1 and isinstance(errors[0], TypeError)
+
+    try:
+        loop.run_until_complete(asyncio.wait_for(main(), 20))
+    finally:
+        s2.close()
+
+
 def test_datagram_endpoint_options_and_sock(loop):
     async def main():
         tr, _ = await loop.create_datagram_endpoint(

@@ -102,6 +102,12 @@ def _is_numeric_port(port) -> bool:
     return False
 
 
+# A Unix server removes its socket file when it closes from Python 3.13 on (asyncio's
+# cleanup_socket, default True); before 3.13 asyncio leaves the file, and so does
+# ferroloop unless cleanup_socket=True is passed.
+_CLEANUP_SOCKET_DEFAULT = sys.version_info >= (3, 13)
+
+
 def _check_ssl_socket(sock) -> None:
     if ssl is not None and isinstance(sock, ssl.SSLSocket):
         raise TypeError("Socket cannot be of type SSLSocket")
@@ -710,7 +716,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         ssl_handshake_timeout=None,
         ssl_shutdown_timeout=None,
         start_serving=True,
-        cleanup_socket=True,
+        cleanup_socket=_CLEANUP_SOCKET_DEFAULT,
     ):
         _check_shutdown_timeout_accepted("create_unix_server", ssl_shutdown_timeout)
         if isinstance(ssl, bool):
@@ -956,9 +962,11 @@ def _bind_unix_socket(path: str) -> socket.socket:
 
 
 def _unlink_if_same(path: str, inode: int) -> None:
-    """Removes the socket file of a closed server unless another process replaced it."""
+    """Removes the socket file of a closed server unless something replaced it."""
     try:
         if os.stat(path).st_ino == inode:
             os.unlink(path)
-    except OSError:
+    except FileNotFoundError:
         pass
+    except OSError as err:
+        logger.error("Unable to clean up listening UNIX socket %r: %r", path, err)

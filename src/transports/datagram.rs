@@ -324,7 +324,7 @@ impl DatagramTransport {
                 Err(err) => return DatagramTransport::send_failed(slf, err),
             }
         }
-        flow_control(&slf.get().state, slf.as_any(), false)?;
+        flow_control(&slf.get().state, slf.as_any(), false, false)?;
         let closing = {
             let mut st = slf.get().state.borrow_mut(py)?;
             if !st.buffer.is_empty() {
@@ -523,7 +523,7 @@ impl DatagramTransport {
             st.buffer_size += data.as_bytes().len() + st.header_size;
             st.buffer.push_back((data.unbind(), addr.unbind()));
         }
-        flow_control(&slf.get().state, slf.as_any(), true)
+        flow_control(&slf.get().state, slf.as_any(), true, false)
     }
 
     fn close(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
@@ -562,7 +562,7 @@ impl DatagramTransport {
         low: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         set_limits(&slf.get().state, slf.py(), high, low)?;
-        flow_control(&slf.get().state, slf.as_any(), true)
+        flow_control(&slf.get().state, slf.as_any(), true, false)
     }
 
     fn get_write_buffer_limits(&self, py: Python<'_>) -> PyResult<(usize, usize)> {

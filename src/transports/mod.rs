@@ -565,6 +565,24 @@ pub(crate) fn in_read_context<S: DerefMut<Target = Common>, R>(
     outcome
 }
 
+/// Runs `f` in the transport's own context, the one its read callbacks run in. What
+/// a transport does on its own (after the peer's EOF, a read or write error, a drained
+/// buffer) calls the protocol and schedules `connection_lost` from there, as asyncio's
+/// transports do from their reader and writer callbacks. Only for calls made outside
+/// every callback (a context that is already entered cannot be entered again).
+pub(crate) fn in_own_context<S: DerefMut<Target = Common>, R>(
+    cell: &GilCell<S>,
+    py: Python<'_>,
+    f: impl FnOnce() -> PyResult<R>,
+) -> PyResult<R> {
+    let mut context = cell
+        .borrow_mut(py)?
+        .context
+        .as_ref()
+        .map(|c| c.clone_ref(py));
+    in_read_context(cell, py, &mut context, f)
+}
+
 /// `pause_reading` (`pause` true) or `resume_reading`, logged in debug mode as asyncio
 /// logs them.
 pub(crate) fn set_reading<S: DerefMut<Target = Common>>(
@@ -638,11 +656,13 @@ pub(crate) fn set_limits<S: DerefMut<Target = Common>>(
 }
 
 /// asyncio's `_maybe_pause_protocol` (`pause`) and `_maybe_resume_protocol`: the
-/// protocol hears once when the buffer crosses the high (low) water mark.
+/// protocol hears once when the buffer crosses the high (low) water mark; in the
+/// transport's own context with `own_context` (see `in_own_context`).
 pub(crate) fn flow_control<S: DerefMut<Target = Common>>(
     cell: &GilCell<S>,
     transport: &Bound<'_, PyAny>,
     pause: bool,
+    own_context: bool,
 ) -> PyResult<()> {
     let py = transport.py();
     let (loop_, protocol) = {
@@ -672,9 +692,14 @@ pub(crate) fn flow_control<S: DerefMut<Target = Common>>(
             "protocol.resume_writing() failed",
         )
     };
-    match protocol.bind(py).call_method0(method) {
+    let call = || match protocol.bind(py).call_method0(method) {
         Ok(_) => Ok(()),
         Err(err) => protocol_failed(loop_.as_ref(), err, message, transport, &protocol),
+    };
+    if own_context {
+        in_own_context(cell, py, call)
+    } else {
+        call()
     }
 }
 

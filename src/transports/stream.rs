@@ -26,9 +26,10 @@ use crate::gil_cell::GilCell;
 use crate::poller::{self, READABLE, WRITABLE};
 use crate::tls::{self, TlsState};
 use crate::transports::{
-    asyncio_logger, close, flow_control, get_extra_info, in_read_context, is_fatal_to_loop,
-    lose_connection, register, release_socket, report_fatal, set_limits, set_reading,
-    socket_object, start_reading, to_bytes, Common, Extra, Peer, Sock, CONNLOST_LOG_THRESHOLD,
+    asyncio_logger, close, flow_control, get_extra_info, in_own_context, in_read_context,
+    is_fatal_to_loop, lose_connection, register, release_socket, report_fatal, set_limits,
+    set_reading, socket_object, start_reading, to_bytes, Common, Extra, Peer, Sock,
+    CONNLOST_LOG_THRESHOLD,
 };
 
 /// Bytes read per readiness event: asyncio's `max_size`. One read per event keeps one
@@ -201,7 +202,7 @@ impl StreamTransport {
                 });
                 match received {
                     Err(err) if would_block(&err) => Ok(()),
-                    Err(err) => StreamTransport::fatal_error(slf, os_error(err), READ_ERROR),
+                    Err(err) => StreamTransport::own_fatal_error(slf, os_error(err), READ_ERROR),
                     Ok(None) => StreamTransport::on_eof(slf, &mut context),
                     Ok(Some(data)) => {
                         let called = in_read_context(&slf.get().state, py, &mut context, || {
@@ -242,9 +243,9 @@ impl StreamTransport {
                     Ok(Ok(n)) => n,
                     Ok(Err(err)) if would_block(&err) => return Ok(()),
                     Ok(Err(err)) => {
-                        return StreamTransport::fatal_error(slf, os_error(err), READ_ERROR)
+                        return StreamTransport::own_fatal_error(slf, os_error(err), READ_ERROR)
                     }
-                    Err(err) => return StreamTransport::fatal_error(slf, err, READ_ERROR),
+                    Err(err) => return StreamTransport::own_fatal_error(slf, err, READ_ERROR),
                 };
                 if nbytes == 0 {
                     return StreamTransport::on_eof(slf, &mut context);
@@ -270,7 +271,7 @@ impl StreamTransport {
                     }),
                     Ok(Err(err)) if would_block(&err) => return Ok(()),
                     Ok(Err(err)) => {
-                        return StreamTransport::fatal_error(slf, os_error(err), READ_ERROR)
+                        return StreamTransport::own_fatal_error(slf, os_error(err), READ_ERROR)
                     }
                     Err(err) => Err(err),
                 };
@@ -293,7 +294,7 @@ impl StreamTransport {
         match outcome {
             Ok(()) => Ok(()),
             Err(err) if is_fatal_to_loop(slf.py(), &err) => Err(err),
-            Err(err) => StreamTransport::fatal_error(slf, err, message),
+            Err(err) => StreamTransport::own_fatal_error(slf, err, message),
         }
     }
 
@@ -309,11 +310,17 @@ impl StreamTransport {
         let Some(protocol) = protocol else {
             return Ok(());
         };
+        // The close that follows is in the read context too: `connection_lost` runs in
+        // a copy of it.
         let keep_open = in_read_context(&slf.get().state, py, context, || {
-            protocol
+            let keep_open = protocol
                 .bind(py)
-                .call_method0(pyo3::intern!(py, "eof_received"))?
-                .is_truthy()
+                .call_method0(pyo3::intern!(py, "eof_received"))
+                .and_then(|r| r.is_truthy());
+            if let Ok(false) = keep_open {
+                StreamTransport::close(slf)?;
+            }
+            keep_open
         });
         match keep_open {
             Ok(true) => {
@@ -321,7 +328,7 @@ impl StreamTransport {
                 st.read_eof = true;
                 st.sync_interest(py)
             }
-            Ok(false) => StreamTransport::close(slf),
+            Ok(false) => Ok(()),
             Err(err) => StreamTransport::protocol_outcome(
                 slf,
                 Err(err),
@@ -333,7 +340,16 @@ impl StreamTransport {
     /// Sends what is buffered: one `sendmsg` of up to `MAX_IOV` buffers, repeated only
     /// while the socket takes everything. The end of every turn calls this for each
     /// transport written to during it; so does writability while the socket was full.
+    /// Both are outside every callback: what the flush calls (`resume_writing`, the
+    /// error handling, `connection_lost` once closed and drained) runs in the
+    /// transport's own context, as from asyncio's writer callback.
     pub(crate) fn flush(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
+        StreamTransport::send_buffer(slf, true)
+    }
+
+    /// `flush`; with `own_context` false (a `write` past the high-water mark) what it
+    /// calls runs in the caller's context instead.
+    fn send_buffer(slf: &Bound<'_, StreamTransport>, own_context: bool) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
         loop {
@@ -352,7 +368,7 @@ impl StreamTransport {
                         st.write_waiting = true;
                         st.sync_interest(py)?;
                         drop(st);
-                        return StreamTransport::maybe_resume_protocol(slf);
+                        return StreamTransport::maybe_resume_protocol(slf, own_context);
                     }
                 }
                 Err(err) if would_block(&err) => {
@@ -361,7 +377,12 @@ impl StreamTransport {
                 }
                 Err(err) => {
                     drop(st);
-                    return StreamTransport::fatal_error(slf, os_error(err), WRITE_ERROR);
+                    let err = os_error(err);
+                    return if own_context {
+                        StreamTransport::own_fatal_error(slf, err, WRITE_ERROR)
+                    } else {
+                        StreamTransport::fatal_error(slf, err, WRITE_ERROR)
+                    };
                 }
             }
         }
@@ -370,14 +391,14 @@ impl StreamTransport {
             st.write_waiting = false;
             st.sync_interest(py)?;
         }
-        StreamTransport::maybe_resume_protocol(slf)?;
+        StreamTransport::maybe_resume_protocol(slf, own_context)?;
         // resume_writing() may have written more (sslproto sends its close_notify from
         // there): send that before deciding the buffer is drained.
         let (closing, eof, waiter, fd) = {
             let st = core.state.borrow_mut(py)?;
             if !st.buffer.is_empty() {
                 drop(st);
-                return StreamTransport::flush(slf);
+                return StreamTransport::send_buffer(slf, own_context);
             }
             (
                 st.closing,
@@ -392,7 +413,11 @@ impl StreamTransport {
                 waiter.call_method1("set_result", (py.None(),))?;
             }
         }
-        if closing {
+        if closing && own_context {
+            in_own_context(&core.state, py, || {
+                StreamTransport::lose_connection(slf, None)
+            })?;
+        } else if closing {
             StreamTransport::lose_connection(slf, None)?;
         } else if eof {
             // SAFETY: `fd` is the live socket of this transport (sock is not None).
@@ -426,6 +451,18 @@ impl StreamTransport {
         StreamTransport::lose_connection(slf, exc)
     }
 
+    /// `fatal_error` in the transport's own context, for the errors of its reads and
+    /// of the loop's flushes (asyncio meets them in its reader and writer callbacks).
+    fn own_fatal_error(
+        slf: &Bound<'_, StreamTransport>,
+        err: PyErr,
+        message: &str,
+    ) -> PyResult<()> {
+        in_own_context(&slf.get().state, slf.py(), || {
+            StreamTransport::fatal_error(slf, err, message)
+        })
+    }
+
     /// asyncio's `_fatal_error`: report (OS errors only in debug mode), then force-close.
     fn fatal_error(slf: &Bound<'_, StreamTransport>, err: PyErr, message: &str) -> PyResult<()> {
         let py = slf.py();
@@ -445,11 +482,11 @@ impl StreamTransport {
     }
 
     fn maybe_pause_protocol(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
-        flow_control(&slf.get().state, slf.as_any(), true)
+        flow_control(&slf.get().state, slf.as_any(), true, false)
     }
 
-    fn maybe_resume_protocol(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
-        flow_control(&slf.get().state, slf.as_any(), false)
+    fn maybe_resume_protocol(slf: &Bound<'_, StreamTransport>, own_context: bool) -> PyResult<()> {
+        flow_control(&slf.get().state, slf.as_any(), false, own_context)
     }
 
     /// `write` of a bytearray or memoryview, which its owner may change as soon as the
@@ -555,7 +592,7 @@ impl StreamTransport {
             }
         };
         match pending {
-            Pending::SendNow => StreamTransport::flush(slf)?,
+            Pending::SendNow => StreamTransport::send_buffer(slf, false)?,
             Pending::Queue(loop_) => loop_.get().queue_flush(py, slf.clone().unbind())?,
             Pending::Nothing => {}
         }
