@@ -151,10 +151,11 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             else:
                 for sig in list(self._signal_handlers):
                     self.remove_signal_handler(sig)
-        for pidfd, _ in self._children.values():
+        children, self._children = self._children, {}
+        for pid, (pidfd, _) in children.items():
             if pidfd is not None:
                 os.close(pidfd)
-        self._children.clear()
+            _reap_in_thread(pid)
         self._close_core()
         self._executor_shutdown_called = True
         executor = self._default_executor
@@ -989,6 +990,25 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
 # interpreter's fast call of a method descriptor needs the instance's type to be exactly
 # the descriptor's.
 bind_methods_to(Loop)
+
+
+def _reap_in_thread(pid: int) -> None:
+    """Reaps a child that outlives its loop once it exits, so that it stays no zombie:
+    a daemon thread blocks in waitpid for it (as asyncio's threaded child watcher does
+    for every child)."""
+    try:
+        threading.Thread(
+            target=_wait_for_child, args=(pid,), name=f"ferroloop-reaper-{pid}", daemon=True
+        ).start()
+    except RuntimeError:
+        pass  # the interpreter is shutting down: it can start no thread
+
+
+def _wait_for_child(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # reaped elsewhere already (Popen.poll, a SIGCHLD handler)
 
 
 def _sendfile_once(fileno, offset, count, sock):
