@@ -20,7 +20,6 @@ import io
 import os
 import signal
 import socket
-import stat
 import sys
 import threading
 from asyncio import (
@@ -37,7 +36,7 @@ from asyncio.log import logger
 from operator import methodcaller
 
 from . import _sslproto
-from ._ferroloop import Handle, LoopCore, bind_methods_to
+from ._ferroloop import Handle, LoopCore, bind_methods_to, sendfile, stat_path, unlink_path
 from ._server import Server
 from ._transports import DatagramTransport, SocketTransport, socket_extra
 
@@ -823,7 +822,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             bound = sock.getsockname()
             if isinstance(bound, str) and bound and not bound.startswith("\0"):
                 try:
-                    self._unix_server_paths[sock] = (bound, os.stat(bound).st_ino)
+                    self._unix_server_paths[sock] = (bound, stat_path(bound)[1])
                 except OSError:
                     pass
         sock.setblocking(False)
@@ -1012,7 +1011,7 @@ def _wait_for_child(pid: int) -> None:
 
 
 def _sendfile_once(fileno, offset, count, sock):
-    return os.sendfile(sock.fileno(), fileno, offset, count)
+    return sendfile(sock.fileno(), fileno, offset, count)
 
 
 def _connect_error(errors: list[OSError], all_errors: bool) -> BaseException:
@@ -1047,11 +1046,12 @@ def _check_unix_stream_socket(sock) -> None:
 
 def _bind_unix_socket(path: str) -> socket.socket:
     """A Unix stream socket bound to `path`; a stale socket file left there by a dead
-    server is removed first (abstract names, starting with a NUL, have no file)."""
+    server is removed first (abstract names, starting with a NUL, have no file). The
+    stat and unlink are native calls (see fs_ops.rs)."""
     if path and path[0] not in (0, "\x00"):
         try:
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                os.remove(path)
+            if stat_path(path)[0]:
+                unlink_path(path)
         except FileNotFoundError:
             pass
         except OSError as err:
@@ -1073,7 +1073,7 @@ def _bind_unix_socket(path: str) -> socket.socket:
 def _unlink_if_same(path: str, inode: int) -> None:
     """Removes the socket file of a closed server unless another process replaced it."""
     try:
-        if os.stat(path).st_ino == inode:
-            os.unlink(path)
+        if stat_path(path)[1] == inode:
+            unlink_path(path)
     except OSError:
         pass
