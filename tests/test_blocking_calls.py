@@ -127,14 +127,23 @@ async def sendfile(loop, tmp_path):
 async def start_tls(loop, tmp_path, contexts):
     server_ctx, client_ctx = contexts
 
+    async def upgrade(reader, writer, ctx, **kwargs):
+        # loop.start_tls (StreamWriter.start_tls is 3.11+), then the streams use its
+        # transport.
+        tr = await loop.start_tls(writer.transport, writer.transport.get_protocol(), ctx,
+                                  **kwargs)
+        writer._transport = tr
+        reader._transport = tr
+
     async def handler(reader, writer):
-        await writer.start_tls(server_ctx)
+        await upgrade(reader, writer, server_ctx, server_side=True)
         await _echo(reader, writer)
 
     server = await asyncio.start_server(handler, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await writer.start_tls(client_ctx, server_hostname="localhost")
+    await upgrade(reader, writer, client_ctx, server_hostname="localhost")
+    assert writer.get_extra_info("ssl_object") is not None
     assert await _roundtrip(reader, writer) == b"ping"
     server.close()
     await server.wait_closed()
