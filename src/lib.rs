@@ -4,6 +4,7 @@ mod errors;
 mod event_loop;
 mod fastcall;
 mod freelist;
+mod fs_ops;
 mod gil_cell;
 mod handles;
 mod poller;
@@ -30,6 +31,9 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     fastcall::probe_asyncio_kwnames(m.py());
     m.add_function(wrap_pyfunction!(tls::ssl_protocol_methods, m)?)?;
     m.add_class::<tls::TlsState>()?;
+    m.add_function(wrap_pyfunction!(fs_ops::stat_path, m)?)?;
+    m.add_function(wrap_pyfunction!(fs_ops::unlink_path, m)?)?;
+    m.add_function(wrap_pyfunction!(fs_ops::sendfile, m)?)?;
     m.add_class::<transports::stream::StreamTransport>()?;
     m.add_class::<transports::datagram::DatagramTransport>()?;
     Ok(())

@@ -4,10 +4,13 @@ subprocess API with its stdio forms and options, bulk data, many children, leaks
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
 import sys
+import time
+import warnings
 
 import pytest
 
@@ -227,3 +230,43 @@ def test_1000_runs_leak_no_fd_and_no_process(loop):
                 os.waitpid(pid, os.WNOHANG)
 
     loop.run_until_complete(asyncio.wait_for(main(), 180))
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of `pid` in /proc (Z: a zombie), or None once it is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def test_a_child_that_outlives_its_loop_is_reaped(loop, loop_name):
+    if loop_name == "asyncio" and sys.version_info >= (3, 12):
+        # Its pidfd watcher stops watching with the loop: the child stays a zombie.
+        pytest.skip("asyncio 3.12+ leaves a child that outlives its loop a zombie")
+    r, w = os.pipe()
+
+    async def main():
+        proc = await asyncio.create_subprocess_exec(PY, "-c", "import os; os.read(0, 1)", stdin=r)
+        return proc.pid
+
+    try:
+        with warnings.catch_warnings():
+            # Both loops warn of the transport left unclosed when it is collected.
+            warnings.simplefilter("ignore", ResourceWarning)
+            pid = loop.run_until_complete(main())
+            loop.close()  # the child still runs: it waits for its stdin
+            gc.collect()
+    finally:
+        os.close(r)
+        os.close(w)  # now it reads EOF and exits
+    deadline = time.monotonic() + 30
+    while _proc_state(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    state = _proc_state(pid)
+    if state is not None:
+        os.waitpid(pid, 0)  # leave no zombie behind this failure
+    assert state is None
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)

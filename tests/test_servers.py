@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import socket
 import sys
@@ -359,3 +360,83 @@ def loop_supports_all_errors(loop) -> bool:
     import inspect
 
     return "all_errors" in inspect.signature(loop.create_connection).parameters
+
+
+# Stock asyncio's happy eyeballs left cycles through the failed attempts' errors until
+# CPython gh-124858 (3.12.7, 3.13.1; 3.11 and older keep them).
+_STOCK_HAPPY_EYEBALLS_CYCLES = sys.version_info < (3, 12, 7) or (
+    (3, 13) <= sys.version_info < (3, 13, 1)
+)
+
+
+@pytest.mark.parametrize("connects", [False, True], ids=["all-fail", "last-connects"])
+@pytest.mark.parametrize("mode", ["sequential", "interleave", "happy_eyeballs", "all_errors"])
+def test_create_connection_leaves_no_reference_cycle(loop, loop_name, mode, connects):
+    """A create_connection that goes through failed attempts leaves no garbage for the
+    cyclic collector: the errors' tracebacks hold the frames they went through, so no
+    frame may keep a list of those errors (asyncio drops each such list)."""
+    if loop_name == "asyncio":
+        if mode == "happy_eyeballs" and _STOCK_HAPPY_EYEBALLS_CYCLES:
+            pytest.skip("this Python's asyncio leaves cycles with happy eyeballs (gh-124858)")
+        if connects:
+            # Its create_connection keeps the failed attempts' list in its frame.
+            pytest.skip("asyncio leaves a cycle when an attempt connects after failures")
+    if mode == "all_errors" and not loop_supports_all_errors(loop):
+        pytest.skip("this Python's asyncio has no create_connection(all_errors=) (3.12+)")
+    kwargs = {
+        "sequential": {},
+        "interleave": {"interleave": 1},
+        "happy_eyeballs": {"happy_eyeballs_delay": 0.05},
+        "all_errors": {"all_errors": True},
+    }[mode]
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    closed_port = probe.getsockname()[1]
+    probe.close()  # nothing listens on that port, on any of the addresses below
+    infos = [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", closed_port)),
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", closed_port, 0, 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", closed_port)),
+    ]
+    server = None
+    if connects:
+        server = loop.run_until_complete(loop.create_server(Echo, "127.0.0.1", 0))
+        infos.append((socket.AF_INET, socket.SOCK_STREAM, 6, "", server.sockets[0].getsockname()))
+
+    async def fake_getaddrinfo(*args, **kwargs):
+        return list(infos)
+
+    loop.getaddrinfo = fake_getaddrinfo
+
+    async def attempt():
+        # What happened, as plain data: the error itself must be gone before collecting.
+        try:
+            tr, _ = await loop.create_connection(asyncio.Protocol, "example.test", 1, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the error is what the test looks at
+            inner = getattr(exc, "exceptions", ())
+            return type(exc), [type(e) for e in inner]
+        peer = tr.get_extra_info("peername")
+        tr.close()
+        await asyncio.sleep(0)
+        return peer
+
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        outcome = loop.run_until_complete(attempt())
+        gc.collect()
+        garbage = sorted({type(o).__name__ for o in gc.garbage})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    if connects:
+        assert outcome == server.sockets[0].getsockname()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+    elif mode == "all_errors" and sys.version_info >= (3, 11):
+        assert outcome == (ExceptionGroup, [ConnectionRefusedError] * 3)  # noqa: F821
+    else:
+        assert issubclass(outcome[0], OSError)
+    assert garbage == []

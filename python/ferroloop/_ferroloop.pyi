@@ -1,5 +1,6 @@
 """Type stubs of the Rust core (ferroloop._ferroloop)."""
 
+import os
 import socket
 from collections.abc import Callable, Iterable
 from contextvars import Context
@@ -90,3 +91,12 @@ class DatagramTransport:
     def set_protocol(self, protocol: Any) -> None: ...
     def get_protocol(self) -> Any: ...
     def get_extra_info(self, name: str, default: Any = ...) -> Any: ...
+
+def stat_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> tuple[bool, int]:
+    """`(is_socket, inode)` of `path` (following symlinks); OSError on failure."""
+
+def unlink_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> None:
+    """Removes the directory entry `path`; OSError on failure."""
+
+def sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+    """sendfile(2): the bytes sent (0 at the end of the file); BlockingIOError when full."""

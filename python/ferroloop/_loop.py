@@ -16,12 +16,10 @@ import asyncio
 import contextvars
 import errno
 import functools
-import inspect
 import io
 import os
 import signal
 import socket
-import stat
 import sys
 import threading
 from asyncio import (
@@ -38,7 +36,7 @@ from asyncio.log import logger
 from operator import methodcaller
 
 from . import _sslproto
-from ._ferroloop import Handle, LoopCore, bind_methods_to
+from ._ferroloop import Handle, LoopCore, bind_methods_to, sendfile, stat_path, unlink_path
 from ._server import Server
 from ._transports import DatagramTransport, SocketTransport, socket_extra
 
@@ -54,16 +52,6 @@ __all__ = ["Loop"]
 # create_connection, create_server, start_tls and the Unix variants); 3.10's sslproto
 # has none, and its loop methods do not take the argument.
 _HAS_SSL_SHUTDOWN_TIMEOUT = hasattr(constants, "SSL_SHUTDOWN_TIMEOUT")
-
-# 3.12 added create_connection(all_errors=...); ferroloop provides it on 3.11 too.
-_BASE_HAS_ALL_ERRORS = "all_errors" in inspect.signature(
-    base_events.BaseEventLoop.create_connection
-).parameters
-# The per-address failures of the create_connection running in this context.
-_connect_failures: contextvars.ContextVar[list | None] = contextvars.ContextVar(
-    "ferroloop_connect_failures", default=None
-)
-
 
 # `_make_socket_transport`'s "no peer address given" (None is a valid address: an
 # unnamed Unix socket's).
@@ -176,10 +164,11 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             else:
                 for sig in list(self._signal_handlers):
                     self.remove_signal_handler(sig)
-        for pidfd, _ in self._children.values():
+        children, self._children = self._children, {}
+        for pid, (pidfd, _) in children.items():
             if pidfd is not None:
                 os.close(pidfd)
-        self._children.clear()
+            _reap_in_thread(pid)
         self._close_core()
         self._executor_shutdown_called = True
         executor = self._default_executor
@@ -285,17 +274,19 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         )
         add(fd, self._sock_retry, fut, sock, op)
         handle = get(fd)
-
-        def done(_fut):
-            # Another operation may have replaced our callback meanwhile.
-            if handle is not None and not handle.cancelled():
-                remove(fd)
-
-        fut.add_done_callback(done)
+        fut.add_done_callback(functools.partial(self._sock_wait_done, handle, remove, fd))
         try:
             return await fut
         finally:
-            fut = None
+            # The future's error has this frame in its traceback, and the handle holds
+            # the future: drop both, or they make a cycle.
+            fut = handle = None
+
+    @staticmethod
+    def _sock_wait_done(handle, remove, fd, _fut) -> None:
+        # Another operation may have replaced our callback meanwhile.
+        if handle is not None and not handle.cancelled():
+            remove(fd)
 
     @staticmethod
 
@@ -312,6 +303,8 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             fut.set_exception(exc)
         else:
             fut.set_result(result)
+        finally:
+            fut = None  # the error's traceback holds this frame: no cycle through it
 
     async def sock_recv(self, sock, n):
         # Checked (as _check_sock does) and read now in Rust if there is data; otherwise
@@ -474,40 +467,171 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
 
     # -- connections -----------------------------------------------------------
 
-    if sys.version_info >= (3, 11):  # all_errors raises an ExceptionGroup (3.11+)
+    async def create_connection(
+        self,
+        protocol_factory,
+        host=None,
+        port=None,
+        *,
+        ssl=None,
+        family=0,
+        proto=0,
+        flags=0,
+        sock=None,
+        local_addr=None,
+        server_hostname=None,
+        ssl_handshake_timeout=None,
+        ssl_shutdown_timeout=None,
+        happy_eyeballs_delay=None,
+        interleave=None,
+        all_errors=False,
+    ):
+        if server_hostname is None and ssl:
+            if not host:
+                raise ValueError("You must set server_hostname when using ssl without a host")
+            server_hostname = host
+        _check_tls_arguments(ssl, server_hostname, ssl_handshake_timeout, ssl_shutdown_timeout)
+        if sock is not None:
+            _check_ssl_socket(sock)
+        if host is not None or port is not None:
+            if sock is not None:
+                raise ValueError("host/port and sock can not be specified at the same time")
+            sock = await self._connect_any(
+                host, port, family, proto, flags, local_addr, happy_eyeballs_delay,
+                interleave, all_errors,
+            )
+        elif sock is None:
+            raise ValueError("host and port was not specified and no sock specified")
+        elif sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"A Stream Socket was expected, got {sock!r}")
+        # 3.10's base class has no ssl_shutdown_timeout.
+        shutdown = {} if ssl_shutdown_timeout is None else {
+            "ssl_shutdown_timeout": ssl_shutdown_timeout
+        }
+        transport, protocol = await self._create_connection_transport(
+            sock, protocol_factory, ssl, server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout, **shutdown,
+        )
+        if self._debug:
+            logger.debug(
+                "%r connected to %s:%r: (%r, %r)",
+                transport.get_extra_info("socket"), host, port, transport, protocol,
+            )
+        return transport, protocol
+
+    if sys.version_info < (3, 11):
+        # 3.10's asyncio takes neither all_errors (an ExceptionGroup, 3.11+) nor
+        # ssl_shutdown_timeout: refuse them as it does.
+        _create_connection_all = create_connection
 
         async def create_connection(
-            self, protocol_factory, host=None, port=None, *, all_errors=False, **kwargs
+            self,
+            protocol_factory,
+            host=None,
+            port=None,
+            *,
+            ssl=None,
+            family=0,
+            proto=0,
+            flags=0,
+            sock=None,
+            local_addr=None,
+            server_hostname=None,
+            ssl_handshake_timeout=None,
+            happy_eyeballs_delay=None,
+            interleave=None,
         ):
-            if _BASE_HAS_ALL_ERRORS:
-                return await super().create_connection(
-                    protocol_factory, host, port, all_errors=all_errors, **kwargs
-                )
-            if not all_errors:
-                return await super().create_connection(protocol_factory, host, port, **kwargs)
-            failures: list[list[BaseException]] = []
-            token = _connect_failures.set(failures)
-            try:
-                return await super().create_connection(protocol_factory, host, port, **kwargs)
-            except OSError as exc:
-                flat = [e for per_address in failures for e in per_address]
-                if flat and (exc in flat or str(exc).startswith("Multiple exceptions: ")):
-                    raise ExceptionGroup("create_connection failed", flat) from None  # noqa: F821
-                raise
-            finally:
-                _connect_failures.reset(token)
+            return await self._create_connection_all(
+                protocol_factory, host, port, ssl=ssl, family=family, proto=proto,
+                flags=flags, sock=sock, local_addr=local_addr,
+                server_hostname=server_hostname,
+                ssl_handshake_timeout=ssl_handshake_timeout,
+                happy_eyeballs_delay=happy_eyeballs_delay, interleave=interleave,
+            )
 
-        async def _connect_sock(self, exceptions, addr_info, local_addr_infos=None):
-            failures = _connect_failures.get()
-            if failures is not None:
-                # The base class appends this attempt's error list to `exceptions` first
-                # thing; keep a reference for all_errors.
-                count = len(exceptions)
-                try:
-                    return await super()._connect_sock(exceptions, addr_info, local_addr_infos)
-                finally:
-                    failures.extend(exceptions[count:])
-            return await super()._connect_sock(exceptions, addr_info, local_addr_infos)
+    async def _connect_any(
+        self, host, port, family, proto, flags, local_addr, delay, interleave, all_errors
+    ):
+        """A socket connected to one of `host:port`'s addresses: one at a time, or
+        happy eyeballs when `delay` is given.
+
+        A failed attempt's exception holds, through its traceback, the frames it went
+        through, and so every list it sits in that those frames hold: each such list is
+        dropped before returning or raising, which leaves no reference cycle (and no
+        garbage for the cyclic collector) behind a failed or successful connect."""
+        infos = await self._ensure_resolved(
+            (host, port), family=family, type=socket.SOCK_STREAM, proto=proto, flags=flags,
+            loop=self,
+        )
+        if not infos:
+            raise OSError("getaddrinfo() returned empty list")
+        laddr_infos = None
+        if local_addr is not None:
+            laddr_infos = await self._ensure_resolved(
+                local_addr, family=family, type=socket.SOCK_STREAM, proto=proto, flags=flags,
+                loop=self,
+            )
+            if not laddr_infos:
+                raise OSError("getaddrinfo() returned empty list")
+        if delay is not None and interleave is None:
+            interleave = 1  # happy eyeballs alternates the address families by default
+        if interleave:
+            infos = base_events._interleave_addrinfos(infos, interleave)
+        # One list of errors per attempt, which _connect_sock fills.
+        errors: list[list[OSError]] | None = []
+        try:
+            if delay is None:
+                for info in infos:
+                    try:
+                        return await self._connect_sock(errors, info, laddr_infos)
+                    except OSError:
+                        continue
+            else:
+                sock = await self._race_connects(errors, infos, laddr_infos, delay)
+                if sock is not None:
+                    return sock
+            exc = _connect_error([e for attempt in errors for e in attempt], all_errors)
+        finally:
+            errors = None
+        try:
+            raise exc
+        finally:
+            exc = None
+
+    async def _race_connects(self, errors, infos, laddr_infos, delay):
+        """Happy eyeballs (RFC 8305): the next attempt starts when one fails or after
+        `delay` seconds, whichever comes first; the first to connect wins and the others
+        are cancelled. Returns the winner's socket, or None when every attempt failed
+        (their errors are in `errors`)."""
+        infos = iter(infos)
+        pending: set[asyncio.Task] = set()
+        try:
+            while True:
+                info = next(infos, None)
+                if info is not None:
+                    pending.add(self.create_task(self._connect_sock(errors, info, laddr_infos)))
+                elif not pending:
+                    return None
+                done, pending = await asyncio.wait(
+                    pending,
+                    timeout=None if info is None else delay,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                winner = None
+                for task in done:
+                    if task.exception() is None:  # a failed attempt's error is in errors
+                        if winner is None:
+                            winner = task.result()
+                        else:
+                            task.result().close()
+                if winner is not None:
+                    return winner
+        finally:
+            for task in pending:
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled() and task.exception() is None:
+                    task.result().close()
 
     # -- servers ---------------------------------------------------------------
 
@@ -738,7 +862,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             bound = sock.getsockname()
             if isinstance(bound, str) and bound and not bound.startswith("\0"):
                 try:
-                    self._unix_server_paths[sock] = (bound, os.stat(bound).st_ino)
+                    self._unix_server_paths[sock] = (bound, stat_path(bound)[1])
                 except OSError:
                     pass
         sock.setblocking(False)
@@ -907,8 +1031,39 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
 bind_methods_to(Loop)
 
 
+def _reap_in_thread(pid: int) -> None:
+    """Reaps a child that outlives its loop once it exits, so that it stays no zombie:
+    a daemon thread blocks in waitpid for it (as asyncio's threaded child watcher does
+    for every child)."""
+    try:
+        threading.Thread(
+            target=_wait_for_child, args=(pid,), name=f"ferroloop-reaper-{pid}", daemon=True
+        ).start()
+    except RuntimeError:
+        pass  # the interpreter is shutting down: it can start no thread
+
+
+def _wait_for_child(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # reaped elsewhere already (Popen.poll, a SIGCHLD handler)
+
+
 def _sendfile_once(fileno, offset, count, sock):
-    return os.sendfile(sock.fileno(), fileno, offset, count)
+    return sendfile(sock.fileno(), fileno, offset, count)
+
+
+def _connect_error(errors: list[OSError], all_errors: bool) -> BaseException:
+    """What a create_connection whose every attempt failed raises, as asyncio does: the
+    error when there is one (or they all read the same), else one naming them all;
+    with all_errors, an ExceptionGroup of them all (3.12's option, from 3.11 on here)."""
+    if all_errors and sys.version_info >= (3, 11):
+        return ExceptionGroup("create_connection failed", errors)  # noqa: F821
+    first = str(errors[0])
+    if all(str(e) == first for e in errors):
+        return errors[0]
+    return OSError("Multiple exceptions: {}".format(", ".join(str(e) for e in errors)))
 
 
 def _check_tls_arguments(ssl, server_hostname, handshake_timeout, shutdown_timeout) -> None:
@@ -938,11 +1093,12 @@ def _check_unix_stream_socket(sock) -> None:
 
 def _bind_unix_socket(path: str) -> socket.socket:
     """A Unix stream socket bound to `path`; a stale socket file left there by a dead
-    server is removed first (abstract names, starting with a NUL, have no file)."""
+    server is removed first (abstract names, starting with a NUL, have no file). The
+    stat and unlink are native calls (see fs_ops.rs)."""
     if path and path[0] not in (0, "\x00"):
         try:
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                os.remove(path)
+            if stat_path(path)[0]:
+                unlink_path(path)
         except FileNotFoundError:
             pass
         except OSError as err:
@@ -964,8 +1120,8 @@ def _bind_unix_socket(path: str) -> socket.socket:
 def _unlink_if_same(path: str, inode: int) -> None:
     """Removes the socket file of a closed server unless something replaced it."""
     try:
-        if os.stat(path).st_ino == inode:
-            os.unlink(path)
+        if stat_path(path)[1] == inode:
+            unlink_path(path)
     except FileNotFoundError:
         pass
     except OSError as err:

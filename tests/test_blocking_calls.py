@@ -1,0 +1,229 @@
+"""No blocking call in the loop thread that asyncio does not make: each program runs
+under blockbuster (a detector of blocking calls in async code, which allows asyncio's
+own call sites) on asyncio and on ferroloop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import uuid
+
+import ferroloop
+import pytest
+
+try:
+    from blockbuster import blockbuster_ctx
+except ImportError:  # pragma: no cover - the test extra installs it
+    pytest.skip("blockbuster is not installed (pip install .[test])", allow_module_level=True)
+
+certs = pytest.importorskip("test.test_asyncio.utils")
+
+PAYLOAD_SIZE = 256 * 1024
+
+
+async def _echo(reader, writer):
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def _roundtrip(reader, writer, payload=b"ping") -> bytes:
+    writer.write(payload)
+    data = await reader.readexactly(len(payload))
+    writer.close()
+    await writer.wait_closed()
+    return data
+
+
+async def tcp(loop, tmp_path):
+    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    assert await _roundtrip(*await asyncio.open_connection("127.0.0.1", port)) == b"ping"
+    tr, _ = await loop.create_connection(asyncio.Protocol, "localhost", port)
+    tr.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def unix_path(loop, tmp_path):
+    path = str(tmp_path / "s.sock")
+    server = await asyncio.start_unix_server(_echo, path)
+    assert await _roundtrip(*await asyncio.open_unix_connection(path)) == b"ping"
+    tr, _ = await loop.create_unix_connection(asyncio.Protocol, path)
+    tr.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def unix_abstract(loop, tmp_path):
+    name = f"\0ferroloop-test-{uuid.uuid4().hex}"
+    server = await loop.create_unix_server(asyncio.Protocol, name)
+    _, writer = await asyncio.open_unix_connection(name)
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+
+
+async def datagram(loop, tmp_path):
+    received = loop.create_future()
+
+    class Receive(asyncio.DatagramProtocol):
+        def datagram_received(self, data, addr):
+            received.set_result(data)
+
+    server, _ = await loop.create_datagram_endpoint(Receive, local_addr=("127.0.0.1", 0))
+    client, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, remote_addr=server.get_extra_info("sockname")
+    )
+    client.sendto(b"hi")
+    assert await received == b"hi"
+    client.close()
+    server.close()
+
+
+async def subprocess_exec(loop, tmp_path):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; sys.stdout.write(sys.stdin.read())",
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )
+    assert await proc.communicate(b"data") == (b"data", None)
+    assert proc.returncode == 0
+
+
+async def sendfile(loop, tmp_path):
+    size = PAYLOAD_SIZE
+    got = bytearray()
+    done = loop.create_future()
+
+    class Collect(asyncio.Protocol):
+        def data_received(self, data):
+            got.extend(data)
+            if len(got) == 2 * size:
+                done.set_result(None)
+
+    server = await loop.create_server(Collect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    tr, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    with open(tmp_path / "payload", "rb") as f:
+        assert await loop.sendfile(tr, f) == size
+        f.seek(0)
+        assert await loop.sock_sendfile(sock, f) == size
+    await done
+    tr.close()
+    sock.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def start_tls(loop, tmp_path, contexts):
+    server_ctx, client_ctx = contexts
+
+    async def upgrade(reader, writer, ctx, **kwargs):
+        # loop.start_tls (StreamWriter.start_tls is 3.11+), then the streams use its
+        # transport.
+        tr = await loop.start_tls(writer.transport, writer.transport.get_protocol(), ctx,
+                                  **kwargs)
+        writer._transport = tr
+        reader._transport = tr
+
+    async def handler(reader, writer):
+        await upgrade(reader, writer, server_ctx, server_side=True)
+        await _echo(reader, writer)
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await upgrade(reader, writer, client_ctx, server_hostname="localhost")
+    assert writer.get_extra_info("ssl_object") is not None
+    assert await _roundtrip(reader, writer) == b"ping"
+    server.close()
+    await server.wait_closed()
+
+
+async def resolve_and_executor(loop, tmp_path):
+    infos = await loop.getaddrinfo("localhost", 80, type=socket.SOCK_STREAM)
+    assert infos
+    assert await loop.getnameinfo(("127.0.0.1", 80), socket.NI_NUMERICHOST) is not None
+    assert await loop.run_in_executor(None, sum, [1, 2]) == 3
+    assert await asyncio.to_thread(len, "abc") == 3
+
+
+PROGRAMS = [tcp, unix_path, unix_abstract, datagram, subprocess_exec, sendfile,
+            resolve_and_executor]
+
+
+@pytest.fixture
+def tls_contexts():
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(certs.SIGNED_CERTFILE)
+    client_ctx = ssl.create_default_context(cafile=certs.SIGNING_CA)
+    return server_ctx, client_ctx
+
+
+@pytest.fixture
+def payload_file(tmp_path):
+    (tmp_path / "payload").write_bytes(os.urandom(PAYLOAD_SIZE))
+
+
+@pytest.mark.parametrize("program", PROGRAMS, ids=[p.__name__ for p in PROGRAMS])
+def test_no_blocking_call_in_the_loop(loop, tmp_path, payload_file, program):
+    with blockbuster_ctx():
+        loop.run_until_complete(asyncio.wait_for(program(loop, tmp_path), 30))
+
+
+def test_no_blocking_call_in_start_tls(loop, tmp_path, tls_contexts):
+    with blockbuster_ctx():
+        loop.run_until_complete(asyncio.wait_for(start_tls(loop, tmp_path, tls_contexts), 30))
+
+
+def test_no_blocking_call_over_a_stale_unix_socket_file(loop, loop_name, tmp_path):
+    path = str(tmp_path / "stale.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # a dead server's socket file stays behind
+
+    async def main():
+        server = await loop.create_unix_server(asyncio.Protocol, path)
+        server.close()
+        await server.wait_closed()
+
+    if loop_name == "asyncio":
+        pytest.skip("asyncio removes a stale socket file with os.remove, which blockbuster flags")
+    with blockbuster_ctx():
+        loop.run_until_complete(main())
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("runner", ["run", "close"])
+def test_no_blocking_call_in_run_and_loop_close(loop_name, runner):
+    async def main():
+        await asyncio.get_running_loop().run_in_executor(None, sum, [1])
+
+        async def agen():
+            yield 1
+
+        gen = agen()
+        await gen.__anext__()  # left open: the runner finalizes it
+        return 1
+
+    with blockbuster_ctx():
+        if runner == "run":
+            run = asyncio.run if loop_name == "asyncio" else ferroloop.run
+            assert run(main()) == 1
+        else:
+            loop = asyncio.new_event_loop() if loop_name == "asyncio" else ferroloop.new_event_loop()
+            try:
+                assert loop.run_until_complete(main()) == 1
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                loop.close()
