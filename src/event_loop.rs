@@ -12,7 +12,7 @@ use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyTypeError, PyValueErro
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyTuple, PyWeakrefReference};
-use pyo3::{PyTraverseError, PyVisit};
+use pyo3::{intern, PyTraverseError, PyVisit};
 
 use crate::errors::{closed_loop, invalid_fd, os_error};
 use crate::freelist;
@@ -226,6 +226,9 @@ pub struct LoopCore {
     stopping: AtomicBool,
     debug: AtomicBool,
     clock_resolution: f64,
+    /// `time` is patched on the instance or overridden by a subclass: the turn and
+    /// `call_later` then read the clock through it, as asyncio's `self.time()` does.
+    custom_clock: AtomicBool,
 }
 
 /// `CLOCK_MONOTONIC` in seconds: the clock of `time.monotonic()`.
@@ -236,7 +239,11 @@ pub fn monotonic() -> f64 {
     };
     // SAFETY: `ts` is a valid timespec for clock_gettime to fill; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    // Whole nanoseconds divided once, as `time.monotonic()` converts them: the two give
+    // the very same float for the same instant.
+    #[allow(clippy::useless_conversion)] // time_t and c_long are not i64 on every target
+    let ns = i64::from(ts.tv_sec) * 1_000_000_000 + i64::from(ts.tv_nsec);
+    ns as f64 / 1e9
 }
 
 fn clock_resolution() -> f64 {
@@ -352,6 +359,7 @@ impl LoopCore {
             stopping: AtomicBool::new(false),
             debug: AtomicBool::new(false),
             clock_resolution: clock_resolution(),
+            custom_clock: AtomicBool::new(false),
         })
     }
 
@@ -698,6 +706,15 @@ impl LoopCore {
         Ok((signals, woken))
     }
 
+    /// The loop's clock: `CLOCK_MONOTONIC`, or the `time` a test patched in.
+    fn now(slf: &Bound<'_, LoopCore>) -> PyResult<f64> {
+        if slf.get().custom_clock.load(Ordering::Relaxed) {
+            slf.call_method0(intern!(slf.py(), "time"))?.extract()
+        } else {
+            Ok(monotonic())
+        }
+    }
+
     /// One turn of the loop, in the order of asyncio's `BaseEventLoop._run_once`.
     ///
     /// The common turn of a busy program (callbacks queued, no timer due, no fd
@@ -711,6 +728,12 @@ impl LoopCore {
         core.flush_transports(py)?;
         core.take_threadsafe(py)?;
 
+        // A patched `time` is Python code: called before the state is borrowed.
+        let patched_now = if core.custom_clock.load(Ordering::Relaxed) {
+            Some(LoopCore::now(slf)?)
+        } else {
+            None
+        };
         let mut dead_timers = Vec::new();
         let (timeout_ms, has_timers, may_report) = {
             let mut st = core.state.borrow_mut(py)?;
@@ -724,7 +747,8 @@ impl LoopCore {
             let timeout_ms = if !st.ready.is_empty() || core.stopping.load(Ordering::Relaxed) {
                 0
             } else if let Some(when) = st.timers.next_when() {
-                let timeout = (when - monotonic()).clamp(0.0, MAX_POLL_TIMEOUT_S);
+                let now = patched_now.unwrap_or_else(monotonic);
+                let timeout = (when - now).clamp(0.0, MAX_POLL_TIMEOUT_S);
                 // Rounded up to whole milliseconds, as selectors.EpollSelector does, so a
                 // timer is never polled for too briefly and spun on.
                 (timeout * 1e3).ceil() as i32
@@ -751,7 +775,7 @@ impl LoopCore {
         }
 
         if has_timers {
-            let end_time = monotonic() + core.clock_resolution;
+            let end_time = LoopCore::now(slf)? + core.clock_resolution;
             let mut dead_timers = Vec::new();
             {
                 let mut st = core.state.borrow_mut(py)?;
@@ -919,7 +943,7 @@ impl LoopCore {
         if delay.is_none() {
             return Err(PyTypeError::new_err("delay must not be None"));
         }
-        let when = deadline(slf.py(), monotonic(), delay)?;
+        let when = deadline(slf.py(), LoopCore::now(slf)?, delay)?;
         let core = slf.get();
         core.check_closed()?;
         if core.debug.load(Ordering::Relaxed) {
@@ -1015,6 +1039,11 @@ impl LoopCore {
 
     fn time(&self) -> f64 {
         monotonic()
+    }
+
+    /// Whether `time` is patched or overridden (`Loop` tells, on assignment).
+    fn _set_custom_clock(&self, on: bool) {
+        self.custom_clock.store(on, Ordering::Relaxed);
     }
 
     /// A signal handler's handle, `Handle(callback, args, self, None)`: kept by the loop

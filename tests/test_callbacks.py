@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import types
+from unittest import mock
 
 import ferroloop
 import pytest
@@ -738,3 +739,38 @@ def test_a_timer_seen_due_by_loop_time_runs_by_the_following_turn(loop):
     loop.run_forever()
     assert order.index("seen due") < order.index("two turns later")
     assert order.index("timer") < order.index("two turns later")
+
+
+def test_timers_follow_a_patched_loop_time(loop):
+    """Test suites move the clock by patching `loop.time`: asyncio's turn and call_later
+    read `self.time()`, so a timer due by the patched clock runs in the next turns."""
+    fired = []
+    loop.call_later(500, fired.append, "due once the clock moved")
+    real_time = loop.time
+    with mock.patch.object(loop, "time", lambda: real_time() + 1000):
+        # call_later counts from the patched clock too: 1000 + 600 is still ahead.
+        loop.call_later(600, fired.append, "not due")
+        for _ in range(3):
+            loop.run_until_complete(asyncio.sleep(0))
+        assert fired == ["due once the clock moved"]
+    # Unpatched, the timer 1600 s ahead of the real clock stays pending.
+    loop.run_until_complete(asyncio.sleep(0))
+    assert fired == ["due once the clock moved"]
+
+
+def test_timers_follow_a_subclass_time(loop):
+    class Ahead(type(loop)):
+        def time(self):
+            return super().time() + 1000
+
+    ahead = Ahead()
+    try:
+        fired = []
+        # Due by the subclass's clock, 990 s ahead by the real one.
+        ahead.call_at(time.monotonic() + 10, fired.append, "at")
+        ahead.call_later(10, fired.append, "later")  # counted from the subclass's clock
+        for _ in range(3):
+            ahead.run_until_complete(asyncio.sleep(0))
+        assert fired == ["at"]
+    finally:
+        ahead.close()
