@@ -200,7 +200,8 @@ def test_no_blocking_call_over_a_stale_unix_socket_file(loop, loop_name, tmp_pat
         pytest.skip("asyncio removes a stale socket file with os.remove, which blockbuster flags")
     with blockbuster_ctx():
         loop.run_until_complete(main())
-    assert not os.path.exists(path)
+    # The server's own socket file is removed when it closes from 3.13 (cleanup_socket).
+    assert os.path.exists(path) == (sys.version_info < (3, 13))
 
 
 @pytest.mark.parametrize("runner", ["run", "close"])
