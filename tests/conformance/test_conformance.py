@@ -56,9 +56,11 @@ MODULES = [m for m in MODULES if _has_test_module(m)]
 
 
 
-def run_module(module: str, out: Path) -> dict:
+def run_module(module: str, out: Path, stock: bool = False) -> dict:
+    """One module's outcomes on ferroloop, or with `stock` on asyncio's own loop."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.conformance.adapter", module, "--json", str(out)],
+        [sys.executable, "-m", "tests.conformance.adapter", module, "--json", str(out)]
+        + (["--stock"] if stock else []),
         check=False,
         cwd=ROOT,
         capture_output=True,
