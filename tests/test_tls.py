@@ -634,5 +634,7 @@ def test_protocol_callbacks_run_in_the_context_the_protocol_was_made_in(
         names = {name for who, name, _ in seen if who == side}
         assert {"connection_made", received, "connection_lost"} <= names, side
     peer = "server" if closer == "client" else "client"
-    assert ("eof_received" in {n for who, n, _ in seen if who == peer}) is True
+    # 3.10's sslproto closes on the peer's close_notify without calling eof_received.
+    eof_expected = not (tls and sys.version_info < (3, 11))
+    assert ("eof_received" in {n for who, n, _ in seen if who == peer}) is eof_expected
     assert {"pause_writing", "resume_writing"} <= {n for w, n, _ in seen if w == "server"}
