@@ -304,7 +304,6 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             remove(fd)
 
     @staticmethod
-
     def _sock_retry(fut, sock, op) -> None:
         if fut.done():
             return
