@@ -728,8 +728,12 @@ impl LoopCore {
         core.flush_transports(py)?;
         core.take_threadsafe(py)?;
 
-        // A patched `time` is Python code: called before the state is borrowed.
-        let patched_now = if core.custom_clock.load(Ordering::Relaxed) {
+        // A patched `time` is Python code: called before the state is borrowed, and only
+        // when the poll timeout needs it, as asyncio calls `self.time()`.
+        let patched_now = if core.custom_clock.load(Ordering::Relaxed) && {
+            let st = core.state.borrow_mut(py)?;
+            st.ready.is_empty() && !core.stopping.load(Ordering::Relaxed) && st.timers.len() > 0
+        } {
             Some(LoopCore::now(slf)?)
         } else {
             None

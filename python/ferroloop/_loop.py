@@ -111,7 +111,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         self._unix_server_paths: dict[socket.socket, tuple[str, int]] = {}
         # Children being watched: pid -> (pidfd or None, transport).
         self._children: dict[int, tuple[int | None, object]] = {}
-        if type(self).time is not LoopCore.time:
+        if type(self).time is not _NATIVE_TIME:
             self._set_custom_clock(True)
 
     # A `time` patched onto the loop (`mock.patch.object(loop, "time", ...)`, as test
@@ -125,7 +125,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
     def __delattr__(self, name):
         super().__delattr__(name)
         if name == "time":
-            self._set_custom_clock(type(self).time is not LoopCore.time)
+            self._set_custom_clock(type(self).time is not _NATIVE_TIME)
 
     # -- running ---------------------------------------------------------------
 
@@ -1043,6 +1043,9 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
 # interpreter's fast call of a method descriptor needs the instance's type to be exactly
 # the descriptor's.
 bind_methods_to(Loop)
+# The native clock as Loop's own descriptor (bind_methods_to gave Loop a copy): a
+# subclass that overrides `time` has another.
+_NATIVE_TIME = Loop.__dict__.get("time", LoopCore.time)
 
 
 def _reap_in_thread(pid: int) -> None:
