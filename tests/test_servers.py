@@ -442,3 +442,4 @@ def test_create_connection_leaves_no_reference_cycle(loop, loop_name, mode, conn
     else:
         assert issubclass(outcome[0], OSError)
     assert garbage == []
+

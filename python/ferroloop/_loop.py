@@ -613,39 +613,51 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             exc = None
 
     async def _race_connects(self, errors, infos, laddr_infos, delay):
-        """Happy eyeballs (RFC 8305): the next attempt starts when one fails or after
-        `delay` seconds, whichever comes first; the first to connect wins and the others
-        are cancelled. Returns the winner's socket, or None when every attempt failed
-        (their errors are in `errors`)."""
+        """Happy eyeballs (RFC 8305), as asyncio's staggered race: the next attempt
+        starts when the latest one fails or `delay` seconds after it started, whichever
+        comes first; the earliest-started attempt that connects wins. Every other attempt
+        is cancelled and has finished, its socket closed, before this returns. Returns
+        the winner's socket, or None when every attempt failed (their errors are in
+        `errors`)."""
         infos = iter(infos)
-        pending: set[asyncio.Task] = set()
+        tasks: list[asyncio.Task] = []  # in the order they started
+        winner = None
+        exhausted = False
+        next_start = 0.0
         try:
             while True:
-                info = next(infos, None)
-                if info is not None:
-                    pending.add(self.create_task(self._connect_sock(errors, info, laddr_infos)))
-                elif not pending:
-                    return None
-                done, pending = await asyncio.wait(
-                    pending,
-                    timeout=None if info is None else delay,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                winner = None
-                for task in done:
-                    if task.exception() is None:  # a failed attempt's error is in errors
-                        if winner is None:
-                            winner = task.result()
-                        else:
-                            task.result().close()
+                winner = _first_connected(tasks)
                 if winner is not None:
                     return winner
+                latest_failed = bool(tasks) and tasks[-1].done()
+                if not exhausted and (not tasks or latest_failed or self.time() >= next_start):
+                    info = next(infos, None)
+                    if info is None:
+                        exhausted = True
+                    else:
+                        tasks.append(self.create_task(self._connect_sock(errors, info, laddr_infos)))
+                        next_start = self.time() + delay
+                        continue
+                pending = [task for task in tasks if not task.done()]
+                if not pending:
+                    if exhausted:
+                        return None
+                    continue  # the latest failed: the next one starts now
+                await asyncio.wait(
+                    pending,
+                    timeout=None if exhausted else max(0.0, next_start - self.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
         finally:
-            for task in pending:
-                if not task.done():
-                    task.cancel()
-                elif not task.cancelled() and task.exception() is None:
+            for task in tasks:
+                task.cancel()  # nothing for those already done
+            if any(not task.done() for task in tasks):
+                await asyncio.wait(tasks)
+            for task in tasks:
+                connected = not task.cancelled() and task.exception() is None
+                if connected and task.result() is not winner:
                     task.result().close()
+            tasks = None
 
     # -- servers ---------------------------------------------------------------
 
@@ -1069,6 +1081,15 @@ def _wait_for_child(pid: int) -> None:
 
 def _sendfile_once(fileno, offset, count, sock):
     return sendfile(sock.fileno(), fileno, offset, count)
+
+
+def _first_connected(tasks):
+    """The socket of the earliest-started attempt that connected, if any (an attempt
+    cancelled from outside counts as failed)."""
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is None:
+            return task.result()
+    return None
 
 
 def _connect_error(errors: list[OSError], all_errors: bool) -> BaseException:
