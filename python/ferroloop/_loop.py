@@ -180,10 +180,10 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
                 for sig in list(self._signal_handlers):
                     self.remove_signal_handler(sig)
         children, self._children = self._children, {}
-        for pid, (pidfd, _) in children.items():
+        for pid, (pidfd, transport) in children.items():
             if pidfd is not None:
                 os.close(pidfd)
-            _reap_in_thread(pid)
+            _reap_in_thread(pid, getattr(transport, "_proc", None))
         self._close_core()
         self._executor_shutdown_called = True
         executor = self._default_executor
@@ -1060,23 +1060,30 @@ bind_methods_to(Loop)
 _NATIVE_TIME = Loop.__dict__.get("time", LoopCore.time)
 
 
-def _reap_in_thread(pid: int) -> None:
+def _reap_in_thread(pid: int, popen=None) -> None:
     """Reaps a child that outlives its loop once it exits, so that it stays no zombie:
     a daemon thread blocks in waitpid for it (as asyncio's threaded child watcher does
     for every child)."""
     try:
         threading.Thread(
-            target=_wait_for_child, args=(pid,), name=f"ferroloop-reaper-{pid}", daemon=True
+            target=_wait_for_child,
+            args=(pid, popen),
+            name=f"ferroloop-reaper-{pid}",
+            daemon=True,
         ).start()
     except RuntimeError:
         pass  # the interpreter is shutting down: it can start no thread
 
 
-def _wait_for_child(pid: int) -> None:
+def _wait_for_child(pid: int, popen) -> None:
     try:
-        os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)
     except ChildProcessError:
-        pass  # reaped elsewhere already (Popen.poll, a SIGCHLD handler)
+        return  # reaped elsewhere already (Popen.poll, a SIGCHLD handler)
+    # The exit status goes where the child's Popen keeps it, so a later poll() or
+    # kill() of the transport sees a finished child instead of a pid that may be reused.
+    if popen is not None and popen.returncode is None:
+        popen.returncode = os.waitstatus_to_exitcode(status)
 
 
 def _sendfile_once(fileno, offset, count, sock):
