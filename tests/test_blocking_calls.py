@@ -40,11 +40,28 @@ async def _roundtrip(reader, writer, payload=b"ping") -> bytes:
     return data
 
 
+class _Pong(asyncio.Protocol):
+    """Sends a byte once connected; `echoed` resolves when the echo comes back, so the
+    server has surely accepted the connection before the program closes it (3.13.0's
+    Server fails in __del__ of a connection accepted after wait_closed())."""
+
+    def __init__(self):
+        self.echoed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        transport.write(b"x")
+
+    def data_received(self, data):
+        if not self.echoed.done():
+            self.echoed.set_result(data)
+
+
 async def tcp(loop, tmp_path):
     server = await asyncio.start_server(_echo, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     assert await _roundtrip(*await asyncio.open_connection("127.0.0.1", port)) == b"ping"
-    tr, _ = await loop.create_connection(asyncio.Protocol, "localhost", port)
+    tr, pong = await loop.create_connection(_Pong, "localhost", port)
+    await pong.echoed
     tr.close()
     server.close()
     await server.wait_closed()
@@ -54,7 +71,8 @@ async def unix_path(loop, tmp_path):
     path = str(tmp_path / "s.sock")
     server = await asyncio.start_unix_server(_echo, path)
     assert await _roundtrip(*await asyncio.open_unix_connection(path)) == b"ping"
-    tr, _ = await loop.create_unix_connection(asyncio.Protocol, path)
+    tr, pong = await loop.create_unix_connection(_Pong, path)
+    await pong.echoed
     tr.close()
     server.close()
     await server.wait_closed()
@@ -62,8 +80,10 @@ async def unix_path(loop, tmp_path):
 
 async def unix_abstract(loop, tmp_path):
     name = f"\0ferroloop-test-{uuid.uuid4().hex}"
-    server = await loop.create_unix_server(asyncio.Protocol, name)
-    _, writer = await asyncio.open_unix_connection(name)
+    server = await asyncio.start_unix_server(_echo, name)
+    reader, writer = await asyncio.open_unix_connection(name)
+    writer.write(b"x")
+    assert await reader.readexactly(1) == b"x"
     writer.close()
     await writer.wait_closed()
     server.close()
@@ -100,12 +120,20 @@ async def sendfile(loop, tmp_path):
     size = PAYLOAD_SIZE
     got = bytearray()
     done = loop.create_future()
+    lost = []
 
     class Collect(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.lost = loop.create_future()
+            lost.append(self.lost)
+
         def data_received(self, data):
             got.extend(data)
             if len(got) == 2 * size:
                 done.set_result(None)
+
+        def connection_lost(self, exc):
+            self.lost.set_result(None)
 
     server = await loop.create_server(Collect, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -120,6 +148,9 @@ async def sendfile(loop, tmp_path):
     await done
     tr.close()
     sock.close()
+    # The server's side of both connections is gone before the server closes (3.13.0's
+    # Server fails in __del__ of a transport that outlives wait_closed()).
+    await asyncio.gather(*lost)
     server.close()
     await server.wait_closed()
 
