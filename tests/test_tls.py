@@ -638,3 +638,16 @@ def test_protocol_callbacks_run_in_the_context_the_protocol_was_made_in(
     eof_expected = not (tls and sys.version_info < (3, 11))
     assert ("eof_received" in {n for who, n, _ in seen if who == peer}) is eof_expected
     assert {"pause_writing", "resume_writing"} <= {n for w, n, _ in seen if w == "server"}
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 11), reason="3.11+ asyncio takes the argument")
+@pytest.mark.parametrize(
+    "method", ["create_connection", "create_server", "create_unix_connection", "create_unix_server"]
+)
+def test_ssl_shutdown_timeout_none_is_refused_before_3_11(loop, method, tmp_path):
+    # 3.10's loop methods have no such parameter: passing it at all is a TypeError.
+    where = (str(tmp_path / "sock"),) if "unix" in method else ("127.0.0.1", 0)
+    with pytest.raises(TypeError, match="ssl_shutdown_timeout"):
+        loop.run_until_complete(
+            getattr(loop, method)(asyncio.Protocol, *where, ssl_shutdown_timeout=None)
+        )

@@ -56,6 +56,8 @@ _HAS_SSL_SHUTDOWN_TIMEOUT = hasattr(constants, "SSL_SHUTDOWN_TIMEOUT")
 # `_make_socket_transport`'s "no peer address given" (None is a valid address: an
 # unnamed Unix socket's).
 _NO_PEER = object()
+# An argument the caller did not pass (where passing even None means something).
+_NOT_GIVEN = object()
 
 
 def _sighandler_noop(signum, frame):
@@ -828,9 +830,9 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         sock=None,
         server_hostname=None,
         ssl_handshake_timeout=None,
-        ssl_shutdown_timeout=None,
+        ssl_shutdown_timeout=_NOT_GIVEN,
     ):
-        _check_shutdown_timeout_accepted("create_unix_connection", ssl_shutdown_timeout)
+        ssl_shutdown_timeout = _shutdown_timeout_argument("create_unix_connection", ssl_shutdown_timeout)
         _check_tls_arguments(ssl, server_hostname, ssl_handshake_timeout, ssl_shutdown_timeout)
         if path is not None:
             if sock is not None:
@@ -864,11 +866,11 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         backlog=100,
         ssl=None,
         ssl_handshake_timeout=None,
-        ssl_shutdown_timeout=None,
+        ssl_shutdown_timeout=_NOT_GIVEN,
         start_serving=True,
         cleanup_socket=_CLEANUP_SOCKET_DEFAULT,
     ):
-        _check_shutdown_timeout_accepted("create_unix_server", ssl_shutdown_timeout)
+        ssl_shutdown_timeout = _shutdown_timeout_argument("create_unix_server", ssl_shutdown_timeout)
         if isinstance(ssl, bool):
             raise TypeError("ssl argument must be an SSLContext or None")
         if ssl_handshake_timeout is not None and not ssl:
@@ -1124,11 +1126,15 @@ def _check_tls_arguments(ssl, server_hostname, handshake_timeout, shutdown_timeo
         raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
 
 
-def _check_shutdown_timeout_accepted(method: str, shutdown_timeout) -> None:
-    """Before 3.11 asyncio's TLS has no shutdown timeout: the loop methods reject the
-    argument, as stock asyncio's do."""
-    if shutdown_timeout is not None and not _HAS_SSL_SHUTDOWN_TIMEOUT:
+def _shutdown_timeout_argument(method: str, shutdown_timeout):
+    """The `ssl_shutdown_timeout` a Unix method was given (None when not given). Before
+    3.11 asyncio's TLS has no shutdown timeout and its loop methods take no such
+    argument: passing it at all, None included, is the TypeError stock asyncio raises."""
+    if shutdown_timeout is _NOT_GIVEN:
+        return None
+    if not _HAS_SSL_SHUTDOWN_TIMEOUT:
         raise TypeError(f"{method}() got an unexpected keyword argument 'ssl_shutdown_timeout'")
+    return shutdown_timeout
 
 
 def _check_unix_stream_socket(sock) -> None:
