@@ -312,6 +312,7 @@ impl StreamTransport {
         };
         // The close that follows is in the read context too: `connection_lost` runs in
         // a copy of it.
+        // The protocol's failure is reported as its own; one of the close goes up as it is.
         let keep_open = in_read_context(&slf.get().state, py, context, || {
             let keep_open = protocol
                 .bind(py)
@@ -320,8 +321,8 @@ impl StreamTransport {
             if let Ok(false) = keep_open {
                 StreamTransport::close(slf)?;
             }
-            keep_open
-        });
+            Ok(keep_open)
+        })?;
         match keep_open {
             Ok(true) => {
                 let mut st = slf.get().state.borrow_mut(py)?;
