@@ -282,7 +282,13 @@ fn checked_fd(fd: i64) -> PyResult<RawFd> {
 /// range check (`checked_fd`) after.
 fn fileobj_to_int(obj: &Bound<'_, PyAny>) -> PyResult<i64> {
     let fd: i64 = if obj.is_instance_of::<PyInt>() {
-        obj.extract()?
+        // An int beyond i64 is as far out of range as i64's own ends: the range check
+        // or the registry then answers as asyncio's selector does (no such fd).
+        match obj.extract::<i64>() {
+            Ok(fd) => fd,
+            Err(_) if obj.gt(0)? => i64::MAX,
+            Err(_) => i64::MIN,
+        }
     } else {
         let invalid = || {
             PyValueError::new_err(format!(

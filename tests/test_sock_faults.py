@@ -214,17 +214,18 @@ def test_sendall_of_a_non_contiguous_view_is_buffer_error(loop):
 
 @pytest.mark.parametrize("add", ["add_reader", "add_writer"])
 def test_add_fd_callback_fd_numbers_beyond_c_int_and_negative(loop, add):
-    for fd in (2**31, 2**40):
+    for fd in (2**31, 2**40, 2**63, 2**100):
         with pytest.raises(OverflowError):
             getattr(loop, add)(fd, print)
-    for fd in (-1, -(2**40)):
+    for fd in (-1, -(2**40), -(2**100)):
         with pytest.raises(ValueError):
             getattr(loop, add)(fd, print)
 
 
 @pytest.mark.parametrize("remove", ["remove_reader", "remove_writer"])
 def test_remove_fd_callback_fd_numbers_beyond_c_int_and_negative(loop, remove):
-    for fd in (2**31, 2**40):
+    for fd in (2**31, 2**40, 2**63, 2**100):
         assert getattr(loop, remove)(fd) is False
-    with pytest.raises(ValueError):
-        getattr(loop, remove)(-1)
+    for fd in (-1, -(2**100)):
+        with pytest.raises(ValueError):
+            getattr(loop, remove)(fd)
