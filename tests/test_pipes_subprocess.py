@@ -273,5 +273,8 @@ def test_a_child_that_outlives_its_loop_is_reaped(loop, loop_name):
     if loop_name == "ferroloop":
         # The transport, collected unclosed, killed the child as asyncio's does; the
         # status is kept where its Popen looks for it, so a later poll() or kill()
-        # sees a finished child, not a pid that may have been reused.
+        # sees a finished child, not a pid that may have been reused. (The reaper
+        # writes it just after its waitpid returns.)
+        while popen.returncode is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert popen.returncode == -signal.SIGKILL
