@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyTuple, PyWeakrefReference};
+use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyString, PyTuple, PyWeakrefReference};
 use pyo3::{intern, PyTraverseError, PyVisit};
 
 use crate::errors::{closed_loop, invalid_fd, os_error};
@@ -275,6 +275,22 @@ fn checked_fd(fd: i64) -> PyResult<RawFd> {
     }
     RawFd::try_from(fd)
         .map_err(|_| PyOverflowError::new_err("Python int too large to convert to C int"))
+}
+
+/// `object.__setattr__(obj, name, value)`, or `object.__delattr__` with a null value.
+fn generic_setattr(
+    obj: &Bound<'_, PyAny>,
+    name: &Bound<'_, PyString>,
+    value: *mut ffi::PyObject,
+) -> PyResult<()> {
+    // SAFETY: attached to the interpreter; `obj` and `name` are live for the call, and
+    // `value` is a live object or null (delete), as PyObject_GenericSetAttr takes it.
+    let status = unsafe { ffi::PyObject_GenericSetAttr(obj.as_ptr(), name.as_ptr(), value) };
+    if status < 0 {
+        Err(PyErr::fetch(obj.py()))
+    } else {
+        Ok(())
+    }
 }
 
 /// `selectors._fileobj_to_fd` without its range check: an int, or an object with
@@ -713,11 +729,37 @@ impl LoopCore {
     }
 
     /// The loop's clock: `CLOCK_MONOTONIC`, or the `time` a test patched in.
+    #[inline]
     fn now(slf: &Bound<'_, LoopCore>) -> PyResult<f64> {
         if slf.get().custom_clock.load(Ordering::Relaxed) {
-            slf.call_method0(intern!(slf.py(), "time"))?.extract()
+            LoopCore::patched_time(slf)
         } else {
             Ok(monotonic())
+        }
+    }
+
+    /// A patched or overridden `time()`, kept out of line: the turn's code stays as
+    /// small as without it.
+    #[cold]
+    #[inline(never)]
+    fn patched_time(slf: &Bound<'_, LoopCore>) -> PyResult<f64> {
+        slf.call_method0(intern!(slf.py(), "time"))?.extract()
+    }
+
+    /// The patched clock's reading for the poll timeout, taken where asyncio calls
+    /// `self.time()` for it: nothing ready, not stopping, timers scheduled.
+    #[cold]
+    #[inline(never)]
+    fn patched_now_for_timeout(slf: &Bound<'_, LoopCore>) -> PyResult<Option<f64>> {
+        let core = slf.get();
+        let needed = {
+            let st = core.state.borrow_mut(slf.py())?;
+            st.ready.is_empty() && !core.stopping.load(Ordering::Relaxed) && st.timers.len() > 0
+        };
+        if needed {
+            LoopCore::patched_time(slf).map(Some)
+        } else {
+            Ok(None)
         }
     }
 
@@ -734,13 +776,9 @@ impl LoopCore {
         core.flush_transports(py)?;
         core.take_threadsafe(py)?;
 
-        // A patched `time` is Python code: called before the state is borrowed, and only
-        // when the poll timeout needs it, as asyncio calls `self.time()`.
-        let patched_now = if core.custom_clock.load(Ordering::Relaxed) && {
-            let st = core.state.borrow_mut(py)?;
-            st.ready.is_empty() && !core.stopping.load(Ordering::Relaxed) && st.timers.len() > 0
-        } {
-            Some(LoopCore::now(slf)?)
+        // A patched `time` is Python code: called before the state is borrowed.
+        let patched_now = if core.custom_clock.load(Ordering::Relaxed) {
+            LoopCore::patched_now_for_timeout(slf)?
         } else {
             None
         };
@@ -1051,9 +1089,37 @@ impl LoopCore {
         monotonic()
     }
 
-    /// Whether `time` is patched or overridden (`Loop` tells, on assignment).
+    /// Whether `time` is overridden by a subclass (`Loop.__init__` tells).
     fn _set_custom_clock(&self, on: bool) {
         self.custom_clock.store(on, Ordering::Relaxed);
+    }
+
+    /// Instance attributes are stored as by `object.__setattr__`; a `time` set on the
+    /// loop (`mock.patch.object(loop, "time", ...)`, as suites move the clock) becomes
+    /// the clock the turn and `call_later` read, as asyncio's `self.time()` is. Native,
+    /// so that attribute stores on the loop cost no Python frame.
+    fn __setattr__(
+        slf: &Bound<'_, Self>,
+        name: &Bound<'_, PyString>,
+        value: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        generic_setattr(slf, name, value.as_ptr())?;
+        if name.to_str()? == "time" {
+            slf.get().custom_clock.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn __delattr__(slf: &Bound<'_, Self>, name: &Bound<'_, PyString>) -> PyResult<()> {
+        generic_setattr(slf, name, std::ptr::null_mut())?;
+        if name.to_str()? == "time" {
+            // Back to the class's clock: the native one unless a subclass overrides it.
+            let overridden = slf.call_method0(intern!(slf.py(), "_time_overridden"))?;
+            slf.get()
+                .custom_clock
+                .store(overridden.is_truthy()?, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// A signal handler's handle, `Handle(callback, args, self, None)`: kept by the loop

@@ -113,21 +113,13 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         self._unix_server_paths: dict[socket.socket, tuple[str, int]] = {}
         # Children being watched: pid -> (pidfd or None, transport).
         self._children: dict[int, tuple[int | None, object]] = {}
-        if type(self).time is not _NATIVE_TIME:
+        if self._time_overridden():
             self._set_custom_clock(True)
 
-    # A `time` patched onto the loop (`mock.patch.object(loop, "time", ...)`, as test
-    # suites do to move the clock) is the clock the turn and call_later then read, as
-    # asyncio's `self.time()` is.
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name == "time":
-            self._set_custom_clock(True)
-
-    def __delattr__(self, name):
-        super().__delattr__(name)
-        if name == "time":
-            self._set_custom_clock(type(self).time is not _NATIVE_TIME)
+    # A `time` set on the loop (LoopCore.__setattr__) or overridden by a subclass is the
+    # clock the turn and call_later read, as asyncio's `self.time()` is.
+    def _time_overridden(self) -> bool:
+        return type(self).time is not _NATIVE_TIME
 
     # -- running ---------------------------------------------------------------
 
