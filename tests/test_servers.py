@@ -359,7 +359,9 @@ def test_create_connection_all_errors_reports_every_address(loop):
 def loop_supports_all_errors(loop) -> bool:
     import inspect
 
-    return "all_errors" in inspect.signature(loop.create_connection).parameters
+    # ferroloop's signature has it on every version but refuses it before 3.11.
+    has = "all_errors" in inspect.signature(loop.create_connection).parameters
+    return has and sys.version_info >= (3, 11)
 
 
 # Stock asyncio's happy eyeballs left cycles through the failed attempts' errors until
@@ -443,3 +445,13 @@ def test_create_connection_leaves_no_reference_cycle(loop, loop_name, mode, conn
         assert issubclass(outcome[0], OSError)
     assert garbage == []
 
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 11), reason="3.11+ ferroloop takes all_errors")
+def test_create_connection_all_errors_is_refused_before_3_11(loop):
+    # 3.10's asyncio has no such parameter (and no ExceptionGroup): passing it at all is
+    # a TypeError.
+    with pytest.raises(TypeError, match="all_errors"):
+        loop.run_until_complete(
+            loop.create_connection(asyncio.Protocol, "127.0.0.1", 1, all_errors=False)
+        )

@@ -489,11 +489,15 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         local_addr=None,
         server_hostname=None,
         ssl_handshake_timeout=None,
-        ssl_shutdown_timeout=None,
+        ssl_shutdown_timeout=_NOT_GIVEN,
         happy_eyeballs_delay=None,
         interleave=None,
-        all_errors=False,
+        all_errors=_NOT_GIVEN,
     ):
+        # 3.10's asyncio takes neither argument (and has no ExceptionGroup for
+        # all_errors): passing either is the TypeError it raises.
+        ssl_shutdown_timeout = _shutdown_timeout_argument("create_connection", ssl_shutdown_timeout)
+        all_errors = _all_errors_argument(all_errors)
         if server_hostname is None and ssl:
             if not host:
                 raise ValueError("You must set server_hostname when using ssl without a host")
@@ -526,36 +530,6 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
                 transport.get_extra_info("socket"), host, port, transport, protocol,
             )
         return transport, protocol
-
-    if sys.version_info < (3, 11):
-        # 3.10's asyncio takes neither all_errors (an ExceptionGroup, 3.11+) nor
-        # ssl_shutdown_timeout: refuse them as it does.
-        _create_connection_all = create_connection
-
-        async def create_connection(
-            self,
-            protocol_factory,
-            host=None,
-            port=None,
-            *,
-            ssl=None,
-            family=0,
-            proto=0,
-            flags=0,
-            sock=None,
-            local_addr=None,
-            server_hostname=None,
-            ssl_handshake_timeout=None,
-            happy_eyeballs_delay=None,
-            interleave=None,
-        ):
-            return await self._create_connection_all(
-                protocol_factory, host, port, ssl=ssl, family=family, proto=proto,
-                flags=flags, sock=sock, local_addr=local_addr,
-                server_hostname=server_hostname,
-                ssl_handshake_timeout=ssl_handshake_timeout,
-                happy_eyeballs_delay=happy_eyeballs_delay, interleave=interleave,
-            )
 
     async def _connect_any(
         self, host, port, family, proto, flags, local_addr, delay, interleave, all_errors
@@ -1116,6 +1090,16 @@ def _check_tls_arguments(ssl, server_hostname, handshake_timeout, shutdown_timeo
         raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
     if shutdown_timeout is not None:
         raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
+
+
+def _all_errors_argument(all_errors) -> bool:
+    """create_connection's `all_errors` (False when not given): 3.11+, where
+    ExceptionGroup exists (asyncio itself takes it from 3.12)."""
+    if all_errors is _NOT_GIVEN:
+        return False
+    if sys.version_info < (3, 11):
+        raise TypeError("create_connection() got an unexpected keyword argument 'all_errors'")
+    return all_errors
 
 
 def _shutdown_timeout_argument(method: str, shutdown_timeout):

@@ -55,11 +55,21 @@ struct DatagramState {
     address: Option<Py<PyAny>>,
     connected: bool,
     buffer: VecDeque<(Py<PyBytes>, Py<PyAny>)>,
-    /// What a queued datagram adds to the write buffer size besides its payload: 3.13's
-    /// asyncio counts 8 header bytes, so that empty datagrams (which 3.13 sends) count.
-    header_size: usize,
-    /// `sendto(b"")` sends an empty datagram (3.13+); before 3.13 it does nothing.
-    sends_empty: bool,
+    /// Python 3.13+, whose asyncio sends `sendto(b"")` as an empty datagram (before, it
+    /// does nothing) and counts 8 header bytes per queued datagram in the write buffer
+    /// size, so that empty ones count.
+    since_313: bool,
+}
+
+impl DatagramState {
+    /// What a queued datagram of `len` bytes adds to the write buffer size.
+    fn queued_size(&self, len: usize) -> usize {
+        if self.since_313 {
+            len + 8
+        } else {
+            len
+        }
+    }
 }
 
 impl Deref for DatagramState {
@@ -306,7 +316,7 @@ impl DatagramTransport {
                 let connected = st.connected;
                 match st.buffer.pop_front() {
                     Some(front) => {
-                        st.buffer_size -= front.0.as_bytes(py).len() + st.header_size;
+                        st.buffer_size -= st.queued_size(front.0.as_bytes(py).len());
                         (sock, connected, front)
                     }
                     None => break,
@@ -317,7 +327,7 @@ impl DatagramTransport {
                 Ok(()) => {}
                 Err(err) if is_retry(py, &err) => {
                     let mut st = slf.get().state.borrow_mut(py)?;
-                    st.buffer_size += data.as_bytes().len() + st.header_size;
+                    st.buffer_size += st.queued_size(data.as_bytes().len());
                     st.buffer.push_front((data.unbind(), addr.unbind()));
                     return Ok(());
                 }
@@ -447,8 +457,7 @@ impl DatagramTransport {
                 address: address.filter(|a| !a.is_none()).map(|a| a.clone().unbind()),
                 connected,
                 buffer: VecDeque::new(),
-                header_size: if since_313 { 8 } else { 0 },
-                sends_empty: since_313,
+                since_313,
             }),
         })
     }
@@ -475,7 +484,7 @@ impl DatagramTransport {
     ) -> PyResult<()> {
         let py = slf.py();
         let data = to_bytes(data)?;
-        if data.as_bytes().is_empty() && !slf.get().state.borrow_mut(py)?.sends_empty {
+        if data.as_bytes().is_empty() && !slf.get().state.borrow_mut(py)?.since_313 {
             return Ok(());
         }
         let mut addr = addr.filter(|a| !a.is_none()).cloned();
@@ -520,7 +529,7 @@ impl DatagramTransport {
         }
         {
             let mut st = slf.get().state.borrow_mut(py)?;
-            st.buffer_size += data.as_bytes().len() + st.header_size;
+            st.buffer_size += st.queued_size(data.as_bytes().len());
             st.buffer.push_back((data.unbind(), addr.unbind()));
         }
         flow_control(&slf.get().state, slf.as_any(), true, false)

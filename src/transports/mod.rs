@@ -570,7 +570,7 @@ pub(crate) fn in_read_context<S: DerefMut<Target = Common>, R>(
 /// buffer) calls the protocol and schedules `connection_lost` from there, as asyncio's
 /// transports do from their reader and writer callbacks. Only for calls made outside
 /// every callback (a context that is already entered cannot be entered again).
-pub(crate) fn in_own_context<S: DerefMut<Target = Common>, R>(
+fn in_own_context<S: DerefMut<Target = Common>, R>(
     cell: &GilCell<S>,
     py: Python<'_>,
     f: impl FnOnce() -> PyResult<R>,
@@ -581,6 +581,21 @@ pub(crate) fn in_own_context<S: DerefMut<Target = Common>, R>(
         .as_ref()
         .map(|c| c.clone_ref(py));
     in_read_context(cell, py, &mut context, f)
+}
+
+/// `f` in the transport's own context when `own` (what it does unprompted, see
+/// `in_own_context`), else in the caller's.
+pub(crate) fn in_context_if<S: DerefMut<Target = Common>, R>(
+    cell: &GilCell<S>,
+    py: Python<'_>,
+    own: bool,
+    f: impl FnOnce() -> PyResult<R>,
+) -> PyResult<R> {
+    if own {
+        in_own_context(cell, py, f)
+    } else {
+        f()
+    }
 }
 
 /// `pause_reading` (`pause` true) or `resume_reading`, logged in debug mode as asyncio
@@ -696,11 +711,7 @@ pub(crate) fn flow_control<S: DerefMut<Target = Common>>(
         Ok(_) => Ok(()),
         Err(err) => protocol_failed(loop_.as_ref(), err, message, transport, &protocol),
     };
-    if own_context {
-        in_own_context(cell, py, call)
-    } else {
-        call()
-    }
+    in_context_if(cell, py, own_context, call)
 }
 
 /// asyncio's `close`: stop reading, and lose the connection now if nothing is buffered

@@ -26,7 +26,7 @@ use crate::gil_cell::GilCell;
 use crate::poller::{self, READABLE, WRITABLE};
 use crate::tls::{self, TlsState};
 use crate::transports::{
-    asyncio_logger, close, flow_control, get_extra_info, in_own_context, in_read_context,
+    asyncio_logger, close, flow_control, get_extra_info, in_context_if, in_read_context,
     is_fatal_to_loop, lose_connection, register, release_socket, report_fatal, set_limits,
     set_reading, socket_object, start_reading, to_bytes, Common, Extra, Peer, Sock,
     CONNLOST_LOG_THRESHOLD,
@@ -310,9 +310,9 @@ impl StreamTransport {
         let Some(protocol) = protocol else {
             return Ok(());
         };
-        // The close that follows is in the read context too: `connection_lost` runs in
-        // a copy of it.
-        // The protocol's failure is reported as its own; one of the close goes up as it is.
+        // The close that follows is in the read context too (`connection_lost` runs in a
+        // copy of it). A failure of eof_received is reported as the protocol's; one of
+        // the close goes up as it is.
         let keep_open = in_read_context(&slf.get().state, py, context, || {
             let keep_open = protocol
                 .bind(py)
@@ -378,12 +378,9 @@ impl StreamTransport {
                 }
                 Err(err) => {
                     drop(st);
-                    let err = os_error(err);
-                    return if own_context {
-                        StreamTransport::own_fatal_error(slf, err, WRITE_ERROR)
-                    } else {
-                        StreamTransport::fatal_error(slf, err, WRITE_ERROR)
-                    };
+                    return in_context_if(&core.state, py, own_context, || {
+                        StreamTransport::fatal_error(slf, os_error(err), WRITE_ERROR)
+                    });
                 }
             }
         }
@@ -414,12 +411,10 @@ impl StreamTransport {
                 waiter.call_method1("set_result", (py.None(),))?;
             }
         }
-        if closing && own_context {
-            in_own_context(&core.state, py, || {
+        if closing {
+            in_context_if(&core.state, py, own_context, || {
                 StreamTransport::lose_connection(slf, None)
             })?;
-        } else if closing {
-            StreamTransport::lose_connection(slf, None)?;
         } else if eof {
             // SAFETY: `fd` is the live socket of this transport (sock is not None).
             if unsafe { libc::shutdown(fd, libc::SHUT_WR) } < 0 {
@@ -459,7 +454,7 @@ impl StreamTransport {
         err: PyErr,
         message: &str,
     ) -> PyResult<()> {
-        in_own_context(&slf.get().state, slf.py(), || {
+        in_context_if(&slf.get().state, slf.py(), true, || {
             StreamTransport::fatal_error(slf, err, message)
         })
     }
