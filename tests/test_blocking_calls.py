@@ -15,6 +15,9 @@ import uuid
 import ferroloop
 import pytest
 
+from tests.test_servers import _echo_once
+from tests.test_tls import _echo
+
 try:
     from blockbuster import blockbuster_ctx
 except ImportError:  # pragma: no cover - the test extra installs it
@@ -23,21 +26,6 @@ except ImportError:  # pragma: no cover - the test extra installs it
 certs = pytest.importorskip("test.test_asyncio.utils")
 
 PAYLOAD_SIZE = 256 * 1024
-
-
-async def _echo(reader, writer):
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
-
-
-async def _roundtrip(reader, writer, payload=b"ping") -> bytes:
-    writer.write(payload)
-    data = await reader.readexactly(len(payload))
-    writer.close()
-    await writer.wait_closed()
-    return data
 
 
 class _Pong(asyncio.Protocol):
@@ -59,7 +47,7 @@ class _Pong(asyncio.Protocol):
 async def tcp(loop, tmp_path):
     server = await asyncio.start_server(_echo, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    assert await _roundtrip(*await asyncio.open_connection("127.0.0.1", port)) == b"ping"
+    assert await _echo_once(*await asyncio.open_connection("127.0.0.1", port)) == b"ping"
     tr, pong = await loop.create_connection(_Pong, "localhost", port)
     await pong.echoed
     tr.close()
@@ -70,7 +58,7 @@ async def tcp(loop, tmp_path):
 async def unix_path(loop, tmp_path):
     path = str(tmp_path / "s.sock")
     server = await asyncio.start_unix_server(_echo, path)
-    assert await _roundtrip(*await asyncio.open_unix_connection(path)) == b"ping"
+    assert await _echo_once(*await asyncio.open_unix_connection(path)) == b"ping"
     tr, pong = await loop.create_unix_connection(_Pong, path)
     await pong.echoed
     tr.close()
@@ -175,7 +163,7 @@ async def start_tls(loop, tmp_path, contexts):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     await upgrade(reader, writer, client_ctx, server_hostname="localhost")
     assert writer.get_extra_info("ssl_object") is not None
-    assert await _roundtrip(reader, writer) == b"ping"
+    assert await _echo_once(reader, writer) == b"ping"
     server.close()
     await server.wait_closed()
 
