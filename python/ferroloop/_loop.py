@@ -1070,8 +1070,8 @@ def _first_connected(tasks):
 def _connect_error(errors: list[OSError], all_errors: bool) -> BaseException:
     """What a create_connection whose every attempt failed raises, as asyncio does: the
     error when there is one (or they all read the same), else one naming them all;
-    with all_errors, an ExceptionGroup of them all (3.12's option, from 3.11 on here)."""
-    if all_errors and sys.version_info >= (3, 11):
+    with all_errors (3.11+, see _all_errors_argument), an ExceptionGroup of them all."""
+    if all_errors:
         return ExceptionGroup("create_connection failed", errors)  # noqa: F821
     first = str(errors[0])
     if all(str(e) == first for e in errors):
