@@ -10,6 +10,7 @@ mod handles;
 mod poller;
 mod pyhelpers;
 mod sock_ops;
+mod sys;
 mod timers;
 mod tls;
 mod transports;

@@ -1,0 +1,123 @@
+//! Thin wrappers over the socket and file system calls the loop makes, written once
+//! with one error policy: a negative return becomes the `io::Error` of `errno`, and
+//! nothing else is interpreted here (`EAGAIN`, `ENOTCONN` and the like are the
+//! caller's to judge, see `errors::would_block`). Platform-specific flags live here
+//! and nowhere else: a port to another Unix changes this file, not its callers.
+
+use std::io::{self, IoSlice};
+use std::os::fd::RawFd;
+
+/// Flags for every send on a stream socket: a peer that has gone away is `EPIPE`,
+/// never `SIGPIPE`. (macOS has no `MSG_NOSIGNAL`; a port sets `SO_NOSIGPIPE` on the
+/// socket instead and sends with no flags.)
+const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
+
+/// The byte count of a call that returns `ssize_t`, or the error `errno` holds.
+fn byte_count(n: libc::ssize_t) -> io::Result<usize> {
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// One `recv` into `buf`: the number of bytes read (0 at end of stream).
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
+    byte_count(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) })
+}
+
+/// One `recv` into memory the caller owns but cannot lend as a slice (a `bytes`
+/// object being filled, an exported Python buffer).
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes for the duration of the call.
+pub unsafe fn recv_raw(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize> {
+    // SAFETY: the caller guarantees `ptr` is writable for `len` bytes.
+    byte_count(unsafe { libc::recv(fd, ptr.cast(), len, 0) })
+}
+
+/// One `recvfrom` into `buf`; the sender's address is written into `addr`.
+pub fn recvfrom(fd: RawFd, buf: &mut [u8], addr: &mut libc::sockaddr_storage) -> io::Result<usize> {
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `buf` and `addr` are writable buffers of the lengths passed.
+    byte_count(unsafe {
+        libc::recvfrom(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            0,
+            (addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    })
+}
+
+/// One `send` of `data` on a stream socket: the number of bytes the kernel took.
+pub fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `data` is valid for reads of its length.
+    byte_count(unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), SEND_FLAGS) })
+}
+
+/// One `sendmsg` of `slices` in order (a gathered write): the number of bytes the
+/// kernel took, which may end inside any slice.
+pub fn sendmsg(fd: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: zero is a valid msghdr (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // `IoSlice` is ABI-compatible with `struct iovec` on Unix (std guarantees it);
+    // sendmsg only reads through the pointer, so casting away const is sound.
+    msg.msg_iov = slices.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = slices.len() as _;
+    // SAFETY: every iovec points into a slice borrowed for the duration of the call.
+    byte_count(unsafe { libc::sendmsg(fd, &msg, SEND_FLAGS) })
+}
+
+/// `shutdown(SHUT_WR)`: the peer reads end of stream once what was sent arrives.
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: shutdown takes an fd by value and touches no memory of ours.
+    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// One `sendfile` of up to `count` bytes of `in_fd` from `*offset` into `out_fd`;
+/// the kernel advances `*offset` by what it sent.
+pub fn sendfile(
+    out_fd: RawFd,
+    in_fd: RawFd,
+    offset: &mut libc::off_t,
+    count: usize,
+) -> io::Result<usize> {
+    // SAFETY: `offset` is a valid, exclusive pointer for the duration of the call.
+    byte_count(unsafe { libc::sendfile(out_fd, in_fd, offset, count) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn gathered_send_arrives_in_order_and_shutdown_ends_the_stream() {
+        let (a, b) = UnixStream::pair().unwrap_or_else(|e| panic!("socketpair: {e}"));
+        let sent = sendmsg(
+            a.as_raw_fd(),
+            &[IoSlice::new(b"ab"), IoSlice::new(b""), IoSlice::new(b"cde")],
+        );
+        assert_eq!(sent.ok(), Some(5));
+        assert!(shutdown_write(a.as_raw_fd()).is_ok());
+        let mut buf = [0u8; 16];
+        assert_eq!(recv(b.as_raw_fd(), &mut buf).ok(), Some(5));
+        assert_eq!(&buf[..5], b"abcde");
+        assert_eq!(recv(b.as_raw_fd(), &mut buf).ok(), Some(0));
+    }
+
+    #[test]
+    fn errors_are_the_os_error() {
+        let err = send(-1, b"x").err().map(|e| e.raw_os_error());
+        assert_eq!(err, Some(Some(libc::EBADF)));
+    }
+}
