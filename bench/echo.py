@@ -1,16 +1,20 @@
-"""Echo benchmark: ferroloop beside asyncio, uvloop and a pure-Rust epoll server.
+"""Network benchmark: ferroloop beside asyncio, uvloop, the Rust loops and a pure-Rust
+epoll server, on echo workloads and on the frameworks users deploy (uvicorn, Starlette,
+aiohttp, websockets: bench/framework_servers.py).
 
 One Rust load generator (bench/loadgen, pinned to the second core) keeps connections
 open to every server at once and gives each server a short slice of closed-loop
 traffic in turn (order rotated every cycle) while the others are stopped with SIGSTOP,
-verifying every echoed byte. Per cell it reports requests/s, server CPU µs per request
+verifying every echoed byte (every framework response: status, and the body framed by
+its Content-Length; every WebSocket frame). Servers run with glibc's default allocator
+settings, as users run them. Per cell it reports requests/s, server CPU µs per request
 (server CPU time / requests: the steadiest figure on a shared machine), p50/p99
 latency, and ferroloop's ratio to uvloop as the median of per-cycle ratios with the
 p25-p75 spread.
 
-    python bench/echo.py [--kinds streams protocol buffered sock] [--sizes 1024]
-                         [--conns 10 100] [--cycles 20] [--slice-ms 100]
-                         [--json PATH] [--markdown PATH]
+    python bench/echo.py [--kinds streams protocol buffered sock uvicorn aiohttp ...]
+                         [--sizes 1024] [--conns 10 100] [--cycles 20] [--slice-ms 100]
+                         [--fixed-malloc] [--json PATH] [--markdown PATH]
 """
 
 from __future__ import annotations
@@ -22,33 +26,36 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from _loops import available_loops
 from _stats import spread, write_outputs
+from framework_servers import FRAMEWORKS
 
 BENCH = Path(__file__).resolve().parent
 LOADGEN_DIR = BENCH / "loadgen"
 LOADGEN = LOADGEN_DIR / "target" / "release" / "ferroloop-loadgen"
 KINDS = ["streams", "readline", "protocol", "buffered", "sock", "http", "tls"]
+FRAMEWORK_KINDS = list(FRAMEWORKS)
 # What the load generator sends to each kind of server (echo unless listed), and the
 # kinds the pure-Rust echo server is no ceiling for.
 MODES = {"readline": "line", "http": "http"}
-NO_CEILING = {"readline", "http", "tls"}
-# glibc's malloc moves its trim and mmap thresholds as a process frees large blocks, so
-# allocation order decides whether freed heap goes back to the kernel and is faulted in
-# again by the next request. Measured here: TLS echo at 100 KiB x 100 made 1.3 page
-# faults per request in one run of a server and 23 in the next, uvloop's and
-# ferroloop's alike, and uvloop's TLS at 1 KiB took about 12 or 25-28 us per request.
-# The echo cells run every server, the Rust ceiling included, with both thresholds
-# fixed (unless GLIBC_TUNABLES is set already); C10K, which measures memory, keeps
-# glibc's defaults.
-ECHO_SERVER_ENV = {
-    **os.environ,
-    "GLIBC_TUNABLES": os.environ.get(
-        "GLIBC_TUNABLES", "glibc.malloc.trim_threshold=8388608:glibc.malloc.mmap_threshold=1048576"
-    ),
-}
+NO_CEILING = {"readline", "http", "tls", *FRAMEWORKS}
+# Servers run with the allocator settings users have: glibc's defaults. glibc moves its
+# trim and mmap thresholds as a process frees large blocks, so allocation order can
+# decide whether freed heap goes back to the kernel and is faulted in again by the next
+# request (measured here: TLS echo at 100 KiB x 100 made 1.3 page faults per request in
+# one run of a server and 23 in the next, for uvloop and ferroloop alike). That is part
+# of what users get; `--fixed-malloc` pins both thresholds, as a diagnostic that tells
+# the allocator's share from the loop's.
+FIXED_MALLOC = "glibc.malloc.trim_threshold=8388608:glibc.malloc.mmap_threshold=1048576"
+
+
+def server_env(fixed_malloc: bool) -> dict | None:
+    if not fixed_malloc:
+        return None
+    return {**os.environ, "GLIBC_TUNABLES": FIXED_MALLOC}
 
 
 def tls_ca() -> str:
@@ -82,13 +89,19 @@ def pin(pid: int, core: int | None) -> None:
 
 class Server:
     def __init__(self, argv: list[str], core: int | None, env: dict | None = None):
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+        # The server's stderr goes to a file: a server that cannot start is reported
+        # in one line (its last), not as a traceback in the middle of the run.
+        self.errors = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.errors, text=True, env=env)
         pin(self.proc.pid, core)
         line = self.proc.stdout.readline()
         if not line.strip().isdigit():
             self.proc.wait()
             self.proc.stdout.close()
-            raise RuntimeError(f"server {argv} did not start")
+            self.errors.seek(0)
+            lines = [ln.strip() for ln in self.errors.read().splitlines() if ln.strip()]
+            self.errors.close()
+            raise RuntimeError(lines[-1] if lines else f"exit status {self.proc.returncode}")
         self.port = int(line)
         self.pid = self.proc.pid
 
@@ -102,11 +115,18 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.proc.stdout.close()
+        self.errors.close()
 
 
 def run_cell(targets: dict[str, Server], kind, size, conns, cycles, slice_ms, gen_core) -> dict:
     argv = [str(LOADGEN), "run", "--size", str(size), "--conns", str(conns)]
-    argv += ["--mode", MODES.get(kind, "echo")]
+    if kind in FRAMEWORKS:
+        mode, path, body = FRAMEWORKS[kind]
+        argv += ["--mode", mode]
+        if path is not None:
+            argv += ["--path", path, "--body", body.decode()]
+    else:
+        argv += ["--mode", MODES.get(kind, "echo")]
     if kind == "tls":
         argv += ["--tls-ca", tls_ca()]
     argv += ["--slice-ms", str(slice_ms), "--cycles", str(cycles)]
@@ -143,6 +163,19 @@ def summarise(cell: dict, loops: list[str]) -> dict:
     return rows
 
 
+def sized(kind: str) -> bool:
+    """Whether the workload's message size is the cell's (a framework's HTTP response is
+    fixed by the app)."""
+    return kind not in FRAMEWORKS or FRAMEWORKS[kind][0] == "ws"
+
+
+def size_label(res: dict, sep: str = " ") -> str:
+    size = res["size"]
+    if size is None:
+        return "app"
+    return f"{size // 1024}{sep}KiB" if size >= 1024 else f"{size}{sep}B"
+
+
 def markdown(results: list[dict]) -> str:
     head = [
         "workload", "size", "conns", "server", "requests/s", "vs uvloop (p25-p75)",
@@ -160,7 +193,7 @@ def markdown(results: list[dict]) -> str:
                 "| "
                 + " | ".join(
                     [
-                        res["kind"], f"{res['size'] // 1024} KiB" if res["size"] >= 1024 else f"{res['size']} B",
+                        res["kind"], size_label(res),
                         str(res["conns"]), f"{bold}{name}{bold}", f"{row['rps']:,.0f}",
                         f"{bold}{med:.2f}x{bold} ({p25:.2f}-{p75:.2f})", f"{row['cpu_us']:.1f}",
                         f"{cmed:.2f}x", str(row["p50_us"]), str(row["p99_us"]),
@@ -171,11 +204,19 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_matrix(kinds, sizes, conns_list, cycles, slice_ms) -> list[dict]:
+def server_argv(name: str, kind: str) -> list[str]:
+    script = "framework_servers.py" if kind in FRAMEWORKS else "echo_servers.py"
+    return [sys.executable, str(BENCH / script), name, kind]
+
+
+def run_matrix(kinds, sizes, conns_list, cycles, slice_ms, fixed_malloc=False) -> list[dict]:
+    """Every (kind, size, conns) cell: all loops' servers of a kind run at once and share
+    the load generator's cycles. A framework cell has one size (its fixed response)."""
     build_loadgen()
     loops = available_loops()
     server_core, gen_core = cores()
-    ceiling = Server([str(LOADGEN), "serve"], server_core, ECHO_SERVER_ENV)
+    env = server_env(fixed_malloc)
+    ceiling = Server([str(LOADGEN), "serve"], server_core, env)
     results = []
     try:
         for kind in kinds:
@@ -183,25 +224,26 @@ def run_matrix(kinds, sizes, conns_list, cycles, slice_ms) -> list[dict]:
             try:
                 for name in loops:
                     try:
-                        servers[name] = Server(
-                            [sys.executable, str(BENCH / "echo_servers.py"), name, kind],
-                            server_core,
-                            ECHO_SERVER_ENV,
-                        )
-                    except RuntimeError:
+                        servers[name] = Server(server_argv(name, kind), server_core, env)
+                    except RuntimeError as exc:
                         # rloop, for one, has no TLS: leave the loop out of that workload.
-                        print(f"{name} cannot serve {kind}: left out", file=sys.stderr)
+                        print(f"{name} cannot serve {kind} ({exc}): left out", file=sys.stderr)
                 if "ferroloop" not in servers:
                     print(f"no {kind} workload: ferroloop's server did not start", file=sys.stderr)
                     continue
-                for size in sizes:
+                for size in sizes if sized(kind) else sizes[:1]:
                     for conns in conns_list:
-                        print(f"echo {kind} {size} B x {conns} connections", file=sys.stderr, flush=True)
+                        print(f"{kind} {size} B x {conns} connections", file=sys.stderr, flush=True)
                         # The pure-Rust server only echoes: it is the ceiling of echo cells.
                         targets = {**({"rust-epoll": ceiling} if kind not in NO_CEILING else {}), **servers}
                         cell = run_cell(targets, kind, size, conns, cycles, slice_ms, gen_core)
                         results.append(
-                            {"kind": kind, "size": size, "conns": conns, "rows": summarise(cell, loops)}
+                            {
+                                "kind": kind,
+                                "size": size if sized(kind) else None,
+                                "conns": conns,
+                                "rows": summarise(cell, loops),
+                            }
                         )
             finally:
                 for server in servers.values():
@@ -269,16 +311,19 @@ def c10k_markdown(rows: dict, kind="streams") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS)
+    parser.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS + FRAMEWORK_KINDS)
     parser.add_argument("--sizes", nargs="*", type=int, default=[1024])
     parser.add_argument("--conns", nargs="*", type=int, default=[10, 100])
     parser.add_argument("--cycles", type=int, default=20)
     parser.add_argument("--slice-ms", type=int, default=100)
     parser.add_argument("--c10k", action="store_true", help="also run the 10,000 idle connections test")
+    parser.add_argument(
+        "--fixed-malloc", action="store_true", help="diagnostic: pin glibc's trim and mmap thresholds in every server"
+    )
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()
-    results = run_matrix(args.kinds, args.sizes, args.conns, args.cycles, args.slice_ms)
+    results = run_matrix(args.kinds, args.sizes, args.conns, args.cycles, args.slice_ms, args.fixed_malloc)
     table = markdown(results)
     c10k = run_c10k() if args.c10k else None
     if c10k:

@@ -3,10 +3,14 @@
     python bench/suite.py            # quick mode (the README's main job), under 2 minutes
     python bench/suite.py --full     # the full matrix, under 15 minutes
 
-Quick: the six echo workloads (streams, readline, Protocol, BufferedProtocol, sock_*,
-HTTP/1.1 with httptools) at 1 KiB with 10 and 100 connections, and the micro
-benchmarks. Full: the same at 1, 10 and 100 KiB, 20 cycles each, the micro benchmarks,
-and 10,000 idle connections. Writes bench/results/summary.md, suite.json and suite.png.
+Quick: the framework workloads (uvicorn with a raw ASGI app, uvicorn with Starlette,
+aiohttp.web, websockets echo), the echo workloads (streams, readline, Protocol,
+BufferedProtocol, sock_*, HTTP/1.1 with httptools, TLS) at 1 KiB, each with 10 and 100
+connections, and the micro benchmarks. Full: the same with echo at 1, 10 and 100 KiB
+and WebSocket messages at 1 and 100 KiB, 20 cycles each, and 10,000 idle connections.
+Every server runs with glibc's default allocator settings (`--fixed-malloc` pins the
+thresholds, as a diagnostic). Writes bench/results/summary.md, suite.json,
+frameworks.png and suite.png, and names them on its last line.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def machine() -> str:
     )
 
 
-def chart(cells: list[dict], path: Path) -> None:
+def chart(cells: list[dict], path: Path, title: str) -> None:
     """Requests/s relative to uvloop and server CPU per request, by workload and loop."""
     import matplotlib
 
@@ -61,7 +65,7 @@ def chart(cells: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     loops = [n for n in next(iter(cells))["rows"] if not n.startswith("_")]
-    labels = [f"{c['kind']}\n{c['size'] // 1024 or c['size']}{'K' if c['size'] >= 1024 else 'B'} x{c['conns']}" for c in cells]
+    labels = [f"{c['kind']}\n{echo.size_label(c, '')} x{c['conns']}" for c in cells]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(10, len(cells) * 0.9), 8), sharex=True)
     width = 0.8 / max(1, len(loops))
     for i, name in enumerate(loops):
@@ -75,7 +79,7 @@ def chart(cells: list[dict], path: Path) -> None:
     bottom.set_ylabel("server CPU µs / request")
     bottom.set_xticks([k + 0.4 - width / 2 for k in range(len(cells))], labels, fontsize=7)
     top.legend(ncol=len(loops), fontsize=8)
-    top.set_title("ferroloop benchmark suite (median of per-cycle ratios)")
+    top.set_title(f"{title} (median of per-cycle ratios)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -88,21 +92,27 @@ def micro_section(cycles: int) -> tuple[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--full", action="store_true")
+    parser.add_argument(
+        "--fixed-malloc", action="store_true", help="diagnostic: pin glibc's trim and mmap thresholds in every server"
+    )
     args = parser.parse_args()
     started = time.monotonic()
     if args.full:
-        sizes, cycles, micro_cycles = [1024, 10 * 1024, 100 * 1024], 20, 15
+        sizes, ws_sizes, cycles, micro_cycles = [1024, 10 * 1024, 100 * 1024], [1024, 100 * 1024], 20, 15
     else:
-        sizes, cycles, micro_cycles = [1024], 6, 6
-    cells = echo.run_matrix(echo.KINDS, sizes, [10, 100], cycles, 100)
+        sizes, ws_sizes, cycles, micro_cycles = [1024], [1024], 6, 6
+    frameworks = echo.run_matrix(echo.FRAMEWORK_KINDS, ws_sizes, [10, 100], cycles, 100, args.fixed_malloc)
+    cells = echo.run_matrix(echo.KINDS, sizes, [10, 100], cycles, 100, args.fixed_malloc)
     c10k = echo.run_c10k() if args.full else None
     micro_table, micro_raw = micro_section(micro_cycles)
 
     RESULTS.mkdir(exist_ok=True)
     mode = "full" if args.full else "quick"
+    malloc = "glibc.malloc thresholds pinned (diagnostic)" if args.fixed_malloc else "glibc's default allocator settings"
     parts = [
-        f"Machine: {machine()}. Mode: {mode}, {cycles} cycles of 100 ms slices per cell.",
-        "## Network\n\n" + echo.markdown(cells),
+        f"Machine: {machine()}. Mode: {mode}, {cycles} cycles of 100 ms slices per cell, {malloc}.",
+        "## Frameworks\n\n" + echo.markdown(frameworks),
+        "## Echo\n\n" + echo.markdown(cells),
     ]
     if c10k:
         parts.append(echo.c10k_markdown(c10k))
@@ -110,14 +120,21 @@ def main() -> None:
     summary = "\n\n".join(parts)
     (RESULTS / "summary.md").write_text(summary + "\n")
     (RESULTS / "suite.json").write_text(
-        json.dumps({"machine": machine(), "cells": cells, "c10k": c10k, "micro": micro_raw}, indent=1)
+        json.dumps(
+            {"machine": machine(), "frameworks": frameworks, "cells": cells, "c10k": c10k, "micro": micro_raw},
+            indent=1,
+        )
     )
+    written = [RESULTS / "summary.md", RESULTS / "suite.json"]
     try:
-        chart(cells, RESULTS / "suite.png")
+        chart(frameworks, RESULTS / "frameworks.png", "ferroloop on the frameworks users deploy")
+        chart(cells, RESULTS / "suite.png", "ferroloop echo workloads")
+        written += [RESULTS / "frameworks.png", RESULTS / "suite.png"]
     except ImportError:
-        print("matplotlib is not installed: no chart", file=sys.stderr)
+        print("matplotlib is not installed: no charts", file=sys.stderr)
     print(summary)
-    print(f"\n(took {time.monotonic() - started:.0f} s; results in {RESULTS})", file=sys.stderr)
+    names = ", ".join(str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p) for p in written)
+    print(f"\n(took {time.monotonic() - started:.0f} s; wrote {names})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@
 //!   `--mode line` sends newline-terminated lines (for `readline` servers), `--mode http`
 //!   sends `GET /SIZE HTTP/1.1` and expects the fixed response `http_response` builds;
 //!   `--tls-ca PEM` speaks TLS (to a server for `localhost`, signed by that CA).
+//!   `--mode http-any --path P --body B` sends `GET P HTTP/1.1` to a framework's server,
+//!   whose headers vary (date, server): it checks the status is 200 and that the body
+//!   (framed by Content-Length) is exactly B. `--mode ws` opens each connection with a
+//!   WebSocket handshake, then sends masked binary frames of SIZE bytes and checks the
+//!   echoed frame, header and payload.
 //! `loadgen c10k --conns N --target NAME,PID,PORT`: opens N connections, echoes one
 //!   byte on each, prints the time that took, then holds them until stdin closes.
 //! `loadgen serve [--port P]`: a single-threaded epoll echo server; prints its port.
@@ -87,6 +92,8 @@ struct Conn {
     first_in_slice: bool,
     /// The TLS session, for the TLS echo workload.
     tls: Option<Box<rustls::ClientConnection>>,
+    /// The response so far, in `http-any` mode (its length is known only from its head).
+    head: Vec<u8>,
 }
 
 /// A client configuration trusting the CA in `ca_file` (PEM).
@@ -157,6 +164,85 @@ enum Mode {
     Line,
     /// A fixed HTTP/1.1 keep-alive request and the fixed response it must get.
     Http { request: Vec<u8>, response: Vec<u8> },
+    /// A fixed request to a framework's server: any headers, status 200, this body.
+    AnyHeaders { request: Vec<u8>, body: Vec<u8> },
+    /// WebSocket binary frames of the echo pattern, masked as a client must mask them,
+    /// and the unmasked frame the server echoes.
+    Ws {
+        request_head: Vec<u8>,
+        response_head: Vec<u8>,
+    },
+}
+
+/// The mask key of every frame the load generator sends (a client must mask; the key's
+/// value does not matter to the server).
+const WS_MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// The header of a final binary WebSocket frame of `size` payload bytes.
+fn ws_head(size: usize, masked: bool) -> Vec<u8> {
+    let bit = if masked { 0x80 } else { 0 };
+    let mut head = vec![0x82];
+    if size < 126 {
+        head.push(bit | size as u8);
+    } else if size <= usize::from(u16::MAX) {
+        head.push(bit | 126);
+        head.extend_from_slice(&(size as u16).to_be_bytes());
+    } else {
+        head.push(bit | 127);
+        head.extend_from_slice(&(size as u64).to_be_bytes());
+    }
+    if masked {
+        head.extend_from_slice(&WS_MASK);
+    }
+    head
+}
+
+/// Opens a WebSocket on a connected, still blocking `stream`: sends the upgrade
+/// request and reads the server's `101` answer, to its last header byte.
+fn ws_handshake(stream: &mut TcpStream) -> io::Result<()> {
+    stream.write_all(
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: ZmVycm9sb29wIGJlbmNoIQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(io::Error::other(
+                "the server closed during the WebSocket handshake",
+            ));
+        }
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return Err(io::Error::other(format!(
+            "WebSocket handshake refused: {}",
+            String::from_utf8_lossy(&head)
+                .lines()
+                .next()
+                .unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+/// The body length a response head gives; a head without one (chunked) is refused, so
+/// that every body is checked whole.
+fn content_length(head: &[u8]) -> io::Result<usize> {
+    for line in head.split(|b| *b == b'\n') {
+        let line = String::from_utf8_lossy(line);
+        if let Some((name, value)) = line.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("content-length") {
+                return value.trim().parse().map_err(io::Error::other);
+            }
+        }
+    }
+    Err(io::Error::other("a response without Content-Length"))
+}
+
+/// Where `needle` first starts in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// The response the benchmark's HTTP servers send: `size` body bytes.
@@ -179,7 +265,8 @@ struct Load {
 impl Load {
     fn request_len(&self) -> usize {
         match &self.mode {
-            Mode::Http { request, .. } => request.len(),
+            Mode::Http { request, .. } | Mode::AnyHeaders { request, .. } => request.len(),
+            Mode::Ws { request_head, .. } => request_head.len() + self.size,
             _ => self.size,
         }
     }
@@ -187,6 +274,9 @@ impl Load {
     fn response_len(&self) -> usize {
         match &self.mode {
             Mode::Http { response, .. } => response.len(),
+            Mode::Ws { response_head, .. } => response_head.len() + self.size,
+            // Not known before the head arrives: `check_any_headers` frames it.
+            Mode::AnyHeaders { .. } => usize::MAX,
             _ => self.size,
         }
     }
@@ -196,13 +286,24 @@ impl Load {
             Mode::Echo => pattern(conn, seq, i),
             Mode::Line if i + 1 == self.size => b'\n',
             Mode::Line => b'a' + pattern(conn, seq, i) % 26,
-            Mode::Http { request, .. } => request[i],
+            Mode::Http { request, .. } | Mode::AnyHeaders { request, .. } => request[i],
+            Mode::Ws { request_head, .. } => match request_head.get(i) {
+                Some(b) => *b,
+                None => {
+                    let j = i - request_head.len();
+                    pattern(conn, seq, j) ^ WS_MASK[j % 4]
+                }
+            },
         }
     }
 
     fn response_byte(&self, conn: usize, seq: u64, i: usize) -> u8 {
         match &self.mode {
             Mode::Http { response, .. } => response[i],
+            Mode::Ws { response_head, .. } => match response_head.get(i) {
+                Some(b) => *b,
+                None => pattern(conn, seq, i - response_head.len()),
+            },
             _ => self.request_byte(conn, seq, i),
         }
     }
@@ -241,6 +342,9 @@ impl Load {
 
     /// Checks `n` bytes that came back in `self.buf`; true when the whole response is in.
     fn check(&self, conn_id: usize, conn: &mut Conn, n: usize) -> io::Result<bool> {
+        if let Mode::AnyHeaders { body, .. } = &self.mode {
+            return check_any_headers(&self.buf[..n], conn, body);
+        }
         let total = self.response_len();
         if conn.received + n > total {
             return Err(io::Error::other("more bytes came back than expected"));
@@ -327,6 +431,7 @@ impl Load {
     }
 
     fn start(&mut self, conn_id: usize, conn: &mut Conn) -> io::Result<()> {
+        conn.head.clear();
         conn.seq += 1;
         conn.sent = 0;
         conn.received = 0;
@@ -334,6 +439,37 @@ impl Load {
         conn.started = Instant::now();
         self.push(conn_id, conn)
     }
+}
+
+/// Adds `data` to a framework response in progress; true once the head and exactly
+/// Content-Length body bytes are in, the status is 200 and the body is `body`.
+fn check_any_headers(data: &[u8], conn: &mut Conn, body: &[u8]) -> io::Result<bool> {
+    conn.head.extend_from_slice(data);
+    let Some(end) = find(&conn.head, b"\r\n\r\n") else {
+        return Ok(false);
+    };
+    let head = &conn.head[..end];
+    if !head.starts_with(b"HTTP/1.1 200 ") {
+        let status = String::from_utf8_lossy(head);
+        return Err(io::Error::other(format!(
+            "not 200 OK: {}",
+            status.lines().next().unwrap_or_default()
+        )));
+    }
+    let total = end + 4 + content_length(head)?;
+    if conn.head.len() < total {
+        return Ok(false);
+    }
+    if conn.head.len() > total {
+        return Err(io::Error::other("more bytes came back than the response"));
+    }
+    if &conn.head[end + 4..] != body {
+        return Err(io::Error::other(format!(
+            "wrong body: {}",
+            String::from_utf8_lossy(&conn.head[end + 4..])
+        )));
+    }
+    Ok(true)
 }
 
 /// One slice of closed-loop traffic on `target`; returns the requests completed.
@@ -424,6 +560,8 @@ fn run(args: &[String]) -> io::Result<()> {
     let mut specs = Vec::new();
     let mut mode = "echo".to_string();
     let mut tls_ca: Option<String> = None;
+    let mut path = "/".to_string();
+    let mut body = String::new();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || {
@@ -439,6 +577,8 @@ fn run(args: &[String]) -> io::Result<()> {
             "--target" => specs.push(value()?),
             "--mode" => mode = value()?,
             "--tls-ca" => tls_ca = Some(value()?),
+            "--path" => path = value()?,
+            "--body" => body = value()?,
             other => return Err(io::Error::other(format!("unknown argument {other}"))),
         }
     }
@@ -452,6 +592,14 @@ fn run(args: &[String]) -> io::Result<()> {
             // The path tells the server the body size to answer with.
             request: format!("GET /{size} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes(),
             response: http_response(size),
+        },
+        "http-any" => Mode::AnyHeaders {
+            request: format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes(),
+            body: body.into_bytes(),
+        },
+        "ws" => Mode::Ws {
+            request_head: ws_head(size, true),
+            response_head: ws_head(size, false),
         },
         other => return Err(io::Error::other(format!("unknown mode {other}"))),
     };
@@ -471,8 +619,11 @@ fn run(args: &[String]) -> io::Result<()> {
         let port: u16 = port.parse().map_err(io::Error::other)?;
         let mut list = Vec::new();
         for _ in 0..conns {
-            let stream = TcpStream::connect(("127.0.0.1", port))?;
+            let mut stream = TcpStream::connect(("127.0.0.1", port))?;
             stream.set_nodelay(true)?;
+            if matches!(mode, Mode::Ws { .. }) {
+                ws_handshake(&mut stream)?;
+            }
             let session = match &tls {
                 Some(config) => {
                     let name = rustls_pki_types::ServerName::try_from("localhost")
@@ -503,6 +654,7 @@ fn run(args: &[String]) -> io::Result<()> {
                 want_write: false,
                 first_in_slice: false,
                 tls: session,
+                head: Vec::new(),
             });
         }
         targets.push(Target {
