@@ -135,6 +135,73 @@ def b_run_in_executor(loop, n):
     return n, time.perf_counter() - start
 
 
+# -- under load: many pending at once, as a busy server has them -------------------
+
+
+def b_timers_pending(loop, n):
+    """n timers pending at once, delays spread over 0-1 ms, every one fires."""
+    fired = [0]
+
+    def fire():
+        fired[0] += 1
+        if fired[0] == n:
+            loop.stop()
+
+    start = time.perf_counter()
+    for i in range(n):
+        loop.call_later((i % 1000) * 1e-6, fire)
+    loop.run_forever()
+    return n, time.perf_counter() - start
+
+
+def b_call_at_half_cancelled(loop, n):
+    """n call_at pending at once, every other one cancelled before it is due."""
+    fired = [0]
+
+    def fire():
+        fired[0] += 1
+        if fired[0] == n // 2:
+            loop.stop()
+
+    start = time.perf_counter()
+    base = loop.time()
+    for i in range(n):
+        handle = loop.call_at(base + (i % 1000) * 1e-6, fire)
+        if i % 2:
+            handle.cancel()
+    loop.run_forever()
+    return n, time.perf_counter() - start
+
+
+def b_bulk_call_soon(loop, n):
+    """n callbacks queued in one go, then run in one turn."""
+    start = time.perf_counter()
+    for _ in range(n):
+        loop.call_soon(_tick)
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    return n, time.perf_counter() - start
+
+
+def b_threadsafe_round_trip(loop, n):
+    """Wake-up latency: a thread posts one callback and waits until it has run before
+    posting the next, so every post has to wake a sleeping loop."""
+    ran = threading.Semaphore(0)
+
+    def producer():
+        for _ in range(n):
+            loop.call_soon_threadsafe(ran.release)
+            ran.acquire()
+        loop.call_soon_threadsafe(loop.stop)
+
+    start = time.perf_counter()
+    t = threading.Thread(target=producer)
+    t.start()
+    loop.run_forever()
+    t.join()
+    return n, time.perf_counter() - start
+
+
 BENCHMARKS = {
     "call_soon": (b_call_soon, 200_000),
     "call_later": (b_call_later, 100_000),
@@ -144,6 +211,10 @@ BENCHMARKS = {
     "create_task + gather": (b_task_gather, 50_000),
     "call_soon_threadsafe": (b_call_soon_threadsafe, 100_000),
     "run_in_executor": (b_run_in_executor, 5_000),
+    "100k timers pending": (b_timers_pending, 100_000),
+    "100k call_at, half cancelled": (b_call_at_half_cancelled, 100_000),
+    "bulk call_soon (100k)": (b_bulk_call_soon, 100_000),
+    "call_soon_threadsafe wake-up round trip": (b_threadsafe_round_trip, 20_000),
 }
 
 
