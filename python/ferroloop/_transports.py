@@ -7,18 +7,34 @@ asyncio transport: an instance `__dict__` (test suites patch transports with
 inherit from `asyncio.Transport` (its `__slots__` layout conflicts with any native
 base), so the transport reports an `asyncio.Transport` subclass as its `__class__`,
 the hook `isinstance` consults after the real type, as `unittest.mock` does.
+
+`TransportMethods`, a base of `Loop`, holds the loop's side: the `_make_*_transport`
+factories `BaseEventLoop`'s methods call, which make these transports and start them
+as asyncio's transports start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import socket
-from asyncio import constants, transports, trsock
+from asyncio import base_events, constants, futures, transports, trsock
 
+from . import _sslproto
+from ._arguments import HAS_SSL_SHUTDOWN_TIMEOUT
 from ._ferroloop import DatagramTransport as _DatagramCore
 from ._ferroloop import StreamTransport
 
-__all__ = ["DatagramTransport", "SocketTransport", "socket_extra"]
+__all__ = [
+    "DatagramTransport",
+    "SocketTransport",
+    "TransportMethods",
+    "socket_extra",
+]
+
+# `_make_socket_transport`'s "no peer address given" (None is a valid address: an
+# unnamed Unix socket's).
+_NO_PEER = object()
 
 
 class _SocketTransportInterface(transports._FlowControlMixin, asyncio.Transport):
@@ -85,3 +101,65 @@ def fill_socket_extra(sock: socket.socket, info: dict) -> None:
             info["sockname"] = sock.getsockname()
         except OSError:
             info["sockname"] = None
+
+
+class TransportMethods:
+    """The loop's transport factories (a base of `Loop`), which `BaseEventLoop`'s
+    methods call."""
+
+    def _make_socket_transport(
+        self, sock, protocol, waiter=None, *, extra=None, server=None, peername=_NO_PEER
+    ):
+        base_events._set_nodelay(sock)
+        if extra is None and peername is not _NO_PEER:
+            # An accepted connection: the transport takes the fd over, and makes a
+            # socket object and an extra dict only if asked for (an idle connection
+            # holds neither). If registering it fails, the dropped transport closes the
+            # fd; the caller's close of the detached socket then does nothing.
+            transport = SocketTransport(self, None, protocol, None, server, peername, sock.detach())
+        else:
+            transport = SocketTransport(self, sock, protocol, socket_extra(sock, extra), server)
+        transport._register()
+        if server is not None:
+            server._attach(transport)
+        return self._start_transport(transport, protocol, waiter)
+
+    def _start_transport(self, transport, protocol, waiter):
+        """What asyncio's transports schedule when created: connection_made, then
+        reading, then the waiter (in that order, each in its own callback)."""
+        self.call_soon(protocol.connection_made, transport)
+        # asyncio's reader handle copies the context when reading starts; the copy
+        # this callback runs in is the same, so it is handed over instead of copied.
+        context = contextvars.copy_context()
+        self.call_soon(transport._start_reading, context, context=context)
+        if waiter is not None:
+            self.call_soon(futures._set_result_unless_cancelled, waiter, None)
+        return transport
+
+    def _make_ssl_transport(
+        self,
+        rawsock,
+        protocol,
+        sslcontext,
+        waiter=None,
+        *,
+        server_side=False,
+        server_hostname=None,
+        extra=None,
+        server=None,
+        ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
+        ssl_shutdown_timeout=None,
+    ):
+        timeouts = {"ssl_handshake_timeout": ssl_handshake_timeout}
+        if HAS_SSL_SHUTDOWN_TIMEOUT:
+            timeouts["ssl_shutdown_timeout"] = ssl_shutdown_timeout
+        ssl_protocol = _sslproto.SSLProtocol(
+            self, protocol, sslcontext, waiter, server_side, server_hostname, **timeouts
+        )
+        self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
+        return ssl_protocol._app_transport
+
+    def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
+        transport = DatagramTransport(self, sock, protocol, socket_extra(sock, extra), address)
+        transport._register()
+        return self._start_transport(transport, protocol, waiter)
