@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BENCH_PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-.PHONY: install servers test bench bench-full lint clean
+.PHONY: install servers test bench bench-full lint stubtest clean
 install: $(BIN)/python
 	$(BIN)/pip install -q ".[test,bench,integration]"
 
@@ -42,6 +42,15 @@ lint: $(BIN)/python
 	cargo fmt --check --manifest-path bench/loadgen/Cargo.toml
 	cargo clippy --release --manifest-path bench/loadgen/Cargo.toml -- -D warnings
 	$(BIN)/pip install -q ruff && $(BIN)/ruff check python tests bench examples scripts
+	$(MAKE) --no-print-directory stubtest
+
+# The type stubs (python/ferroloop/_ferroloop.pyi) and the Python modules' annotations
+# against the package as built from this tree (scripts/test-all.sh runs the same check
+# on every interpreter it tests).
+stubtest: $(BIN)/python
+	$(BIN)/pip install -q ".[test]"
+	$(BIN)/python -m mypy.stubtest ferroloop --mypy-config-file pyproject.toml \
+		--allowlist scripts/stubtest-allowlist.txt
 
 clean:
 	rm -rf $(VENV) .venv-3.* target bench/loadgen/target bench/results

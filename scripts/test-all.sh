@@ -4,9 +4,11 @@
 # interpreter: the ones given as arguments, or else every one scripts/pythons.sh finds
 # (3.11, and 3.10, 3.12, 3.13 where the machine has them). Each interpreter gets its own
 # virtualenv (.venv-3.X) and cargo target folder (target/py3.X), so a second run only
-# rebuilds what changed. Prints a table of the versions that ran and their counts, then
-# one closing line with the totals; exits non-zero if any run failed or collected
-# nothing (pytest's exit 5 is a broken suite, not a pass).
+# rebuilds what changed. Before the tests, mypy's stubtest checks the type stubs against
+# the module as built. Prints a table of the versions that ran, their counts and the
+# stubtest outcome, then one closing line with the test totals; exits non-zero if any
+# run failed or collected nothing (pytest's exit 5 is a broken suite, not a pass) or a
+# stubtest failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +41,16 @@ for py in "${pythons[@]}"; do
         status=1
         continue
     fi
+    # The stub of the Rust core against the module just built (pyo3's signatures and
+    # the Python modules' version branches differ by interpreter).
+    echo "=== CPython $ver: stubtest"
+    if "$venv/bin/python" -m mypy.stubtest ferroloop --mypy-config-file pyproject.toml \
+        --allowlist scripts/stubtest-allowlist.txt; then
+        stub=ok
+    else
+        stub=failed
+        status=1
+    fi
     echo "=== CPython $ver: tests"
     rm -f "$report"
     "$venv/bin/python" -m pytest tests -q -p no:cacheprovider --junitxml="$report"
@@ -48,7 +60,7 @@ for py in "${pythons[@]}"; do
     fi
     [ $rc -eq 0 ] || status=1
     echo "=== CPython $ver: pytest exit $rc after $(( $(date +%s) - t0 )) s"
-    reports+=("$ver=$report=$rc")
+    reports+=("$ver=$report=$rc=$stub")
 done
 
 python3 scripts/test_summary.py "$(( $(date +%s) - start ))" "${reports[@]}" || status=1
