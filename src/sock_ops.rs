@@ -18,7 +18,7 @@ use pyo3::types::PyBytes;
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::{os_error, would_block};
-use crate::poller::{READABLE, WRITABLE};
+use crate::poller::{Interest, READABLE, WRITABLE};
 use crate::sys;
 
 /// Reads of up to this size land in a reused buffer before the copy into `bytes`...
@@ -196,8 +196,8 @@ pub(crate) fn check_recv_size(n: isize) -> PyResult<usize> {
 }
 
 impl SockOp {
-    /// The readiness the op waits for.
-    pub fn bit(&self) -> u32 {
+    /// The direction the op waits on.
+    pub fn direction(&self) -> Interest {
         match self.kind {
             SockKind::Send(..) => WRITABLE,
             _ => READABLE,
