@@ -266,6 +266,33 @@ fn is_context_name(name: &Bound<'_, PyAny>) -> PyResult<bool> {
     Ok(name.cast::<PyString>()?.to_str()? == "context")
 }
 
+/// The `TypeError` of a keyword argument other than `context`.
+#[cold]
+fn unexpected_keyword(spec: &Spec, name: &Bound<'_, PyAny>) -> PyErr {
+    PyTypeError::new_err(format!(
+        "{}() got an unexpected keyword argument '{}'",
+        spec.name, name
+    ))
+}
+
+/// The `TypeError` of a call with `nargs` positional arguments, fewer than required.
+#[cold]
+fn missing_arguments(spec: &Spec, nargs: usize) -> PyErr {
+    let missing = &spec.required[nargs..];
+    let names = missing
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    PyTypeError::new_err(format!(
+        "{}() missing {} required positional argument{}: {}",
+        spec.name,
+        missing.len(),
+        if missing.len() == 1 { "" } else { "s" },
+        names
+    ))
+}
+
 /// # Safety
 /// `slf` is an instance of `LoopCore` (the method descriptor checks this before the
 /// call), and `args`, `nargsf`, `kwnames` follow the vectorcall protocol.
@@ -320,31 +347,15 @@ unsafe fn parse_and_schedule(
         let name = unsafe {
             Bound::from_borrowed_ptr(py, ffi::PyTuple_GET_ITEM(kwnames, i as ffi::Py_ssize_t))
         };
-        if is_context_name(&name)? {
-            context = Some(arg(nargs + i));
-        } else {
-            return Err(PyTypeError::new_err(format!(
-                "{}() got an unexpected keyword argument '{}'",
-                spec.name, name
-            )));
+        if !is_context_name(&name)? {
+            return Err(unexpected_keyword(spec, &name));
         }
+        context = Some(arg(nargs + i));
     }
 
     let required = spec.required.len();
     if nargs < required {
-        let missing = &spec.required[nargs..];
-        let names = missing
-            .iter()
-            .map(|n| format!("'{n}'"))
-            .collect::<Vec<_>>()
-            .join(" and ");
-        return Err(PyTypeError::new_err(format!(
-            "{}() missing {} required positional argument{}: {}",
-            spec.name,
-            missing.len(),
-            if missing.len() == 1 { "" } else { "s" },
-            names
-        )));
+        return Err(missing_arguments(spec, nargs));
     }
     let leading = (required == 2).then(|| arg(0));
     let callback = arg(required - 1);

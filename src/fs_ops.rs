@@ -17,6 +17,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::errors::os_error;
+use crate::sys;
 
 /// A path given as str, bytes or os.PathLike (bytes stay bytes: no decoding).
 fn to_path(path: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
@@ -52,16 +53,8 @@ pub fn sendfile(
     offset: i64,
     count: usize,
 ) -> PyResult<usize> {
-    let sent = py.detach(|| {
-        let mut off: libc::off_t = offset;
-        // SAFETY: `off` is a live local for the duration of the call and the fds are
-        // plain integers: the kernel checks them and fails with EBADF if invalid.
-        let n = unsafe { libc::sendfile(out_fd, in_fd, &mut off, count) };
-        if n < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    });
-    sent.map_err(os_error)
+    // The fds are plain integers: the kernel checks them and fails with EBADF if invalid.
+    let mut off: libc::off_t = offset;
+    py.detach(|| sys::sendfile(out_fd, in_fd, &mut off, count))
+        .map_err(os_error)
 }

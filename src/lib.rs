@@ -1,5 +1,6 @@
 //! ferroloop: Python's asyncio event loop in Rust. This file only registers the module.
 
+mod clock;
 mod errors;
 mod event_loop;
 mod fastcall;
@@ -7,13 +8,17 @@ mod freelist;
 mod fs_ops;
 mod gil_cell;
 mod handles;
+mod loop_attrs;
 mod poller;
 mod pyhelpers;
+mod scheduling;
 mod sock_ops;
 mod sys;
 mod timers;
 mod tls;
+mod transport_registry;
 mod transports;
+mod waiters;
 
 use pyo3::prelude::*;
 

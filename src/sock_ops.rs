@@ -8,7 +8,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::ffi::c_int;
-use std::io;
 use std::os::fd::RawFd;
 
 use pyo3::buffer::PyUntypedBuffer;
@@ -19,7 +18,8 @@ use pyo3::types::PyBytes;
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::{os_error, would_block};
-use crate::poller::{READABLE, WRITABLE};
+use crate::poller::{Interest, READABLE, WRITABLE};
+use crate::sys;
 
 /// Reads of up to this size land in a reused buffer before the copy into `bytes`...
 const STACKED_READ: usize = 256 * 1024;
@@ -78,14 +78,9 @@ pub(crate) fn try_recv(py: Python<'_>, fd: RawFd, n: usize) -> PyResult<Attempt>
     let received = RECV_BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
         let buf = &mut buf[..n];
-        // SAFETY: `buf` is a writable buffer of `buf.len()` bytes.
-        let got = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if got < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            LAST_READ.set(got as usize);
-            Ok(PyBytes::new(py, &buf[..got as usize]))
-        }
+        let got = sys::recv(fd, buf)?;
+        LAST_READ.set(got);
+        Ok(PyBytes::new(py, &buf[..got]))
     });
     match received {
         Ok(bytes) => Ok(Attempt::Done(bytes.into_any().unbind())),
@@ -105,21 +100,22 @@ fn try_recv_direct(py: Python<'_>, fd: RawFd, n: usize) -> PyResult<Attempt> {
     }
     // SAFETY: `obj` is a bytes object of `n` bytes that only we reference; recv writes
     // at most `n` bytes into its buffer.
-    let got = unsafe { libc::recv(fd, ffi::PyBytes_AsString(obj).cast(), n, 0) };
-    if got < 0 {
-        let err = io::Error::last_os_error();
-        // SAFETY: releasing the reference made above.
-        unsafe { ffi::Py_DECREF(obj) };
-        return if would_block(&err) {
-            Ok(Attempt::WouldBlock)
-        } else {
-            Err(os_error(err))
-        };
-    }
-    LAST_READ.set(got as usize);
+    let got = match unsafe { sys::recv_raw(fd, ffi::PyBytes_AsString(obj).cast(), n) } {
+        Ok(got) => got,
+        Err(err) => {
+            // SAFETY: releasing the reference made above.
+            unsafe { ffi::Py_DECREF(obj) };
+            return if would_block(&err) {
+                Ok(Attempt::WouldBlock)
+            } else {
+                Err(os_error(err))
+            };
+        }
+    };
+    LAST_READ.set(got);
     // SAFETY: the object is referenced only by us, as _PyBytes_Resize requires; on
     // failure it frees it, sets `obj` to NULL and leaves an error set.
-    if got as usize != n && unsafe { _PyBytes_Resize(&mut obj, got as ffi::Py_ssize_t) } < 0 {
+    if got != n && unsafe { _PyBytes_Resize(&mut obj, got as ffi::Py_ssize_t) } < 0 {
         return Err(PyErr::fetch(py));
     }
     // SAFETY: `obj` is a new reference to the filled bytes object.
@@ -169,43 +165,28 @@ pub(crate) fn try_recv_into(py: Python<'_>, fd: RawFd, buf: &PyUntypedBuffer) ->
     }
     // SAFETY: the buffer is writable and C-contiguous (checked by `writable_buffer`) and
     // stays exported while `buf` lives; recv writes at most `len_bytes()` bytes.
-    let got = unsafe { libc::recv(fd, buf.buf_ptr(), buf.len_bytes(), 0) };
-    if got < 0 {
-        let err = io::Error::last_os_error();
-        return if would_block(&err) {
-            Ok(Attempt::WouldBlock)
-        } else {
-            Err(os_error(err))
-        };
+    match unsafe { sys::recv_raw(fd, buf.buf_ptr().cast(), buf.len_bytes()) } {
+        Ok(got) => Ok(Attempt::Done(got.into_pyobject(py)?.into_any().unbind())),
+        Err(err) if would_block(&err) => Ok(Attempt::WouldBlock),
+        Err(err) => Err(os_error(err)),
     }
-    Ok(Attempt::Done(
-        (got as usize).into_pyobject(py)?.into_any().unbind(),
-    ))
 }
 
 /// Sends from `*sent` on until everything is sent (`true`) or the socket is full.
 pub(crate) fn try_send_all(fd: RawFd, buf: &PyUntypedBuffer, sent: &mut usize) -> PyResult<bool> {
     let total = buf.len_bytes();
     while *sent < total {
-        // SAFETY: the buffer is C-contiguous and exported while `buf` lives; we read
-        // `total - *sent` bytes from offset `*sent`, inside it. MSG_NOSIGNAL turns a
-        // broken pipe into EPIPE instead of a signal.
-        let n = unsafe {
-            libc::send(
-                fd,
-                buf.buf_ptr().cast::<u8>().add(*sent).cast(),
-                total - *sent,
-                libc::MSG_NOSIGNAL,
-            )
+        // SAFETY: the buffer is C-contiguous and exported while `buf` lives, so its
+        // `total` bytes are readable; the slice from offset `*sent` lies inside it and
+        // is only read for the duration of the send.
+        let rest = unsafe {
+            std::slice::from_raw_parts(buf.buf_ptr().cast::<u8>().add(*sent), total - *sent)
         };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if would_block(&err) {
-                return Ok(false);
-            }
-            return Err(os_error(err));
+        match sys::send(fd, rest) {
+            Ok(n) => *sent += n,
+            Err(err) if would_block(&err) => return Ok(false),
+            Err(err) => return Err(os_error(err)),
         }
-        *sent += n as usize;
     }
     Ok(true)
 }
@@ -215,8 +196,8 @@ pub(crate) fn check_recv_size(n: isize) -> PyResult<usize> {
 }
 
 impl SockOp {
-    /// The readiness the op waits for.
-    pub fn bit(&self) -> u32 {
+    /// The direction the op waits on.
+    pub fn direction(&self) -> Interest {
         match self.kind {
             SockKind::Send(..) => WRITABLE,
             _ => READABLE,

@@ -23,7 +23,7 @@ use pyo3::{PyTraverseError, PyVisit};
 use crate::errors::os_error;
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
-use crate::poller;
+use crate::poller::Readiness;
 use crate::transports::{
     asyncio_logger, close, flow_control, get_extra_info, in_read_context, is_fatal_to_loop,
     lose_connection, register, release_socket, report, report_fatal, set_limits, set_reading,
@@ -160,8 +160,8 @@ enum Received<'py> {
 }
 
 impl DatagramTransport {
-    pub(crate) fn on_ready(slf: &Bound<'_, DatagramTransport>, events: u32) -> PyResult<()> {
-        let (readable, writable) = poller::readiness(events);
+    pub(crate) fn on_ready(slf: &Bound<'_, DatagramTransport>, events: Readiness) -> PyResult<()> {
+        let (readable, writable) = (events.readable(), events.writable());
         if readable {
             DatagramTransport::read_ready(slf)?;
         }

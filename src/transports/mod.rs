@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
 use crate::handles::{copy_context, in_context_or_lent, is_empty_context};
-use crate::poller::{Token, READABLE, WRITABLE};
+use crate::poller::{Interest, Token, READABLE, WRITABLE};
 
 /// asyncio's `constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES`.
 pub(crate) const CONNLOST_LOG_THRESHOLD: u32 = 5;
@@ -356,7 +356,7 @@ pub(crate) struct Common {
     /// The socket was full: waiting for writability.
     pub write_waiting: bool,
     /// The interest the loop has registered for the fd.
-    pub interest: u32,
+    pub interest: Interest,
 }
 
 /// A transport's socket: the socket object it was made with, or, for a connection the
@@ -425,7 +425,7 @@ impl Common {
             closing: false,
             conn_lost: 0,
             write_waiting: false,
-            interest: 0,
+            interest: Interest::NONE,
         }
     }
 
@@ -451,7 +451,7 @@ impl Common {
 
     /// Brings the loop's registration in line with what the transport wants.
     pub fn sync_interest(&mut self, py: Python<'_>) -> PyResult<()> {
-        let mut wanted = 0;
+        let mut wanted = Interest::NONE;
         if self.started && !self.paused && !self.closing && !self.read_eof {
             wanted |= READABLE;
         }
@@ -520,7 +520,7 @@ pub(crate) fn register<S: DerefMut<Target = Common>>(
     let token = loop_.get().register_transport(py, fd, native())?;
     let mut st = cell.borrow_mut(py)?;
     st.token = Some(token);
-    st.interest = 0;
+    st.interest = Interest::NONE;
     st.sync_interest(py)
 }
 

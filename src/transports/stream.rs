@@ -23,7 +23,7 @@ use pyo3::{PyTraverseError, PyVisit};
 use crate::errors::{os_error, would_block};
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
-use crate::poller::{self, READABLE, WRITABLE};
+use crate::poller::{Interest, Readiness, READABLE, WRITABLE};
 use crate::tls::{self, TlsState};
 use crate::transports::{
     asyncio_logger, close, flow_control, get_extra_info, in_context_if, in_read_context,
@@ -162,8 +162,8 @@ impl StreamTransport {
 
     /// Readiness reported by the loop; stale events (the transport paused, closed or
     /// lost meanwhile) are ignored here, as a cancelled reader handle is in asyncio.
-    pub(crate) fn on_ready(slf: &Bound<'_, StreamTransport>, events: u32) -> PyResult<()> {
-        let (readable, writable) = poller::readiness(events);
+    pub(crate) fn on_ready(slf: &Bound<'_, StreamTransport>, events: Readiness) -> PyResult<()> {
+        let (readable, writable) = (events.readable(), events.writable());
         if readable {
             StreamTransport::read_ready(slf)?;
         }
@@ -770,7 +770,7 @@ impl StreamTransport {
         if let (Some(token), Some(loop_)) = (st.token.take(), &st.loop_) {
             loop_.get().deregister_transport(py, token)?;
         }
-        st.interest = 0;
+        st.interest = Interest::NONE;
         Ok(())
     }
 
@@ -1017,12 +1017,12 @@ impl StreamTransport {
         }
         info.push(format!("fd={}", st.fd));
         if st.sock.is_some() {
-            let reading = if st.interest & READABLE != 0 {
+            let reading = if st.interest.contains(READABLE) {
                 "polling"
             } else {
                 "idle"
             };
-            let writing = if st.interest & WRITABLE != 0 {
+            let writing = if st.interest.contains(WRITABLE) {
                 "polling"
             } else {
                 "idle"
