@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use pyo3::buffer::PyUntypedBuffer;
@@ -498,23 +499,27 @@ enum Pending {
     Nothing,
 }
 
-/// One `sendmsg` of the front of the buffer (up to `MAX_IOV` chunks, gathered from a
-/// fixed array: nothing is allocated).
+/// One `sendmsg` of the front of the buffer: up to `MAX_IOV` chunks, gathered in a
+/// fixed array of which only the slots used are written (nothing is allocated, and
+/// nothing is spent on the slots left over).
 fn send_buffered(py: Python<'_>, st: &StreamState) -> io::Result<usize> {
-    let mut slices = [IoSlice::new(&[]); MAX_IOV];
+    let mut slots = [MaybeUninit::<IoSlice<'_>>::uninit(); MAX_IOV];
     let mut count = 0;
-    for (slot, chunk) in slices.iter_mut().zip(&st.buffer) {
+    for (slot, chunk) in slots.iter_mut().zip(&st.buffer) {
         // The bytes objects are immutable and held by `st.buffer`, which the caller
         // keeps borrowed (holding the GIL) until the call returns.
         let bytes = chunk.as_bytes(py);
-        *slot = IoSlice::new(if count == 0 {
+        slot.write(IoSlice::new(if count == 0 {
             &bytes[st.sent_of_first..]
         } else {
             bytes
-        });
+        }));
         count += 1;
     }
-    sys::sendmsg(st.base.fd, &slices[..count])
+    // SAFETY: the first `count` slots were written just above, and MaybeUninit<T> has
+    // the layout of T.
+    let slices = unsafe { std::slice::from_raw_parts(slots.as_ptr().cast::<IoSlice<'_>>(), count) };
+    sys::sendmsg(st.base.fd, slices)
 }
 
 /// Drops `sent` bytes from the front of the buffer.
