@@ -48,6 +48,8 @@ thread_local! {
     static DATAGRAM_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
 }
 
+/// A datagram transport's state: what every transport keeps (`base`) and what a
+/// datagram endpoint adds, its address and its queue of datagrams.
 struct DatagramState {
     base: Base,
     family: i32,
@@ -147,6 +149,7 @@ fn inet_address<'py>(
     }
 }
 
+/// What one `recvfrom` came to.
 enum Received<'py> {
     Datagram(Bound<'py, PyAny>, Bound<'py, PyAny>),
     WouldBlock,
@@ -165,6 +168,8 @@ impl DatagramTransport {
         Ok(())
     }
 
+    /// One `recvfrom`: in Rust for IPv4 and IPv6, through the socket object's own
+    /// method for other families (whose addresses the socket module formats).
     fn receive<'py>(
         py: Python<'py>,
         fd: RawFd,
