@@ -13,7 +13,7 @@
 //! Where the steps differ from asyncio's, the result does not:
 //! - The attributes the steps use are fields of `TlsState`, not dictionary entries.
 //! - The stream transport reads the socket straight into the incoming BIO
-//!   (`receive`, `records_received`) instead of calling `get_buffer` and
+//!   (`TlsSink`, its read path) instead of calling `get_buffer` and
 //!   `buffer_updated`.
 //! - One write with nothing queued is encrypted without passing through the backlog
 //!   (`write_now`).
@@ -22,7 +22,6 @@
 //!   made (`read_records`).
 
 use std::cell::Cell;
-use std::io;
 
 use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError};
 
@@ -32,6 +31,9 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PySlice, PyTuple};
+
+use crate::sys;
+use crate::transports::read::{Outcome, Reader, Sink, BUFFER_UPDATED_FAILED};
 
 /// What `asyncio.sslproto` defines that the path compares against.
 struct SslProto {
@@ -256,8 +258,8 @@ impl<'py> Proto<'py> {
     }
 }
 
-/// `SSLProtocol.get_buffer`: the protocol's own buffer when it is large enough (always,
-/// unless a caller asks for more than `max_size`, which the Python method handles).
+/// `SSLProtocol.get_buffer`: the protocol's own buffer when it is large enough for
+/// what is asked (at most `max_size`); else the Python method, which makes a larger one.
 fn get_buffer<'py>(proto: &Proto<'py>, n: isize) -> PyResult<Bound<'py, PyAny>> {
     let py = proto.py();
     let max_size = max_size(proto)?;
@@ -297,29 +299,42 @@ fn buffer_updated(proto: &Proto<'_>, nbytes: isize) -> PyResult<()> {
     records_received(&proto.obj)
 }
 
-/// What the stream transport calls instead of `get_buffer` and `buffer_updated`:
-/// `recv` (the socket's read) fills this thread's scratch buffer, whose bytes go into
-/// the incoming BIO, the step `buffer_updated` starts with; the number read (0 at
-/// EOF) or the read's error. `records_received` then does the rest.
-pub(crate) fn receive(
-    proto: &Bound<'_, TlsState>,
-    recv: impl FnOnce(&mut [u8]) -> io::Result<usize>,
-) -> PyResult<io::Result<usize>> {
-    let mut scratch = Scratch::take();
-    let n = match recv(&mut scratch.buf) {
-        Ok(n) => n,
-        Err(err) => return Ok(Err(err)),
-    };
-    if n > 0 {
-        let incoming = Proto::of(proto).get(|st| &st.incoming)?;
-        scratch.write_to(&incoming, n)?;
+/// The read path of ferroloop's `SSLProtocol` (`ReadPath::Tls`), what the stream
+/// transport does instead of calling its `get_buffer` and `buffer_updated`: `recv`
+/// fills this thread's scratch buffer, whose bytes go into the incoming BIO (the step
+/// `buffer_updated` starts with); `records_received` then does the rest.
+pub(crate) struct TlsSink;
+
+impl Sink for TlsSink {
+    type Got<'py> = ();
+    const DELIVERY_FAILED: &'static str = BUFFER_UPDATED_FAILED;
+
+    fn receive(reader: &mut Reader<'_, '_>) -> Outcome<()> {
+        let mut scratch = Scratch::take();
+        match Outcome::of_recv(sys::recv(reader.fd, &mut scratch.buf)) {
+            Outcome::Read(n) => match to_incoming(&reader.protocol, &mut scratch, n) {
+                Ok(()) => Outcome::Read(()),
+                Err(err) => Outcome::CallbackFailed(err, BUFFER_UPDATED_FAILED),
+            },
+            other => other.map(drop),
+        }
     }
-    Ok(Ok(n))
+
+    fn deliver(protocol: &Bound<'_, PyAny>, _: ()) -> PyResult<()> {
+        records_received(protocol.cast::<TlsState>()?)
+    }
+}
+
+/// `incoming.write(scratch[..n])`. (`ReadPath::Tls` is chosen for a `TlsState` only,
+/// so the cast does not fail.)
+fn to_incoming(protocol: &Bound<'_, PyAny>, scratch: &mut Scratch, n: usize) -> PyResult<()> {
+    let incoming = Proto::of(protocol.cast::<TlsState>()?).get(|st| &st.incoming)?;
+    scratch.write_to(&incoming, n)
 }
 
 /// The rest of `buffer_updated`, once the bytes are in the incoming BIO: the handshake,
 /// the records or the shutdown, by state.
-pub(crate) fn records_received(proto: &Bound<'_, TlsState>) -> PyResult<()> {
+fn records_received(proto: &Bound<'_, TlsState>) -> PyResult<()> {
     let proto = &Proto::of(proto);
     let py = proto.py();
     let names = sslproto(py)?;

@@ -12,7 +12,6 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
-use std::ops::{Deref, DerefMut};
 use std::os::fd::RawFd;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -20,14 +19,15 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
-use crate::errors::os_error;
+use crate::errors::{os_error, would_block};
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
 use crate::poller::Readiness;
+use crate::sys;
 use crate::transports::{
     asyncio_logger, close, flow_control, get_extra_info, in_read_context, is_fatal_to_loop,
     lose_connection, register, release_socket, report, report_fatal, set_limits, set_reading,
-    socket_object, start_reading, to_bytes, Common, Extra, Sock, CONNLOST_LOG_THRESHOLD,
+    socket_object, start_reading, to_bytes, Base, Extra, HasBase, Sock, CONNLOST_LOG_THRESHOLD,
 };
 
 /// asyncio's `max_size` for one datagram read.
@@ -48,8 +48,10 @@ thread_local! {
     static DATAGRAM_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
 }
 
+/// A datagram transport's state: what every transport keeps (`base`) and what a
+/// datagram endpoint adds, its address and its queue of datagrams.
 struct DatagramState {
-    c: Common,
+    base: Base,
     family: i32,
     /// The remote address of a connected endpoint.
     address: Option<Py<PyAny>>,
@@ -72,16 +74,10 @@ impl DatagramState {
     }
 }
 
-impl Deref for DatagramState {
-    type Target = Common;
-    fn deref(&self) -> &Common {
-        &self.c
-    }
-}
-
-impl DerefMut for DatagramState {
-    fn deref_mut(&mut self) -> &mut Common {
-        &mut self.c
+impl HasBase for DatagramState {
+    #[inline]
+    fn base_mut(&mut self) -> &mut Base {
+        &mut self.base
     }
 }
 
@@ -153,6 +149,7 @@ fn inet_address<'py>(
     }
 }
 
+/// What one `recvfrom` came to.
 enum Received<'py> {
     Datagram(Bound<'py, PyAny>, Bound<'py, PyAny>),
     WouldBlock,
@@ -165,12 +162,14 @@ impl DatagramTransport {
         if readable {
             DatagramTransport::read_ready(slf)?;
         }
-        if writable && slf.get().state.borrow_mut(slf.py())?.write_waiting {
+        if writable && slf.get().state.borrow_mut(slf.py())?.base.write_waiting {
             DatagramTransport::sendto_ready(slf)?;
         }
         Ok(())
     }
 
+    /// One `recvfrom`: in Rust for IPv4 and IPv6, through the socket object's own
+    /// method for other families (whose addresses the socket module formats).
     fn receive<'py>(
         py: Python<'py>,
         fd: RawFd,
@@ -191,26 +190,12 @@ impl DatagramTransport {
             let mut buf = buf.borrow_mut();
             // SAFETY: zero is a valid sockaddr_storage.
             let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            // SAFETY: `buf` and `addr` are writable buffers of the lengths passed.
-            let n = unsafe {
-                libc::recvfrom(
-                    fd,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&mut addr as *mut libc::sockaddr_storage).cast(),
-                    &mut len,
-                )
+            let n = match sys::recvfrom(fd, &mut buf, &mut addr) {
+                Ok(n) => n,
+                Err(err) if would_block(&err) => return Received::WouldBlock,
+                Err(err) => return Received::Failed(os_error(err)),
             };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
-                    return Received::WouldBlock;
-                }
-                return Received::Failed(os_error(err));
-            }
-            let data = PyBytes::new(py, &buf[..n as usize]).into_any();
+            let data = PyBytes::new(py, &buf[..n]).into_any();
             match inet_address(py, &addr) {
                 Ok(Some(a)) => Received::Datagram(data, a.into_any()),
                 Ok(None) => Received::Datagram(data, py.None().into_bound(py)),
@@ -223,18 +208,19 @@ impl DatagramTransport {
         let py = slf.py();
         let (fd, family, sock, protocol, mut context) = {
             let st = slf.get().state.borrow_mut(py)?;
-            if st.conn_lost > 0 || st.closing || st.paused {
+            if st.base.conn_lost > 0 || st.base.closing || st.base.paused {
                 return Ok(());
             }
-            let (Some(sock), Some(protocol)) = (st.socket_if_made(py), &st.protocol) else {
+            let (Some(sock), Some(protocol)) = (st.base.socket_if_made(py), &st.base.protocol)
+            else {
                 return Ok(());
             };
             (
-                st.fd,
+                st.base.fd,
                 st.family,
                 sock,
                 protocol.clone_ref(py),
-                st.context.as_ref().map(|c| c.clone_ref(py)),
+                st.base.context.as_ref().map(|c| c.clone_ref(py)),
             )
         };
         let protocol = protocol.bind(py);
@@ -273,7 +259,7 @@ impl DatagramTransport {
             Err(err) => {
                 let (loop_, protocol) = {
                     let st = slf.get().state.borrow_mut(py)?;
-                    (st.loop_ref(py), st.protocol_ref(py))
+                    (st.base.loop_ref(py), st.base.protocol_ref(py))
                 };
                 match loop_ {
                     Some(loop_) => report(
@@ -310,13 +296,13 @@ impl DatagramTransport {
         loop {
             let (sock, connected, front) = {
                 let mut st = slf.get().state.borrow_mut(py)?;
-                let Some(sock) = st.socket_if_made(py) else {
+                let Some(sock) = st.base.socket_if_made(py) else {
                     return Ok(());
                 };
                 let connected = st.connected;
                 match st.buffer.pop_front() {
                     Some(front) => {
-                        st.buffer_size -= st.queued_size(front.0.as_bytes(py).len());
+                        st.base.buffer_size -= st.queued_size(front.0.as_bytes(py).len());
                         (sock, connected, front)
                     }
                     None => break,
@@ -327,7 +313,7 @@ impl DatagramTransport {
                 Ok(()) => {}
                 Err(err) if is_retry(py, &err) => {
                     let mut st = slf.get().state.borrow_mut(py)?;
-                    st.buffer_size += st.queued_size(data.as_bytes().len());
+                    st.base.buffer_size += st.queued_size(data.as_bytes().len());
                     st.buffer.push_front((data.unbind(), addr.unbind()));
                     return Ok(());
                 }
@@ -340,9 +326,9 @@ impl DatagramTransport {
             if !st.buffer.is_empty() {
                 return Ok(());
             }
-            st.write_waiting = false;
-            st.sync_interest(py)?;
-            st.closing
+            st.base.write_waiting = false;
+            st.base.sync_interest(py)?;
+            st.base.closing
         };
         if closing {
             DatagramTransport::lose_connection(slf, None)?;
@@ -356,6 +342,7 @@ impl DatagramTransport {
             .get()
             .state
             .borrow_mut(py)?
+            .base
             .protocol
             .as_ref()
             .map(|p| p.clone_ref(py));
@@ -376,11 +363,11 @@ impl DatagramTransport {
     fn force_close(slf: &Bound<'_, DatagramTransport>, exc: Option<Py<PyAny>>) -> PyResult<()> {
         {
             let mut st = slf.get().state.borrow_mut(slf.py())?;
-            if st.conn_lost > 0 {
+            if st.base.conn_lost > 0 {
                 return Ok(());
             }
             st.buffer.clear();
-            st.buffer_size = 0;
+            st.base.buffer_size = 0;
         }
         DatagramTransport::lose_connection(slf, exc)
     }
@@ -389,7 +376,7 @@ impl DatagramTransport {
         let py = slf.py();
         let (loop_, protocol) = {
             let st = slf.get().state.borrow_mut(py)?;
-            (st.loop_ref(py), st.protocol_ref(py))
+            (st.base.loop_ref(py), st.base.protocol_ref(py))
         };
         report_fatal(
             loop_.as_ref(),
@@ -446,7 +433,7 @@ impl DatagramTransport {
         let since_313 = r#loop.py().version_info() >= (3, 13);
         Ok(DatagramTransport {
             state: GilCell::new(DatagramState {
-                c: Common::new(
+                base: Base::new(
                     loop_,
                     Sock::Object(sock.clone().unbind()),
                     fd,
@@ -501,16 +488,16 @@ impl DatagramTransport {
                     }
                 }
                 addr = Some(own.clone());
-                if st.conn_lost > 0 {
-                    if st.conn_lost >= CONNLOST_LOG_THRESHOLD {
+                if st.base.conn_lost > 0 {
+                    if st.base.conn_lost >= CONNLOST_LOG_THRESHOLD {
                         asyncio_logger(py)?
                             .call_method1("warning", ("socket.send() raised exception.",))?;
                     }
-                    st.conn_lost += 1;
+                    st.base.conn_lost += 1;
                     return Ok(());
                 }
             }
-            let Some(sock) = st.socket_if_made(py) else {
+            let Some(sock) = st.base.socket_if_made(py) else {
                 return Ok(());
             };
             (sock, st.connected, st.buffer.is_empty())
@@ -521,15 +508,15 @@ impl DatagramTransport {
                 Ok(()) => return Ok(()),
                 Err(err) if is_retry(py, &err) => {
                     let mut st = slf.get().state.borrow_mut(py)?;
-                    st.write_waiting = true;
-                    st.sync_interest(py)?;
+                    st.base.write_waiting = true;
+                    st.base.sync_interest(py)?;
                 }
                 Err(err) => return DatagramTransport::send_failed(slf, err),
             }
         }
         {
             let mut st = slf.get().state.borrow_mut(py)?;
-            st.buffer_size += st.queued_size(data.as_bytes().len());
+            st.base.buffer_size += st.queued_size(data.as_bytes().len());
             st.buffer.push_back((data.unbind(), addr.unbind()));
         }
         flow_control(&slf.get().state, slf.as_any(), true, false)
@@ -549,11 +536,11 @@ impl DatagramTransport {
     }
 
     fn is_closing(&self, py: Python<'_>) -> PyResult<bool> {
-        Ok(self.state.borrow_mut(py)?.closing)
+        Ok(self.state.borrow_mut(py)?.base.closing)
     }
 
     fn is_reading(&self, py: Python<'_>) -> PyResult<bool> {
-        Ok(self.state.borrow_mut(py)?.is_reading())
+        Ok(self.state.borrow_mut(py)?.base.is_reading())
     }
 
     fn pause_reading(slf: &Bound<'_, DatagramTransport>) -> PyResult<()> {
@@ -576,17 +563,18 @@ impl DatagramTransport {
 
     fn get_write_buffer_limits(&self, py: Python<'_>) -> PyResult<(usize, usize)> {
         let st = self.state.borrow_mut(py)?;
-        Ok((st.low_water, st.high_water))
+        Ok((st.base.low_water, st.base.high_water))
     }
 
     fn get_write_buffer_size(&self, py: Python<'_>) -> PyResult<usize> {
-        Ok(self.state.borrow_mut(py)?.buffer_size)
+        Ok(self.state.borrow_mut(py)?.base.buffer_size)
     }
 
     fn set_protocol(&self, py: Python<'_>, protocol: &Bound<'_, PyAny>) -> PyResult<()> {
         let old = self
             .state
             .borrow_mut(py)?
+            .base
             .protocol
             .replace(protocol.clone().unbind());
         drop(old);
@@ -597,6 +585,7 @@ impl DatagramTransport {
         Ok(self
             .state
             .borrow_mut(py)?
+            .base
             .protocol
             .as_ref()
             .map(|p| p.clone_ref(py)))
@@ -619,10 +608,10 @@ impl DatagramTransport {
         let py = slf.py();
         let protocol = {
             let st = slf.get().state.borrow_mut(py)?;
-            if st.sock.is_none() {
+            if st.base.sock.is_none() {
                 return Ok(());
             }
-            st.protocol_ref(py)
+            st.base.protocol_ref(py)
         };
         let outcome = match protocol {
             Some(protocol) => protocol
@@ -634,16 +623,16 @@ impl DatagramTransport {
         let (sock, loop_, token, released) = {
             let mut st = slf.get().state.borrow_mut(py)?;
             st.buffer.clear();
-            st.buffer_size = 0;
+            st.base.buffer_size = 0;
             (
-                st.sock.take(),
-                st.loop_.take(),
-                st.token.take(),
-                (st.protocol.take(), st.context.take()),
+                st.base.sock.take(),
+                st.base.loop_.take(),
+                st.base.token.take(),
+                (st.base.protocol.take(), st.base.context.take()),
             )
         };
         drop(released);
-        let extra = slf.get().state.borrow_mut(py)?.extra_dict(py)?;
+        let extra = slf.get().state.borrow_mut(py)?.base.extra_dict(py)?;
         release_socket(py, loop_.as_ref(), token, sock, &extra)?;
         outcome
     }
@@ -655,7 +644,7 @@ impl DatagramTransport {
 
     #[getter]
     fn _sock_fd(&self, py: Python<'_>) -> PyResult<RawFd> {
-        Ok(self.state.borrow_mut(py)?.fd)
+        Ok(self.state.borrow_mut(py)?.base.fd)
     }
 
     #[getter]
@@ -672,16 +661,19 @@ impl DatagramTransport {
         let py = slf.py();
         let st = slf.get().state.borrow_mut(py)?;
         let name = slf.get_type().name()?.to_string();
-        let state = if st.sock.is_none() {
+        let state = if st.base.sock.is_none() {
             " closed"
-        } else if st.closing {
+        } else if st.base.closing {
             " closing"
         } else {
             ""
         };
         Ok(PyString::new(
             py,
-            &format!("<{name}{state} fd={} bufsize={}>", st.fd, st.buffer_size),
+            &format!(
+                "<{name}{state} fd={} bufsize={}>",
+                st.base.fd, st.base.buffer_size
+            ),
         ))
     }
 
@@ -689,7 +681,7 @@ impl DatagramTransport {
         let Some(st) = self.state.borrow_for_gc() else {
             return Ok(());
         };
-        st.c.visit(&visit)?;
+        st.base.visit(&visit)?;
         if let Some(address) = &st.address {
             visit.call(address)?;
         }
@@ -702,9 +694,9 @@ impl DatagramTransport {
     fn __clear__(&self) {
         let released = self.state.borrow_mut_for_gc().map(|mut st| {
             (
-                st.protocol.take(),
-                st.context.take(),
-                st.loop_.take(),
+                st.base.protocol.take(),
+                st.base.context.take(),
+                st.base.loop_.take(),
                 std::mem::take(&mut st.buffer),
             )
         });

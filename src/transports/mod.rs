@@ -2,6 +2,7 @@
 //! protocol without going through Python glue. What the kinds share lives here.
 
 pub mod datagram;
+pub(crate) mod read;
 pub mod stream;
 
 use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PySystemExit, PyTypeError, PyValueError};
@@ -10,9 +11,9 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString, PyTuple};
 
+use std::cell::RefMut;
 use std::mem;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::ops::DerefMut;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use crate::event_loop::{LoopCore, NativeTransport};
@@ -279,7 +280,7 @@ impl Extra {
 
 /// `get_extra_info(name, default)`. `socket` and `sockname` are made from the open
 /// socket when first asked for (or when it is closed: see `release_socket`).
-pub(crate) fn get_extra_info<S: DerefMut<Target = Common>>(
+pub(crate) fn get_extra_info<S: HasBase>(
     cell: &GilCell<S>,
     py: Python<'_>,
     name: &Bound<'_, PyAny>,
@@ -292,7 +293,7 @@ pub(crate) fn get_extra_info<S: DerefMut<Target = Common>>(
         .transpose()?;
     let made_on_demand = matches!(key, Some("socket" | "sockname"));
     let extra = {
-        let mut st = cell.borrow_mut(py)?;
+        let mut st = base(cell, py)?;
         if let Extra::Peer(peer) = &st.extra {
             match key {
                 Some("peername") => return peer.to_object(py),
@@ -319,18 +320,19 @@ pub(crate) fn get_extra_info<S: DerefMut<Target = Common>>(
 }
 
 /// The transport's socket object, made on first need; `None` once it is closed.
-pub(crate) fn socket_object<S: DerefMut<Target = Common>>(
+pub(crate) fn socket_object<S: HasBase>(
     cell: &GilCell<S>,
     py: Python<'_>,
 ) -> PyResult<Option<Py<PyAny>>> {
-    let mut st = cell.borrow_mut(py)?;
+    let mut st = base(cell, py)?;
     st.sock.as_mut().map(|sock| sock.object(py)).transpose()
 }
 
 /// What every native transport keeps, as asyncio's `_SelectorTransport` does: its loop,
 /// socket and registration, its protocol, and the flags that decide the fd's interest.
-/// Each transport's state derefs to it, so `state.closing` reads the same everywhere.
-pub(crate) struct Common {
+/// Each transport's state holds it as its `base` field (`st.base.closing`); the helpers
+/// below reach it through `HasBase`.
+pub(crate) struct Base {
     pub loop_: Option<Py<LoopCore>>,
     /// The socket; `None` once the connection is lost and the socket closed.
     pub sock: Option<Sock>,
@@ -399,15 +401,15 @@ impl Sock {
     }
 }
 
-impl Common {
+impl Base {
     pub fn new(
         loop_: Py<LoopCore>,
         sock: Sock,
         fd: RawFd,
         protocol: Py<PyAny>,
         extra: Extra,
-    ) -> Common {
-        Common {
+    ) -> Base {
+        Base {
             loop_: Some(loop_),
             sock: Some(sock),
             fd,
@@ -497,18 +499,28 @@ impl Common {
     }
 }
 
+/// A transport's state, which keeps what every transport shares as a `Base`.
+pub(crate) trait HasBase {
+    fn base_mut(&mut self) -> &mut Base;
+}
+
+/// The `Base` of the transport state in `cell`, borrowed as the whole state would be.
+fn base<'a, S: HasBase>(cell: &'a GilCell<S>, py: Python<'_>) -> PyResult<RefMut<'a, Base>> {
+    Ok(RefMut::map(cell.borrow_mut(py)?, S::base_mut))
+}
+
 // The parts of asyncio's transport surface that every native transport shares, over
 // the transport's state cell.
 
 /// Claims the fd in the loop's registry: from now on `add_reader` and friends on it
 /// raise, and its events come to the transport.
-pub(crate) fn register<S: DerefMut<Target = Common>>(
+pub(crate) fn register<S: HasBase>(
     cell: &GilCell<S>,
     py: Python<'_>,
     native: impl FnOnce() -> NativeTransport,
 ) -> PyResult<()> {
     let (loop_, fd) = {
-        let st = cell.borrow_mut(py)?;
+        let st = base(cell, py)?;
         if st.token.is_some() || st.sock.is_none() {
             return Ok(());
         }
@@ -518,14 +530,14 @@ pub(crate) fn register<S: DerefMut<Target = Common>>(
         return Ok(());
     };
     let token = loop_.get().register_transport(py, fd, native())?;
-    let mut st = cell.borrow_mut(py)?;
+    let mut st = base(cell, py)?;
     st.token = Some(token);
     st.interest = Interest::NONE;
     st.sync_interest(py)
 }
 
 /// Starts reading; scheduled right after `connection_made`.
-pub(crate) fn start_reading<S: DerefMut<Target = Common>>(
+pub(crate) fn start_reading<S: HasBase>(
     cell: &GilCell<S>,
     py: Python<'_>,
     context: Option<Py<PyAny>>,
@@ -534,7 +546,7 @@ pub(crate) fn start_reading<S: DerefMut<Target = Common>>(
         Some(context) => context.into_bound(py),
         None => copy_context(py)?,
     };
-    let mut st = cell.borrow_mut(py)?;
+    let mut st = base(cell, py)?;
     if st.sock.is_none() {
         return Ok(());
     }
@@ -546,9 +558,9 @@ pub(crate) fn start_reading<S: DerefMut<Target = Common>>(
 }
 
 /// Runs one of the protocol's read callbacks in the transport's read context
-/// (`context`, taken from `Common::context`); a lent one the callback changed becomes
+/// (`context`, taken from `Base::context`); a lent one the callback changed becomes
 /// the transport's, for this read's next callback and every later one.
-pub(crate) fn in_read_context<S: DerefMut<Target = Common>, R>(
+pub(crate) fn in_read_context<S: HasBase, R>(
     cell: &GilCell<S>,
     py: Python<'_>,
     context: &mut Option<Py<PyAny>>,
@@ -557,7 +569,7 @@ pub(crate) fn in_read_context<S: DerefMut<Target = Common>, R>(
     let lent = context.is_none();
     let outcome = in_context_or_lent(py, context, f);
     if let (true, Some(changed)) = (lent, context.as_ref()) {
-        let mut st = cell.borrow_mut(py)?;
+        let mut st = base(cell, py)?;
         if st.context.is_none() {
             st.context = Some(changed.clone_ref(py));
         }
@@ -570,22 +582,18 @@ pub(crate) fn in_read_context<S: DerefMut<Target = Common>, R>(
 /// buffer) calls the protocol and schedules `connection_lost` from there, as asyncio's
 /// transports do from their reader and writer callbacks. Only for calls made outside
 /// every callback (a context that is already entered cannot be entered again).
-fn in_own_context<S: DerefMut<Target = Common>, R>(
+fn in_own_context<S: HasBase, R>(
     cell: &GilCell<S>,
     py: Python<'_>,
     f: impl FnOnce() -> PyResult<R>,
 ) -> PyResult<R> {
-    let mut context = cell
-        .borrow_mut(py)?
-        .context
-        .as_ref()
-        .map(|c| c.clone_ref(py));
+    let mut context = base(cell, py)?.context.as_ref().map(|c| c.clone_ref(py));
     in_read_context(cell, py, &mut context, f)
 }
 
 /// `f` in the transport's own context when `own` (what it does unprompted, see
 /// `in_own_context`), else in the caller's.
-pub(crate) fn in_context_if<S: DerefMut<Target = Common>, R>(
+pub(crate) fn in_context_if<S: HasBase, R>(
     cell: &GilCell<S>,
     py: Python<'_>,
     own: bool,
@@ -600,14 +608,14 @@ pub(crate) fn in_context_if<S: DerefMut<Target = Common>, R>(
 
 /// `pause_reading` (`pause` true) or `resume_reading`, logged in debug mode as asyncio
 /// logs them.
-pub(crate) fn set_reading<S: DerefMut<Target = Common>>(
+pub(crate) fn set_reading<S: HasBase>(
     cell: &GilCell<S>,
     transport: &Bound<'_, PyAny>,
     pause: bool,
 ) -> PyResult<()> {
     let py = transport.py();
     let debug = {
-        let mut st = cell.borrow_mut(py)?;
+        let mut st = base(cell, py)?;
         let change = if pause {
             st.is_reading()
         } else {
@@ -633,14 +641,14 @@ pub(crate) fn set_reading<S: DerefMut<Target = Common>>(
 
 /// The end of asyncio's `close`/`_force_close`: once, mark the connection lost and
 /// schedule `_call_connection_lost(exc)`.
-pub(crate) fn lose_connection<S: DerefMut<Target = Common>>(
+pub(crate) fn lose_connection<S: HasBase>(
     cell: &GilCell<S>,
     transport: &Bound<'_, PyAny>,
     exc: Option<Py<PyAny>>,
 ) -> PyResult<()> {
     let py = transport.py();
     let loop_ = {
-        let mut st = cell.borrow_mut(py)?;
+        let mut st = base(cell, py)?;
         if st.conn_lost > 0 {
             return Ok(());
         }
@@ -657,14 +665,14 @@ pub(crate) fn lose_connection<S: DerefMut<Target = Common>>(
 }
 
 /// `set_write_buffer_limits`: the new water marks (the caller then checks for a pause).
-pub(crate) fn set_limits<S: DerefMut<Target = Common>>(
+pub(crate) fn set_limits<S: HasBase>(
     cell: &GilCell<S>,
     py: Python<'_>,
     high: Option<&Bound<'_, PyAny>>,
     low: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let (high, low) = write_limits(high, low)?;
-    let mut st = cell.borrow_mut(py)?;
+    let mut st = base(cell, py)?;
     st.high_water = high;
     st.low_water = low;
     Ok(())
@@ -673,7 +681,7 @@ pub(crate) fn set_limits<S: DerefMut<Target = Common>>(
 /// asyncio's `_maybe_pause_protocol` (`pause`) and `_maybe_resume_protocol`: the
 /// protocol hears once when the buffer crosses the high (low) water mark; in the
 /// transport's own context with `own_context` (see `in_own_context`).
-pub(crate) fn flow_control<S: DerefMut<Target = Common>>(
+pub(crate) fn flow_control<S: HasBase>(
     cell: &GilCell<S>,
     transport: &Bound<'_, PyAny>,
     pause: bool,
@@ -681,7 +689,7 @@ pub(crate) fn flow_control<S: DerefMut<Target = Common>>(
 ) -> PyResult<()> {
     let py = transport.py();
     let (loop_, protocol) = {
-        let mut st = cell.borrow_mut(py)?;
+        let mut st = base(cell, py)?;
         let due = if pause {
             !st.protocol_paused && st.buffer_size > st.high_water
         } else {
@@ -716,14 +724,12 @@ pub(crate) fn flow_control<S: DerefMut<Target = Common>>(
 
 /// asyncio's `close`: stop reading, and lose the connection now if nothing is buffered
 /// (otherwise once the buffer drains). `buffer_size` is zero exactly when the buffer is
-/// empty: no transport buffers empty data.
-pub(crate) fn close<S: DerefMut<Target = Common>>(
-    cell: &GilCell<S>,
-    transport: &Bound<'_, PyAny>,
-) -> PyResult<()> {
+/// empty: a stream buffers no empty data, and a datagram transport that queues empty
+/// datagrams (from 3.13) counts a header for each.
+pub(crate) fn close<S: HasBase>(cell: &GilCell<S>, transport: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = transport.py();
     let drained = {
-        let mut st = cell.borrow_mut(py)?;
+        let mut st = base(cell, py)?;
         if st.closing {
             return Ok(());
         }

@@ -1,22 +1,23 @@
 //! The stream transport of TCP and Unix stream sockets, with asyncio's socket
-//! transport surface. The read path (readiness → `recv` → protocol) and the write path
-//! (buffer → one `sendmsg` per turn) never leave Rust except to call the protocol.
+//! transport surface. The read path (readiness → `recv` → protocol, through the
+//! protocol's sink in `transports::read`) and the write path (buffer → one `sendmsg`
+//! per turn) never leave Rust except to call the protocol.
 //!
-//! Ownership: the Python socket object owns the fd. The transport registers the fd with
-//! its loop for as long as the connection lives, deregisters it before closing the
-//! socket, and closes the socket exactly once (in `_call_connection_lost`).
+//! Ownership: the transport's socket owns the fd (the Python socket object, or, for a
+//! connection the loop accepted, the fd itself until a socket object is asked for). The
+//! transport registers the fd with its loop for as long as the connection lives,
+//! deregisters it before closing the socket, and closes the socket exactly once (in
+//! `_call_connection_lost`).
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io;
-use std::ops::{Deref, DerefMut};
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString};
 use pyo3::{PyTraverseError, PyVisit};
 
@@ -24,90 +25,25 @@ use crate::errors::{os_error, would_block};
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
 use crate::poller::{Interest, Readiness, READABLE, WRITABLE};
-use crate::tls::{self, TlsState};
+use crate::sys;
+use crate::tls::TlsSink;
+use crate::transports::read::{BufferedSink, DataSink, Outcome, ReadPath, Reader, Sink};
 use crate::transports::{
     asyncio_logger, close, flow_control, get_extra_info, in_context_if, in_read_context,
     is_fatal_to_loop, lose_connection, register, release_socket, report_fatal, set_limits,
-    set_reading, socket_object, start_reading, to_bytes, Common, Extra, Peer, Sock,
+    set_reading, socket_object, start_reading, to_bytes, Base, Extra, HasBase, Peer, Sock,
     CONNLOST_LOG_THRESHOLD,
 };
 
-/// Bytes read per readiness event: asyncio's `max_size`. One read per event keeps one
-/// fast peer from starving the others.
-const MAX_READ: usize = 256 * 1024;
 /// Buffers handed to one `sendmsg`.
 const MAX_IOV: usize = 64;
 const READ_ERROR: &str = "Fatal read error on socket transport";
 const WRITE_ERROR: &str = "Fatal write error on socket transport";
 
-thread_local! {
-    /// The buffer every `Protocol` read lands in before it is copied into the `bytes`
-    /// handed to `data_received`: one allocation per read, the `bytes` itself.
-    static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_READ]);
-}
-
-static BUFFERED_PROTOCOL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-
-/// How the protocol takes data, looked up once per `set_protocol`.
-/// How the protocol takes data. Its methods are looked up on every call, as asyncio
-/// does (a replaced `data_received` is honoured), by `PyObject_VectorcallMethod`, which
-/// makes no bound method: an idle connection keeps none either.
-#[derive(Clone, Copy)]
-enum ReadPath {
-    Data,
-    Buffered,
-    /// ferroloop's `SSLProtocol`: the socket is read into the TLS object's incoming
-    /// BIO, for `tls::records_received`, the steps of its `get_buffer` and
-    /// `buffer_updated` without the two calls.
-    Tls,
-}
-
-impl ReadPath {
-    fn of(protocol: &Bound<'_, PyAny>) -> PyResult<ReadPath> {
-        let py = protocol.py();
-        if protocol.is_instance_of::<TlsState>() {
-            return Ok(ReadPath::Tls);
-        }
-        let buffered = BUFFERED_PROTOCOL.get_or_try_init(py, || {
-            Ok::<_, PyErr>(
-                py.import("asyncio.protocols")?
-                    .getattr("BufferedProtocol")?
-                    .unbind(),
-            )
-        })?;
-        if protocol.is_instance(buffered.bind(py))? {
-            Ok(ReadPath::Buffered)
-        } else {
-            Ok(ReadPath::Data)
-        }
-    }
-}
-
-/// `obj.name(arg)` without a bound method object.
-fn call_method_one<'py>(
-    obj: &Bound<'py, PyAny>,
-    name: &Bound<'py, PyString>,
-    arg: &Bound<'py, PyAny>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let args = [obj.as_ptr(), arg.as_ptr()];
-    // SAFETY: `name` is a str and `args` holds two borrowed references alive for the
-    // call (the receiver first, as PyObject_VectorcallMethod requires). The call returns
-    // a new reference or NULL with an error set.
-    unsafe {
-        Bound::from_owned_ptr_or_err(
-            obj.py(),
-            ffi::PyObject_VectorcallMethod(
-                name.as_ptr(),
-                args.as_ptr(),
-                2 | ffi::PY_VECTORCALL_ARGUMENTS_OFFSET,
-                std::ptr::null_mut(),
-            ),
-        )
-    }
-}
-
-struct StreamState {
-    c: Common,
+/// A stream transport's state: what every transport keeps (`base`) and what a stream
+/// adds, its read path and its write buffer.
+pub(crate) struct StreamState {
+    base: Base,
     read_path: Option<ReadPath>,
     protocol_connected: bool,
     server: Option<Py<PyAny>>,
@@ -120,16 +56,10 @@ struct StreamState {
     empty_waiter: Option<Py<PyAny>>,
 }
 
-impl Deref for StreamState {
-    type Target = Common;
-    fn deref(&self) -> &Common {
-        &self.c
-    }
-}
-
-impl DerefMut for StreamState {
-    fn deref_mut(&mut self) -> &mut Common {
-        &mut self.c
+impl HasBase for StreamState {
+    #[inline]
+    fn base_mut(&mut self) -> &mut Base {
+        &mut self.base
     }
 }
 
@@ -155,6 +85,7 @@ impl StreamTransport {
         Ok(self
             .state
             .borrow_mut(py)?
+            .base
             .loop_
             .as_ref()
             .map(|l| l.clone_ref(py)))
@@ -168,7 +99,7 @@ impl StreamTransport {
             StreamTransport::read_ready(slf)?;
         }
         if writable {
-            let waiting = slf.get().state.borrow_mut(slf.py())?.write_waiting;
+            let waiting = slf.get().state.borrow_mut(slf.py())?.base.write_waiting;
             if waiting {
                 StreamTransport::flush(slf)?;
             }
@@ -176,110 +107,48 @@ impl StreamTransport {
         Ok(())
     }
 
+    /// One read, as asyncio's `_read_ready`: nothing once reading is paused, the
+    /// transport closing or the peer's EOF kept open; else one read by the protocol's
+    /// sink (one per event, so that one fast peer cannot starve the others).
     fn read_ready(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
         let py = slf.py();
-        let (fd, path, protocol, mut context) = {
-            let st = slf.get().state.borrow_mut(py)?;
-            if st.sock.is_none() || !st.started || !st.is_reading() || st.read_eof {
+        let state = &slf.get().state;
+        let (path, reader) = {
+            let st = state.borrow_mut(py)?;
+            let base = &st.base;
+            if base.sock.is_none() || !base.started || !base.is_reading() || base.read_eof {
                 return Ok(());
             }
-            let (Some(path), Some(protocol)) = (st.read_path, &st.protocol) else {
+            let (Some(path), Some(protocol)) = (st.read_path, &base.protocol) else {
                 return Ok(());
             };
-            (
-                st.fd,
-                path,
-                protocol.clone_ref(py).into_bound(py),
-                st.context.as_ref().map(|c| c.clone_ref(py)),
-            )
+            let context = base.context.as_ref().map(|c| c.clone_ref(py));
+            let protocol = protocol.clone_ref(py).into_bound(py);
+            (path, Reader::new(state, base.fd, protocol, context))
         };
         match path {
-            ReadPath::Data => {
-                let received = READ_BUF.with(|buf| {
-                    let mut buf = buf.borrow_mut();
-                    let n = recv_slice(fd, &mut buf)?;
-                    Ok::<_, io::Error>((n > 0).then(|| PyBytes::new(py, &buf[..n])))
-                });
-                match received {
-                    Err(err) if would_block(&err) => Ok(()),
-                    Err(err) => StreamTransport::own_fatal_error(slf, os_error(err), READ_ERROR),
-                    Ok(None) => StreamTransport::on_eof(slf, &mut context),
-                    Ok(Some(data)) => {
-                        let called = in_read_context(&slf.get().state, py, &mut context, || {
-                            let name = pyo3::intern!(py, "data_received");
-                            call_method_one(&protocol, name, data.as_any()).map(drop)
-                        });
-                        StreamTransport::protocol_outcome(
-                            slf,
-                            called,
-                            "Fatal error: protocol.data_received() call failed.",
-                        )
-                    }
-                }
+            ReadPath::Data => StreamTransport::read_to::<DataSink>(slf, reader),
+            ReadPath::Buffered => StreamTransport::read_to::<BufferedSink>(slf, reader),
+            ReadPath::Tls => StreamTransport::read_to::<TlsSink>(slf, reader),
+        }
+    }
+
+    /// One read through the sink `S`, and what every path does with its outcome.
+    #[inline]
+    fn read_to<S: Sink>(
+        slf: &Bound<'_, StreamTransport>,
+        mut reader: Reader<'_, '_>,
+    ) -> PyResult<()> {
+        match S::receive(&mut reader) {
+            Outcome::Read(got) => {
+                let called = reader.in_context(|protocol| S::deliver(protocol, got));
+                StreamTransport::protocol_outcome(slf, called, S::DELIVERY_FAILED)
             }
-            ReadPath::Buffered => {
-                let got = in_read_context(&slf.get().state, py, &mut context, || {
-                    let hint = (-1i32).into_pyobject(py)?;
-                    let name = pyo3::intern!(py, "get_buffer");
-                    let buf = call_method_one(&protocol, name, hint.as_any())?;
-                    if buf.len()? == 0 {
-                        return Err(PyRuntimeError::new_err(
-                            "get_buffer() returned an empty buffer",
-                        ));
-                    }
-                    Ok(buf)
-                });
-                let buf = match got {
-                    Ok(buf) => buf,
-                    Err(err) => {
-                        return StreamTransport::protocol_outcome(
-                            slf,
-                            Err(err),
-                            "Fatal error: protocol.get_buffer() call failed.",
-                        )
-                    }
-                };
-                let nbytes = match recv_into(fd, &buf) {
-                    Ok(Ok(n)) => n,
-                    Ok(Err(err)) if would_block(&err) => return Ok(()),
-                    Ok(Err(err)) => {
-                        return StreamTransport::own_fatal_error(slf, os_error(err), READ_ERROR)
-                    }
-                    Err(err) => return StreamTransport::own_fatal_error(slf, err, READ_ERROR),
-                };
-                if nbytes == 0 {
-                    return StreamTransport::on_eof(slf, &mut context);
-                }
-                let called = in_read_context(&slf.get().state, py, &mut context, || {
-                    let nbytes = nbytes.into_pyobject(py)?;
-                    let name = pyo3::intern!(py, "buffer_updated");
-                    call_method_one(&protocol, name, nbytes.as_any()).map(drop)
-                });
-                StreamTransport::protocol_outcome(
-                    slf,
-                    called,
-                    "Fatal error: protocol.buffer_updated() call failed.",
-                )
-            }
-            ReadPath::Tls => {
-                let tls = protocol.cast::<TlsState>()?;
-                let received = tls::receive(tls, |buf| recv_slice(fd, buf));
-                let called = match received {
-                    Ok(Ok(0)) => return StreamTransport::on_eof(slf, &mut context),
-                    Ok(Ok(_)) => in_read_context(&slf.get().state, py, &mut context, || {
-                        tls::records_received(tls)
-                    }),
-                    Ok(Err(err)) if would_block(&err) => return Ok(()),
-                    Ok(Err(err)) => {
-                        return StreamTransport::own_fatal_error(slf, os_error(err), READ_ERROR)
-                    }
-                    Err(err) => Err(err),
-                };
-                StreamTransport::protocol_outcome(
-                    slf,
-                    called,
-                    "Fatal error: protocol.buffer_updated() call failed.",
-                )
+            Outcome::WouldBlock => Ok(()),
+            Outcome::Eof => StreamTransport::on_eof(slf, &mut reader.context),
+            Outcome::Failed(err) => StreamTransport::own_fatal_error(slf, err, READ_ERROR),
+            Outcome::CallbackFailed(err, message) => {
+                StreamTransport::protocol_outcome(slf, Err(err), message)
             }
         }
     }
@@ -298,12 +167,15 @@ impl StreamTransport {
         }
     }
 
+    /// The peer ended the stream: asyncio's `_read_ready__on_eof` (`eof_received`, then
+    /// close unless it asks to stay open), in the read context `context`.
     fn on_eof(slf: &Bound<'_, StreamTransport>, context: &mut Option<Py<PyAny>>) -> PyResult<()> {
         let py = slf.py();
         let protocol = slf
             .get()
             .state
             .borrow_mut(py)?
+            .base
             .protocol
             .as_ref()
             .map(|p| p.clone_ref(py));
@@ -326,8 +198,8 @@ impl StreamTransport {
         match keep_open {
             Ok(true) => {
                 let mut st = slf.get().state.borrow_mut(py)?;
-                st.read_eof = true;
-                st.sync_interest(py)
+                st.base.read_eof = true;
+                st.base.sync_interest(py)
             }
             Ok(false) => Ok(()),
             Err(err) => StreamTransport::protocol_outcome(
@@ -338,12 +210,13 @@ impl StreamTransport {
         }
     }
 
-    /// Sends what is buffered: one `sendmsg` of up to `MAX_IOV` buffers, repeated only
-    /// while the socket takes everything. The end of every turn calls this for each
-    /// transport written to during it; so does writability while the socket was full.
-    /// Both are outside every callback: what the flush calls (`resume_writing`, the
-    /// error handling, `connection_lost` once closed and drained) runs in the
-    /// transport's own context, as from asyncio's writer callback.
+    /// Sends what is buffered: one `sendmsg` of up to `MAX_IOV` buffers; what the
+    /// socket does not take (or what lies past those buffers) waits for writability.
+    /// The end of every turn calls this for each transport written to during it; so
+    /// does writability while the socket was full. Both are outside every callback:
+    /// what the flush calls (`resume_writing`, the error handling, `connection_lost`
+    /// once closed and drained) runs in the transport's own context, as from asyncio's
+    /// writer callback.
     pub(crate) fn flush(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
         StreamTransport::send_buffer(slf, true)
     }
@@ -351,58 +224,71 @@ impl StreamTransport {
     /// `flush`; with `own_context` false (a `write` past the high-water mark) what it
     /// calls runs in the caller's context instead.
     fn send_buffer(slf: &Bound<'_, StreamTransport>, own_context: bool) -> PyResult<()> {
-        let py = slf.py();
-        let core = slf.get();
-        loop {
-            let mut st = core.state.borrow_mut(py)?;
-            st.flush_queued = false;
-            if st.sock.is_none() || st.conn_lost > 0 {
-                return Ok(());
-            }
-            if st.buffer.is_empty() {
-                break;
-            }
-            match send_buffered(py, &st) {
-                Ok(sent) => {
-                    consume(&mut st, sent);
-                    if !st.buffer.is_empty() {
-                        st.write_waiting = true;
-                        st.sync_interest(py)?;
-                        drop(st);
-                        return StreamTransport::maybe_resume_protocol(slf, own_context);
-                    }
-                }
-                Err(err) if would_block(&err) => {
-                    st.write_waiting = true;
-                    return st.sync_interest(py);
-                }
-                Err(err) => {
-                    drop(st);
-                    return in_context_if(&core.state, py, own_context, || {
-                        StreamTransport::fatal_error(slf, os_error(err), WRITE_ERROR)
-                    });
-                }
-            }
+        match StreamTransport::send_front(slf)? {
+            Sent::Drained => StreamTransport::buffer_drained(slf, own_context),
+            Sent::Partly => StreamTransport::maybe_resume_protocol(slf, own_context),
+            Sent::Nothing => Ok(()),
+            Sent::Failed(err) => in_context_if(&slf.get().state, slf.py(), own_context, || {
+                StreamTransport::fatal_error(slf, os_error(err), WRITE_ERROR)
+            }),
         }
+    }
+
+    /// The sending half of a flush: one `sendmsg` of the front of the buffer, what was
+    /// sent dropped from it, and write interest registered while anything is left.
+    fn send_front(slf: &Bound<'_, StreamTransport>) -> PyResult<Sent> {
+        let py = slf.py();
+        let mut st = slf.get().state.borrow_mut(py)?;
+        st.flush_queued = false;
+        if st.base.sock.is_none() || st.base.conn_lost > 0 {
+            return Ok(Sent::Nothing);
+        }
+        if st.buffer.is_empty() {
+            return Ok(Sent::Drained);
+        }
+        let sent = match send_buffered(py, &st) {
+            Ok(sent) => sent,
+            Err(err) if would_block(&err) => {
+                st.base.write_waiting = true;
+                st.base.sync_interest(py)?;
+                return Ok(Sent::Nothing);
+            }
+            Err(err) => return Ok(Sent::Failed(err)),
+        };
+        consume(&mut st, sent);
+        if st.buffer.is_empty() {
+            return Ok(Sent::Drained);
+        }
+        st.base.write_waiting = true;
+        st.base.sync_interest(py)?;
+        Ok(Sent::Partly)
+    }
+
+    /// What follows a drained buffer, as in asyncio's `_write_ready`: no more write
+    /// interest, `resume_writing` at the low-water mark, the empty waiter done, then
+    /// the close or the `write_eof` that waited for the drain.
+    fn buffer_drained(slf: &Bound<'_, StreamTransport>, own_context: bool) -> PyResult<()> {
+        let py = slf.py();
+        let state = &slf.get().state;
         {
-            let mut st = core.state.borrow_mut(py)?;
-            st.write_waiting = false;
-            st.sync_interest(py)?;
+            let mut st = state.borrow_mut(py)?;
+            st.base.write_waiting = false;
+            st.base.sync_interest(py)?;
         }
         StreamTransport::maybe_resume_protocol(slf, own_context)?;
         // resume_writing() may have written more (sslproto sends its close_notify from
         // there): send that before deciding the buffer is drained.
         let (closing, eof, waiter, fd) = {
-            let st = core.state.borrow_mut(py)?;
+            let st = state.borrow_mut(py)?;
             if !st.buffer.is_empty() {
                 drop(st);
                 return StreamTransport::send_buffer(slf, own_context);
             }
             (
-                st.closing,
+                st.base.closing,
                 st.eof,
                 st.empty_waiter.as_ref().map(|w| w.clone_ref(py)),
-                st.fd,
+                st.base.fd,
             )
         };
         if let Some(waiter) = waiter {
@@ -412,16 +298,20 @@ impl StreamTransport {
             }
         }
         if closing {
-            in_context_if(&core.state, py, own_context, || {
+            in_context_if(state, py, own_context, || {
                 StreamTransport::lose_connection(slf, None)
             })?;
         } else if eof {
-            // SAFETY: `fd` is the live socket of this transport (sock is not None).
-            if unsafe { libc::shutdown(fd, libc::SHUT_WR) } < 0 {
-                let err = io::Error::last_os_error();
-                if err.raw_os_error() != Some(libc::ENOTCONN) {
-                    return Err(os_error(err));
+            // The write_eof that waited for the drain. A peer already gone (ENOTCONN)
+            // is not an error here: the read side reports the connection's end. Any
+            // other error goes up to the loop. (asyncio's `_write_ready` lets every
+            // error of this shutdown, ENOTCONN included, escape to the loop's
+            // exception handler.)
+            match sys::shutdown_write(fd) {
+                Err(err) if err.raw_os_error() != Some(libc::ENOTCONN) => {
+                    return Err(os_error(err))
                 }
+                _ => {}
             }
         }
         Ok(())
@@ -437,11 +327,11 @@ impl StreamTransport {
         let py = slf.py();
         {
             let mut st = slf.get().state.borrow_mut(py)?;
-            if st.conn_lost > 0 {
+            if st.base.conn_lost > 0 {
                 return Ok(());
             }
             st.buffer.clear();
-            st.buffer_size = 0;
+            st.base.buffer_size = 0;
             st.sent_of_first = 0;
         }
         StreamTransport::lose_connection(slf, exc)
@@ -464,7 +354,7 @@ impl StreamTransport {
         let py = slf.py();
         let (loop_, protocol) = {
             let st = slf.get().state.borrow_mut(py)?;
-            (st.loop_ref(py), st.protocol_ref(py))
+            (st.base.loop_ref(py), st.base.protocol_ref(py))
         };
         report_fatal(
             loop_.as_ref(),
@@ -504,27 +394,20 @@ impl StreamTransport {
             let st = slf.get().state.borrow_mut(py)?;
             let direct = !view.is_empty()
                 && st.buffer.is_empty()
-                && !st.write_waiting
+                && !st.base.write_waiting
                 && !st.eof
                 && st.empty_waiter.is_none()
-                && st.conn_lost == 0
-                && st.sock.is_some()
-                && st.token.is_some();
+                && st.base.conn_lost == 0
+                && st.base.sock.is_some()
+                && st.base.token.is_some();
             if direct {
-                // SAFETY: `view` is valid for reads of its length (above); MSG_NOSIGNAL
-                // turns a broken pipe into EPIPE.
-                let n = unsafe {
-                    libc::send(st.fd, view.as_ptr().cast(), view.len(), libc::MSG_NOSIGNAL)
-                };
-                if n < 0 {
-                    let err = io::Error::last_os_error();
-                    if !would_block(&err) {
+                match sys::send(st.base.fd, view) {
+                    Ok(n) => n,
+                    Err(err) if would_block(&err) => 0,
+                    Err(err) => {
                         drop(st);
                         return StreamTransport::fatal_error(slf, os_error(err), WRITE_ERROR);
                     }
-                    0
-                } else {
-                    n as usize
                 }
             } else {
                 0
@@ -559,12 +442,12 @@ impl StreamTransport {
             if total == 0 {
                 return Ok(());
             }
-            if st.conn_lost > 0 {
-                if st.conn_lost >= CONNLOST_LOG_THRESHOLD {
+            if st.base.conn_lost > 0 {
+                if st.base.conn_lost >= CONNLOST_LOG_THRESHOLD {
                     asyncio_logger(py)?
                         .call_method1("warning", ("socket.send() raised exception.",))?;
                 }
-                st.conn_lost += 1;
+                st.base.conn_lost += 1;
                 return Ok(());
             }
             for chunk in chunks {
@@ -572,14 +455,14 @@ impl StreamTransport {
                     st.buffer.push_back(chunk.clone().unbind());
                 }
             }
-            st.buffer_size += total;
-            if st.buffer_size > st.high_water && !st.write_waiting {
+            st.base.buffer_size += total;
+            if st.base.buffer_size > st.base.high_water && !st.base.write_waiting {
                 // Past the high-water mark: send now, as asyncio would have, so that the
                 // protocol is paused only for what the socket cannot take.
                 Pending::SendNow
-            } else if !st.flush_queued && !st.write_waiting {
+            } else if !st.flush_queued && !st.base.write_waiting {
                 st.flush_queued = true;
-                match &st.loop_ {
+                match &st.base.loop_ {
                     Some(l) => Pending::Queue(l.clone_ref(py)),
                     None => Pending::Nothing,
                 }
@@ -596,6 +479,19 @@ impl StreamTransport {
     }
 }
 
+/// What the sending half of a flush left to do.
+enum Sent {
+    /// The buffer is empty.
+    Drained,
+    /// Some was sent and some is left: the protocol may resume writing.
+    Partly,
+    /// Nothing left to do now: the socket was full (the rest waits for writability),
+    /// or the connection is lost.
+    Nothing,
+    /// The send failed.
+    Failed(io::Error),
+}
+
 /// What a `write` leaves to do once the data is queued.
 enum Pending {
     SendNow,
@@ -603,81 +499,32 @@ enum Pending {
     Nothing,
 }
 
-/// `recv_into` a writable buffer object, as `socket.recv_into` would.
-/// The outer error is the buffer's (not writable, ...), the inner one the socket's.
-/// One `recv` into `buf`: the number of bytes read (0 at EOF).
-fn recv_slice(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-fn recv_into(fd: RawFd, buf: &Bound<'_, PyAny>) -> PyResult<io::Result<usize>> {
-    let py = buf.py();
-    let mut view = std::mem::MaybeUninit::<ffi::Py_buffer>::uninit();
-    // SAFETY: `buf` is a live object and `view` is storage for one Py_buffer; on success
-    // the buffer is released below, on failure nothing was acquired.
-    if unsafe { ffi::PyObject_GetBuffer(buf.as_ptr(), view.as_mut_ptr(), ffi::PyBUF_WRITABLE) } < 0
-    {
-        return Err(PyErr::fetch(py));
-    }
-    // SAFETY: PyObject_GetBuffer succeeded, so `view` is initialised.
-    let mut view = unsafe { view.assume_init() };
-    let len = usize::try_from(view.len).unwrap_or(0);
-    // SAFETY: `view.buf` points to `len` writable bytes (PyBUF_WRITABLE, contiguous by
-    // default for PyBUF_SIMPLE-based requests) held alive until PyBuffer_Release.
-    let n = unsafe { libc::recv(fd, view.buf.cast(), len, 0) };
-    let err = (n < 0).then(io::Error::last_os_error);
-    // SAFETY: releases the buffer acquired above exactly once.
-    unsafe { ffi::PyBuffer_Release(&mut view) };
-    Ok(match err {
-        Some(err) => Err(err),
-        None => Ok(n as usize),
-    })
-}
-
-/// One `sendmsg` of the front of the buffer.
+/// One `sendmsg` of the front of the buffer: up to `MAX_IOV` chunks, gathered in a
+/// fixed array of which only the slots used are written (nothing is allocated, and
+/// nothing is spent on the slots left over).
 fn send_buffered(py: Python<'_>, st: &StreamState) -> io::Result<usize> {
-    let mut iov = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; MAX_IOV];
+    let mut slots = [MaybeUninit::<IoSlice<'_>>::uninit(); MAX_IOV];
     let mut count = 0;
-    for (i, chunk) in st.buffer.iter().take(MAX_IOV).enumerate() {
+    for (slot, chunk) in slots.iter_mut().zip(&st.buffer) {
+        // The bytes objects are immutable and held by `st.buffer`, which the caller
+        // keeps borrowed (holding the GIL) until the call returns.
         let bytes = chunk.as_bytes(py);
-        let bytes = if i == 0 {
+        slot.write(IoSlice::new(if count == 0 {
             &bytes[st.sent_of_first..]
         } else {
             bytes
-        };
-        iov[i] = libc::iovec {
-            iov_base: bytes.as_ptr() as *mut libc::c_void,
-            iov_len: bytes.len(),
-        };
-        count = i + 1;
+        }));
+        count += 1;
     }
-    // SAFETY: zero is a valid msghdr (no name, no control data).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = count as _;
-    // SAFETY: every iovec points into a bytes object held by `st.buffer`, immutable and
-    // alive for the duration of the call (we hold the GIL and a borrow of the state);
-    // sendmsg only reads them. MSG_NOSIGNAL turns a broken pipe into EPIPE.
-    let n = unsafe { libc::sendmsg(st.fd, &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    // SAFETY: the first `count` slots were written just above, and MaybeUninit<T> has
+    // the layout of T.
+    let slices = unsafe { std::slice::from_raw_parts(slots.as_ptr().cast::<IoSlice<'_>>(), count) };
+    sys::sendmsg(st.base.fd, slices)
 }
 
 /// Drops `sent` bytes from the front of the buffer.
 fn consume(st: &mut StreamState, sent: usize) {
-    st.buffer_size -= sent;
+    st.base.buffer_size -= sent;
     let mut left = sent;
     while left > 0 {
         let Some(front) = st.buffer.front() else {
@@ -735,7 +582,7 @@ impl StreamTransport {
         let loop_ = r#loop.cast::<LoopCore>()?.clone().unbind();
         Ok(StreamTransport {
             state: GilCell::new(StreamState {
-                c: Common::new(
+                base: Base::new(
                     loop_,
                     sock,
                     fd,
@@ -767,10 +614,10 @@ impl StreamTransport {
     /// Gives the fd back to the loop (sendfile drives it with `add_writer` meanwhile).
     fn _unregister(&self, py: Python<'_>) -> PyResult<()> {
         let mut st = self.state.borrow_mut(py)?;
-        if let (Some(token), Some(loop_)) = (st.token.take(), &st.loop_) {
+        if let (Some(token), Some(loop_)) = (st.base.token.take(), &st.base.loop_) {
             loop_.get().deregister_transport(py, token)?;
         }
-        st.interest = Interest::NONE;
+        st.base.interest = Interest::NONE;
         Ok(())
     }
 
@@ -808,15 +655,14 @@ impl StreamTransport {
 
     fn write_eof(&self, py: Python<'_>) -> PyResult<()> {
         let mut st = self.state.borrow_mut(py)?;
-        if st.closing || st.eof {
+        if st.base.closing || st.eof {
             return Ok(());
         }
         st.eof = true;
-        if st.buffer.is_empty() && st.sock.is_some() {
-            // SAFETY: `st.fd` is the live socket of this transport (sock is not None).
-            if unsafe { libc::shutdown(st.fd, libc::SHUT_WR) } < 0 {
-                return Err(os_error(io::Error::last_os_error()));
-            }
+        if st.buffer.is_empty() && st.base.sock.is_some() {
+            // Every error, ENOTCONN included, is the caller's, as from asyncio's
+            // `write_eof` (`sock.shutdown(SHUT_WR)`).
+            sys::shutdown_write(st.base.fd).map_err(os_error)?;
         }
         Ok(())
     }
@@ -841,11 +687,11 @@ impl StreamTransport {
     }
 
     fn is_closing(&self, py: Python<'_>) -> PyResult<bool> {
-        Ok(self.state.borrow_mut(py)?.closing)
+        Ok(self.state.borrow_mut(py)?.base.closing)
     }
 
     fn is_reading(&self, py: Python<'_>) -> PyResult<bool> {
-        Ok(self.state.borrow_mut(py)?.is_reading())
+        Ok(self.state.borrow_mut(py)?.base.is_reading())
     }
 
     fn pause_reading(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
@@ -868,11 +714,11 @@ impl StreamTransport {
 
     fn get_write_buffer_limits(&self, py: Python<'_>) -> PyResult<(usize, usize)> {
         let st = self.state.borrow_mut(py)?;
-        Ok((st.low_water, st.high_water))
+        Ok((st.base.low_water, st.base.high_water))
     }
 
     fn get_write_buffer_size(&self, py: Python<'_>) -> PyResult<usize> {
-        Ok(self.state.borrow_mut(py)?.buffer_size)
+        Ok(self.state.borrow_mut(py)?.base.buffer_size)
     }
 
     fn set_protocol(&self, py: Python<'_>, protocol: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -881,7 +727,7 @@ impl StreamTransport {
             let mut st = self.state.borrow_mut(py)?;
             st.read_path = Some(path);
             st.protocol_connected = true;
-            st.protocol.replace(protocol.clone().unbind())
+            st.base.protocol.replace(protocol.clone().unbind())
         };
         drop(old);
         Ok(())
@@ -891,6 +737,7 @@ impl StreamTransport {
         Ok(self
             .state
             .borrow_mut(py)?
+            .base
             .protocol
             .as_ref()
             .map(|p| p.clone_ref(py)))
@@ -915,10 +762,10 @@ impl StreamTransport {
         let py = slf.py();
         let (protocol, connected) = {
             let st = slf.get().state.borrow_mut(py)?;
-            if st.sock.is_none() {
+            if st.base.sock.is_none() {
                 return Ok(());
             }
-            (st.protocol_ref(py), st.protocol_connected)
+            (st.base.protocol_ref(py), st.protocol_connected)
         };
         let outcome = match protocol {
             Some(protocol) if connected => protocol
@@ -930,18 +777,22 @@ impl StreamTransport {
         let (sock, loop_, token, server, waiter, released) = {
             let mut st = slf.get().state.borrow_mut(py)?;
             st.buffer.clear();
-            st.buffer_size = 0;
+            st.base.buffer_size = 0;
             (
-                st.sock.take(),
-                st.loop_.take(),
-                st.token.take(),
+                st.base.sock.take(),
+                st.base.loop_.take(),
+                st.base.token.take(),
                 st.server.take(),
                 st.empty_waiter.take(),
-                (st.protocol.take(), st.read_path.take(), st.context.take()),
+                (
+                    st.base.protocol.take(),
+                    st.read_path.take(),
+                    st.base.context.take(),
+                ),
             )
         };
         drop(released);
-        let extra = slf.get().state.borrow_mut(py)?.extra_dict(py)?;
+        let extra = slf.get().state.borrow_mut(py)?.base.extra_dict(py)?;
         release_socket(py, loop_.as_ref(), token, sock, &extra)?;
         if let Some(waiter) = waiter {
             let waiter = waiter.bind(py);
@@ -966,7 +817,7 @@ impl StreamTransport {
             if st.empty_waiter.is_some() {
                 return Err(PyRuntimeError::new_err("Empty waiter is already set"));
             }
-            (st.loop_ref(py), st.buffer.is_empty())
+            (st.base.loop_ref(py), st.buffer.is_empty())
         };
         let Some(loop_) = loop_ else {
             return Err(PyRuntimeError::new_err("Transport is closed"));
@@ -992,7 +843,7 @@ impl StreamTransport {
 
     #[getter]
     fn _sock_fd(&self, py: Python<'_>) -> PyResult<RawFd> {
-        Ok(self.state.borrow_mut(py)?.fd)
+        Ok(self.state.borrow_mut(py)?.base.fd)
     }
 
     #[getter]
@@ -1002,7 +853,7 @@ impl StreamTransport {
 
     #[getter]
     fn _protocol_paused(&self, py: Python<'_>) -> PyResult<bool> {
-        Ok(self.state.borrow_mut(py)?.protocol_paused)
+        Ok(self.state.borrow_mut(py)?.base.protocol_paused)
     }
 
     fn __repr__<'py>(slf: &Bound<'py, StreamTransport>) -> PyResult<Bound<'py, PyString>> {
@@ -1010,25 +861,28 @@ impl StreamTransport {
         let st = slf.get().state.borrow_mut(py)?;
         let name = slf.get_type().name()?.to_string();
         let mut info = vec![name];
-        if st.sock.is_none() {
+        if st.base.sock.is_none() {
             info.push("closed".into());
-        } else if st.closing {
+        } else if st.base.closing {
             info.push("closing".into());
         }
-        info.push(format!("fd={}", st.fd));
-        if st.sock.is_some() {
-            let reading = if st.interest.contains(READABLE) {
+        info.push(format!("fd={}", st.base.fd));
+        if st.base.sock.is_some() {
+            let reading = if st.base.interest.contains(READABLE) {
                 "polling"
             } else {
                 "idle"
             };
-            let writing = if st.interest.contains(WRITABLE) {
+            let writing = if st.base.interest.contains(WRITABLE) {
                 "polling"
             } else {
                 "idle"
             };
             info.push(format!("read={reading}"));
-            info.push(format!("write=<{writing}, bufsize={}>", st.buffer_size));
+            info.push(format!(
+                "write=<{writing}, bufsize={}>",
+                st.base.buffer_size
+            ));
         }
         Ok(PyString::new(py, &format!("<{}>", info.join(" "))))
     }
@@ -1037,7 +891,7 @@ impl StreamTransport {
         let Some(st) = self.state.borrow_for_gc() else {
             return Ok(());
         };
-        st.c.visit(&visit)?;
+        st.base.visit(&visit)?;
         for obj in [&st.server, &st.empty_waiter].into_iter().flatten() {
             visit.call(obj)?;
         }
@@ -1047,12 +901,12 @@ impl StreamTransport {
     fn __clear__(&self) {
         let released = self.state.borrow_mut_for_gc().map(|mut st| {
             (
-                st.protocol.take(),
+                st.base.protocol.take(),
                 st.read_path.take(),
-                st.context.take(),
+                st.base.context.take(),
                 st.server.take(),
                 st.empty_waiter.take(),
-                st.loop_.take(),
+                st.base.loop_.take(),
             )
         });
         drop(released);
