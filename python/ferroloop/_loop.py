@@ -35,7 +35,7 @@ from asyncio import (
 from asyncio.log import logger
 from operator import methodcaller
 
-from . import _sslproto
+from . import _sslproto, _workers
 from ._ferroloop import Handle, LoopCore, bind_methods_to, sendfile, stat_path, unlink_path
 from ._server import Server
 from ._transports import DatagramTransport, SocketTransport, socket_extra
@@ -633,6 +633,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
         self, protocol_factory, host=None, port=None, *, keep_alive=None, start_serving=True,
         **kwargs,
     ):
+        kwargs["reuse_port"] = _workers.reuse_port_default(kwargs.get("reuse_port"), host, port)
         server = await super().create_server(
             protocol_factory, host, port, start_serving=False, **kwargs
         )
@@ -670,6 +671,7 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             ssl_handshake_timeout,
             ssl_shutdown_timeout,
         )
+        _workers.notify_serving()
 
     def _stop_serving(self, sock):
         self.remove_reader(sock.fileno())
@@ -847,7 +849,11 @@ class Loop(LoopCore, asyncio.BaseEventLoop):
             if sock is not None:
                 raise ValueError("path and sock can not be specified at the same time")
             path = os.fspath(path)
-            sock = _bind_unix_socket(path)
+            sock = _workers.shared_unix_socket(path, backlog)  # None outside worker mode
+            if sock is None:
+                sock = _bind_unix_socket(path)
+            else:
+                cleanup_socket = False  # the supervisor removes the file when all have stopped
         else:
             if sock is None:
                 raise ValueError("path was not specified, and no sock specified")
