@@ -265,6 +265,28 @@ def test_worker_that_ignores_the_stop_is_killed_after_the_graceful_timeout(super
     assert sup.log().count("did not stop within 1 s: killing it") == 2
 
 
+def test_a_second_stop_signal_kills_at_once(supervisors, tmp_path):
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    sup = supervisors(tmp_path, STUBBORN, ["--workers", "2", "--graceful-timeout", "600"], [str(ready)])
+    pids = sup.wait_workers(2)
+    wait_until(lambda: len(os.listdir(ready)) == 2, "the workers to ignore SIGINT")
+    sup.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "SIGTERM: stopping the workers" in sup.log(), "the first stop")
+    assert sup.stop(signal.SIGINT) == 1
+    assert "SIGINT again: killing the workers now" in sup.log()
+    assert not any(alive(pid) for pid in pids)
+
+
+def test_workers_stop_gracefully_when_the_supervisor_is_killed(supervisors, tmp_path):
+    sup, _, markers = start_pid_servers(supervisors, tmp_path)
+    pids = sup.workers()
+    sup.proc.kill()
+    sup.proc.wait(timeout=WAIT)
+    wait_until(lambda: not any(alive(pid) for pid in pids), "the orphaned workers to stop")
+    assert sorted(os.listdir(markers)) == sorted(str(p) for p in pids)
+
+
 CRASHING = """
 raise RuntimeError("this program always fails")
 """
@@ -287,6 +309,8 @@ def test_unix_server_is_shared_by_the_workers(supervisors, tmp_path):
     path = str(tmp_path / "srv.sock")
     markers = tmp_path / "markers"
     markers.mkdir()
+    with socket.socket(socket.AF_UNIX) as stale:  # a file left by an earlier run
+        stale.bind(path)
     sup = supervisors(tmp_path, PID_SERVER, ["--workers", "2"], [path, str(markers)])
     pids = sup.wait_workers(2)
     wait_serving(path)
@@ -353,6 +377,29 @@ def test_sighup_restarts_every_worker_without_refusing_connections(supervisors, 
     print(f"\nrolling restart: {sum(served.values())} requests, errors {dict(errors)}")
     assert errors["ConnectionRefusedError"] == 0
     assert set(served) & after, "the new workers served"
+    assert sup.stop() == 0
+
+
+PORT_ZERO = """
+import asyncio, os
+
+async def main():
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    print("port", server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_port_zero_gives_each_worker_its_own_port_and_a_warning(supervisors, tmp_path):
+    sup = supervisors(tmp_path, PORT_ZERO, ["--workers", "2"], [])
+
+    def ports():
+        return set(re.findall(r"^port (\d+)$", sup.log(), re.MULTILINE))
+
+    wait_until(lambda: len(ports()) == 2, "a port from each worker")
+    assert sup.log().count("create_server on port 0 gives each worker its own port") == 2
     assert sup.stop() == 0
 
 
