@@ -348,6 +348,29 @@ def test_unix_server_is_shared_by_the_workers(supervisors, tmp_path):
     assert str(new) in os.listdir(markers)
 
 
+UNBINDABLE = """
+import asyncio, sys
+
+async def main():
+    try:
+        await asyncio.start_unix_server(lambda r, w: None, sys.argv[1])
+    except OSError as exc:
+        print("refused:", exc.errno, exc, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_unix_path_the_supervisor_cannot_bind_is_an_oserror_in_the_worker(supervisors, tmp_path):
+    path = str(tmp_path / "missing" / "srv.sock")
+    sup = supervisors(tmp_path, UNBINDABLE, ["--workers", "2"], [path])
+    sup.wait_workers(2)
+    wait_until(lambda: sup.log().count("refused: 2 ") == 2, "both workers' errors")
+    assert f"(binding {path!r} in the supervisor)" in sup.log()
+    assert sup.stop() == 0
+
+
 def test_sighup_restarts_every_worker_without_refusing_connections(supervisors, tmp_path):
     sup, address, _ = start_pid_servers(supervisors, tmp_path)
     before = sup.workers()

@@ -40,7 +40,9 @@ The control channel
     with SIGINT, so no worker outlives its supervisor. Messages: "serving" (the worker's
     first server started listening) and "unix <backlog> <path>" (the listening Unix
     socket of that path, answered by the socket itself, passed with SCM_RIGHTS, or by
-    "error <errno> <message>").
+    "error <errno> <message>"). The pipe is watched by a daemon thread, the one thread
+    worker mode adds to a worker (Python 3.12+ warns, as DeprecationWarning, when a
+    process with threads calls os.fork()).
 
 TCP servers
     In worker mode `create_server` defaults to reuse_port=True: each worker binds its
@@ -68,6 +70,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -140,7 +143,10 @@ def notify_serving() -> None:
         return
     _serving_sent = True
     with _control_lock:
-        _control.send(b"serving")
+        try:
+            _control.send(b"serving")
+        except OSError:
+            pass  # the supervisor is gone: the lifeline stops this worker
 
 
 def shared_unix_socket(path: str, backlog: int) -> socket.socket | None:
@@ -324,9 +330,13 @@ class Supervisor:
             sock = self.unix_socket(path, backlog)
         except OSError as exc:
             reply = f"error {exc.errno or errno.EINVAL} {exc.strerror or exc}".encode()
-            worker.control.send(reply)
-            return
-        socket.send_fds(worker.control, [b"ok"], [sock.fileno()])
+            fds = []
+        else:
+            reply, fds = b"ok", [sock.fileno()]
+        try:
+            socket.send_fds(worker.control, [reply], fds)
+        except OSError:
+            pass  # the worker died after asking: reaped on this turn
 
     def unix_socket(self, path: bytes, backlog: int) -> socket.socket:
         if path in self.unix_sockets:
@@ -484,8 +494,6 @@ def _drain(sock: socket.socket) -> None:
 
 def _remove_stale_socket(path: bytes) -> None:
     """Removes a socket file left by an earlier run, as asyncio's create_unix_server."""
-    import stat
-
     try:
         if stat.S_ISSOCK(os.stat(path).st_mode):
             os.remove(path)
