@@ -76,7 +76,14 @@ import sys
 import threading
 import time
 
-__all__ = ["notify_serving", "reuse_port_default", "shared_unix_socket", "supervise"]
+__all__ = [
+    "enter_worker_mode",
+    "notify_serving",
+    "reuse_port_default",
+    "shared_unix_socket",
+    "supervise",
+    "worker_count",
+]
 
 SUPERVISOR_ENV = "_FERROLOOP_SUPERVISOR"
 MIN_UPTIME = 5.0
@@ -116,8 +123,11 @@ def enter_worker_mode() -> bool:
 
 
 def _stop_when_supervisor_dies(lifeline_fd: int) -> None:
-    while os.read(lifeline_fd, 1):
-        pass
+    try:
+        while os.read(lifeline_fd, 1):
+            pass
+    except OSError:
+        return  # the program closed the fd: nothing left to watch
     os.kill(os.getpid(), signal.SIGINT)
 
 
@@ -149,19 +159,20 @@ def notify_serving() -> None:
             pass  # the supervisor is gone: the lifeline stops this worker
 
 
-def shared_unix_socket(path: str, backlog: int) -> socket.socket | None:
+def shared_unix_socket(path: str | bytes, backlog: int) -> socket.socket | None:
     """In a worker, the listening socket of `path`, bound once by the supervisor and
     shared by every worker; None outside worker mode."""
     if _control is None:
         return None
-    if not path.startswith("\0"):
-        path = os.path.abspath(path)
+    path = os.fsencode(path)
+    if not path.startswith(b"\0"):
+        path = os.path.abspath(path)  # the supervisor's working directory may differ
     with _control_lock:
-        _control.send(f"unix {backlog} ".encode() + os.fsencode(path))
+        _control.send(f"unix {backlog} ".encode() + path)
         message, fds, _flags, _addr = socket.recv_fds(_control, 1024, 1)
     if not fds:
         _, code, text = message.decode(errors="replace").split(" ", 2)
-        raise OSError(int(code), f"{text} (binding {path!r} in the supervisor)")
+        raise OSError(int(code), f"{text} (binding {os.fsdecode(path)!r} in the supervisor)")
     return socket.socket(fileno=fds[0])
 
 
