@@ -10,7 +10,12 @@ import signal
 import sys
 import traceback
 
-USAGE = "usage: python -m ferroloop [--version] (script.py | -m module) [args ...]"
+USAGE = (
+    "usage: python -m ferroloop [--version] (script.py | -m module) [args ...]\n"
+    "       python -m ferroloop --workers (N | auto) [--graceful-timeout SECONDS]"
+    " (script.py | -m module) [args ...]"
+)
+WORKER_FLAGS = ("--workers", "--graceful-timeout")
 
 
 def _user_traceback(tb):
@@ -25,16 +30,51 @@ def _user_traceback(tb):
     return tb
 
 
+def _supervise(argv: list[str]) -> None:
+    """`--workers N [--graceful-timeout S] target...`: the supervisor (ferroloop._workers)."""
+    from . import _workers
+
+    options = {}
+    while argv and argv[0].split("=", 1)[0] in WORKER_FLAGS:
+        flag, _, value = argv[0].partition("=")
+        if not value:
+            if len(argv) < 2:
+                _usage_error(f"{flag} needs a value")
+            value, argv = argv[1], argv[2:]
+        else:
+            argv = argv[1:]
+        options[flag] = value
+    try:
+        count = _workers.worker_count(options.get("--workers", ""))
+        timeout = float(options.get("--graceful-timeout", _workers.DEFAULT_GRACEFUL_TIMEOUT))
+    except ValueError:
+        _usage_error("--workers takes a positive number or auto, --graceful-timeout seconds")
+    if not argv or argv[0] == "-m" and len(argv) < 2:
+        _usage_error("no program to run")
+    if argv[0] != "-m" and not os.path.exists(argv[0]):
+        _usage_error(f"can't open file {argv[0]!r}")
+    sys.exit(_workers.supervise(count, timeout, argv))
+
+
+def _usage_error(message: str) -> None:
+    print(f"{USAGE}\npython -m ferroloop: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stderr if not argv else sys.stdout)
         sys.exit(2 if not argv else 0)
+    if argv[0].split("=", 1)[0] in WORKER_FLAGS:
+        _supervise(argv)
 
     import ferroloop
+    from ferroloop import _workers
 
     if argv[0] in ("-V", "--version"):
         print(f"ferroloop {ferroloop.__version__} (CPython {platform.python_version()})")
         return
+    worker = _workers.enter_worker_mode()
     ferroloop.install()
     try:
         if argv[0] == "-m":
@@ -52,6 +92,8 @@ def main(argv: list[str]) -> None:
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - reported exactly as python reports it
+        if worker and isinstance(exc, KeyboardInterrupt):
+            sys.exit(0)  # the supervisor's stop: asyncio.run's shutdown has run
         traceback.print_exception(type(exc), exc, _user_traceback(exc.__traceback__))
         sys.stderr.flush()
         if isinstance(exc, KeyboardInterrupt):

@@ -10,6 +10,7 @@ import errno
 import socket
 from asyncio import constants, trsock
 
+from . import _workers
 from ._server import Server
 from ._unix import unlink_if_same
 
@@ -23,6 +24,7 @@ class ServeMethods:
         self, protocol_factory, host=None, port=None, *, keep_alive=None, start_serving=True,
         **kwargs,
     ):
+        kwargs["reuse_port"] = _workers.reuse_port_default(kwargs.get("reuse_port"), host, port)
         server = await super().create_server(
             protocol_factory, host, port, start_serving=False, **kwargs
         )
@@ -60,6 +62,7 @@ class ServeMethods:
             ssl_handshake_timeout,
             ssl_shutdown_timeout,
         )
+        _workers.notify_serving()
 
     def _stop_serving(self, sock):
         self.remove_reader(sock.fileno())

@@ -12,6 +12,7 @@ import socket
 import sys
 from asyncio.log import logger
 
+from . import _workers
 from ._arguments import (
     HAS_SSL_SHUTDOWN_TIMEOUT,
     NOT_GIVEN,
@@ -93,7 +94,11 @@ class UnixMethods:
             if sock is not None:
                 raise ValueError("path and sock can not be specified at the same time")
             path = os.fspath(path)
-            sock = _bind_unix_socket(path)
+            sock = _workers.shared_unix_socket(path, backlog)  # None outside worker mode
+            if sock is None:
+                sock = _bind_unix_socket(path)
+            else:
+                cleanup_socket = False  # the supervisor removes the file when all have stopped
         else:
             if sock is None:
                 raise ValueError("path was not specified, and no sock specified")
