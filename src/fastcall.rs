@@ -119,28 +119,28 @@ method_def!(
     call_soon_fastcall,
     CALL_SOON,
     c"call_soon",
-    c"call_soon(callback, *args, context=None)\n--\n\nArrange for a callback to be called as soon as possible."
+    c"call_soon($self, callback, *args, context=None)\n--\n\nArrange for a callback to be called as soon as possible."
 );
 method_def!(
     CALL_SOON_THREADSAFE_DEF,
     call_soon_threadsafe_fastcall,
     CALL_SOON_THREADSAFE,
     c"call_soon_threadsafe",
-    c"call_soon_threadsafe(callback, *args, context=None)\n--\n\nLike call_soon(), but thread-safe."
+    c"call_soon_threadsafe($self, callback, *args, context=None)\n--\n\nLike call_soon(), but thread-safe."
 );
 method_def!(
     CALL_LATER_DEF,
     call_later_fastcall,
     CALL_LATER,
     c"call_later",
-    c"call_later(delay, callback, *args, context=None)\n--\n\nArrange for a callback to be called at a given time."
+    c"call_later($self, delay, callback, *args, context=None)\n--\n\nArrange for a callback to be called at a given time."
 );
 method_def!(
     CALL_AT_DEF,
     call_at_fastcall,
     CALL_AT,
     c"call_at",
-    c"call_at(when, callback, *args, context=None)\n--\n\nLike call_later(), but uses an absolute time."
+    c"call_at($self, when, callback, *args, context=None)\n--\n\nLike call_later(), but uses an absolute time."
 );
 
 /// Gives a subclass of `LoopCore` (ferroloop's `Loop`) its own copy of each of

@@ -15,7 +15,7 @@ from asyncio import sslproto
 
 from ._ferroloop import TlsState, ssl_protocol_methods
 
-if (3, 11) <= sys.version_info[:2] <= (3, 13):
+if sys.version_info >= (3, 11) and sys.version_info < (3, 14):
     _METHODS = ssl_protocol_methods()
 
     class _SSLProtocolTransport(sslproto._SSLProtocolTransport):
