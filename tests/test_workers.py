@@ -36,7 +36,8 @@ async def main(where, markers):
         server = await asyncio.start_server(handle, "127.0.0.1", int(where))
     else:
         server = await asyncio.start_unix_server(handle, where.replace("@", "\\0", 1))
-    print("listening", os.getpid(), flush=True)
+    # One write per line: the workers share the log, and print() may write in pieces.
+    os.write(1, f"listening {os.getpid()}\\n".encode())
     try:
         async with server:
             await server.serve_forever()
@@ -96,7 +97,7 @@ class Supervisor:
         self.script = tmp_path / "app.py"
         self.script.write_text(textwrap.dedent(program))
         self.log_path = tmp_path / "supervisor.log"
-        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ferroloop", *flags, str(self.script), *args],
@@ -419,7 +420,7 @@ import asyncio, os
 
 async def main():
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    print("port", server.sockets[0].getsockname()[1], flush=True)
+    os.write(1, f"port {server.sockets[0].getsockname()[1]}\\n".encode())  # one write: a shared log
     await asyncio.sleep(3600)
 
 asyncio.run(main())
@@ -439,7 +440,7 @@ def test_port_zero_gives_each_worker_its_own_port_and_a_warning(supervisors, tmp
 
 SLEEPER = """
 import asyncio, os
-print("worker", os.environ["FERROLOOP_WORKER"], "of", os.environ["FERROLOOP_WORKERS"], flush=True)
+os.write(1, f"worker {os.environ['FERROLOOP_WORKER']} of {os.environ['FERROLOOP_WORKERS']}\\n".encode())
 asyncio.run(asyncio.sleep(3600))
 """
 

@@ -171,8 +171,11 @@ def shared_unix_socket(path: str | bytes, backlog: int) -> socket.socket | None:
         _control.send(f"unix {backlog} ".encode() + path)
         message, fds, _flags, _addr = socket.recv_fds(_control, 1024, 1)
     if not fds:
-        _, code, text = message.decode(errors="replace").split(" ", 2)
-        raise OSError(int(code), f"{text} (binding {os.fsdecode(path)!r} in the supervisor)")
+        parts = message.decode(errors="replace").split(" ", 2)
+        if len(parts) < 3 or not parts[1].isdigit():
+            # The channel closed under the request: the supervisor is gone.
+            raise ConnectionResetError(errno.ECONNRESET, "the ferroloop supervisor went away")
+        raise OSError(int(parts[1]), f"{parts[2]} (binding {os.fsdecode(path)!r} in the supervisor)")
     return socket.socket(fileno=fds[0])
 
 
