@@ -100,14 +100,21 @@ def b_task_gather(loop, n):
     return n, time.perf_counter() - start
 
 
-def b_call_soon_threadsafe(loop, n):
-    done = threading.Event()
+def _stop_after(loop, n):
+    """A callback that stops `loop` the n-th time it runs."""
     count = [0]
 
     def tick():
         count[0] += 1
         if count[0] == n:
             loop.stop()
+
+    return tick
+
+
+def b_call_soon_threadsafe(loop, n):
+    done = threading.Event()
+    tick = _stop_after(loop, n)
 
     def producer():
         for _ in range(n):
@@ -140,13 +147,7 @@ def b_run_in_executor(loop, n):
 
 def b_timers_pending(loop, n):
     """n timers pending at once, delays spread over 0-1 ms, every one fires."""
-    fired = [0]
-
-    def fire():
-        fired[0] += 1
-        if fired[0] == n:
-            loop.stop()
-
+    fire = _stop_after(loop, n)
     start = time.perf_counter()
     for i in range(n):
         loop.call_later((i % 1000) * 1e-6, fire)
@@ -156,13 +157,7 @@ def b_timers_pending(loop, n):
 
 def b_call_at_half_cancelled(loop, n):
     """n call_at pending at once, every other one cancelled before it is due."""
-    fired = [0]
-
-    def fire():
-        fired[0] += 1
-        if fired[0] == n // 2:
-            loop.stop()
-
+    fire = _stop_after(loop, n // 2)
     start = time.perf_counter()
     base = loop.time()
     for i in range(n):
