@@ -361,13 +361,14 @@ def test_abstract_unix_name_is_shared_too(supervisors, tmp_path):
 
 
 UNBINDABLE = """
-import asyncio, sys
+import asyncio, os, sys
 
 async def main():
     try:
         await asyncio.start_unix_server(lambda r, w: None, sys.argv[1])
     except OSError as exc:
-        print("refused:", exc.errno, exc, flush=True)
+        # One write per line, as in PID_SERVER: both workers share the log.
+        os.write(1, f"refused: {exc.errno} {exc}\\n".encode())
     await asyncio.sleep(3600)
 
 asyncio.run(main())

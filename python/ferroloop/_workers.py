@@ -183,7 +183,10 @@ def shared_unix_socket(path: str | bytes, backlog: int) -> socket.socket | None:
 
 
 def _say(message: str) -> None:
-    print(f"[ferroloop supervisor {os.getpid()}] {message}", file=sys.stderr, flush=True)
+    # One write per line: workers usually share the supervisor's stderr, and
+    # print() writes the text and its newline separately.
+    sys.stderr.write(f"[ferroloop supervisor {os.getpid()}] {message}\n")
+    sys.stderr.flush()
 
 
 def _describe_status(returncode: int) -> str:
