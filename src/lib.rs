@@ -8,6 +8,7 @@ mod freelist;
 mod fs_ops;
 mod gil_cell;
 mod handles;
+mod libssl;
 mod loop_attrs;
 mod poller;
 mod pyhelpers;
@@ -37,6 +38,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     fastcall::probe_asyncio_kwnames(m.py());
     m.add_function(wrap_pyfunction!(tls::ssl_protocol_methods, m)?)?;
     m.add_class::<tls::TlsState>()?;
+    m.add_function(wrap_pyfunction!(libssl::native_tls_unavailable, m)?)?;
     m.add_function(wrap_pyfunction!(fs_ops::stat_path, m)?)?;
     m.add_function(wrap_pyfunction!(fs_ops::unlink_path, m)?)?;
     m.add_function(wrap_pyfunction!(fs_ops::sendfile, m)?)?;

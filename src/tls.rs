@@ -17,9 +17,10 @@
 //!   `buffer_updated`.
 //! - One write with nothing queued is encrypted without passing through the backlog
 //!   (`write_now`).
-//! - Records are decrypted through the C object under a stock `ssl.SSLObject`, into a
-//!   reused buffer, and the read that could only raise `SSLWantReadError` is not
-//!   made (`read_records`).
+//! - Records are read and written by calling libssl on the `SSL` object under a stock
+//!   `ssl.SSLObject` (`libssl.rs`; `read_records_native`, `encrypt`), into a reused
+//!   buffer; where that is not possible, through the C object's methods, skipping the
+//!   read that could only raise `SSLWantReadError` (`read_records`).
 
 use std::cell::Cell;
 
@@ -32,6 +33,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PySlice, PyTuple};
 
+use crate::libssl::{Io, NativeSsl};
 use crate::sys;
 use crate::transports::read::{Outcome, Reader, Sink, BUFFER_UPDATED_FAILED};
 
@@ -79,9 +81,13 @@ fn sslproto(py: Python<'_>) -> PyResult<&SslProto> {
 pub struct TlsState {
     #[pyo3(get, set, name = "_state")]
     state: Option<Py<PyAny>>,
-    /// The `ssl.SSLObject`; `raw` is the C object under it when it is a stock one.
+    /// The `ssl.SSLObject`; `raw` is the C object under it when it is a stock one, and
+    /// `native` its `SSL` object when libssl can be called on it (kept with `raw`,
+    /// which owns what its pointers reach), else `native_refused` says why.
     sslobj: Option<Py<PyAny>>,
     raw: Option<Py<PyAny>>,
+    native: Option<NativeSsl>,
+    native_refused: Option<String>,
     #[pyo3(get, set, name = "_incoming")]
     incoming: Option<Py<PyAny>>,
     #[pyo3(get, set, name = "_outgoing")]
@@ -131,6 +137,8 @@ impl TlsState {
             state: None,
             sslobj: None,
             raw: None,
+            native: None,
+            native_refused: None,
             incoming: None,
             outgoing: None,
             transport: None,
@@ -159,9 +167,30 @@ impl TlsState {
 
     #[setter(_sslobj)]
     fn set_sslobj(&mut self, sslobj: Bound<'_, PyAny>) -> PyResult<()> {
-        self.raw = raw_sslobj(&sslobj)?.map(Bound::unbind);
+        let raw = raw_sslobj(&sslobj)?;
+        let native = match &raw {
+            Some(raw) => self.native_ssl(&sslobj, raw),
+            None => Err("not a stock ssl.SSLObject".to_owned()),
+        };
+        (self.native, self.native_refused) = match native {
+            Ok(native) => (Some(native), None),
+            Err(why) => (None, Some(why)),
+        };
+        self.raw = raw.map(Bound::unbind);
         self.sslobj = Some(sslobj.unbind());
         Ok(())
+    }
+
+    /// How the records of this connection are read and written: `"libssl"` (natively,
+    /// on the `SSL` object of its `ssl.SSLObject`) or `"_ssl: <why not>"` (through the
+    /// methods of `_ssl`'s objects).
+    #[getter(_ferroloop_tls_path)]
+    fn tls_path(&self) -> String {
+        match (&self.native, &self.native_refused) {
+            (Some(_), _) => "libssl".to_owned(),
+            (None, Some(why)) => format!("_ssl: {why}"),
+            (None, None) => "_ssl: no SSL object yet".to_owned(),
+        }
     }
 
     /// `SSLProtocol.get_buffer`.
@@ -187,6 +216,8 @@ impl TlsState {
     }
 
     fn __clear__(&mut self) {
+        // The pointers reach into `raw`, released below.
+        self.native = None;
         let released = [
             self.state.take(),
             self.sslobj.take(),
@@ -204,6 +235,20 @@ impl TlsState {
 }
 
 impl TlsState {
+    fn native_ssl(
+        &self,
+        sslobj: &Bound<'_, PyAny>,
+        raw: &Bound<'_, PyAny>,
+    ) -> Result<NativeSsl, String> {
+        let py = sslobj.py();
+        match (&self.incoming, &self.outgoing) {
+            (Some(incoming), Some(outgoing)) => {
+                NativeSsl::of(sslobj, raw, incoming.bind(py), outgoing.bind(py))
+            }
+            _ => Err("SSLProtocol has no BIOs yet".to_owned()),
+        }
+    }
+
     fn objects(&self) -> [&Option<Py<PyAny>>; 10] {
         [
             &self.state,
@@ -328,7 +373,16 @@ impl Sink for TlsSink {
 /// `incoming.write(scratch[..n])`. (`ReadPath::Tls` is chosen for a `TlsState` only,
 /// so the cast does not fail.)
 fn to_incoming(protocol: &Bound<'_, PyAny>, scratch: &mut Scratch, n: usize) -> PyResult<()> {
-    let incoming = Proto::of(protocol.cast::<TlsState>()?).get(|st| &st.incoming)?;
+    let proto = Proto::of(protocol.cast::<TlsState>()?);
+    if let Some(native) = proto.state()?.native {
+        // No Python runs between the borrow and the call: the state still holds the
+        // object that keeps the BIO.
+        if native.feed(&scratch.buf[..n]) {
+            return Ok(());
+        }
+    }
+    // Not native, or the BIO refused the bytes: `MemoryBIO.write` does it or raises.
+    let incoming = proto.get(|st| &st.incoming)?;
     scratch.write_to(&incoming, n)
 }
 
@@ -400,15 +454,16 @@ fn fatal_on_exception(proto: &Proto<'_>, outcome: PyResult<()>) -> PyResult<()> 
 /// `SSLProtocol._do_read__copied`: every record available, as one `data_received`.
 fn do_read_copied(proto: &Proto<'_>, names: &SslProto) -> PyResult<()> {
     let py = proto.py();
-    let (sslobj, raw) = {
+    let (sslobj, raw, native) = {
         let st = proto.state()?;
         let bind = |obj: &Option<Py<PyAny>>| obj.as_ref().map(|obj| obj.bind(py).clone());
-        (bind(&st.sslobj), bind(&st.raw))
+        (bind(&st.sslobj), bind(&st.raw), st.native)
     };
-    let (data, eof) = match (raw, sslobj) {
-        (Some(raw), _) => read_records(&raw, &proto.get(|st| &st.incoming)?, names)?,
-        (None, Some(sslobj)) => read_records_wrapped(proto, &sslobj, names)?,
-        (None, None) => return Err(PyRuntimeError::new_err("SSLProtocol has no SSL object")),
+    let (data, eof) = match (raw, native, sslobj) {
+        (Some(raw), Some(native), _) => read_records_native(&raw, native, names)?,
+        (Some(raw), None, _) => read_records(&raw, &proto.get(|st| &st.incoming)?, names)?,
+        (None, _, Some(sslobj)) => read_records_wrapped(proto, &sslobj, names)?,
+        (None, _, None) => return Err(PyRuntimeError::new_err("SSLProtocol has no SSL object")),
     };
     if let Some(data) = data {
         proto
@@ -469,6 +524,46 @@ fn read_records<'py>(
             Ok(n) => filled += n,
             Err(err) if err.matches(py, names.again.bind(py))? => break,
             Err(err) => return Err(err),
+        }
+    }
+    if filled > 0 {
+        parts.push(PyBytes::new(py, &scratch.buf[..filled]).into_any());
+    }
+    Ok((join_chunks(py, parts)?, eof))
+}
+
+/// [`read_records`] with libssl called natively on `native`, the `SSL` object under
+/// `raw` (kept alive by the caller). A read that ends otherwise than with data or
+/// `SSL_ERROR_WANT_READ` (close_notify, an error) is repeated through `raw.read`, which
+/// finds the thread's error queue as the native call left it and returns or raises
+/// what asyncio's read would.
+fn read_records_native<'py>(
+    raw: &Bound<'py, PyAny>,
+    native: NativeSsl,
+    names: &SslProto,
+) -> PyResult<Records<'py>> {
+    let py = raw.py();
+    let mut scratch = Scratch::take();
+    let mut parts = Vec::new();
+    let mut filled = 0;
+    let mut eof = false;
+    loop {
+        if filled == scratch.buf.len() {
+            parts.push(PyBytes::new(py, &scratch.buf[..filled]).into_any());
+            filled = 0;
+        }
+        match native.read(&mut scratch.buf[filled..]) {
+            Io::Done(n) => filled += n,
+            Io::WantRead => break,
+            Io::Other => match scratch.read_into(raw, filled) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => filled += n,
+                Err(err) if err.matches(py, names.again.bind(py))? => break,
+                Err(err) => return Err(err),
+            },
         }
     }
     if filled > 0 {
@@ -631,11 +726,11 @@ static SSLOBJECT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 fn do_write(proto: &Proto<'_>, names: &SslProto) -> PyResult<()> {
     let py = proto.py();
     let backlog = proto.get(|st| &st.write_backlog)?;
-    let sslobj = ssl_writer(proto)?;
+    let (sslobj, native) = ssl_writer(proto)?;
     while backlog.is_truthy()? {
         let data = backlog.get_item(0)?;
-        let count: usize = match sslobj.call_method1(intern!(py, "write"), (&data,)) {
-            Ok(count) => count.extract()?,
+        let count: usize = match encrypt(&sslobj, native, &data) {
+            Ok(count) => count,
             Err(err) if err.matches(py, names.again.bind(py))? => break,
             Err(err) => return Err(err),
         };
@@ -666,9 +761,9 @@ fn write_now(
     data: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let py = proto.py();
-    match ssl_writer(proto)?.call_method1(intern!(py, "write"), (data,)) {
+    let (sslobj, native) = ssl_writer(proto)?;
+    match encrypt(&sslobj, native, data) {
         Ok(count) => {
-            let count: usize = count.extract()?;
             let data_len = data.len()?;
             if count < data_len {
                 let rest = data.get_item(PySlice::new(py, count as isize, data_len as isize, 1))?;
@@ -688,25 +783,60 @@ fn write_now(
     }
 }
 
-/// What encrypts: the C object under a stock `ssl.SSLObject`, or the object itself.
-fn ssl_writer<'py>(proto: &Proto<'py>) -> PyResult<Bound<'py, PyAny>> {
+/// What encrypts: the C object under a stock `ssl.SSLObject`, or the object itself,
+/// and the `SSL` object under the first when libssl can be called on it.
+fn ssl_writer<'py>(proto: &Proto<'py>) -> PyResult<(Bound<'py, PyAny>, Option<NativeSsl>)> {
     let py = proto.py();
     let st = proto.state()?;
-    st.raw
+    let writer = st
+        .raw
         .as_ref()
         .or(st.sslobj.as_ref())
         .map(|obj| obj.bind(py).clone())
-        .ok_or_else(|| PyRuntimeError::new_err("SSLProtocol has no SSL object"))
+        .ok_or_else(|| PyRuntimeError::new_err("SSLProtocol has no SSL object"))?;
+    Ok((writer, st.native))
+}
+
+/// `sslobj.write(data)`: the number of bytes taken. A `bytes` object is encrypted
+/// natively when `native` (the `SSL` object under `sslobj`, which the caller keeps) is
+/// there; anything else, and a native write that did not complete, goes through
+/// `sslobj.write`, which raises what asyncio's write would (`SSLWantReadError` for a
+/// write that must wait).
+fn encrypt(
+    sslobj: &Bound<'_, PyAny>,
+    native: Option<NativeSsl>,
+    data: &Bound<'_, PyAny>,
+) -> PyResult<usize> {
+    if let (Some(native), Ok(bytes)) = (native, data.cast::<PyBytes>()) {
+        if let Io::Done(n) = native.write(bytes.as_bytes()) {
+            return Ok(n);
+        }
+    }
+    sslobj
+        .call_method1(intern!(sslobj.py(), "write"), (data,))?
+        .extract()
 }
 
 /// `SSLProtocol._process_outgoing`: sends what the TLS object produced.
 fn process_outgoing(proto: &Proto<'_>) -> PyResult<()> {
     let py = proto.py();
-    if !proto.state()?.ssl_writing_paused {
-        let data = proto
-            .get(|st| &st.outgoing)?
-            .call_method0(intern!(py, "read"))?;
-        if data.len()? > 0 {
+    let (paused, native, raw) = {
+        let st = proto.state()?;
+        let raw = st.raw.as_ref().map(|raw| raw.bind(py).clone());
+        (st.ssl_writing_paused, st.native, raw)
+    };
+    if !paused {
+        let data = match (native, &raw) {
+            // `raw`, held here, keeps the BIO.
+            (Some(native), Some(_)) => native.take_outgoing(py)?.map(Bound::into_any),
+            _ => {
+                let data = proto
+                    .get(|st| &st.outgoing)?
+                    .call_method0(intern!(py, "read"))?;
+                (data.len()? > 0).then_some(data)
+            }
+        };
+        if let Some(data) = data {
             proto
                 .get(|st| &st.transport)?
                 .call_method1(intern!(py, "write"), (data,))?;
@@ -730,7 +860,7 @@ enum Direction {
 /// resume (at or below the low-water mark, paused): it decides again and acts.
 fn control_flow(proto: &Proto<'_>, direction: Direction, extra: usize) -> PyResult<()> {
     let py = proto.py();
-    let (bio, paused, high, low) = {
+    let (bio, paused, high, low, native) = {
         let st = proto.state()?;
         let (bio, paused, high, low) = match direction {
             Direction::AppWriting => (
@@ -751,12 +881,19 @@ fn control_flow(proto: &Proto<'_>, direction: Direction, extra: usize) -> PyResu
             paused,
             high,
             low,
+            st.native,
         )
     };
     let Some(bio) = bio else {
         return Ok(());
     };
-    let pending: usize = bio.getattr(intern!(py, "pending"))?.extract()?;
+    let pending: usize = match (native, direction) {
+        // The state, borrowed above, still holds the object that keeps the BIOs: no
+        // Python ran since.
+        (Some(native), Direction::AppWriting) => native.outgoing_pending(),
+        (Some(native), Direction::SslReading) => native.incoming_pending(),
+        (None, _) => bio.getattr(intern!(py, "pending"))?.extract()?,
+    };
     let size = isize::try_from(pending.saturating_add(extra)).unwrap_or(isize::MAX);
     let crosses = if paused { size <= low } else { size >= high };
     if crosses {

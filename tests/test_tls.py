@@ -368,6 +368,10 @@ def test_tls_protocol_writes_flow_control_pause_and_close_notify(loop):
             self.got = bytearray()
             server_side["proto"] = self
             self.written = 0
+            # A fixed send buffer: an autotuned one on loopback may take the whole
+            # 4 MiB at once on some machines, and nothing would ever pause.
+            sock = transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
             transport.set_write_buffer_limits(high=64 * 1024)
             with pytest.raises(TypeError) as info:
                 transport.write("text")

@@ -22,6 +22,7 @@ __all__ = [
     "TimerHandle",
     "TlsState",
     "bind_methods_to",
+    "native_tls_unavailable",
     "sendfile",
     "ssl_protocol_methods",
     "stat_path",
@@ -292,7 +293,11 @@ class TlsState:
     _incoming_low_water: int
     _outgoing_high_water: int
     _outgoing_low_water: int
+    # "libssl" when the records go through libssl natively, else "_ssl: <why not>".
+    @property
+    def _ferroloop_tls_path(self) -> str: ...
 
+def native_tls_unavailable() -> str | None: ...
 def bind_methods_to(cls: type[LoopCore]) -> None: ...
 def ssl_protocol_methods() -> dict[str, Callable[..., Any]]: ...
 def stat_path(path: StrPath | bytes) -> tuple[bool, int]: ...
