@@ -36,6 +36,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PySlice, PyTuple};
 use crate::libssl::{Io, NativeSsl};
 use crate::sys;
 use crate::transports::read::{Outcome, Reader, Sink, BUFFER_UPDATED_FAILED};
+use crate::transports::stream::StreamTransport;
 
 /// What `asyncio.sslproto` defines that the path compares against.
 struct SslProto {
@@ -837,9 +838,17 @@ fn process_outgoing(proto: &Proto<'_>) -> PyResult<()> {
             }
         };
         if let Some(data) = data {
-            proto
-                .get(|st| &st.transport)?
-                .call_method1(intern!(py, "write"), (data,))?;
+            let transport = proto.get(|st| &st.transport)?;
+            match (transport.cast::<StreamTransport>(), data.cast::<PyBytes>()) {
+                // ferroloop's own transport, not a subclass, whose `write` of `bytes`
+                // is this.
+                (Ok(stream), Ok(bytes)) if transport.is_exact_instance_of::<StreamTransport>() => {
+                    StreamTransport::queue(stream, std::slice::from_ref(bytes))?;
+                }
+                _ => {
+                    transport.call_method1(intern!(py, "write"), (data,))?;
+                }
+            }
         }
     }
     let buffered = usize::try_from(proto.state()?.write_buffer_size).unwrap_or(0);

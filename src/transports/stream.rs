@@ -424,7 +424,10 @@ impl StreamTransport {
     }
 
     /// Queues `chunks` for the end of the turn (a slice: `write` allocates nothing more).
-    fn queue(slf: &Bound<'_, StreamTransport>, chunks: &[Bound<'_, PyBytes>]) -> PyResult<()> {
+    pub(crate) fn queue(
+        slf: &Bound<'_, StreamTransport>,
+        chunks: &[Bound<'_, PyBytes>],
+    ) -> PyResult<()> {
         let py = slf.py();
         let pending = {
             let mut st = slf.get().state.borrow_mut(py)?;
