@@ -12,6 +12,7 @@ use std::mem;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -26,6 +27,7 @@ use crate::handles::{self, Handle, LentContext, QueuedCall, TimerHandle};
 use crate::loop_attrs;
 use crate::poller::{self, Event, Events, Poller, Readiness, Registry, READABLE, WRITABLE};
 use crate::sock_ops::SockOp;
+use crate::stats::{elapsed_ns, LoopStats};
 use crate::timers::Timers;
 pub(crate) use crate::transport_registry::NativeTransport;
 use crate::transports::stream::StreamTransport;
@@ -60,7 +62,7 @@ pub(crate) struct LoopState {
     pub(crate) timers: Timers,
     pub(crate) fds: Registry<FdOwner>,
     /// Transports written to during this turn, flushed at its end.
-    flush: Vec<Py<StreamTransport>>,
+    pub(crate) flush: Vec<Py<StreamTransport>>,
     /// `None` once the loop is closed: its fds are released then.
     pub(crate) poller: Option<Poller>,
     pub(crate) thread_id: Option<u64>,
@@ -70,6 +72,7 @@ pub(crate) struct LoopState {
     /// `_task_factory`, kept here so `create_task` reads it without an attribute
     /// lookup in the instance dict.
     pub(crate) task_factory: Option<Py<PyAny>>,
+    pub(crate) stats: LoopStats,
 }
 
 /// What `poll_timeout` decides for the rest of the turn.
@@ -81,6 +84,8 @@ struct PollPlan {
     /// Something is registered that an event could come from: an fd or the waker of
     /// a signal handler.
     may_report: bool,
+    /// When the turn started, if `loop.stats()` timing is on.
+    started: Option<Instant>,
 }
 
 /// Handles scheduled from other threads, and where to write to wake the loop.
@@ -125,6 +130,7 @@ impl LoopCore {
                 thread_id: None,
                 future_kwargs: None,
                 task_factory: None,
+                stats: LoopStats::default(),
             }),
             threadsafe: Mutex::new(ThreadsafeQueue {
                 handles: Vec::new(),
@@ -166,11 +172,16 @@ impl LoopCore {
             let events = LoopCore::poll(slf, plan.timeout_ms)?;
             LoopCore::dispatch(slf, events, plan.timeout_ms)?;
         }
+        let polled = plan.started.map(|started| (started, Instant::now()));
         if plan.has_timers {
             LoopCore::queue_due_timers(slf)?;
         }
         LoopCore::run_ready(slf)?;
-        core.flush_transports(py)
+        core.flush_transports(py)?;
+        if let Some((started, polled)) = polled {
+            core.state.borrow_mut(py)?.stats.end_turn(started, polled);
+        }
+        Ok(())
     }
 
     /// Step 1: how long the poll may block. 0 with callbacks ready or the loop
@@ -208,6 +219,7 @@ impl LoopCore {
             };
             PollPlan {
                 timeout_ms,
+                started: st.stats.begin_turn(),
                 has_timers: st.timers.len() > 0,
                 // Other threads append to the ready queue directly, so with work queued
                 // and no fd or signal handler registered a non-blocking poll can only
@@ -343,6 +355,8 @@ impl LoopCore {
                 if cancelled {
                     dead_timers.push(timer);
                 } else {
+                    let late = end_time - core.clock_resolution - timer.get().when;
+                    st.stats.timer_fired(late);
                     st.ready
                         .push_back(Ready::Handle(timer.into_bound(py).into_super().unbind()));
                 }
@@ -359,14 +373,15 @@ impl LoopCore {
     fn run_ready(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
-        let ntodo = core.state.borrow_mut(py)?.ready.len();
+        let (ntodo, timing) = core.state.borrow_mut(py)?.begin_ready();
         // Consecutive callbacks whose handles copied an empty context share one entered
         // empty context; everything else leaves it first.
         let mut lent = LentContext::default();
         for _ in 0..ntodo {
-            let Some(item) = core.state.borrow_mut(py)?.ready.pop_front() else {
+            let Some(item) = core.state.borrow_mut(py)?.take_ready() else {
                 break;
             };
+            let started = timing.then(Instant::now);
             if !matches!(item, Ready::Handle(_)) {
                 lent.leave(py)?;
             }
@@ -393,6 +408,13 @@ impl LoopCore {
                 }
                 Ready::Io(transport, readiness) => transport.on_ready(py, readiness)?,
                 Ready::Sock(op) => core.run_sock_op(py, op)?,
+            }
+            if let Some(started) = started {
+                core.state
+                    .borrow_mut(py)?
+                    .stats
+                    .callback_length
+                    .record(elapsed_ns(started));
             }
         }
         lent.leave(py)
@@ -463,9 +485,27 @@ impl LoopCore {
         handle: &Bound<'_, TimerHandle>,
     ) -> PyResult<()> {
         if handle.get().scheduled.load(Ordering::Relaxed) {
-            self.state.borrow_mut(py)?.timers.note_cancelled();
+            let mut st = self.state.borrow_mut(py)?;
+            st.timers.note_cancelled();
+            st.stats.timers_cancelled += 1;
         }
         Ok(())
+    }
+
+    /// The counters of `loop.stats()` (`stats.rs`).
+    fn _stats(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
+        Ok(self.stats_snapshot(py)?.unbind())
+    }
+
+    /// The native transports registered now (`loop.connections()`).
+    fn _registered_transports(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
+        let transports = self.registered_transports(py)?;
+        Ok(transports.into_iter().map(Bound::unbind).collect())
+    }
+
+    /// Times the poll, each turn and each callback for `loop.stats()`.
+    fn set_stats_timing(&self, py: Python<'_>, enabled: bool) -> PyResult<()> {
+        self.time_stats(py, enabled)
     }
 
     /// `asyncio.Future(loop=self)`, without a Python frame.
@@ -818,39 +858,6 @@ impl LoopCore {
 impl LoopCore {
     pub(crate) fn debug(&self) -> bool {
         self.debug.load(Ordering::Relaxed)
-    }
-
-    /// Puts a transport on the list flushed at the end of the turn.
-    pub(crate) fn queue_flush(
-        &self,
-        py: Python<'_>,
-        transport: Py<StreamTransport>,
-    ) -> PyResult<()> {
-        self.state.borrow_mut(py)?.flush.push(transport);
-        Ok(())
-    }
-
-    /// The last step of a turn: one send per transport written to during it. The list's
-    /// allocation is kept for the next turn.
-    fn flush_transports(&self, py: Python<'_>) -> PyResult<()> {
-        let mut pending = {
-            let mut st = self.state.borrow_mut(py)?;
-            if st.flush.is_empty() {
-                return Ok(());
-            }
-            mem::take(&mut st.flush)
-        };
-        let mut outcome = Ok(());
-        for transport in pending.drain(..) {
-            if outcome.is_ok() {
-                outcome = StreamTransport::flush(transport.bind(py));
-            }
-        }
-        let mut st = self.state.borrow_mut(py)?;
-        if st.flush.is_empty() {
-            st.flush = pending;
-        }
-        outcome
     }
 }
 

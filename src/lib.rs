@@ -14,6 +14,7 @@ mod poller;
 mod pyhelpers;
 mod scheduling;
 mod sock_ops;
+mod stats;
 mod sys;
 mod timers;
 mod tls;

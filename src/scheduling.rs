@@ -39,11 +39,9 @@ impl LoopCore {
     ) -> PyResult<()> {
         match loop_.cast::<LoopCore>() {
             Ok(core) => {
-                core.get()
-                    .state
-                    .borrow_mut(loop_.py())?
-                    .timers
-                    .note_cancelled();
+                let mut st = core.get().state.borrow_mut(loop_.py())?;
+                st.timers.note_cancelled();
+                st.stats.timers_cancelled += 1;
                 Ok(())
             }
             Err(_) => loop_
@@ -244,11 +242,9 @@ impl LoopCore {
         let handle = Py::new(py, TimerHandle::new_initializer(handle, when))?;
         handles::untrack(handle.bind(py).as_super());
         handle.get().scheduled.store(true, Ordering::Relaxed);
-        slf.get()
-            .state
-            .borrow_mut(py)?
-            .timers
-            .push(handle.clone_ref(py), when);
+        let mut st = slf.get().state.borrow_mut(py)?;
+        st.timers.push(handle.clone_ref(py), when);
+        st.stats.timers_scheduled += 1;
         Ok(handle)
     }
 

@@ -34,7 +34,6 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PySlice, PyTuple};
 
 use crate::libssl::{Io, NativeSsl};
-use crate::sys;
 use crate::transports::read::{Outcome, Reader, Sink, BUFFER_UPDATED_FAILED};
 use crate::transports::stream::StreamTransport;
 
@@ -357,7 +356,7 @@ impl Sink for TlsSink {
 
     fn receive(reader: &mut Reader<'_, '_>) -> Outcome<()> {
         let mut scratch = Scratch::take();
-        match Outcome::of_recv(sys::recv(reader.fd, &mut scratch.buf)) {
+        match reader.recv(&mut scratch.buf) {
             Outcome::Read(n) => match to_incoming(&reader.protocol, &mut scratch, n) {
                 Ok(()) => Outcome::Read(()),
                 Err(err) => Outcome::CallbackFailed(err, BUFFER_UPDATED_FAILED),

@@ -1,5 +1,6 @@
 //! Native transports on the loop: what the registry holds for one, claiming an fd for
-//! it, changing its interest, letting it go.
+//! it, changing its interest, letting it go, and the list of those written to during a
+//! turn, flushed at its end.
 
 use std::os::fd::RawFd;
 
@@ -38,6 +39,14 @@ impl NativeTransport {
         match self {
             NativeTransport::Stream(t) => t.bind(py).as_any(),
             NativeTransport::Datagram(t) => t.bind(py).as_any(),
+        }
+    }
+
+    /// Bytes read and written and age in seconds (`None` while its state is borrowed).
+    pub(crate) fn counters(&self, py: Python<'_>) -> Option<(u64, u64, f64)> {
+        match self {
+            NativeTransport::Stream(t) => t.get().counters(py),
+            NativeTransport::Datagram(t) => t.get().counters(py),
         }
     }
 
@@ -152,4 +161,40 @@ impl LoopCore {
 pub(crate) fn fd_in_use(fd: RawFd, transport: &Bound<'_, PyAny>) -> PyErr {
     let repr = transport.repr().map(|r| r.to_string()).unwrap_or_default();
     PyRuntimeError::new_err(format!("File descriptor {fd} is used by transport {repr}"))
+}
+
+/// The turn's flush list: transports written to during a turn send at its end.
+impl LoopCore {
+    /// Puts a transport on the list flushed at the end of the turn.
+    pub(crate) fn queue_flush(
+        &self,
+        py: Python<'_>,
+        transport: Py<StreamTransport>,
+    ) -> PyResult<()> {
+        self.state.borrow_mut(py)?.flush.push(transport);
+        Ok(())
+    }
+
+    /// The last step of a turn: one send per transport written to during it. The list's
+    /// allocation is kept for the next turn.
+    pub(crate) fn flush_transports(&self, py: Python<'_>) -> PyResult<()> {
+        let mut pending = {
+            let mut st = self.state.borrow_mut(py)?;
+            if st.flush.is_empty() {
+                return Ok(());
+            }
+            std::mem::take(&mut st.flush)
+        };
+        let mut outcome = Ok(());
+        for transport in pending.drain(..) {
+            if outcome.is_ok() {
+                outcome = StreamTransport::flush(transport.bind(py));
+            }
+        }
+        let mut st = self.state.borrow_mut(py)?;
+        if st.flush.is_empty() {
+            st.flush = pending;
+        }
+        outcome
+    }
 }

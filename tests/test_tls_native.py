@@ -13,9 +13,8 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
-
 import ferroloop
+import pytest
 from ferroloop import _ferroloop
 
 certs = pytest.importorskip("test.test_asyncio.utils")
@@ -65,7 +64,7 @@ async def outcome_of(after_handshake):
         writer.write(b"12345")
         try:
             got = ("data", await asyncio.wait_for(reader.read(100), 30))
-        except Exception as exc:  # noqa: BLE001: the outcome is what is compared
+        except Exception as exc:  # noqa: BLE001 - the outcome is what is compared
             got = (type(exc), str(exc), getattr(exc, "library", None), getattr(exc, "reason", None))
         writer.close()
         return got, path

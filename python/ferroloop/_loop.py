@@ -27,6 +27,7 @@ from asyncio.log import logger
 from ._connect import ConnectMethods
 from ._dns import DnsMethods
 from ._ferroloop import Handle, LoopCore, bind_methods_to
+from ._observe import ObserveMethods
 from ._serve import ServeMethods
 from ._signals import SignalMethods
 from ._sockets import SocketMethods
@@ -51,6 +52,7 @@ class Loop(
     ServeMethods,
     UnixMethods,
     SubprocessMethods,
+    ObserveMethods,
     asyncio.BaseEventLoop,
 ):
     """ferroloop's event loop: a drop-in `asyncio.AbstractEventLoop`."""
@@ -62,6 +64,7 @@ class Loop(
         self._unix_server_paths: dict[socket.socket, tuple[str, int]] = {}
         # Children being watched: pid -> (pidfd or None, transport).
         self._children: dict[int, tuple[int | None, object]] = {}
+        self._init_observe()
         if self._time_overridden():
             self._set_custom_clock(True)
 

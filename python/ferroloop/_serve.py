@@ -114,6 +114,7 @@ class ServeMethods:
                     ssl_shutdown_timeout,
                 )
                 return
+            self._connections_accepted += 1
             if sslcontext:
                 self.create_task(
                     self._accept_ssl(

@@ -34,10 +34,12 @@ class SubprocessMethods:
         return self.remove_writer(fd)
 
     def _make_read_pipe_transport(self, pipe, protocol, waiter=None, extra=None):
-        return unix_events._UnixReadPipeTransport(self, pipe, protocol, waiter, extra)
+        transport = unix_events._UnixReadPipeTransport(self, pipe, protocol, waiter, extra)
+        return self._note_pipe_transport(transport)
 
     def _make_write_pipe_transport(self, pipe, protocol, waiter=None, extra=None):
-        return unix_events._UnixWritePipeTransport(self, pipe, protocol, waiter, extra)
+        transport = unix_events._UnixWritePipeTransport(self, pipe, protocol, waiter, extra)
+        return self._note_pipe_transport(transport)
 
     async def _make_subprocess_transport(
         self, protocol, args, shell, stdin, stdout, stderr, bufsize, extra=None, **kwargs

@@ -157,6 +157,10 @@ enum Received<'py> {
 }
 
 impl DatagramTransport {
+    pub(crate) fn counters(&self, py: Python<'_>) -> Option<(u64, u64, f64)> {
+        super::counters(&self.state, py)
+    }
+
     pub(crate) fn on_ready(slf: &Bound<'_, DatagramTransport>, events: Readiness) -> PyResult<()> {
         let (readable, writable) = (events.readable(), events.writable());
         if readable {
@@ -411,6 +415,12 @@ fn is_retry(py: Python<'_>, err: &PyErr) -> bool {
 
 #[pymethods]
 impl DatagramTransport {
+    /// `(bytes read, bytes written, age in seconds)`, for `loop.connections()`.
+    #[getter]
+    fn _ferroloop_counters(&self, py: Python<'_>) -> Option<(u64, u64, f64)> {
+        self.counters(py)
+    }
+
     #[new]
     #[pyo3(signature = (r#loop, sock, protocol, extra, address=None))]
     fn py_new(
@@ -633,7 +643,8 @@ impl DatagramTransport {
         };
         drop(released);
         let extra = slf.get().state.borrow_mut(py)?.base.extra_dict(py)?;
-        release_socket(py, loop_.as_ref(), token, sock, &extra)?;
+        // Datagrams are not counted in the loop's byte totals.
+        release_socket(py, loop_.as_ref(), token, sock, &extra, (0, 0))?;
         outcome
     }
 

@@ -172,15 +172,20 @@ pub(crate) fn schedule_connection_lost(
 
 /// The end of `_call_connection_lost`: the fd leaves the loop first (its number may be
 /// reused as soon as it is closed), then the socket is closed, once.
+/// `moved` (bytes read, written) joins the loop's totals of closed transports.
 pub(crate) fn release_socket(
     py: Python<'_>,
     loop_: Option<&Py<LoopCore>>,
     token: Option<Token>,
     sock: Option<Sock>,
     extra: &Py<PyDict>,
+    moved: (u64, u64),
 ) -> PyResult<()> {
-    if let (Some(loop_), Some(token)) = (loop_, token) {
-        loop_.get().deregister_transport(py, token)?;
+    if let Some(loop_) = loop_ {
+        loop_.get().note_closed_transport(py, moved)?;
+        if let Some(token) = token {
+            loop_.get().deregister_transport(py, token)?;
+        }
     }
     if let Some(mut sock) = sock {
         // What asyncio reads at creation must still be there after the close. (Should
@@ -359,6 +364,11 @@ pub(crate) struct Base {
     pub write_waiting: bool,
     /// The interest the loop has registered for the fd.
     pub interest: Interest,
+    /// Bytes received from and sent to the socket (`loop.stats()`,
+    /// `loop.connections()`).
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub created: std::time::Instant,
 }
 
 /// A transport's socket: the socket object it was made with, or, for a connection the
@@ -428,6 +438,9 @@ impl Base {
             conn_lost: 0,
             write_waiting: false,
             interest: Interest::NONE,
+            bytes_read: 0,
+            bytes_written: 0,
+            created: std::time::Instant::now(),
         }
     }
 
@@ -507,6 +520,17 @@ pub(crate) trait HasBase {
 /// The `Base` of the transport state in `cell`, borrowed as the whole state would be.
 fn base<'a, S: HasBase>(cell: &'a GilCell<S>, py: Python<'_>) -> PyResult<RefMut<'a, Base>> {
     Ok(RefMut::map(cell.borrow_mut(py)?, S::base_mut))
+}
+
+/// Bytes read and written and age in seconds of the transport whose state is `cell`
+/// (`None` while that state is borrowed).
+pub(crate) fn counters<S: HasBase>(cell: &GilCell<S>, py: Python<'_>) -> Option<(u64, u64, f64)> {
+    let base = base(cell, py).ok()?;
+    Some((
+        base.bytes_read,
+        base.bytes_written,
+        base.created.elapsed().as_secs_f64(),
+    ))
 }
 
 // The parts of asyncio's transport surface that every native transport shares, over

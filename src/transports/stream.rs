@@ -71,6 +71,10 @@ pub struct StreamTransport {
 }
 
 impl StreamTransport {
+    pub(crate) fn counters(&self, py: Python<'_>) -> Option<(u64, u64, f64)> {
+        super::counters(&self.state, py)
+    }
+
     /// Whether this connection was accepted by `server`.
     pub(crate) fn server_is(&self, py: Python<'_>, server: &Bound<'_, PyAny>) -> PyResult<bool> {
         Ok(self
@@ -141,6 +145,7 @@ impl StreamTransport {
     ) -> PyResult<()> {
         match S::receive(&mut reader) {
             Outcome::Read(got) => {
+                slf.get().state.borrow_mut(slf.py())?.base.bytes_read += reader.received as u64;
                 let called = reader.in_context(|protocol| S::deliver(protocol, got));
                 StreamTransport::protocol_outcome(slf, called, S::DELIVERY_FAILED)
             }
@@ -391,7 +396,7 @@ impl StreamTransport {
         let view =
             unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
         let sent = {
-            let st = slf.get().state.borrow_mut(py)?;
+            let mut st = slf.get().state.borrow_mut(py)?;
             let direct = !view.is_empty()
                 && st.buffer.is_empty()
                 && !st.base.write_waiting
@@ -402,7 +407,10 @@ impl StreamTransport {
                 && st.base.token.is_some();
             if direct {
                 match sys::send(st.base.fd, view) {
-                    Ok(n) => n,
+                    Ok(n) => {
+                        st.base.bytes_written += n as u64;
+                        n
+                    }
                     Err(err) if would_block(&err) => 0,
                     Err(err) => {
                         drop(st);
@@ -528,6 +536,7 @@ fn send_buffered(py: Python<'_>, st: &StreamState) -> io::Result<usize> {
 /// Drops `sent` bytes from the front of the buffer.
 fn consume(st: &mut StreamState, sent: usize) {
     st.base.buffer_size -= sent;
+    st.base.bytes_written += sent as u64;
     let mut left = sent;
     while left > 0 {
         let Some(front) = st.buffer.front() else {
@@ -554,6 +563,12 @@ fn front_len(bytes: &Py<PyBytes>) -> usize {
 
 #[pymethods]
 impl StreamTransport {
+    /// `(bytes read, bytes written, age in seconds)`, for `loop.connections()`.
+    #[getter]
+    fn _ferroloop_counters(&self, py: Python<'_>) -> Option<(u64, u64, f64)> {
+        self.counters(py)
+    }
+
     #[new]
     /// `extra` is the `get_extra_info` dict; `None` for an accepted connection, which
     /// passes only `peername`. An accepted connection may also come as `sock=None` and
@@ -777,10 +792,11 @@ impl StreamTransport {
                 .map(|_| ()),
             _ => Ok(()),
         };
-        let (sock, loop_, token, server, waiter, released) = {
+        let (sock, loop_, token, server, waiter, released, moved) = {
             let mut st = slf.get().state.borrow_mut(py)?;
             st.buffer.clear();
             st.base.buffer_size = 0;
+            let moved = (st.base.bytes_read, st.base.bytes_written);
             (
                 st.base.sock.take(),
                 st.base.loop_.take(),
@@ -792,11 +808,12 @@ impl StreamTransport {
                     st.read_path.take(),
                     st.base.context.take(),
                 ),
+                moved,
             )
         };
         drop(released);
         let extra = slf.get().state.borrow_mut(py)?.base.extra_dict(py)?;
-        release_socket(py, loop_.as_ref(), token, sock, &extra)?;
+        release_socket(py, loop_.as_ref(), token, sock, &extra, moved)?;
         if let Some(waiter) = waiter {
             let waiter = waiter.bind(py);
             if !waiter.call_method0("done")?.is_truthy()? {

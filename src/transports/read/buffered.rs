@@ -21,7 +21,13 @@ impl Sink for BufferedSink {
 
     fn receive(reader: &mut Reader<'_, '_>) -> Outcome<usize> {
         match reader.in_context(get_buffer) {
-            Ok(buf) => recv_into(reader.fd, &buf),
+            Ok(buf) => match recv_into(reader.fd, &buf) {
+                Outcome::Read(n) => {
+                    reader.received = n;
+                    Outcome::Read(n)
+                }
+                other => other,
+            },
             Err(err) => Outcome::CallbackFailed(err, GET_BUFFER_FAILED),
         }
     }

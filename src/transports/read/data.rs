@@ -7,7 +7,6 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::{call_method_one, Outcome, Reader, Sink};
-use crate::sys;
 
 /// Bytes read per readiness event: asyncio's `max_size`. One read per event keeps one
 /// fast peer from starving the others.
@@ -31,7 +30,7 @@ impl Sink for DataSink {
         let py = reader.protocol.py();
         READ_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
-            Outcome::of_recv(sys::recv(reader.fd, &mut buf)).map(|n| PyBytes::new(py, &buf[..n]))
+            reader.recv(&mut buf).map(|n| PyBytes::new(py, &buf[..n]))
         })
     }
 

@@ -98,6 +98,20 @@ impl<T> Outcome<T> {
     }
 }
 
+impl Reader<'_, '_> {
+    /// One `recv` into `buf`, counted.
+    #[inline]
+    pub(crate) fn recv(&mut self, buf: &mut [u8]) -> Outcome<usize> {
+        match Outcome::of_recv(crate::sys::recv(self.fd, buf)) {
+            Outcome::Read(n) => {
+                self.received = n;
+                Outcome::Read(n)
+            }
+            other => other,
+        }
+    }
+}
+
 impl Outcome<usize> {
     /// The outcome of one `recv`: 0 bytes is the end of the stream.
     pub(crate) fn of_recv(received: io::Result<usize>) -> Self {
@@ -126,6 +140,8 @@ pub(crate) trait Sink {
 /// callbacks run in (see `in_read_context`).
 pub(crate) struct Reader<'a, 'py> {
     pub fd: RawFd,
+    /// Bytes the sink's read took from the socket.
+    pub received: usize,
     pub protocol: Bound<'py, PyAny>,
     pub context: Option<Py<PyAny>>,
     state: &'a GilCell<StreamState>,
@@ -140,6 +156,7 @@ impl<'a, 'py> Reader<'a, 'py> {
     ) -> Self {
         Reader {
             fd,
+            received: 0,
             protocol,
             context,
             state,

@@ -1,0 +1,163 @@
+"""Seeing inside a running loop: `loop.stats()` and `loop.connections()`.
+
+The counters are kept by the Rust turn (`src/stats.rs`) at the cost of an addition;
+the clock is read around the poll, each turn and each callback only once
+`loop.set_stats_timing(True)` is called. What only the Python layer sees (exceptions
+reported, connections accepted, pipes and subprocesses) is counted here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from asyncio import sslproto
+from typing import Any
+
+from ._ferroloop import StreamTransport
+
+
+class ObserveMethods:
+    """`stats`, `connections` and the counting they need."""
+
+    _exceptions_reported: int
+    _connections_accepted: int
+    _pipe_transports: weakref.WeakSet
+
+    def _init_observe(self) -> None:
+        self._exceptions_reported = 0
+        self._connections_accepted = 0
+        self._pipe_transports = weakref.WeakSet()
+
+    def call_exception_handler(self, context):
+        self._exceptions_reported += 1
+        return super().call_exception_handler(context)  # type: ignore[misc]
+
+    def _note_pipe_transport(self, transport):
+        self._pipe_transports.add(transport)
+        return transport
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the loop's counters (see the README, "Seeing inside a loop").
+
+        Always kept: turns, callbacks and I/O events run, timers scheduled, fired and
+        cancelled, bytes read and written by stream transports (TCP, Unix, TLS records),
+        connections accepted, exceptions reported, what is registered now, and the
+        histograms of the ready queue's depth per turn and of timer lateness. With
+        `set_stats_timing(True)` also: seconds spent polling and running, and the
+        histograms of turn and callback length. A histogram is
+        `{"buckets": [(upper_bound, count), ...], "count": n, "sum": total}` with
+        log-spaced (power of two) bounds; the last bound is `inf`.
+        """
+        snapshot = self._stats()
+        snapshot["exceptions_reported"] = self._exceptions_reported
+        snapshot["connections_accepted"] = self._connections_accepted
+        snapshot["pipes_open"] = sum(1 for t in list(self._pipe_transports) if not t.is_closing())
+        snapshot["subprocesses"] = len(self._children)  # type: ignore[attr-defined]
+        snapshot["time"] = self.time()  # type: ignore[attr-defined]
+        return snapshot
+
+    def connections(self) -> list[dict[str, Any]]:
+        """Every live transport: kind, fd, local and peer address, age in seconds, bytes
+        in and out, write buffer size and water marks, whether it reads, and for TLS
+        the protocol version, cipher and record path. Pipes and subprocesses (asyncio's
+        own transport classes) are listed with what they expose."""
+        rows = [_native_row(t) for t in self._registered_transports()]
+        for transport in list(self._pipe_transports):
+            if not transport.is_closing():
+                rows.append(_pipe_row(transport))
+        for _pidfd, transport in list(self._children.values()):  # type: ignore[attr-defined]
+            rows.append(_subprocess_row(transport))
+        return rows
+
+
+def _native_row(transport) -> dict[str, Any]:
+    read, written, age = transport._ferroloop_counters or (None, None, None)
+    peer = transport.get_extra_info("peername")
+    local = transport.get_extra_info("sockname")
+    address = local if local is not None else peer
+    unix = isinstance(address, (str, bytes))
+    if isinstance(transport, StreamTransport):
+        kind = "unix" if unix else "tcp"
+        reading = transport.is_reading()
+    else:
+        kind = "unix-datagram" if unix else "udp"
+        reading = not transport.is_closing()
+    low, high = transport.get_write_buffer_limits()
+    protocol = transport.get_protocol()
+    row = {
+        "kind": kind,
+        "fd": transport._sock_fd,
+        "local": local,
+        "peer": peer,
+        "age": age,
+        "bytes_read": read,
+        "bytes_written": written,
+        "write_buffer_size": transport.get_write_buffer_size(),
+        "write_buffer_limits": (low, high),
+        "reading": reading,
+        "closing": transport.is_closing(),
+        "protocol": _name(protocol),
+        "tls": None,
+    }
+    if isinstance(protocol, sslproto.SSLProtocol):
+        row["protocol"] = _name(protocol._app_protocol)
+        row["tls"] = _tls_info(protocol)
+    return row
+
+
+def _tls_info(protocol) -> dict[str, Any]:
+    sslobj = protocol._sslobj
+    cipher = sslobj.cipher() if sslobj is not None else None
+    return {
+        "version": sslobj.version() if sslobj is not None else None,
+        "cipher": cipher[0] if cipher else None,
+        "path": getattr(protocol, "_ferroloop_tls_path", "asyncio sslproto"),
+    }
+
+
+def _pipe_row(transport) -> dict[str, Any]:
+    pipe = transport.get_extra_info("pipe")
+    writes = isinstance(transport, asyncio.WriteTransport)
+    return {
+        "kind": "pipe",
+        "fd": pipe.fileno() if pipe is not None else None,
+        "local": None,
+        "peer": None,
+        "age": None,
+        "bytes_read": None,
+        "bytes_written": None,
+        "write_buffer_size": transport.get_write_buffer_size() if writes else 0,
+        "write_buffer_limits": transport.get_write_buffer_limits() if writes else None,
+        "reading": None if writes else transport.is_reading(),
+        "closing": transport.is_closing(),
+        "protocol": _name(transport.get_protocol()),
+        "tls": None,
+    }
+
+
+def _subprocess_row(transport) -> dict[str, Any]:
+    return {
+        "kind": "subprocess",
+        "fd": None,
+        "local": None,
+        "peer": None,
+        "age": None,
+        "bytes_read": None,
+        "bytes_written": None,
+        "write_buffer_size": 0,
+        "write_buffer_limits": None,
+        "reading": None,
+        "closing": transport.is_closing(),
+        "protocol": _name(transport.get_protocol()),
+        "tls": None,
+        "pid": transport.get_pid(),
+        "returncode": transport.get_returncode(),
+    }
+
+
+def _name(obj) -> str | None:
+    if obj is None:
+        return None
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+

@@ -1,0 +1,190 @@
+"""`loop.stats()` where users already look: Prometheus and OpenTelemetry.
+
+- `prometheus_text(loop)`: the Prometheus text exposition format (0.0.4), no
+  dependency. Serve it from any HTTP handler.
+- `PrometheusCollector(loop)`: a collector for `prometheus_client`'s registry
+  (`prometheus_client.REGISTRY.register(PrometheusCollector(loop))`), when that package
+  is installed.
+- `instrument_opentelemetry(loop, meter=None)`: observable instruments on an
+  OpenTelemetry meter (`opentelemetry-api`), read at each collection.
+
+Both packages are optional: this module imports them only when those calls are made.
+Stats are read on the loop's thread by `loop.stats()`; a collector running on another
+thread (prometheus_client's HTTP server, an OpenTelemetry reader) asks the loop for them
+with `call_soon_threadsafe` and waits up to `timeout` seconds, so it never touches the
+loop's state while a turn runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+# (stats key, metric name, type, help)
+_COUNTERS = [
+    ("turns", "turns", "Loop turns run."),
+    ("callbacks", "callbacks", "Handles and scheduled calls run."),
+    ("io_events", "io_events", "Transport readiness events and sock_* retries handled."),
+    ("timers_scheduled", "timers_scheduled", "Timers scheduled (call_later, call_at)."),
+    ("timers_fired", "timers_fired", "Timers that ran."),
+    ("timers_cancelled", "timers_cancelled", "Scheduled timers cancelled."),
+    ("bytes_read", "bytes_read", "Bytes received by stream transports."),
+    ("bytes_written", "bytes_written", "Bytes sent by stream transports."),
+    ("connections_accepted", "connections_accepted", "Connections accepted by servers."),
+    ("exceptions_reported", "exceptions_reported", "Calls of the exception handler."),
+    ("time_polling", "polling_seconds", "Seconds spent waiting in the poller (timing on)."),
+    ("time_running", "running_seconds", "Seconds spent running callbacks (timing on)."),
+]
+_GAUGES = [
+    ("fds_watched", "fds_watched", "File descriptors with add_reader/add_writer callbacks."),
+    ("transports_registered", "transports", "Native transports registered with the loop."),
+    ("ready", "ready", "Callbacks queued to run."),
+    ("timers_pending", "timers_pending", "Timers scheduled and not yet run."),
+    ("pipes_open", "pipes_open", "Pipe transports open."),
+    ("subprocesses", "subprocesses", "Subprocesses watched."),
+]
+_HISTOGRAMS = [
+    ("ready_depth", "ready_depth", "Callbacks queued at the start of each turn's run."),
+    ("timer_lateness_seconds", "timer_lateness_seconds", "How late timers ran."),
+    ("turn_seconds", "turn_seconds", "Length of each turn (timing on)."),
+    ("callback_seconds", "callback_seconds", "Length of each callback (timing on)."),
+]
+
+
+def snapshot(loop: asyncio.AbstractEventLoop, timeout: float = 5.0) -> dict[str, Any]:
+    """`loop.stats()`, taken on the loop's thread when called from another one while
+    the loop runs."""
+    if not loop.is_running() or _on_loop_thread(loop):
+        return loop.stats()  # type: ignore[attr-defined]
+    done: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+    def take() -> None:
+        try:
+            done.set_result(loop.stats())  # type: ignore[attr-defined]
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            done.set_exception(exc)
+
+    loop.call_soon_threadsafe(take)
+    return done.result(timeout)
+
+
+def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    thread_id = getattr(loop, "_thread_id", None)
+    return thread_id == threading.get_ident()
+
+
+def prometheus_text(loop: asyncio.AbstractEventLoop, prefix: str = "ferroloop_") -> str:
+    """The loop's stats in Prometheus' text exposition format."""
+    stats = snapshot(loop)
+    lines: list[str] = []
+    for _key, name, kind, help_text, value in _families(stats):
+        # The text format names a counter's family as its sample: with `_total`.
+        metric = prefix + name + ("_total" if kind == "counter" else "")
+        lines.append(f"# HELP {metric} {help_text}")
+        lines.append(f"# TYPE {metric} {kind}")
+        if kind == "histogram":
+            cumulative = 0
+            for bound, count in value["buckets"]:
+                cumulative += count
+                lines.append(f'{metric}_bucket{{le="{_le(bound)}"}} {cumulative}')
+            if not value["buckets"] or value["buckets"][-1][0] != float("inf"):
+                lines.append(f'{metric}_bucket{{le="+Inf"}} {value["count"]}')
+            lines.append(f"{metric}_sum {_number(value['sum'])}")
+            lines.append(f"{metric}_count {value['count']}")
+        else:
+            lines.append(f"{metric} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _families(stats: dict[str, Any]) -> Iterator[tuple[str, str, str, str, Any]]:
+    for key, name, help_text in _COUNTERS:
+        if key in stats:
+            yield key, name, "counter", help_text, stats[key]
+    for key, name, help_text in _GAUGES:
+        if key in stats:
+            yield key, name, "gauge", help_text, stats[key]
+    histograms = stats.get("histograms", {})
+    for key, name, help_text in _HISTOGRAMS:
+        if key in histograms:
+            yield key, name, "histogram", help_text, histograms[key]
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+class PrometheusCollector:
+    """A `prometheus_client` collector of one loop's stats."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, prefix: str = "ferroloop_") -> None:
+        self._loop = loop
+        self._prefix = prefix
+
+    def collect(self):
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        if self._loop.is_closed():
+            return
+        stats = snapshot(self._loop)
+        for _key, name, kind, help_text, value in _families(stats):
+            metric = self._prefix + name
+            if kind == "counter":
+                yield CounterMetricFamily(metric, help_text, value=value)
+            elif kind == "gauge":
+                yield GaugeMetricFamily(metric, help_text, value=value)
+            else:
+                buckets, cumulative = [], 0
+                for bound, count in value["buckets"]:
+                    cumulative += count
+                    buckets.append((_le(bound), cumulative))
+                if not buckets or buckets[-1][0] != "+Inf":
+                    buckets.append(("+Inf", value["count"]))
+                yield HistogramMetricFamily(
+                    metric, help_text, buckets=buckets, sum_value=value["sum"]
+                )
+
+
+def instrument_opentelemetry(loop: asyncio.AbstractEventLoop, meter: Any = None,
+                             prefix: str = "ferroloop.") -> list[Any]:
+    """Observable counters and gauges for the loop's stats on `meter` (by default
+    `opentelemetry.metrics.get_meter("ferroloop")`); returns the instruments.
+    Histograms are left to the Prometheus path: OpenTelemetry's API has no observable
+    histogram."""
+    from opentelemetry import metrics
+    from opentelemetry.metrics import Observation
+
+    meter = meter or metrics.get_meter("ferroloop")
+
+    def observe(key: str):
+        def callback(_options):
+            if loop.is_closed():
+                return []
+            stats = snapshot(loop)
+            return [Observation(stats[key])] if key in stats else []
+
+        return callback
+
+    instruments = []
+    for key, name, help_text in _COUNTERS:
+        instruments.append(
+            meter.create_observable_counter(prefix + name, [observe(key)], description=help_text)
+        )
+    for key, name, help_text in _GAUGES:
+        instruments.append(
+            meter.create_observable_gauge(prefix + name, [observe(key)], description=help_text)
+        )
+    return instruments
+
+
+__all__ = ["PrometheusCollector", "instrument_opentelemetry", "prometheus_text", "snapshot"]

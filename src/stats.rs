@@ -1,0 +1,267 @@
+//! The loop's own metrics (`loop.stats()`): counters kept on every turn at the cost of
+//! an addition, and, only when timing is switched on (`loop.set_stats_timing(True)`),
+//! clock readings around the poll, the turn and each callback.
+//!
+//! Histograms have log-spaced buckets: bucket `i` counts values in `[2^(i-1), 2^i)`
+//! of their unit (nanoseconds for times, entries for the ready queue's depth), bucket
+//! 0 the zeros.
+
+use std::time::Instant;
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::event_loop::{FdOwner, LoopCore, LoopState, Ready};
+
+/// Buckets per histogram: up to 2^39 ns (about 9 minutes) or 2^39 entries.
+const BUCKETS: usize = 40;
+
+#[derive(Clone)]
+pub(crate) struct Histogram {
+    buckets: [u64; BUCKETS],
+    count: u64,
+    sum: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: [0; BUCKETS],
+            count: 0,
+            sum: 0,
+        }
+    }
+}
+
+impl Histogram {
+    #[inline]
+    pub fn record(&mut self, value: u64) {
+        let bucket = (u64::BITS - value.leading_zeros()) as usize;
+        self.buckets[bucket.min(BUCKETS - 1)] += 1;
+        self.count += 1;
+        self.sum = self.sum.saturating_add(value);
+    }
+
+    /// `{"buckets": [(upper bound, count), ...], "count": n, "sum": total}`, the
+    /// bounds and the sum in `unit`s (1e-9 turns nanoseconds into seconds). Buckets
+    /// after the last non-empty one are left out; the last bound is +inf.
+    fn to_dict<'py>(&self, py: Python<'py>, unit: f64) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        let last = self
+            .buckets
+            .iter()
+            .rposition(|&n| n > 0)
+            .map_or(0, |i| i + 1);
+        let mut buckets = Vec::with_capacity(last);
+        for (i, &n) in self.buckets.iter().enumerate().take(last) {
+            let bound = if i == BUCKETS - 1 {
+                f64::INFINITY
+            } else {
+                // Bucket i holds values below 2^i.
+                (1u64 << i) as f64 * unit
+            };
+            buckets.push((bound, n));
+        }
+        dict.set_item("buckets", buckets)?;
+        dict.set_item("count", self.count)?;
+        dict.set_item("sum", self.sum as f64 * unit)?;
+        Ok(dict)
+    }
+}
+
+/// What the loop counts.
+#[derive(Clone, Default)]
+pub(crate) struct LoopStats {
+    pub turns: u64,
+    /// Handles and scheduled calls run (timers included).
+    pub callbacks: u64,
+    /// Transport readiness events handled, and `sock_*` operations retried.
+    pub io_events: u64,
+    pub timers_scheduled: u64,
+    pub timers_fired: u64,
+    pub timers_cancelled: u64,
+    /// Bytes moved by transports that are no longer registered (the live ones are
+    /// added at the snapshot).
+    pub closed_bytes_read: u64,
+    pub closed_bytes_written: u64,
+    /// The ready queue's length at the start of each turn's callbacks.
+    pub ready_depth: Histogram,
+    /// How late each timer fired after its deadline, in ns (from the clock reading the
+    /// turn makes anyway when timers exist).
+    pub timer_lateness: Histogram,
+    /// Set by `set_stats_timing`: the clock is read around the poll, the turn and each
+    /// callback.
+    pub timing: bool,
+    pub polling_ns: u64,
+    pub running_ns: u64,
+    pub turn_length: Histogram,
+    pub callback_length: Histogram,
+}
+
+impl LoopStats {
+    /// A turn begins: counted, and its start time when timing is on.
+    #[inline]
+    pub fn begin_turn(&mut self) -> Option<Instant> {
+        self.turns += 1;
+        self.timing.then(Instant::now)
+    }
+
+    /// The turn that began at `started` polled until `polled` and has now ended.
+    pub fn end_turn(&mut self, started: Instant, polled: Instant) {
+        let now = Instant::now();
+        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.polling_ns = self.polling_ns.saturating_add(ns(polled - started));
+        self.running_ns = self.running_ns.saturating_add(ns(now - polled));
+        self.turn_length.record(ns(now - started));
+    }
+
+    /// A timer is queued to run, `late` seconds after its deadline.
+    #[inline]
+    pub fn timer_fired(&mut self, late: f64) {
+        self.timers_fired += 1;
+        // Negative within the clock's resolution (a timer due "now"): on time.
+        self.timer_lateness.record((late.max(0.0) * 1e9) as u64);
+    }
+
+    /// Counts an entry taken off the ready queue.
+    #[inline]
+    pub fn count_ready(&mut self, item: &Ready) {
+        match item {
+            Ready::Handle(_) | Ready::Call(_) => self.callbacks += 1,
+            Ready::Io(..) | Ready::Sock(_) => self.io_events += 1,
+        }
+    }
+
+    /// The snapshot as a dict of plain values (the Python layer adds what only it
+    /// knows and the live transports' bytes).
+    pub fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        dict.set_item("turns", self.turns)?;
+        dict.set_item("callbacks", self.callbacks)?;
+        dict.set_item("io_events", self.io_events)?;
+        dict.set_item("timers_scheduled", self.timers_scheduled)?;
+        dict.set_item("timers_fired", self.timers_fired)?;
+        dict.set_item("timers_cancelled", self.timers_cancelled)?;
+        dict.set_item("bytes_read", self.closed_bytes_read)?;
+        dict.set_item("bytes_written", self.closed_bytes_written)?;
+        dict.set_item("timing", self.timing)?;
+        let histograms = PyDict::new(py);
+        histograms.set_item("ready_depth", self.ready_depth.to_dict(py, 1.0)?)?;
+        histograms.set_item(
+            "timer_lateness_seconds",
+            self.timer_lateness.to_dict(py, 1e-9)?,
+        )?;
+        if self.timing {
+            dict.set_item("time_polling", self.polling_ns as f64 * 1e-9)?;
+            dict.set_item("time_running", self.running_ns as f64 * 1e-9)?;
+            histograms.set_item("turn_seconds", self.turn_length.to_dict(py, 1e-9)?)?;
+            histograms.set_item("callback_seconds", self.callback_length.to_dict(py, 1e-9)?)?;
+        }
+        dict.set_item("histograms", histograms)?;
+        Ok(dict)
+    }
+}
+
+impl LoopState {
+    /// The turn's callbacks begin: how many (the queue's length now, recorded) and
+    /// whether each is timed.
+    #[inline]
+    pub(crate) fn begin_ready(&mut self) -> (usize, bool) {
+        let depth = self.ready.len();
+        self.stats.ready_depth.record(depth as u64);
+        (depth, self.stats.timing)
+    }
+
+    /// The next entry of the ready queue, counted.
+    #[inline]
+    pub(crate) fn take_ready(&mut self) -> Option<Ready> {
+        let item = self.ready.pop_front()?;
+        self.stats.count_ready(&item);
+        Some(item)
+    }
+}
+
+impl LoopCore {
+    /// A transport closed its socket after moving `(read, written)` bytes.
+    pub(crate) fn note_closed_transport(&self, py: Python<'_>, moved: (u64, u64)) -> PyResult<()> {
+        let mut st = self.state.borrow_mut(py)?;
+        st.stats.closed_bytes_read += moved.0;
+        st.stats.closed_bytes_written += moved.1;
+        Ok(())
+    }
+
+    /// `loop.stats()` without what only the Python layer knows: the counters, the live
+    /// transports' bytes added, and what is registered now.
+    pub(crate) fn stats_snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let st = self.state.borrow_mut(py)?;
+        let dict = st.stats.to_dict(py)?;
+        let (mut read, mut written) = (st.stats.closed_bytes_read, st.stats.closed_bytes_written);
+        let (mut watched, mut transports) = (0u64, 0u64);
+        for owner in st.fds.owners() {
+            match owner {
+                FdOwner::Callbacks(_) => watched += 1,
+                FdOwner::Transport(transport) => {
+                    transports += 1;
+                    if let Some((r, w, _)) = transport.counters(py) {
+                        read += r;
+                        written += w;
+                    }
+                }
+            }
+        }
+        dict.set_item("bytes_read", read)?;
+        dict.set_item("bytes_written", written)?;
+        dict.set_item("fds_watched", watched)?;
+        dict.set_item("transports_registered", transports)?;
+        dict.set_item("ready", st.ready.len())?;
+        dict.set_item("timers_pending", st.timers.len())?;
+        Ok(dict)
+    }
+
+    /// The transports registered with the loop now.
+    pub(crate) fn registered_transports<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let st = self.state.borrow_mut(py)?;
+        Ok(st
+            .fds
+            .owners()
+            .filter_map(|owner| match owner {
+                FdOwner::Transport(transport) => Some(transport.as_any(py).clone()),
+                FdOwner::Callbacks(_) => None,
+            })
+            .collect())
+    }
+
+    pub(crate) fn time_stats(&self, py: Python<'_>, on: bool) -> PyResult<()> {
+        self.state.borrow_mut(py)?.stats.timing = on;
+        Ok(())
+    }
+}
+
+/// Nanoseconds since `start`, saturating.
+#[inline]
+pub(crate) fn elapsed_ns(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_log_spaced() {
+        let mut h = Histogram::default();
+        for v in [0, 1, 2, 3, 4, 1000, u64::MAX] {
+            h.record(v);
+        }
+        assert_eq!(h.buckets[0], 1); // 0
+        assert_eq!(h.buckets[1], 1); // 1
+        assert_eq!(h.buckets[2], 2); // 2, 3
+        assert_eq!(h.buckets[3], 1); // 4
+        assert_eq!(h.buckets[10], 1); // 1000 < 1024
+        assert_eq!(h.buckets[BUCKETS - 1], 1); // clamped
+        assert_eq!(h.count, 7);
+    }
+}

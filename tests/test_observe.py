@@ -1,0 +1,239 @@
+"""loop.stats(), loop.connections() and their Prometheus and OpenTelemetry exports
+(ferroloop only: asyncio has no such calls). Counters are checked against scripted
+workloads exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import socket
+import ssl
+import sys
+import threading
+
+import ferroloop
+import pytest
+from ferroloop import metrics
+
+
+@pytest.fixture
+def loop():
+    loop = ferroloop.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def deltas(before, after, *keys):
+    return {key: after[key] - before[key] for key in keys}
+
+
+def test_callbacks_and_timers_counted_exactly(loop):
+    n_callbacks, n_timers, n_cancelled = 1000, 100, 30
+    ran = []
+    for i in range(n_callbacks - 1):
+        loop.call_soon(ran.append, i)
+    timers = [loop.call_later(0, ran.append, -1) for _ in range(n_timers)]
+    for timer in timers[:n_cancelled]:
+        timer.cancel()
+    before = loop.stats()
+
+    def last():
+        # Stops once every timer had its turn (they are due now).
+        if sum(1 for r in ran if r == -1) < n_timers - n_cancelled:
+            loop.call_soon(last)
+        else:
+            loop.stop()
+
+    loop.call_soon(last)
+    loop.run_forever()
+    after = loop.stats()
+    extra_rounds = after["callbacks"] - before["callbacks"] - n_callbacks - (n_timers - n_cancelled)
+    assert ran.count(-1) == n_timers - n_cancelled
+    # The stopping callback re-queued itself once per extra round it waited.
+    assert extra_rounds >= 0
+    assert extra_rounds == after["turns"] - before["turns"] - 1
+    assert deltas(before, after, "timers_fired", "timers_cancelled") == {
+        "timers_fired": n_timers - n_cancelled,
+        "timers_cancelled": 0,  # cancelled before `before`
+    }
+    assert after["timers_scheduled"] == n_timers
+    assert before["timers_cancelled"] == n_cancelled
+    assert after["histograms"]["timer_lateness_seconds"]["count"] == n_timers - n_cancelled
+
+
+def test_stream_bytes_counted_exactly_and_kept_after_close(loop):
+    to_peer, from_peer = os.urandom(300_000), os.urandom(123_457)
+    a, b = socket.socketpair()
+
+    class Proto(asyncio.Protocol):
+        def __init__(self):
+            self.got = bytearray()
+            self.done = loop.create_future()
+
+        def data_received(self, data):
+            self.got += data
+            if len(self.got) == len(from_peer):
+                self.done.set_result(None)
+
+    def peer():
+        received = bytearray()
+        while len(received) < len(to_peer):
+            received += b.recv(65536)
+        b.sendall(from_peer)
+        return bytes(received)
+
+    async def main():
+        before = loop.stats()
+        transport, proto = await loop.connect_accepted_socket(Proto, a)
+        peer_done = loop.run_in_executor(None, peer)
+        transport.write(to_peer)
+        received = await peer_done
+        await proto.done
+        assert received == to_peer and bytes(proto.got) == from_peer
+        (row,) = [r for r in loop.connections() if r["fd"] == a.fileno()]
+        assert (row["bytes_read"], row["bytes_written"]) == (len(from_peer), len(to_peer))
+        assert row["kind"] == "unix" and row["reading"] and row["age"] >= 0
+        transport.close()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        after = loop.stats()
+        assert deltas(before, after, "bytes_read", "bytes_written") == {
+            "bytes_read": len(from_peer),
+            "bytes_written": len(to_peer),
+        }
+
+    loop.run_until_complete(main())
+    b.close()
+
+
+def test_timing_is_off_until_asked_and_then_counts_every_turn(loop):
+    loop.run_until_complete(asyncio.sleep(0))
+    stats = loop.stats()
+    assert stats["timing"] is False
+    assert "time_polling" not in stats and "turn_seconds" not in stats["histograms"]
+    loop.set_stats_timing(True)
+    before = loop.stats()
+    loop.run_until_complete(asyncio.sleep(0.05))
+    after = loop.stats()
+    turns = after["turns"] - before["turns"]
+    hist = after["histograms"]["turn_seconds"]
+    assert hist["count"] == turns
+    assert after["time_polling"] >= 0.04  # the sleep was spent in the poller
+    assert after["histograms"]["callback_seconds"]["count"] >= 1
+    assert sum(count for _, count in hist["buckets"]) == hist["count"]
+    bounds = [bound for bound, _ in hist["buckets"]]
+    assert bounds == sorted(bounds)
+    assert all(math.log2(bound * 1e9).is_integer() for bound in bounds if bound != math.inf)
+
+
+def test_accepts_and_exceptions_counted(loop):
+    async def main():
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        for _ in range(5):
+            _, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+            writer.close()
+            await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+    before = loop.stats()
+    loop.set_exception_handler(lambda lp, ctx: None)
+    loop.run_until_complete(main())
+    loop.call_exception_handler({"message": "one"})
+    after = loop.stats()
+    assert deltas(before, after, "connections_accepted", "exceptions_reported") == {
+        "connections_accepted": 5,
+        "exceptions_reported": 1,
+    }
+
+
+def test_connections_lists_every_kind(loop, tmp_path):
+    certs = pytest.importorskip("test.test_asyncio.utils")
+
+    async def main():
+        sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        sctx.load_cert_chain(certs.SIGNED_CERTFILE)
+        cctx = ssl.create_default_context(cafile=certs.SIGNING_CA)
+        tls_server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0, ssl=sctx)
+        _, tls_writer = await asyncio.open_connection(
+            *tls_server.sockets[0].getsockname(), ssl=cctx, server_hostname="localhost"
+        )
+        path = str(tmp_path / "s.sock")
+        unix_server = await asyncio.start_unix_server(lambda r, w: None, path)
+        _, unix_writer = await asyncio.open_unix_connection(path)
+        udp, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import sys; sys.stdin.read()", stdin=asyncio.subprocess.PIPE
+        )
+        kinds = {}
+        for row in loop.connections():
+            kinds.setdefault(row["kind"], []).append(row)
+        assert set(kinds) >= {"tcp", "unix", "udp", "pipe", "subprocess"}
+        (tls_row,) = [r for r in kinds["tcp"] if r["tls"] and r["peer"] == tls_writer.get_extra_info("sockname")]
+        assert tls_row["tls"]["version"] == tls_writer.get_extra_info("ssl_object").version()
+        assert tls_row["tls"]["cipher"] == tls_writer.get_extra_info("cipher")[0]
+        assert [r["pid"] for r in kinds["subprocess"]] == [proc.pid]
+        assert kinds["udp"][0]["local"] == udp.get_extra_info("sockname")
+        proc.stdin.close()
+        await proc.wait()
+        for writer in (tls_writer, unix_writer):
+            writer.close()
+        udp.close()
+        tls_server.close()
+        unix_server.close()
+        await tls_server.wait_closed()
+        await unix_server.wait_closed()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 60))
+
+
+def test_prometheus_text_parses_and_the_collector_registers(loop):
+    parser = pytest.importorskip("prometheus_client.parser")
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    loop.set_stats_timing(True)
+    loop.run_until_complete(asyncio.sleep(0.01))
+    text = metrics.prometheus_text(loop)
+    families = {f.name: f for f in parser.text_string_to_metric_families(text)}
+    assert families["ferroloop_turns"].type == "counter"
+    assert families["ferroloop_turn_seconds"].type == "histogram"
+    turns = [s.value for s in families["ferroloop_turns"].samples if s.name == "ferroloop_turns_total"]
+    assert turns == [loop.stats()["turns"]]
+    registry = CollectorRegistry()
+    registry.register(metrics.PrometheusCollector(loop))
+    exposed = generate_latest(registry).decode()
+    assert "ferroloop_callbacks_total" in exposed
+    assert 'ferroloop_turn_seconds_bucket{le="+Inf"}' in exposed
+
+
+def test_a_snapshot_from_another_thread_is_taken_on_the_loop(loop):
+    got = {}
+
+    async def main():
+        thread = threading.Thread(target=lambda: got.update(metrics.snapshot(loop)))
+        thread.start()
+        while thread.is_alive():
+            await asyncio.sleep(0.01)
+
+    loop.run_until_complete(main())
+    assert got["turns"] > 0
+
+
+def test_opentelemetry_reads_the_stats(loop):
+    sdk = pytest.importorskip("opentelemetry.sdk.metrics")
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    provider = sdk.MeterProvider(metric_readers=[reader])
+    metrics.instrument_opentelemetry(loop, provider.get_meter("test"))
+    loop.run_until_complete(asyncio.sleep(0))
+    data = reader.get_metrics_data()
+    points = {
+        m.name: m.data.data_points[0].value
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    assert points["ferroloop.turns"] == loop.stats()["turns"]
+    assert "ferroloop.timers_pending" in points
