@@ -30,7 +30,7 @@ class TlsFiles:
         return {CERT_ENV: self.cert, KEY_ENV: self.key}
 
 
-def _test_suite_files() -> TlsFiles:
+def test_suite_files() -> TlsFiles:
     from test.test_asyncio import utils
 
     # keycert3.pem holds the key and the certificate chain.
@@ -42,7 +42,7 @@ def tls_files() -> Iterator[TlsFiles]:
     try:
         import trustme
     except ImportError:
-        yield _test_suite_files()
+        yield test_suite_files()
         return
     with tempfile.TemporaryDirectory(prefix="ferroloop-bench-tls-") as folder:
         ca = trustme.CA()
@@ -64,7 +64,7 @@ def server_files() -> tuple[str, str]:
     cert = os.environ.get(CERT_ENV)
     if cert:
         return cert, os.environ[KEY_ENV]
-    files = _test_suite_files()
+    files = test_suite_files()
     return files.cert, files.key
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from _loops import available_loops
 from _stats import spread, write_outputs
-from _tls import TlsFiles, tls_files
+from _tls import TlsFiles, test_suite_files, tls_files
 from framework_servers import FRAMEWORKS
 
 BENCH = Path(__file__).resolve().parent
@@ -138,7 +138,9 @@ def run_cell(targets: dict[str, Server], kind, size, conns, cycles, slice_ms, ge
     else:
         argv += ["--mode", MODES.get(kind, "echo")]
     if uses_tls(kind):
-        argv += ["--tls-ca", ca]
+        # Servers started without the harness's certificate (bench/ab.py starts its own)
+        # use the test suite's.
+        argv += ["--tls-ca", ca or test_suite_files().ca]
     argv += ["--slice-ms", str(slice_ms), "--cycles", str(cycles)]
     for name, server in targets.items():
         argv += ["--target", f"{name},{server.pid},{server.port}"]
