@@ -27,7 +27,7 @@ use crate::handles::{self, Handle, LentContext, QueuedCall, TimerHandle};
 use crate::loop_attrs;
 use crate::poller::{self, Event, Events, Poller, Readiness, Registry, READABLE, WRITABLE};
 use crate::sock_ops::SockOp;
-use crate::stats::{elapsed_ns, LoopStats};
+use crate::stats::LoopStats;
 use crate::timers::Timers;
 pub(crate) use crate::transport_registry::NativeTransport;
 use crate::transports::stream::StreamTransport;
@@ -377,11 +377,12 @@ impl LoopCore {
         // Consecutive callbacks whose handles copied an empty context share one entered
         // empty context; everything else leaves it first.
         let mut lent = LentContext::default();
+        // With timing on, one clock reading per callback: where one ends the next begins.
+        let mut last = timing.then(Instant::now);
         for _ in 0..ntodo {
             let Some(item) = core.state.borrow_mut(py)?.take_ready() else {
                 break;
             };
-            let started = timing.then(Instant::now);
             if !matches!(item, Ready::Handle(_)) {
                 lent.leave(py)?;
             }
@@ -409,12 +410,15 @@ impl LoopCore {
                 Ready::Io(transport, readiness) => transport.on_ready(py, readiness)?,
                 Ready::Sock(op) => core.run_sock_op(py, op)?,
             }
-            if let Some(started) = started {
+            if let Some(started) = last {
+                let now = Instant::now();
+                let took = u64::try_from((now - started).as_nanos()).unwrap_or(u64::MAX);
                 core.state
                     .borrow_mut(py)?
                     .stats
                     .callback_length
-                    .record(elapsed_ns(started));
+                    .record(took);
+                last = Some(now);
             }
         }
         lent.leave(py)

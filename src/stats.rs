@@ -240,12 +240,6 @@ impl LoopCore {
     }
 }
 
-/// Nanoseconds since `start`, saturating.
-#[inline]
-pub(crate) fn elapsed_ns(start: Instant) -> u64 {
-    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

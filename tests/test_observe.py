@@ -151,16 +151,20 @@ def test_accepts_and_exceptions_counted(loop):
 def test_connections_lists_every_kind(loop, tmp_path):
     certs = pytest.importorskip("test.test_asyncio.utils")
 
+    # The server sides' writers are kept: from 3.12 a collected StreamWriter closes its
+    # transport.
+    kept = []
+
     async def main():
         sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         sctx.load_cert_chain(certs.SIGNED_CERTFILE)
         cctx = ssl.create_default_context(cafile=certs.SIGNING_CA)
-        tls_server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0, ssl=sctx)
+        tls_server = await asyncio.start_server(lambda r, w: kept.append(w), "127.0.0.1", 0, ssl=sctx)
         _, tls_writer = await asyncio.open_connection(
             *tls_server.sockets[0].getsockname(), ssl=cctx, server_hostname="localhost"
         )
         path = str(tmp_path / "s.sock")
-        unix_server = await asyncio.start_unix_server(lambda r, w: None, path)
+        unix_server = await asyncio.start_unix_server(lambda r, w: kept.append(w), path)
         _, unix_writer = await asyncio.open_unix_connection(path)
         udp, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
         proc = await asyncio.create_subprocess_exec(
@@ -177,7 +181,7 @@ def test_connections_lists_every_kind(loop, tmp_path):
         assert kinds["udp"][0]["local"] == udp.get_extra_info("sockname")
         proc.stdin.close()
         await proc.wait()
-        for writer in (tls_writer, unix_writer):
+        for writer in (tls_writer, unix_writer, *kept):
             writer.close()
         udp.close()
         tls_server.close()
@@ -237,3 +241,15 @@ def test_opentelemetry_reads_the_stats(loop):
     }
     assert points["ferroloop.turns"] == loop.stats()["turns"]
     assert "ferroloop.timers_pending" in points
+
+
+def test_the_environment_switches_timing_on():
+    import subprocess
+
+    script = "import ferroloop; print(ferroloop.new_event_loop().stats()['timing'])"
+    for value, expected in (("1", "True"), ("", "False")):
+        proc = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+            env={**os.environ, "FERROLOOP_STATS_TIMING": value}, check=False,
+        )
+        assert proc.stdout.strip() == expected, proc.stderr

@@ -65,6 +65,8 @@ class Loop(
         # Children being watched: pid -> (pidfd or None, transport).
         self._children: dict[int, tuple[int | None, object]] = {}
         self._init_observe()
+        if os.environ.get("FERROLOOP_STATS_TIMING") == "1":
+            self.set_stats_timing(True)
         if self._time_overridden():
             self._set_custom_clock(True)
 

@@ -106,7 +106,9 @@ def _native_row(transport) -> dict[str, Any]:
 
 
 def _tls_info(protocol) -> dict[str, Any]:
-    sslobj = protocol._sslobj
+    sslobj = getattr(protocol, "_sslobj", None)
+    if sslobj is None:  # 3.10's sslproto keeps it in its SSL pipe
+        sslobj = getattr(getattr(protocol, "_sslpipe", None), "ssl_object", None)
     cipher = sslobj.cipher() if sslobj is not None else None
     return {
         "version": sslobj.version() if sslobj is not None else None,
