@@ -250,9 +250,7 @@ def test_check_hostname_off_accepts_another_name(loop, pki, verify_mode):
         assert peercert["subjectAltName"][0] == ("DNS", "localhost")
 
 
-@pytest.mark.parametrize(
-    "case", ["wrong-hostname", "untrusted-ca", "expired", "no-ca-loaded"]
-)
+@pytest.mark.parametrize("case", ["wrong-hostname", "untrusted-ca", "expired", "no-ca-loaded"])
 def test_bad_certificate_is_the_verification_error_ssl_gives(loop, pki, case):
     server_cert = {"untrusted-ca": pki.untrusted, "expired": pki.expired}.get(case)
     server_ctx = pki.server_context(server_cert)
@@ -276,13 +274,13 @@ def test_bad_certificate_is_the_verification_error_ssl_gives(loop, pki, case):
     assert seen == []
 
 
-
 class ThreadPeer:
     """A blocking peer on its own thread, for the behaviours under test on the other
     end: it accepts one connection and runs `script(conn)` on it."""
 
     def __init__(self, script):
         self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(20)
         self.port = self.listener.getsockname()[1]
         self.script = script
         self.result = self.error = None
@@ -294,20 +292,23 @@ class ThreadPeer:
             conn.settimeout(20)
             with conn:
                 self.result = self.script(conn)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test by join()
+        except BaseException as exc:  # noqa: BLE001 - raised in the test by outcome()
             self.error = exc
 
     def __enter__(self):
         self.thread.start()
         return self
 
-    def __exit__(self, *exc_info):
-        self.thread.join(20)
+    def __exit__(self, exc_type, *_):
         self.listener.close()
-        assert not self.thread.is_alive()
-
-    def outcome(self):
         self.thread.join(20)
+        if exc_type is None:
+            assert not self.thread.is_alive()
+
+    async def outcome(self):
+        """What the script returned, once it has (without blocking the loop)."""
+        await asyncio.to_thread(self.thread.join, 20)
+        assert not self.thread.is_alive()
         if self.error is not None:
             raise self.error
         return self.result
@@ -331,7 +332,7 @@ def handshake_refused_by_the_server(loop, client_ctx, server_ctx, server_kind):
             with ThreadPeer(blocking_server) as peer:
                 with pytest.raises(ssl.SSLError) as caught:
                     await connect(peer.port, client_ctx)
-                peer.outcome()
+                await peer.outcome()
             return caught.value
         server, port = await serve(server_ctx, recording_handler(seen))
         with pytest.raises(ConnectionResetError) as caught:
@@ -364,7 +365,7 @@ def test_alert_from_a_server_refusing_the_client_is_raised_on_read(loop, pki):
             with pytest.raises(ssl.SSLError) as caught:
                 await reader.read(1)
             writer.close()
-            return caught.value, peer.outcome()
+            return caught.value, await peer.outcome()
 
     error, server_reason = run(loop, main())
     assert server_reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE"
@@ -398,7 +399,10 @@ def test_sni_callback_sees_the_name_and_switches_the_certificate(loop, pki):
         return sans
 
     sans = run(loop, main())
-    assert sans == [(("DNS", "other.example"),), (("DNS", "localhost"), ("IP Address", "127.0.0.1"))]
+    assert sans == [
+        (("DNS", "other.example"),),
+        (("DNS", "localhost"), ("IP Address", "127.0.0.1")),
+    ]
     assert names == [("other.example", True, True), ("localhost", True, True)]
     assert seen[0]["ssl_object"].context is other_ctx
     assert seen[1]["ssl_object"].context is server_ctx
@@ -422,7 +426,8 @@ def test_sni_callback_failing_fails_the_handshake(loop, pki, monkeypatch, outcom
     # The exception raised in the callback is reported as unraisable, once for the
     # reference handshake and once for the server's.
     errors = [(type(u.exc_value), str(u.exc_value)) for u in unraisable]
-    assert errors == ([(ValueError, "no certificate for localhost")] * 2 if outcome == "raises" else [])
+    raised = [(ValueError, "no certificate for localhost")] * 2
+    assert errors == (raised if outcome == "raises" else [])
 
 
 @pytest.mark.parametrize(
@@ -620,7 +625,8 @@ def test_get_extra_info_on_both_ends(loop, pki):
     for info, ctx, side in ((client, client_ctx, "client"), (server, server_ctx, "server")):
         sslobj = info["ssl_object"]
         assert isinstance(sslobj, ssl.SSLObject)
-        assert (sslobj.version(), sslobj.server_side, sslobj.context) == ("TLSv1.3", side == "server", ctx)
+        assert (sslobj.version(), sslobj.server_side) == ("TLSv1.3", side == "server")
+        assert sslobj.context is ctx
         assert info["sslcontext"] is ctx
         assert info["peercert"] == sslobj.getpeercert()
         assert info["cipher"] == sslobj.cipher()
@@ -634,7 +640,9 @@ def test_get_extra_info_on_both_ends(loop, pki):
     assert client["peername"] == server["sockname"] == ("127.0.0.1", client["port"])
     assert server["peername"] == client["sockname"]
     assert client["ssl_object"].server_hostname == "localhost"
-    assert client["peercert"]["subjectAltName"] == (("DNS", "localhost"), ("IP Address", "127.0.0.1"))
+    assert client["peercert"]["subjectAltName"] == (
+        ("DNS", "localhost"), ("IP Address", "127.0.0.1")
+    )
     assert dict(x[0] for x in server["peercert"]["subject"])["commonName"] == "client"
     assert server["peercert"]["issuer"] == client["peercert"]["issuer"]
 
@@ -676,8 +684,11 @@ def test_garbage_instead_of_a_client_hello_closes_and_the_server_goes_on(loop, p
     assert len(seen) == 1
 
 
-def test_failed_server_handshake_is_not_reported_outside_debug_mode(loop, loop_name, request, pki):
-    if loop_name == "ferroloop":
+@pytest.mark.parametrize("debug", [False, True], ids=["", "debug"])
+def test_failed_server_handshake_is_reported_only_in_debug_mode(
+    loop, loop_name, request, pki, debug
+):
+    if loop_name == "ferroloop" and not debug:
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
             "ferroloop's _accept_ssl (python/ferroloop/_serve.py) calls the exception "
             "handler for every failed server-side handshake; asyncio's "
@@ -686,6 +697,7 @@ def test_failed_server_handshake_is_not_reported_outside_debug_mode(loop, loop_n
     reports = []
 
     async def main():
+        loop.set_debug(debug)
         loop.set_exception_handler(lambda loop, context: reports.append(context))
         server, port = await serve(pki.server_context())
         assert await asyncio.to_thread(_send_and_read_to_the_end, port, GARBAGE["zeros"]) == b""
@@ -695,7 +707,10 @@ def test_failed_server_handshake_is_not_reported_outside_debug_mode(loop, loop_n
         await stop(server)
 
     run(loop, main())
-    assert reports == []
+    got = [(c["message"], type(c["exception"]), c["exception"].reason) for c in reports]
+    expected = ("Error on transport creation for incoming connection", ssl.SSLError,
+                "WRONG_VERSION_NUMBER")
+    assert got == ([expected] if debug else [])
 
 
 def _read_record(conn):
@@ -731,10 +746,11 @@ def test_garbage_instead_of_a_server_hello_is_the_ssl_error_ssl_gives(loop, pki,
         with ThreadPeer(script) as peer:
             with pytest.raises(ssl.SSLError) as caught:
                 await connect(peer.port, pki.client_context())
-            return caught.value, peer.outcome()
+            return caught.value, await peer.outcome()
 
     error, after = run(loop, main())
-    assert describe(error) == describe(reference_client_reads(pki.client_context(), GARBAGE[garbage]))
+    expected = reference_client_reads(pki.client_context(), GARBAGE[garbage])
+    assert describe(error) == describe(expected)
     assert after == b""  # asyncio's client sends no alert either
 
 
@@ -809,7 +825,7 @@ def test_peer_closing_mid_stream(loop, pki, end):
                 server_hostname="localhost",
             )
             await lost
-            peer.outcome()
+            await peer.outcome()
         return client.events
 
     events = run(loop, main())
@@ -828,7 +844,7 @@ def test_peer_closing_during_the_handshake_is_connection_reset(loop, pki):
         with ThreadPeer(script) as peer:
             with pytest.raises(ConnectionResetError) as caught:
                 await connect(peer.port, pki.client_context())
-            peer.outcome()
+            await peer.outcome()
             return caught.value
 
     error = run(loop, main())
@@ -1081,7 +1097,7 @@ def test_start_tls_on_a_live_client_connection(loop, pki):
             tls.write(payload)
             digest = await client.take(32)
             tls.close()
-            return digest, await client.lost, peer.outcome()
+            return digest, await client.lost, await peer.outcome()
 
     digest, lost, outcome = run(loop, main())
     assert (digest, lost, outcome) == (hashlib.sha256(payload).digest(), None, (True, b""))
@@ -1146,8 +1162,9 @@ def _rss():
 
 def test_1000_tls_connections_leak_no_fd_and_no_memory(loop, pki):
     # After a warm-up (the allocator's arenas, caches), 1,000 more connections opened
-    # and closed leave the fd count as it was and the RSS within 5 MiB: a leaked
-    # ssl.SSLObject costs about 40 KiB, so even a fraction of one per connection shows.
+    # and closed leave the fd count as it was and the RSS within 10 MiB (it moves by
+    # 0 to 1.5 MiB): the SSL object of each connection, if leaked, would cost about
+    # 40 MiB.
     async def main():
         active = 0
         idle = asyncio.Event()
@@ -1184,4 +1201,4 @@ def test_1000_tls_connections_leak_no_fd_and_no_memory(loop, pki):
 
     fds_grown, rss_grown = run(loop, main(), timeout=120)
     assert fds_grown == 0
-    assert rss_grown < 5 << 20
+    assert rss_grown < 10 << 20
