@@ -157,6 +157,79 @@ def run(loop, coro, timeout=30):
     return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
+class Collector(asyncio.Protocol):
+    """Keeps what arrives; a test awaits the next `n` bytes with `take(n)`."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.lost = asyncio.get_running_loop().create_future()
+        self._wakeup = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.data += data
+        self._wake()
+
+    def connection_lost(self, exc):
+        self.lost.set_result(exc)
+        self._wake()
+
+    def _wake(self):
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def take(self, n):
+        while len(self.data) < n:
+            assert not self.lost.done(), bytes(self.data)
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+        taken = bytes(self.data[:n])
+        del self.data[:n]
+        return taken
+
+
+class ThreadPeer:
+    """A blocking peer on its own thread, for the behaviours under test on the other
+    end: it accepts one connection and runs `script(conn)` on it."""
+
+    def __init__(self, script):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(20)
+        self.port = self.listener.getsockname()[1]
+        self.script = script
+        self.result = self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            conn, _ = self.listener.accept()
+            conn.settimeout(20)
+            with conn:
+                self.result = self.script(conn)
+        except BaseException as exc:  # noqa: BLE001 - raised in the test by outcome()
+            self.error = exc
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.listener.close()
+        self.thread.join(20)
+        if exc_type is None:
+            assert not self.thread.is_alive()
+
+    async def outcome(self):
+        """What the script returned, once it has (without blocking the loop)."""
+        await asyncio.to_thread(self.thread.join, 20)
+        assert not self.thread.is_alive()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 # Every SSLContext setting applies.
 
 
@@ -250,6 +323,39 @@ def test_check_hostname_off_accepts_another_name(loop, pki, verify_mode):
         assert peercert["subjectAltName"][0] == ("DNS", "localhost")
 
 
+@pytest.mark.parametrize(
+    "host, server_hostname, sni, checked",
+    [
+        ("localhost", None, "localhost", "localhost"),
+        ("127.0.0.1", None, None, "127.0.0.1"),  # an IP address is not sent as SNI
+        ("127.0.0.1", "", None, None),  # "" turns the hostname check off
+    ],
+    ids=["name", "address", "empty"],
+)
+def test_server_hostname_taken_from_the_host(loop, pki, host, server_hostname, sni, checked):
+    # With "", asyncio checks no name at all: the server's certificate is for
+    # other.example there.
+    cert = pki.other_name if server_hostname == "" else None
+    server_ctx = pki.server_context(cert)
+    names = []
+    server_ctx.sni_callback = lambda sslobj, name, ctx: names.append(name)
+    kwargs = {} if server_hostname is None else {"server_hostname": server_hostname}
+
+    async def main():
+        server, port = await serve(server_ctx)
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=pki.client_context(), **kwargs
+        )
+        await ping(reader, writer)
+        got = writer.get_extra_info("ssl_object").server_hostname
+        await close(writer)
+        await stop(server)
+        return got
+
+    assert run(loop, main()) == checked
+    assert names == [sni]
+
+
 @pytest.mark.parametrize("case", ["wrong-hostname", "untrusted-ca", "expired", "no-ca-loaded"])
 def test_bad_certificate_is_the_verification_error_ssl_gives(loop, pki, case):
     server_cert = {"untrusted-ca": pki.untrusted, "expired": pki.expired}.get(case)
@@ -259,7 +365,9 @@ def test_bad_certificate_is_the_verification_error_ssl_gives(loop, pki, case):
         client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     hostname = "wrong.example" if case == "wrong-hostname" else "localhost"
     expected = reference_handshake(client_ctx, server_ctx, hostname)
-    assert isinstance(expected, ssl.SSLCertVerificationError)
+    # X509_V_ERR_HOSTNAME_MISMATCH, _UNABLE_TO_GET_ISSUER_CERT_LOCALLY, _CERT_HAS_EXPIRED
+    codes = {"wrong-hostname": 62, "untrusted-ca": 20, "expired": 10, "no-ca-loaded": 20}
+    assert (type(expected), expected.verify_code) == (ssl.SSLCertVerificationError, codes[case])
     seen = []
 
     async def main():
@@ -272,46 +380,6 @@ def test_bad_certificate_is_the_verification_error_ssl_gives(loop, pki, case):
     error = run(loop, main())
     assert describe(error) == describe(expected)
     assert seen == []
-
-
-class ThreadPeer:
-    """A blocking peer on its own thread, for the behaviours under test on the other
-    end: it accepts one connection and runs `script(conn)` on it."""
-
-    def __init__(self, script):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(20)
-        self.port = self.listener.getsockname()[1]
-        self.script = script
-        self.result = self.error = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        try:
-            conn, _ = self.listener.accept()
-            conn.settimeout(20)
-            with conn:
-                self.result = self.script(conn)
-        except BaseException as exc:  # noqa: BLE001 - raised in the test by outcome()
-            self.error = exc
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, exc_type, *_):
-        self.listener.close()
-        self.thread.join(20)
-        if exc_type is None:
-            assert not self.thread.is_alive()
-
-    async def outcome(self):
-        """What the script returned, once it has (without blocking the loop)."""
-        await asyncio.to_thread(self.thread.join, 20)
-        assert not self.thread.is_alive()
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def handshake_refused_by_the_server(loop, client_ctx, server_ctx, server_kind):
@@ -836,6 +904,27 @@ def test_peer_closing_mid_stream(loop, pki, end):
         assert events == [("data", b"partial"), ("eof",), ("lost", None)]
 
 
+@pytest.mark.parametrize("end", sorted(END_OF_STREAM))
+def test_peer_closing_mid_stream_seen_by_a_stream_reader(loop, pki, end):
+    def script(conn):
+        server = BioServer(conn, pki.server_context())
+        server.handshake()
+        conn.sendall(server.records(b"partial") + END_OF_STREAM[end](server))
+
+    async def main():
+        with ThreadPeer(script) as peer:
+            reader, writer = await connect(peer.port, pki.client_context())
+            with pytest.raises(asyncio.IncompleteReadError) as caught:
+                await reader.readexactly(100)
+            after = await reader.read()
+            await close(writer)
+            await peer.outcome()
+        return caught.value, after
+
+    error, after = run(loop, main())
+    assert (error.partial, error.expected, after) == (b"partial", 100, b"")
+
+
 def test_peer_closing_during_the_handshake_is_connection_reset(loop, pki):
     def script(conn):
         _read_record(conn)
@@ -878,39 +967,6 @@ def test_handshake_timeout_on_both_ends(loop, pki):
 
 
 # Data.
-
-
-class Collector(asyncio.Protocol):
-    """Keeps what arrives; a test awaits the next `n` bytes with `take(n)`."""
-
-    def __init__(self):
-        self.data = bytearray()
-        self.lost = asyncio.get_running_loop().create_future()
-        self._wakeup = None
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
-        self.data += data
-        self._wake()
-
-    def connection_lost(self, exc):
-        self.lost.set_result(exc)
-        self._wake()
-
-    def _wake(self):
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    async def take(self, n):
-        while len(self.data) < n:
-            assert not self.lost.done(), bytes(self.data)
-            self._wakeup = asyncio.get_running_loop().create_future()
-            await self._wakeup
-        taken = bytes(self.data[:n])
-        del self.data[:n]
-        return taken
 
 
 def test_3_mib_in_one_write_to_a_client_that_paused_reading(loop, pki):
@@ -1049,6 +1105,9 @@ def test_half_close_is_refused_as_asyncio_refuses_it(loop, pki):
     assert seen == [(False, False, ())]
 
 
+# Other ways in: start_tls on a live connection, Unix sockets, accepted sockets.
+
+
 def _recv_line(conn):
     line = b""
     while not line.endswith(b"\n"):
@@ -1077,11 +1136,12 @@ def test_start_tls_on_a_live_client_connection(loop, pki):
         conn.sendall(b"220 ready\n")
         assert _recv_line(conn) == b"STARTTLS\n"
         conn.sendall(b"220 go ahead\n")
-        tls = pki.server_context().wrap_socket(conn, server_side=True, suppress_ragged_eofs=False)
-        data = _recv_exactly(tls, len(payload))
-        tls.sendall(hashlib.sha256(data).digest())
-        end = tls.recv(1)
-        tls.unwrap()
+        ctx = pki.server_context()
+        with ctx.wrap_socket(conn, server_side=True, suppress_ragged_eofs=False) as tls:
+            data = _recv_exactly(tls, len(payload))
+            tls.sendall(hashlib.sha256(data).digest())
+            end = tls.recv(1)
+            tls.unwrap()
         return data == payload, end
 
     async def main():
@@ -1112,11 +1172,13 @@ def test_start_tls_on_a_live_server_connection(loop, pki):
         assert _recv_line(conn) == b"HI\n"
         conn.sendall(b"STARTTLS\n")
         assert _recv_line(conn) == b"GO\n"
-        tls = client_ctx.wrap_socket(conn, server_hostname="localhost", suppress_ragged_eofs=False)
-        tls.sendall(payload)
-        digest = _recv_exactly(tls, 32)
-        end = tls.recv(1)  # b"" only after the server's close_notify
-        tls.unwrap()
+        with client_ctx.wrap_socket(
+            conn, server_hostname="localhost", suppress_ragged_eofs=False
+        ) as tls:
+            tls.sendall(payload)
+            digest = _recv_exactly(tls, 32)
+            end = tls.recv(1)  # b"" only after the server's close_notify
+            tls.unwrap()
         return digest, end
 
     async def main():
@@ -1153,6 +1215,42 @@ def test_start_tls_on_a_live_server_connection(loop, pki):
 def _connect_and_run(port, script):
     with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
         return script(conn)
+
+
+def test_tls_over_unix_sockets_and_accepted_sockets(loop, pki, tmp_path):
+    path = str(tmp_path / "tls.sock")
+
+    async def main():
+        server = await asyncio.start_unix_server(_echo, path, ssl=pki.server_context())
+        reader, writer = await asyncio.open_unix_connection(
+            path, ssl=pki.client_context(), server_hostname="localhost"
+        )
+        await ping(reader, writer, b"over a unix socket")
+        versions = [writer.get_extra_info("ssl_object").version()]
+        await close(writer)
+        await stop(server)
+
+        ours, theirs = socket.socketpair()
+        accepted = loop.connect_accepted_socket(Collector, ours, ssl=pki.server_context())
+        connecting = asyncio.open_connection(
+            sock=theirs, ssl=pki.client_context(), server_hostname="localhost"
+        )
+        (transport, protocol), (reader, writer) = await asyncio.gather(accepted, connecting)
+        writer.write(b"to the accepted socket")
+        assert await protocol.take(22) == b"to the accepted socket"
+        transport.write(b"back")
+        assert await reader.readexactly(4) == b"back"
+        versions.append(transport.get_extra_info("ssl_object").version())
+        transport.close()
+        assert await reader.read() == b""
+        await close(writer)
+        await protocol.lost
+        return versions
+
+    assert run(loop, main()) == ["TLSv1.3", "TLSv1.3"]
+
+
+# Many connections.
 
 
 def _rss():
