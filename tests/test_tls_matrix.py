@@ -748,7 +748,7 @@ def test_garbage_instead_of_a_client_hello_closes_and_the_server_goes_on(loop, p
     seen = []
 
     async def main():
-        loop.set_exception_handler(lambda loop, context: None)  # see the xfail test below
+        loop.set_exception_handler(lambda loop, context: None)
         server, port = await serve(pki.server_context(), recording_handler(seen))
         # asyncio's server closes without sending the alert OpenSSL made.
         assert await asyncio.to_thread(_send_and_read_to_the_end, port, GARBAGE[garbage]) == b""
@@ -762,15 +762,7 @@ def test_garbage_instead_of_a_client_hello_closes_and_the_server_goes_on(loop, p
 
 
 @pytest.mark.parametrize("debug", [False, True], ids=["", "debug"])
-def test_failed_server_handshake_is_reported_only_in_debug_mode(
-    loop, loop_name, request, pki, debug
-):
-    if loop_name == "ferroloop" and not debug:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "ferroloop's _accept_ssl (python/ferroloop/_serve.py) calls the exception "
-            "handler for every failed server-side handshake; asyncio's "
-            "_accept_connection2 does only in debug mode"
-        )))
+def test_failed_server_handshake_is_reported_only_in_debug_mode(loop, pki, debug):
     reports = []
 
     async def main():
