@@ -111,7 +111,7 @@ class Inspector:
                     self._answer(conn)
                 except OSError:
                     pass  # the client went away
-                except Exception:  # noqa: BLE001 - one bad request must not end the server
+                except Exception:
                     logger.exception("ferroloop: inspection request failed")
 
     def _answer(self, conn: socket.socket) -> None:
