@@ -10,7 +10,10 @@ its Content-Length; every WebSocket frame). Servers run with glibc's default all
 settings, as users run them. Per cell it reports requests/s, server CPU µs per request
 (server CPU time / requests: the steadiest figure on a shared machine), p50/p99
 latency, and ferroloop's ratio to uvloop as the median of per-cycle ratios with the
-p25-p75 spread.
+p25-p75 spread. The TLS workloads (`tls`, the streams echo over TLS; `uvicorn-tls` and
+`aiohttp-tls`, the framework servers over HTTPS) use a certificate made for the run
+(bench/_tls.py) and keep-alive connections, opened with their handshakes before the
+first measured slice: they measure records, not handshakes.
 
     python bench/echo.py [--kinds streams protocol buffered sock uvicorn aiohttp ...]
                          [--sizes 1024] [--conns 10 100] [--cycles 20] [--slice-ms 100]
@@ -27,17 +30,29 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 from _loops import available_loops
 from _stats import spread, write_outputs
+from _tls import TlsFiles, test_suite_files, tls_files
 from framework_servers import FRAMEWORKS
 
 BENCH = Path(__file__).resolve().parent
 LOADGEN_DIR = BENCH / "loadgen"
 LOADGEN = LOADGEN_DIR / "target" / "release" / "ferroloop-loadgen"
 KINDS = ["streams", "readline", "protocol", "buffered", "sock", "http", "tls"]
-FRAMEWORK_KINDS = list(FRAMEWORKS)
+
+
+def uses_tls(kind: str) -> bool:
+    return kind == "tls" or kind.endswith("-tls")
+
+
+FRAMEWORK_KINDS = [k for k in FRAMEWORKS if not uses_tls(k)]
+# The framework servers over HTTPS (keep-alive: the load generator's connections make
+# their handshakes in the warm-up and live through every slice, so the cells measure
+# records, not handshakes).
+TLS_FRAMEWORK_KINDS = [k for k in FRAMEWORKS if uses_tls(k)]
 # What the load generator sends to each kind of server (echo unless listed), and the
 # kinds the pure-Rust echo server is no ceiling for.
 MODES = {"readline": "line", "http": "http"}
@@ -52,16 +67,11 @@ NO_CEILING = {"readline", "http", "tls", *FRAMEWORKS}
 FIXED_MALLOC = "glibc.malloc.trim_threshold=8388608:glibc.malloc.mmap_threshold=1048576"
 
 
-def server_env(fixed_malloc: bool) -> dict | None:
-    if not fixed_malloc:
-        return None
-    return {**os.environ, "GLIBC_TUNABLES": FIXED_MALLOC}
-
-
-def tls_ca() -> str:
-    from test.test_asyncio import utils
-
-    return utils.SIGNING_CA
+def server_env(fixed_malloc: bool, tls: TlsFiles | None = None) -> dict | None:
+    extra = {"GLIBC_TUNABLES": FIXED_MALLOC} if fixed_malloc else {}
+    if tls is not None:
+        extra.update(tls.server_env())
+    return {**os.environ, **extra} if extra else None
 
 
 def build_loadgen() -> None:
@@ -118,7 +128,7 @@ class Server:
         self.errors.close()
 
 
-def run_cell(targets: dict[str, Server], kind, size, conns, cycles, slice_ms, gen_core) -> dict:
+def run_cell(targets: dict[str, Server], kind, size, conns, cycles, slice_ms, gen_core, ca=None) -> dict:
     argv = [str(LOADGEN), "run", "--size", str(size), "--conns", str(conns)]
     if kind in FRAMEWORKS:
         mode, path, body = FRAMEWORKS[kind]
@@ -127,8 +137,10 @@ def run_cell(targets: dict[str, Server], kind, size, conns, cycles, slice_ms, ge
             argv += ["--path", path, "--body", body.decode()]
     else:
         argv += ["--mode", MODES.get(kind, "echo")]
-    if kind == "tls":
-        argv += ["--tls-ca", tls_ca()]
+    if uses_tls(kind):
+        # Servers started without the harness's certificate (bench/ab.py starts its own)
+        # use the test suite's.
+        argv += ["--tls-ca", ca or test_suite_files().ca]
     argv += ["--slice-ms", str(slice_ms), "--cycles", str(cycles)]
     for name, server in targets.items():
         argv += ["--target", f"{name},{server.pid},{server.port}"]
@@ -201,6 +213,11 @@ def markdown(results: list[dict]) -> str:
                 )
                 + " |"
             )
+        for name, reason in res.get("left_out", {}).items():
+            # The server's last error line; a table cell cannot hold a bar.
+            cells = [res["kind"], size_label(res), str(res["conns"]), name, "—"]
+            cells.append(f"cannot serve it: {reason.replace('|', '/')}")
+            lines.append("| " + " | ".join(cells + ["—"] * (len(head) - len(cells))) + " |")
     return "\n".join(lines)
 
 
@@ -209,25 +226,39 @@ def server_argv(name: str, kind: str) -> list[str]:
     return [sys.executable, str(BENCH / script), name, kind]
 
 
+def start_servers(kind, loops, core, env, stack: ExitStack) -> tuple[dict, dict]:
+    """Every loop's server of `kind` ({name: Server}, stopped when `stack` closes), and
+    the loops that could not serve it ({name: the server's last error line})."""
+    servers, left_out = {}, {}
+    for name in loops:
+        try:
+            servers[name] = Server(server_argv(name, kind), core, env)
+        except RuntimeError as exc:
+            # rloop, for one, has no TLS: the loop is left out of that workload, and its
+            # cells say why.
+            left_out[name] = str(exc)
+            print(f"{name} cannot serve {kind} ({exc}): left out", file=sys.stderr)
+            continue
+        stack.callback(servers[name].stop)
+    return servers, left_out
+
+
 def run_matrix(kinds, sizes, conns_list, cycles, slice_ms, fixed_malloc=False) -> list[dict]:
     """Every (kind, size, conns) cell: all loops' servers of a kind run at once and share
     the load generator's cycles. A framework cell has one size (its fixed response)."""
     build_loadgen()
     loops = available_loops()
     server_core, gen_core = cores()
-    env = server_env(fixed_malloc)
-    ceiling = Server([str(LOADGEN), "serve"], server_core, env)
     results = []
-    try:
+    with ExitStack() as stack:
+        # Certificates made for this run only if a workload speaks TLS, removed after it.
+        tls = stack.enter_context(tls_files()) if any(uses_tls(k) for k in kinds) else None
+        env = server_env(fixed_malloc, tls)
+        ceiling = Server([str(LOADGEN), "serve"], server_core, env)
+        stack.callback(ceiling.stop)
         for kind in kinds:
-            servers = {}
-            try:
-                for name in loops:
-                    try:
-                        servers[name] = Server(server_argv(name, kind), server_core, env)
-                    except RuntimeError as exc:
-                        # rloop, for one, has no TLS: leave the loop out of that workload.
-                        print(f"{name} cannot serve {kind} ({exc}): left out", file=sys.stderr)
+            with ExitStack() as running:
+                servers, left_out = start_servers(kind, loops, server_core, env, running)
                 if "ferroloop" not in servers:
                     print(f"no {kind} workload: ferroloop's server did not start", file=sys.stderr)
                     continue
@@ -236,20 +267,17 @@ def run_matrix(kinds, sizes, conns_list, cycles, slice_ms, fixed_malloc=False) -
                         print(f"{kind} {size} B x {conns} connections", file=sys.stderr, flush=True)
                         # The pure-Rust server only echoes: it is the ceiling of echo cells.
                         targets = {**({"rust-epoll": ceiling} if kind not in NO_CEILING else {}), **servers}
-                        cell = run_cell(targets, kind, size, conns, cycles, slice_ms, gen_core)
+                        ca = tls.ca if tls is not None else None
+                        cell = run_cell(targets, kind, size, conns, cycles, slice_ms, gen_core, ca)
                         results.append(
                             {
                                 "kind": kind,
                                 "size": size if sized(kind) else None,
                                 "conns": conns,
                                 "rows": summarise(cell, loops),
+                                "left_out": left_out,
                             }
                         )
-            finally:
-                for server in servers.values():
-                    server.stop()
-    finally:
-        ceiling.stop()
     return results
 
 
@@ -311,7 +339,7 @@ def c10k_markdown(rows: dict, kind="streams") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS + FRAMEWORK_KINDS)
+    parser.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS + list(FRAMEWORKS))
     parser.add_argument("--sizes", nargs="*", type=int, default=[1024])
     parser.add_argument("--conns", nargs="*", type=int, default=[10, 100])
     parser.add_argument("--cycles", type=int, default=20)

@@ -5,7 +5,7 @@
 LOOP: asyncio | uvloop | ferroloop | rloop | rsloop.
 KIND: streams | readline | protocol | buffered | sock | http (httptools, keep-alive;
 the request path is the body size to answer with, as bench/loadgen sends it) | tls
-(the streams echo over TLS, with the CPython test suite's localhost certificate).
+(the streams echo over TLS, with the certificate bench/_tls.py gives it).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 from typing import ClassVar
 
 from _loops import new_loop
+from _tls import server_context
 
 
 async def streams_handler(reader, writer):
@@ -32,16 +33,6 @@ async def readline_handler(reader, writer):
         writer.write(line)
         await writer.drain()
     writer.close()
-
-
-def tls_context():
-    import ssl
-
-    from test.test_asyncio import utils
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(utils.SIGNED_CERTFILE)
-    return ctx
 
 
 def http_response(size: int) -> bytes:
@@ -124,7 +115,7 @@ async def main(kind: str) -> None:
     else:
         if kind in ("streams", "tls"):
             server = await asyncio.start_server(
-                streams_handler, "127.0.0.1", 0, backlog=1024, ssl=tls_context() if kind == "tls" else None
+                streams_handler, "127.0.0.1", 0, backlog=1024, ssl=server_context() if kind == "tls" else None
             )
         elif kind == "readline":
             server = await asyncio.start_server(

@@ -4,7 +4,10 @@
 
 KIND: uvicorn (uvicorn with httptools and a raw ASGI app) | starlette (uvicorn with
 httptools and a Starlette route returning JSON) | aiohttp (aiohttp.web) | websockets
-(a websockets echo server). Each listens on 127.0.0.1, prints its port, and serves as
+(a websockets echo server) | uvicorn-tls (the uvicorn server over HTTPS, given its
+certificate and key files as `--ssl-certfile`/`--ssl-keyfile` give them) | aiohttp-tls
+(the aiohttp server with an `ssl_context`); the TLS servers use the certificate
+bench/_tls.py gives them. Each listens on 127.0.0.1, prints its port, and serves as
 its users deploy it (access logs off, as in production) until SIGTERM. What each answers
 is in FRAMEWORKS, which bench/echo.py hands to the load generator to check.
 """
@@ -18,6 +21,7 @@ import socket
 import sys
 
 from _loops import new_loop
+from _tls import server_context, server_files
 
 TEXT = b"Hello, world!"
 JSON = b'{"hello":"world"}'
@@ -27,6 +31,8 @@ FRAMEWORKS = {
     "starlette": ("http-any", "/json", JSON),
     "aiohttp": ("http-any", "/", TEXT),
     "websockets": ("ws", None, None),
+    "uvicorn-tls": ("http-any", "/", TEXT),
+    "aiohttp-tls": ("http-any", "/", TEXT),
 }
 
 
@@ -66,22 +72,33 @@ def listener() -> socket.socket:
     return sock
 
 
-async def serve_uvicorn(app, sock: socket.socket, stop: asyncio.Future) -> None:
+async def serve_uvicorn(app, sock, stop: asyncio.Future, ready: asyncio.Future, tls=False) -> None:
     import uvicorn
 
+    # uvicorn builds its SSLContext from the files, as its command line's options do.
+    certfile, keyfile = server_files() if tls else (None, None)
     config = uvicorn.Config(
-        app, http="httptools", lifespan="off", access_log=False, log_level="warning", loop="none"
+        app, http="httptools", lifespan="off", access_log=False, log_level="warning", loop="none",
+        ssl_certfile=certfile, ssl_keyfile=keyfile,
     )
     server = uvicorn.Server(config)
     # uvicorn installs its own SIGTERM handling while it serves; stopping is ours.
     server.install_signal_handlers = lambda: None
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    # uvicorn says it listens only through this flag; a server that fails first (rloop
+    # has no TLS) ends `serving` with its error.
+    while not server.started:
+        if serving.done():
+            serving.result()
+            return
+        await asyncio.sleep(0.01)
+    ready.set_result(None)
     await stop
     server.should_exit = True
     await serving
 
 
-async def serve_aiohttp(sock: socket.socket, stop: asyncio.Future) -> None:
+async def serve_aiohttp(sock, stop: asyncio.Future, ready: asyncio.Future, tls=False) -> None:
     from aiohttp import web
 
     async def hello(request):
@@ -91,12 +108,14 @@ async def serve_aiohttp(sock: socket.socket, stop: asyncio.Future) -> None:
     app.router.add_get("/", hello)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.SockSite(runner, sock, backlog=1024).start()
+    site = web.SockSite(runner, sock, backlog=1024, ssl_context=server_context() if tls else None)
+    await site.start()
+    ready.set_result(None)
     await stop
     await runner.cleanup()
 
 
-async def serve_websockets(sock: socket.socket, stop: asyncio.Future) -> None:
+async def serve_websockets(sock, stop: asyncio.Future, ready: asyncio.Future) -> None:
     from websockets.asyncio.server import serve
 
     async def echo(ws):
@@ -106,28 +125,35 @@ async def serve_websockets(sock: socket.socket, stop: asyncio.Future) -> None:
     # No keepalive pings (they would interleave with the echoed frames the load
     # generator checks) and no compression (the client does not offer it).
     async with serve(echo, sock=sock, ping_interval=None, compression=None, max_size=None):
+        ready.set_result(None)
         await stop
 
 
 async def main(kind: str) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
-    loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
+    # uvicorn raises the SIGTERM it captured again once it has stopped: the second is
+    # no news.
+    loop.add_signal_handler(signal.SIGTERM, lambda: stop.done() or stop.set_result(None))
+    ready = loop.create_future()
     sock = listener()
     port = sock.getsockname()[1]
-    if kind == "uvicorn":
-        serving = serve_uvicorn(raw_asgi, sock, stop)
+    tls = kind.endswith("-tls")
+    if kind in ("uvicorn", "uvicorn-tls"):
+        serving = serve_uvicorn(raw_asgi, sock, stop, ready, tls)
     elif kind == "starlette":
-        serving = serve_uvicorn(starlette_app(), sock, stop)
-    elif kind == "aiohttp":
-        serving = serve_aiohttp(sock, stop)
+        serving = serve_uvicorn(starlette_app(), sock, stop, ready)
+    elif kind in ("aiohttp", "aiohttp-tls"):
+        serving = serve_aiohttp(sock, stop, ready, tls)
     else:
-        serving = serve_websockets(sock, stop)
+        serving = serve_websockets(sock, stop, ready)
     task = loop.create_task(serving)
-    # Serving starts within this turn's callbacks; the port is announced after them.
-    await asyncio.sleep(0.05)
-    if task.done():
+    # The port is announced once the server listens; a server that cannot start exits
+    # with its error instead (the harness reports its last line).
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
         task.result()
+        raise RuntimeError(f"the {kind} server stopped before it listened")
     print(port, flush=True)
     await task
 

@@ -1,16 +1,20 @@
 """ferroloop's benchmark suite: every loop side by side in one run.
 
-    python bench/suite.py            # quick mode (the README's main job), under 2 minutes
+    python bench/suite.py            # quick mode (the README's main job), under 3 minutes
     python bench/suite.py --full     # the full matrix, under 15 minutes
+    python bench/suite.py --only tls # the TLS cells alone, under 3 minutes
 
 Quick: the framework workloads (uvicorn with a raw ASGI app, uvicorn with Starlette,
-aiohttp.web, websockets echo), the echo workloads (streams, readline, Protocol,
-BufferedProtocol, sock_*, HTTP/1.1 with httptools, TLS) at 1 KiB, each with 10 and 100
-connections, and the micro benchmarks. Full: the same with echo at 1, 10 and 100 KiB
-and WebSocket messages at 1 and 100 KiB, 20 cycles each, and 10,000 idle connections.
-Every server runs with glibc's default allocator settings (`--fixed-malloc` pins the
-thresholds, as a diagnostic). Writes bench/results/summary.md, suite.json,
-frameworks.png and suite.png, and names them on its last line.
+aiohttp.web, websockets echo, and uvicorn and aiohttp.web over HTTPS), the echo
+workloads (streams, readline, Protocol, BufferedProtocol, sock_*, HTTP/1.1 with
+httptools, TLS) at 1 KiB, each with 10 and 100 connections, and the micro benchmarks.
+Full: the same with echo at 1, 10 and 100 KiB and WebSocket messages at 1 and 100 KiB,
+20 cycles each, 10,000 idle connections, and sendfile over TLS (bench/tls_sendfile.py).
+`--only tls`: the framework cells over HTTPS, the TLS echo at 1 and 10 KiB (and 100 KiB
+with `--full`), 20 cycles each, and sendfile over TLS; it writes tls.md, tls.json and
+tls.png instead. Every server runs with glibc's default allocator settings
+(`--fixed-malloc` pins the thresholds, as a diagnostic). Writes bench/results/summary.md,
+suite.json, frameworks.png and suite.png, and names them on its last line.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import echo
 import micro
+import tls_sendfile
 from _loops import available_loops
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -89,21 +94,65 @@ def micro_section(cycles: int) -> tuple[str, dict]:
     return micro.markdown(loops, micro.summarise(loops, raw)), {"loops": loops, "raw": raw}
 
 
+def written_names(written: list[Path]) -> str:
+    return ", ".join(str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p) for p in written)
+
+
+def run_tls(full: bool, fixed_malloc: bool, started: float) -> None:
+    """`--only tls`: every TLS cell, and sendfile over TLS."""
+    sizes = [1024, 10 * 1024, 100 * 1024] if full else [1024, 10 * 1024]
+    cycles = 20
+    frameworks = echo.run_matrix(echo.TLS_FRAMEWORK_KINDS, [1024], [10, 100], cycles, 100, fixed_malloc)
+    cells = echo.run_matrix(["tls"], sizes, [10, 100], cycles, 100, fixed_malloc)
+    sendfile = tls_sendfile.run(100 << 20, 10)
+    malloc = "glibc.malloc thresholds pinned (diagnostic)" if fixed_malloc else "glibc's default allocator settings"
+    summary = "\n\n".join(
+        [
+            (
+                f"Machine: {machine()}. TLS cells only, {cycles} cycles of 100 ms slices per cell, {malloc}; "
+                "keep-alive connections (handshakes before the first measured slice)."
+            ),
+            "## Frameworks over HTTPS\n\n" + echo.markdown(frameworks),
+            "## TLS echo\n\n" + echo.markdown(cells),
+            "## sendfile over TLS\n\n" + tls_sendfile.markdown(sendfile),
+        ]
+    )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tls.md").write_text(summary + "\n")
+    payload = {"machine": machine(), "frameworks": frameworks, "cells": cells, "sendfile": sendfile}
+    (RESULTS / "tls.json").write_text(json.dumps(payload, indent=1))
+    written = [RESULTS / "tls.md", RESULTS / "tls.json"]
+    try:
+        chart(frameworks + cells, RESULTS / "tls.png", "ferroloop over TLS")
+        written.append(RESULTS / "tls.png")
+    except ImportError:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+    print(summary)
+    print(f"\n(took {time.monotonic() - started:.0f} s; wrote {written_names(written)})", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--full", action="store_true")
+    parser.add_argument("--only", choices=["tls"], help="tls: only the TLS cells and sendfile over TLS")
     parser.add_argument(
         "--fixed-malloc", action="store_true", help="diagnostic: pin glibc's trim and mmap thresholds in every server"
     )
     args = parser.parse_args()
     started = time.monotonic()
+    if args.only == "tls":
+        run_tls(args.full, args.fixed_malloc, started)
+        return
     if args.full:
         sizes, ws_sizes, cycles, micro_cycles = [1024, 10 * 1024, 100 * 1024], [1024, 100 * 1024], 20, 15
     else:
         sizes, ws_sizes, cycles, micro_cycles = [1024], [1024], 6, 6
-    frameworks = echo.run_matrix(echo.FRAMEWORK_KINDS, ws_sizes, [10, 100], cycles, 100, args.fixed_malloc)
+    # The framework cells over HTTPS run in quick mode too: they add about 10 s.
+    framework_kinds = echo.FRAMEWORK_KINDS + echo.TLS_FRAMEWORK_KINDS
+    frameworks = echo.run_matrix(framework_kinds, ws_sizes, [10, 100], cycles, 100, args.fixed_malloc)
     cells = echo.run_matrix(echo.KINDS, sizes, [10, 100], cycles, 100, args.fixed_malloc)
     c10k = echo.run_c10k() if args.full else None
+    sendfile = tls_sendfile.run(100 << 20, 10) if args.full else None
     micro_table, micro_raw = micro_section(micro_cycles)
 
     RESULTS.mkdir(exist_ok=True)
@@ -116,12 +165,17 @@ def main() -> None:
     ]
     if c10k:
         parts.append(echo.c10k_markdown(c10k))
+    if sendfile:
+        parts.append("## sendfile over TLS\n\n" + tls_sendfile.markdown(sendfile))
     parts.append("## Micro\n\n" + micro_table)
     summary = "\n\n".join(parts)
     (RESULTS / "summary.md").write_text(summary + "\n")
     (RESULTS / "suite.json").write_text(
         json.dumps(
-            {"machine": machine(), "frameworks": frameworks, "cells": cells, "c10k": c10k, "micro": micro_raw},
+            {
+                "machine": machine(), "frameworks": frameworks, "cells": cells, "c10k": c10k,
+                "sendfile": sendfile, "micro": micro_raw,
+            },
             indent=1,
         )
     )
@@ -133,8 +187,7 @@ def main() -> None:
     except ImportError:
         print("matplotlib is not installed: no charts", file=sys.stderr)
     print(summary)
-    names = ", ".join(str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p) for p in written)
-    print(f"\n(took {time.monotonic() - started:.0f} s; wrote {names})", file=sys.stderr)
+    print(f"\n(took {time.monotonic() - started:.0f} s; wrote {written_names(written)})", file=sys.stderr)
 
 
 if __name__ == "__main__":
