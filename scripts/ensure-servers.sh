@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the servers the integration tests start are installed: PostgreSQL
-# (initdb, postgres) and Redis (redis-server). Installs them from Debian's packages
-# when missing; the tests themselves start private instances on 127.0.0.1.
+# (initdb, postgres) and Redis (redis-server), and tmux, the terminal in which
+# tests/test_inspect.py drives `python -m ferroloop top`. Installs them from Debian's
+# packages when missing; the tests themselves start private instances on 127.0.0.1.
 set -euo pipefail
 
 have_postgres() {
@@ -10,10 +11,14 @@ have_postgres() {
 have_redis() {
     command -v redis-server >/dev/null 2>&1
 }
+have_tmux() {
+    command -v tmux >/dev/null 2>&1
+}
 
 missing=()
 have_postgres || missing+=(postgresql)
 have_redis || missing+=(redis-server)
+have_tmux || missing+=(tmux)
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi

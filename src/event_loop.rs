@@ -104,8 +104,8 @@ pub struct LoopCore {
     pub(crate) wake_pending: AtomicBool,
     /// The side queue of `threadsafe` holds handles (checked without taking the lock).
     pub(crate) side_queued: AtomicBool,
-    /// Signal handlers are installed: their numbers arrive on the waker, so it must be
-    /// polled on every turn.
+    /// Signal handlers are installed: their numbers arrive on the signal socket, so it
+    /// must be polled on every turn.
     pub(crate) signals_watched: AtomicBool,
     pub(crate) closed: AtomicBool,
     pub(crate) stopping: AtomicBool,
@@ -315,8 +315,12 @@ impl LoopCore {
         for event in events.iter() {
             let (token, readiness) = match event {
                 Event::Waker => {
-                    poller.drain_waker(&mut signals);
+                    poller.drain_waker();
                     woken = true;
+                    continue;
+                }
+                Event::Signals => {
+                    poller.drain_signals(&mut signals);
                     continue;
                 }
                 Event::Io(token, readiness) => (token, readiness),
@@ -537,8 +541,9 @@ impl LoopCore {
     }
 
     /// The fd `signal.set_wakeup_fd` should write signal numbers to; -1 once closed.
-    fn _wakeup_fd(&self) -> RawFd {
-        self.threadsafe.lock().map(|q| q.wake_fd).unwrap_or(-1)
+    fn _wakeup_fd(&self, py: Python<'_>) -> PyResult<RawFd> {
+        let st = self.state.borrow_mut(py)?;
+        Ok(st.poller.as_ref().map_or(-1, |poller| poller.signal_fd()))
     }
 
     fn stop(&self) {

@@ -188,7 +188,7 @@ impl LoopCore {
         let mut outcome = Ok(());
         for transport in pending.drain(..) {
             if outcome.is_ok() {
-                outcome = StreamTransport::flush(transport.bind(py));
+                outcome = StreamTransport::flush_if_queued(transport.bind(py));
             }
         }
         let mut st = self.state.borrow_mut(py)?;

@@ -11,9 +11,10 @@ import sys
 import traceback
 
 USAGE = (
-    "usage: python -m ferroloop [--version] (script.py | -m module) [args ...]\n"
-    "       python -m ferroloop --workers (N | auto) [--graceful-timeout SECONDS]"
-    " (script.py | -m module) [args ...]"
+    "usage: python -m ferroloop [--version] [--inspect PATH] (script.py | -m module) [args ...]\n"
+    "       python -m ferroloop [--inspect PATH] --workers (N | auto)"
+    " [--graceful-timeout SECONDS] (script.py | -m module) [args ...]\n"
+    "       python -m ferroloop top PATH [--interval SECONDS] [--json]"
 )
 WORKER_FLAGS = ("--workers", "--graceful-timeout")
 
@@ -61,10 +62,34 @@ def _usage_error(message: str) -> None:
     sys.exit(2)
 
 
+def _inspect_option(argv: list[str]) -> list[str]:
+    """`--inspect PATH` (runner options come before the program): the loop serves its
+    stats on a Unix socket at PATH (`ferroloop._inspect`), through the environment so
+    that worker processes (PATH.N) see it too."""
+    while argv and argv[0].split("=", 1)[0] == "--inspect":
+        flag, _, path = argv[0].partition("=")
+        if not path:
+            if len(argv) < 2:
+                _usage_error(f"{flag} needs a path")
+            path, argv = argv[1], argv[2:]
+        else:
+            argv = argv[1:]
+        os.environ["FERROLOOP_INSPECT"] = os.path.abspath(path)
+    return argv
+
+
 def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stderr if not argv else sys.stdout)
         sys.exit(2 if not argv else 0)
+    if argv[0] == "top":
+        from ._top import main as top
+
+        top(argv[1:])
+        return
+    argv = _inspect_option(argv)
+    if not argv:
+        _usage_error("no program to run")
     if argv[0].split("=", 1)[0] in WORKER_FLAGS:
         _supervise(argv)
 

@@ -24,6 +24,7 @@ import threading
 from asyncio import base_events, events
 from asyncio.log import logger
 
+from . import _inspect
 from ._connect import ConnectMethods
 from ._dns import DnsMethods
 from ._ferroloop import Handle, LoopCore, bind_methods_to
@@ -67,6 +68,8 @@ class Loop(
         self._init_observe()
         if os.environ.get("FERROLOOP_STATS_TIMING") == "1":
             self.set_stats_timing(True)
+        if _inspect.ENV in os.environ:
+            _inspect.start_from_environment(self)
         if self._time_overridden():
             self._set_custom_clock(True)
 
@@ -127,6 +130,7 @@ class Loop(
             else:
                 for sig in list(self._signal_handlers):
                     self.remove_signal_handler(sig)
+        _inspect.stop(self)
         children, self._children = self._children, {}
         for pid, (pidfd, transport) in children.items():
             if pidfd is not None:

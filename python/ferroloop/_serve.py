@@ -137,11 +137,14 @@ class ServeMethods:
         except (SystemExit, KeyboardInterrupt):
             conn.close()
             raise
-        except BaseException as exc:  # noqa: BLE001 - reported, the server goes on
+        except BaseException as exc:  # noqa: BLE001 - the server goes on
             conn.close()
-            self.call_exception_handler(
-                {"message": "Error on transport creation for incoming connection", "exception": exc}
-            )
+            # Reported in debug mode only, as asyncio's _accept_connection2 does.
+            if self._debug:
+                self.call_exception_handler(
+                    {"message": "Error on transport creation for incoming connection",
+                     "exception": exc}
+                )
 
     async def _accept_ssl(
         self, protocol_factory, conn, extra, sslcontext, server, handshake_timeout, shutdown_timeout
@@ -168,7 +171,10 @@ class ServeMethods:
                 raise
         except (SystemExit, KeyboardInterrupt):
             raise
-        except BaseException as exc:  # noqa: BLE001 - reported, the server goes on
+        except BaseException as exc:  # noqa: BLE001 - the server goes on
+            # A failed handshake is reported in debug mode only, as in asyncio.
+            if not self._debug:
+                return
             context = {
                 "message": "Error on transport creation for incoming connection",
                 "exception": exc,

@@ -1,6 +1,8 @@
 //! The Linux backend: one epoll set, used directly (one `epoll_wait` per turn, no
-//! timerfd), level-triggered unless a registration asks for `EDGE`, and a socket pair
-//! as the waker.
+//! timerfd), level-triggered unless a registration asks for `EDGE`, an eventfd as the
+//! waker (a write from another thread is one counter addition, where a socket write
+//! allocates a buffer) and a socket pair for signal numbers (`set_wakeup_fd` writes
+//! bytes, which an eventfd does not take).
 
 use std::io;
 use std::mem;
@@ -9,8 +11,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use super::{Event, Interest, Readiness, Registry, Token, EDGE, READABLE, WRITABLE};
 
 const ERROR_BITS: u32 = (libc::EPOLLERR | libc::EPOLLHUP) as u32;
-/// Token of the waker's read end; slot tokens never reach it (slot index < 2^32 - 1).
+/// Tokens of the waker and of the signal socket's read end; slot tokens never reach
+/// them (slot index < 2^32 - 1).
 const WAKER_TOKEN: u64 = u64::MAX;
+const SIGNALS_TOKEN: u64 = u64::MAX - 1;
 const INITIAL_EVENTS: usize = 256;
 const MAX_EVENTS: usize = 64 * 1024;
 
@@ -92,6 +96,8 @@ impl Events {
             let (data, events) = (event.u64, event.events);
             if data == WAKER_TOKEN {
                 Event::Waker
+            } else if data == SIGNALS_TOKEN {
+                Event::Signals
             } else {
                 Event::Io(Token::decode(data), readiness(events))
             }
@@ -99,11 +105,12 @@ impl Events {
     }
 }
 
-/// The epoll set plus the waker socket pair.
+/// The epoll set, the waker and the signal socket pair.
 pub struct Poller {
     epoll: OwnedFd,
-    wake_rx: OwnedFd,
-    wake_tx: OwnedFd,
+    waker: OwnedFd,
+    signal_rx: OwnedFd,
+    signal_tx: OwnedFd,
     /// `None` while lent out for a wait.
     events: Option<Events>,
 }
@@ -119,8 +126,16 @@ impl Poller {
         // SAFETY: `pair` is a valid array of two c_ints for socketpair to fill.
         check(unsafe { libc::socketpair(libc::AF_UNIX, kind, 0, pair.as_mut_ptr()) })?;
         // SAFETY: socketpair succeeded, so both are fresh fds owned by nobody else.
-        let (wake_rx, wake_tx) =
+        let (signal_rx, signal_tx) =
             unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        // SAFETY: eventfd has no memory preconditions; a non-negative result is a fresh
+        // fd that nothing else owns.
+        let waker = unsafe {
+            OwnedFd::from_raw_fd(check(libc::eventfd(
+                0,
+                libc::EFD_NONBLOCK | libc::EFD_CLOEXEC,
+            ))?)
+        };
         let events = Events {
             epoll_fd: epoll.as_raw_fd(),
             buf: vec![libc::epoll_event { events: 0, u64: 0 }; INITIAL_EVENTS],
@@ -128,22 +143,26 @@ impl Poller {
         };
         let poller = Poller {
             epoll,
-            wake_rx,
-            wake_tx,
+            waker,
+            signal_rx,
+            signal_tx,
             events: Some(events),
         };
-        poller.ctl(
-            libc::EPOLL_CTL_ADD,
-            poller.wake_rx.as_raw_fd(),
-            READABLE,
-            WAKER_TOKEN,
-        )?;
+        let waker = poller.waker.as_raw_fd();
+        poller.ctl(libc::EPOLL_CTL_ADD, waker, READABLE, WAKER_TOKEN)?;
+        let signals = poller.signal_rx.as_raw_fd();
+        poller.ctl(libc::EPOLL_CTL_ADD, signals, READABLE, SIGNALS_TOKEN)?;
         Ok(poller)
     }
 
-    /// The waker's write end, for `wake_fd`.
+    /// The waker, for `wake_fd`.
     pub fn wake_tx_fd(&self) -> RawFd {
-        self.wake_tx.as_raw_fd()
+        self.waker.as_raw_fd()
+    }
+
+    /// The signal socket's write end, for `signal.set_wakeup_fd`.
+    pub fn signal_fd(&self) -> RawFd {
+        self.signal_tx.as_raw_fd()
     }
 
     /// Lends out the events buffer for a wait made without the poller borrowed; `None`
@@ -235,14 +254,33 @@ impl Poller {
         reg.remove(token)
     }
 
-    /// Reads everything queued on the waker; returns the non-zero bytes, which are
-    /// signal numbers written by `signal.set_wakeup_fd`.
-    pub fn drain_waker(&self, signals: &mut Vec<u8>) {
+    /// Resets the waker: one read takes every wake-up written since the last.
+    pub fn drain_waker(&self) {
+        let mut count = 0u64;
+        // SAFETY: reads the eventfd's 8-byte counter into a valid u64; EAGAIN (nothing
+        // written) leaves it untouched.
+        unsafe {
+            libc::read(
+                self.waker.as_raw_fd(),
+                (&mut count as *mut u64).cast(),
+                mem::size_of::<u64>(),
+            )
+        };
+    }
+
+    /// Reads everything queued on the signal socket; returns the non-zero bytes, which
+    /// are signal numbers written by `signal.set_wakeup_fd`.
+    pub fn drain_signals(&self, signals: &mut Vec<u8>) {
         let mut buf = [0u8; 256];
         loop {
             // SAFETY: reads into a valid stack buffer of the stated length.
-            let n =
-                unsafe { libc::read(self.wake_rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let n = unsafe {
+                libc::read(
+                    self.signal_rx.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
             if n <= 0 {
                 break;
             }
@@ -254,14 +292,14 @@ impl Poller {
     }
 }
 
-/// Interrupts a blocked `wait` from any thread by writing to the waker's write end.
-/// A full socket buffer already holds a pending wake-up, so `EAGAIN` is not an error.
+/// Interrupts a blocked `wait` from any thread by adding one to the waker. A counter
+/// at its maximum already holds a pending wake-up, so `EAGAIN` is not an error.
 /// The caller guarantees `fd` is the live waker (see `ThreadsafeQueue::wake_fd`).
 pub fn wake_fd(fd: RawFd) {
-    let byte = 0u8;
-    // SAFETY: writes one byte from a valid stack location; `fd` is the waker socket,
-    // which the caller keeps open for the duration of the call.
-    unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
+    let one = 1u64;
+    // SAFETY: writes the 8 bytes of a valid stack u64, as an eventfd requires; `fd` is
+    // the waker, which the caller keeps open for the duration of the call.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), mem::size_of::<u64>()) };
 }
 
 #[cfg(test)]
@@ -288,8 +326,30 @@ mod tests {
         assert_eq!(events.wait(1000).ok(), Some(1));
         assert_eq!(events.iter().collect::<Vec<_>>(), vec![Event::Waker]);
         poller.restore_events(events);
+        poller.drain_waker();
+        let Some(mut events) = poller.take_events() else {
+            panic!("events lent");
+        };
+        assert_eq!(events.wait(0).ok(), Some(0), "one read resets the waker");
+        poller.restore_events(events);
+    }
+
+    #[test]
+    fn signal_numbers_come_on_their_own_channel() {
+        let Ok(mut poller) = Poller::new() else {
+            panic!("epoll_create1 failed");
+        };
+        let numbers = [2u8, 15];
+        // SAFETY: writes two bytes from a valid array to the live signal socket.
+        unsafe { libc::write(poller.signal_fd(), numbers.as_ptr().cast(), 2) };
+        let Some(mut events) = poller.take_events() else {
+            panic!("events lent");
+        };
+        assert_eq!(events.wait(1000).ok(), Some(1));
+        assert_eq!(events.iter().collect::<Vec<_>>(), vec![Event::Signals]);
+        poller.restore_events(events);
         let mut signals = Vec::new();
-        poller.drain_waker(&mut signals);
-        assert!(signals.is_empty());
+        poller.drain_signals(&mut signals);
+        assert_eq!(signals, vec![2, 15]);
     }
 }

@@ -19,8 +19,9 @@
 //! - **Readiness** is reported as asyncio's selector on Linux reports it: an error or
 //!   a hang-up wakes both sides.
 //! - **The waker** interrupts a blocked wait from any thread (`wake_fd`) and is
-//!   reported as `Event::Waker`; what it carries besides the wake-up are signal
-//!   numbers (`signal.set_wakeup_fd` writes into it), returned by `drain_waker`.
+//!   reported as `Event::Waker`, drained by `drain_waker`. Signal numbers, which
+//!   `signal.set_wakeup_fd` writes one byte each, come on a channel of their own
+//!   (`signal_fd`), reported as `Event::Signals` and read by `drain_signals`.
 //! - **The generation rule**: every event carries the `Token` its registration got.
 //!   Removing a registration bumps its slot's generation, so `Registry::get_mut`
 //!   drops an event for a registration that is gone, and it can never reach whoever
@@ -128,6 +129,9 @@ impl Readiness {
 pub enum Event {
     /// The waker was written to: drain it (`Poller::drain_waker`).
     Waker,
+    /// Signal numbers arrived (`signal.set_wakeup_fd`): read them
+    /// (`Poller::drain_signals`).
+    Signals,
     /// A registration's fd is ready; the token may be stale (see the generation rule).
     Io(Token, Readiness),
 }

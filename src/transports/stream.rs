@@ -147,7 +147,12 @@ impl StreamTransport {
             Outcome::Read(got) => {
                 slf.get().state.borrow_mut(slf.py())?.base.bytes_read += reader.received as u64;
                 let called = reader.in_context(|protocol| S::deliver(protocol, got));
-                StreamTransport::protocol_outcome(slf, called, S::DELIVERY_FAILED)
+                StreamTransport::protocol_outcome(slf, called, S::DELIVERY_FAILED)?;
+                // What the protocol wrote in answer goes out now rather than at the end
+                // of the turn: its `bytes` are freed before the next connection's read,
+                // so a turn of many connections does not pile them up (glibc would give
+                // the heap top back and fault it in again on every such turn).
+                StreamTransport::flush_if_queued(slf)
             }
             Outcome::WouldBlock => Ok(()),
             Outcome::Eof => StreamTransport::on_eof(slf, &mut reader.context),
@@ -224,6 +229,16 @@ impl StreamTransport {
     /// writer callback.
     pub(crate) fn flush(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
         StreamTransport::send_buffer(slf, true)
+    }
+
+    /// The flush the end of the turn would make, made now if still due (not made since
+    /// by a writability event or a write past the high-water mark).
+    pub(crate) fn flush_if_queued(slf: &Bound<'_, StreamTransport>) -> PyResult<()> {
+        if slf.get().state.borrow_mut(slf.py())?.flush_queued {
+            StreamTransport::flush(slf)
+        } else {
+            Ok(())
+        }
     }
 
     /// `flush`; with `own_context` false (a `write` past the high-water mark) what it
