@@ -170,11 +170,17 @@ impl TlsState {
         let raw = raw_sslobj(&sslobj)?;
         let native = match &raw {
             Some(raw) => self.native_ssl(&sslobj, raw),
-            None => Err("not a stock ssl.SSLObject".to_owned()),
+            None => Err(format!(
+                "{} is not ssl.SSLObject",
+                sslobj.get_type().name()?
+            )),
         };
         (self.native, self.native_refused) = match native {
             Ok(native) => (Some(native), None),
-            Err(why) => (None, Some(why)),
+            Err(why) => {
+                log_fallback(sslobj.py(), &why)?;
+                (None, Some(why))
+            }
         };
         self.raw = raw.map(Bound::unbind);
         self.sslobj = Some(sslobj.unbind());
@@ -232,6 +238,22 @@ impl TlsState {
         ];
         drop(released);
     }
+}
+
+/// Says at DEBUG on the `ferroloop` logger why a connection's records go through
+/// `_ssl`'s methods.
+fn log_fallback(py: Python<'_>, why: &str) -> PyResult<()> {
+    let logger = py
+        .import("logging")?
+        .call_method1("getLogger", ("ferroloop",))?;
+    logger.call_method1(
+        "debug",
+        (
+            "TLS records through _ssl's methods, not libssl directly: %s",
+            why,
+        ),
+    )?;
+    Ok(())
 }
 
 impl TlsState {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -177,3 +178,41 @@ def test_top_renders_in_a_real_terminal(inspected, tmp_path):
     assert {r[0] for r in rows} == {"tcp"}
     assert f"127.0.0.1:{port}" in {r[2] for r in rows} | {r[3] for r in rows}
     assert all(r[8] == "y" for r in rows)
+
+
+def test_each_worker_serves_its_own_path_and_removes_it_on_a_graceful_stop(tmp_path):
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import asyncio\n"
+        "async def main():\n"
+        "    server = await asyncio.start_server(lambda r, w: None, '127.0.0.1', 0)\n"
+        "    async with server:\n"
+        "        await server.serve_forever()\n"
+        "asyncio.run(main())\n"
+    )
+    path = str(tmp_path / "inspect.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ferroloop", "--inspect", path, "--workers", "2", str(script)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        paths = [f"{path}.0", f"{path}.1"]
+        wait_until(lambda: all(os.path.exists(p) for p in paths), "both workers' sockets")
+        snapshots = [wait_until(lambda p=p: _answer(p), f"{p} to answer") for p in paths]
+        assert [s["worker"] for s in snapshots] == ["0", "1"]
+        assert snapshots[0]["pid"] != snapshots[1]["pid"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+        assert not any(os.path.exists(p) for p in paths)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+        proc.stderr.close()
+
+
+def _answer(path):
+    try:
+        return request(path)
+    except OSError:
+        return None
