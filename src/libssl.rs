@@ -47,6 +47,8 @@ type SslGetBio = unsafe extern "C" fn(SslPtr) -> BioPtr;
 type BioWrite = unsafe extern "C" fn(BioPtr, *const c_void, c_int) -> c_int;
 /// `int BIO_read(BIO *, void *data, int dlen)`
 type BioRead = unsafe extern "C" fn(BioPtr, *mut c_void, c_int) -> c_int;
+/// `int SSL_pending(const SSL *)`
+type SslPending = unsafe extern "C" fn(SslPtr) -> c_int;
 /// `size_t BIO_ctrl_pending(BIO *)`
 type BioCtrlPending = unsafe extern "C" fn(BioPtr) -> usize;
 /// `void ERR_clear_error(void)`
@@ -59,6 +61,7 @@ struct Functions {
     ssl_read_ex: SslReadEx,
     ssl_write_ex: SslWriteEx,
     ssl_get_error: SslGetError,
+    ssl_pending: SslPending,
     ssl_get_rbio: SslGetBio,
     ssl_get_wbio: SslGetBio,
     bio_write: BioWrite,
@@ -136,6 +139,7 @@ fn load(py: Python<'_>) -> PyResult<Functions> {
             ssl_read_ex: transmute::<*mut c_void, SslReadEx>(find(c"SSL_read_ex")?),
             ssl_write_ex: transmute::<*mut c_void, SslWriteEx>(find(c"SSL_write_ex")?),
             ssl_get_error: transmute::<*mut c_void, SslGetError>(find(c"SSL_get_error")?),
+            ssl_pending: transmute::<*mut c_void, SslPending>(find(c"SSL_pending")?),
             ssl_get_rbio: transmute::<*mut c_void, SslGetBio>(find(c"SSL_get_rbio")?),
             ssl_get_wbio: transmute::<*mut c_void, SslGetBio>(find(c"SSL_get_wbio")?),
             bio_write: transmute::<*mut c_void, BioWrite>(find(c"BIO_write")?),
@@ -275,17 +279,37 @@ impl NativeSsl {
 
     /// One `SSL_read_ex` into `buf`.
     pub fn read(&self, buf: &mut [u8]) -> Io {
+        // SAFETY: `buf` is writable for its length.
+        unsafe { self.read_raw(buf.as_mut_ptr(), buf.len()) }
+    }
+
+    /// One `SSL_read_ex` of at most `len` bytes to `start`.
+    ///
+    /// # Safety
+    /// `start` must be writable for `len` bytes (initialised or not).
+    pub unsafe fn read_raw(&self, start: *mut u8, len: usize) -> Io {
         let f = self.functions;
         let mut n = 0usize;
         // SAFETY: the error queue must be empty for SSL_get_error to be right; `ssl`
         // is live (the holder keeps its owner) and used on this thread under the GIL,
-        // as `_ssl` uses it; `buf` is writable for its length, `n` for one usize.
+        // as `_ssl` uses it; `start` is writable for `len` bytes (the caller's
+        // contract), `n` for one usize.
         let (ok, error) = unsafe {
             (f.err_clear_error)();
-            let ok = (f.ssl_read_ex)(self.ssl, buf.as_mut_ptr().cast(), buf.len(), &mut n);
+            let ok = (f.ssl_read_ex)(self.ssl, start.cast(), len, &mut n);
             (ok, (f.ssl_get_error)(self.ssl, ok))
         };
         outcome(ok, error, n)
+    }
+
+    /// About how much plaintext reads could give now: what the TLS object holds
+    /// decrypted plus the ciphertext in its incoming BIO (a record's plaintext is never
+    /// longer than the record). It can fall short: OpenSSL may already have taken the
+    /// start of a record out of the BIO into its own buffer.
+    pub fn readable_bound(&self) -> usize {
+        // SAFETY: a live SSL object; the call only reads its state.
+        let decrypted = unsafe { (self.functions.ssl_pending)(self.ssl) };
+        usize::try_from(decrypted).unwrap_or(0) + self.incoming_pending()
     }
 
     /// One `SSL_write_ex` of `data`: without `SSL_MODE_ENABLE_PARTIAL_WRITE`, which
@@ -323,13 +347,12 @@ impl NativeSsl {
         }
         let len = c_int::try_from(pending)
             .map_err(|_| PyRuntimeError::new_err("outgoing BIO larger than 2 GiB"))?;
-        let bytes = PyBytes::new_with(py, pending, |buf| {
-            // SAFETY: a live BIO; `buf` is writable for `len` bytes and the BIO holds
-            // that many, which a memory BIO hands out in one read.
-            let read =
-                unsafe { (self.functions.bio_read)(self.wbio, buf.as_mut_ptr().cast(), len) };
+        let bytes = crate::pyhelpers::bytes_written_by(py, pending, |start, _| {
+            // SAFETY: a live BIO; `start` is writable for `pending` (= `len`) bytes and
+            // the BIO holds that many, which a memory BIO hands out in one read.
+            let read = unsafe { (self.functions.bio_read)(self.wbio, start.cast(), len) };
             if read == len {
-                Ok(())
+                Ok(pending)
             } else {
                 Err(PyRuntimeError::new_err("short read from a memory BIO"))
             }

@@ -1,6 +1,9 @@
 //! The few pieces of the standard library the Rust core calls on its cold paths
 //! (debug mode, error reports, reprs), imported once.
 
+use std::ffi::c_int;
+
+use pyo3::exceptions::PyMemoryError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -151,4 +154,47 @@ pub fn bytes_copy<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBy
     }?;
     // SAFETY: PyBytes_FromStringAndSize returns a bytes object.
     Ok(unsafe { obj.cast_into_unchecked() })
+}
+
+unsafe extern "C" {
+    /// CPython's own resize of a `bytes` object nothing else references yet (what
+    /// `socket.recv` uses); not exposed by pyo3-ffi.
+    pub(crate) fn _PyBytes_Resize(
+        bytes: *mut *mut ffi::PyObject,
+        newsize: ffi::Py_ssize_t,
+    ) -> c_int;
+}
+
+/// A new `bytes` written in place by `fill`, which gets the start of `capacity`
+/// uninitialised bytes and returns how many it wrote (at most `capacity`); the object
+/// is cut to that length. Saves the zeroing `PyBytes::new_with` does.
+pub fn bytes_written_by<'py>(
+    py: Python<'py>,
+    capacity: usize,
+    fill: impl FnOnce(*mut u8, usize) -> PyResult<usize>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let size = ffi::Py_ssize_t::try_from(capacity).map_err(|_| PyMemoryError::new_err(()))?;
+    // SAFETY: attached; with a NULL source this makes a new, uninitialised bytes of
+    // `size` bytes (a new reference) or returns NULL with an error set.
+    let mut obj = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), size) };
+    if obj.is_null() {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: `obj` is a bytes object of `capacity` bytes that only we reference.
+    let start = unsafe { ffi::PyBytes_AsString(obj) }.cast::<u8>();
+    let written = match fill(start, capacity) {
+        Ok(written) => written.min(capacity),
+        Err(err) => {
+            // SAFETY: releasing the reference made above.
+            unsafe { ffi::Py_DECREF(obj) };
+            return Err(err);
+        }
+    };
+    // SAFETY: the object is referenced only by us, as _PyBytes_Resize requires; on
+    // failure it frees it, sets `obj` to NULL and leaves an error set.
+    if written != capacity && unsafe { _PyBytes_Resize(&mut obj, written as ffi::Py_ssize_t) } < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: `obj` is a new reference to a bytes object.
+    Ok(unsafe { Bound::from_owned_ptr(py, obj).cast_into_unchecked() })
 }

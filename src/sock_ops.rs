@@ -7,7 +7,6 @@
 //! resolves the future, or waits again if the readiness was spurious.
 
 use std::cell::{Cell, RefCell};
-use std::ffi::c_int;
 use std::os::fd::RawFd;
 
 use pyo3::buffer::PyUntypedBuffer;
@@ -19,6 +18,7 @@ use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::{os_error, would_block};
 use crate::poller::{Interest, READABLE, WRITABLE};
+use crate::pyhelpers::_PyBytes_Resize;
 use crate::sys;
 
 /// Reads of up to this size land in a reused buffer before the copy into `bytes`...
@@ -33,12 +33,6 @@ const DIRECT_READ: usize = 16 * 1024;
 thread_local! {
     static RECV_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; STACKED_READ]);
     static LAST_READ: Cell<usize> = const { Cell::new(0) };
-}
-
-unsafe extern "C" {
-    /// CPython's own resize of a `bytes` object nothing else references yet (what
-    /// `socket.recv` uses); not exposed by pyo3-ffi.
-    fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> c_int;
 }
 
 pub(crate) enum SockKind {

@@ -555,18 +555,53 @@ fn read_records<'py>(
 }
 
 /// [`read_records`] with libssl called natively on `native`, the `SSL` object under
-/// `raw` (kept alive by the caller). A read that ends otherwise than with data or
-/// `SSL_ERROR_WANT_READ` (close_notify, an error) is repeated through `raw.read`, which
-/// finds the thread's error queue as the native call left it and returns or raises
-/// what asyncio's read would.
+/// `raw` (kept alive by the caller). The plaintext is decrypted straight into the
+/// `bytes` handed to the protocol, sized by what the TLS object could give now
+/// ([`NativeSsl::readable_bound`]) and cut to what it gave. A read that ends otherwise
+/// than with data or `SSL_ERROR_WANT_READ` (close_notify, an error) is repeated
+/// through `raw.read`, which finds the thread's error queue as the native call left it
+/// and returns or raises what asyncio's read would.
 fn read_records_native<'py>(
     raw: &Bound<'py, PyAny>,
     native: NativeSsl,
     names: &SslProto,
 ) -> PyResult<Records<'py>> {
     let py = raw.py();
-    let mut scratch = Scratch::take();
     let mut parts = Vec::new();
+    // The last native read ended otherwise (its error still queued): `_ssl` repeats it.
+    let mut repeat = false;
+    let bound = native.readable_bound();
+    if bound > 0 {
+        // Filled to the brim (the bound can be short: OpenSSL may already hold the
+        // start of a record taken from the BIO), the scratch loop below reads on.
+        let mut last = Io::Done(0);
+        let data = crate::pyhelpers::bytes_written_by(py, bound, |start, capacity| {
+            let mut filled = 0;
+            while filled < capacity {
+                // SAFETY: `start` is writable for `capacity` bytes, so the rest from
+                // `filled` is writable for `capacity - filled`.
+                match unsafe { native.read_raw(start.add(filled), capacity - filled) } {
+                    Io::Done(n) => filled += n,
+                    other => {
+                        last = other;
+                        break;
+                    }
+                }
+            }
+            Ok(filled)
+        })?;
+        if !data.as_bytes().is_empty() {
+            parts.push(data.into_any());
+        }
+        match last {
+            Io::WantRead => return Ok((join_chunks(py, parts)?, false)),
+            Io::Other => repeat = true,
+            Io::Done(_) => {}
+        }
+    }
+    // Nothing was pending (the one read below says whether the stream ended), more
+    // may be, or a read must be repeated through `_ssl`.
+    let mut scratch = Scratch::take();
     let mut filled = 0;
     let mut eof = false;
     loop {
@@ -574,7 +609,12 @@ fn read_records_native<'py>(
             parts.push(PyBytes::new(py, &scratch.buf[..filled]).into_any());
             filled = 0;
         }
-        match native.read(&mut scratch.buf[filled..]) {
+        let io = if std::mem::take(&mut repeat) {
+            Io::Other
+        } else {
+            native.read(&mut scratch.buf[filled..])
+        };
+        match io {
             Io::Done(n) => filled += n,
             Io::WantRead => break,
             Io::Other => match scratch.read_into(raw, filled) {
