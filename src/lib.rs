@@ -19,6 +19,7 @@ mod tls;
 mod transport_registry;
 mod transports;
 mod waiters;
+mod watchdog;
 
 use pyo3::prelude::*;
 

@@ -1,5 +1,6 @@
 """`python -m ferroloop script.py [args]` / `python -m ferroloop -m module [args]`:
-run a program with ferroloop as asyncio's loop, as plain `python` would run it."""
+run a program with ferroloop as asyncio's loop, as plain `python` would run it.
+Runner options (`--watchdog`, `--workers`...) come before the program."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import sys
 import traceback
 
 USAGE = (
-    "usage: python -m ferroloop [--version] (script.py | -m module) [args ...]\n"
+    "usage: python -m ferroloop [--version] [--watchdog THRESHOLD] (script.py | -m module)"
+    " [args ...]\n"
     "       python -m ferroloop --workers (N | auto) [--graceful-timeout SECONDS]"
-    " (script.py | -m module) [args ...]"
+    " [--watchdog THRESHOLD] (script.py | -m module) [args ...]\n"
+    "  --watchdog THRESHOLD  report a callback that blocks the loop longer than THRESHOLD"
+    " (100ms, 0.1s or 0.1), with its stack"
 )
 WORKER_FLAGS = ("--workers", "--graceful-timeout")
+WATCHDOG_FLAG = "--watchdog"
 
 
 def _user_traceback(tb):
@@ -56,6 +61,44 @@ def _supervise(argv: list[str]) -> None:
     sys.exit(_workers.supervise(count, timeout, argv))
 
 
+def _take_watchdog(argv: list[str]) -> str | None:
+    """Takes `--watchdog THRESHOLD` out of the runner options (the flags before the
+    program) and returns its value."""
+    value = None
+    i = 0
+    while i < len(argv):
+        flag, equals, given = argv[i].partition("=")
+        if flag not in (*WORKER_FLAGS, WATCHDOG_FLAG):
+            break
+        width = 1 if equals else 2
+        if not equals:
+            if i + 1 >= len(argv):
+                _usage_error(f"{flag} needs a value")
+            given = argv[i + 1]
+        if flag == WATCHDOG_FLAG:
+            value = given
+            del argv[i : i + width]
+        else:
+            i += width
+    return value
+
+
+def _set_watchdog(value: str, workers: bool) -> None:
+    """Every loop of the program gets the watchdog: through the runner's default, or
+    for workers, which are programs of their own, through the environment."""
+    from ferroloop import _watchdog
+
+    try:
+        threshold = _watchdog.parse_threshold(value)
+    except ValueError as exc:
+        _usage_error(f"--watchdog: {exc}")
+    if workers:
+        os.environ[_watchdog.ENVIRONMENT_VARIABLE] = value
+    else:
+        # Also 0 (off): the runner's word overrides the environment's.
+        _watchdog.runner_threshold = threshold or 0.0
+
+
 def _usage_error(message: str) -> None:
     print(f"{USAGE}\npython -m ferroloop: {message}", file=sys.stderr)
     sys.exit(2)
@@ -65,7 +108,13 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stderr if not argv else sys.stdout)
         sys.exit(2 if not argv else 0)
-    if argv[0].split("=", 1)[0] in WORKER_FLAGS:
+    watchdog = _take_watchdog(argv)
+    workers = bool(argv) and argv[0].split("=", 1)[0] in WORKER_FLAGS
+    if watchdog is not None:
+        _set_watchdog(watchdog, workers)
+    if not argv:
+        _usage_error("no program to run")
+    if workers:
         _supervise(argv)
 
     import ferroloop

@@ -33,6 +33,7 @@ from ._sockets import SocketMethods
 from ._subprocess import SubprocessMethods, reap_in_thread
 from ._transports import TransportMethods
 from ._unix import UnixMethods
+from ._watchdog import WatchdogMethods
 
 __all__ = ["Loop"]
 
@@ -51,6 +52,7 @@ class Loop(
     ServeMethods,
     UnixMethods,
     SubprocessMethods,
+    WatchdogMethods,
     asyncio.BaseEventLoop,
 ):
     """ferroloop's event loop: a drop-in `asyncio.AbstractEventLoop`."""
@@ -64,6 +66,7 @@ class Loop(
         self._children: dict[int, tuple[int | None, object]] = {}
         if self._time_overridden():
             self._set_custom_clock(True)
+        self._watchdog_from_environment()
 
     # A `time` set on the loop (LoopCore.__setattr__) or overridden by a subclass is the
     # clock the turn and call_later read, as asyncio's `self.time()` is.
