@@ -14,9 +14,11 @@
 //! read anything until it lets go: usually just after the blocking call, while the run
 //! goes on, sometimes only once the run has returned.
 //!
-//! The turn wakes the thread only at the end of a run that outlasted the threshold: it
-//! records the run (`Ended`), and the thread reports its recovery, or, for a run it
-//! could not see while it lasted, reports it late with its recovery.
+//! The end of a run reads one word, `watch_end`: 0 while the thread watches. The thread
+//! sets it to the id of the run it reported (whose end it must hear of), and to `BUSY`
+//! while it waits for the GIL to report, when it cannot watch: the turn then times the
+//! end of every run and records (`Ended`) any that outlasted the threshold, to be
+//! reported late. Recording a run is the only time the turn wakes the thread.
 
 use std::collections::VecDeque;
 use std::ptr;
@@ -37,6 +39,8 @@ use crate::errors::os_error;
 /// Ended long runs kept for the thread to report; more (the thread waiting for the GIL
 /// while the loop runs long callbacks one after another) are not reported.
 const MAX_ENDED: usize = 64;
+/// `watch_end` while the thread waits for the GIL: the turn times every run's end.
+const BUSY: u64 = u64::MAX;
 
 /// The watchdog of one loop: off until `start`, and after `stop`.
 pub(crate) struct Watchdog {
@@ -57,8 +61,12 @@ struct Shared {
     /// What the run in progress runs, borrowed: the turn holds a reference to it until
     /// the run ends, so it is live while `current` holds the run's id.
     object: AtomicPtr<ffi::PyObject>,
-    /// The threshold in seconds, as bits: the turn records a run that outlasts it.
+    /// The threshold in seconds, as bits.
     threshold: AtomicU64,
+    /// What the end of a run must do: nothing (0), record the run of this id (the one
+    /// reported in progress), or time the run and record it if it outlasted the
+    /// threshold (`BUSY`).
+    watch_end: AtomicU64,
     /// `threading.get_ident()` of the thread running the loop, 0 while it does not run.
     loop_thread: AtomicU64,
     control: Mutex<Control>,
@@ -94,6 +102,22 @@ pub(crate) struct Run {
     outer_object: *mut ffi::PyObject,
 }
 
+/// `CLOCK_MONOTONIC_COARSE`: `monotonic()` as of the last clock tick (1-4 ms), read in
+/// a few nanoseconds where `monotonic()` takes about twenty: the start of every run.
+/// It is never ahead of `monotonic()`, so a run is never found shorter than it was.
+fn coarse_monotonic() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill; the clock exists on
+    // Linux since 2.6.32.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    #[allow(clippy::useless_conversion)] // time_t and c_long are not i64 on every target
+    let ns = i64::from(ts.tv_sec) * 1_000_000_000 + i64::from(ts.tv_nsec);
+    ns as f64 / 1e9
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while locked leaves plain data behind: carry on with it.
     mutex
@@ -111,6 +135,7 @@ impl Default for Watchdog {
                 started: AtomicU64::new(0),
                 object: AtomicPtr::new(ptr::null_mut()),
                 threshold: AtomicU64::new(0),
+                watch_end: AtomicU64::new(0),
                 loop_thread: AtomicU64::new(0),
                 control: Mutex::new(Control {
                     generation: 0,
@@ -138,7 +163,7 @@ impl Watchdog {
         let s = &*self.shared;
         let id = s.last_id.load(Ordering::Relaxed) + 1;
         s.last_id.store(id, Ordering::Relaxed);
-        let started = monotonic();
+        let started = coarse_monotonic();
         let run = Run {
             id,
             started,
@@ -160,18 +185,24 @@ impl Watchdog {
         s.started.store(run.outer_started, Ordering::Relaxed);
         s.object.store(run.outer_object, Ordering::Relaxed);
         s.current.store(run.outer, Ordering::Release);
-        let ended = monotonic();
-        // Not on: switched off during the run, no thread to report it.
-        if ended - run.started >= f64::from_bits(s.threshold.load(Ordering::Relaxed))
-            && self.is_on()
-        {
-            self.record_long_run(run, ended, object);
+        let watch = s.watch_end.load(Ordering::Relaxed);
+        if watch != 0 {
+            self.end_watched(run, watch, object);
         }
     }
 
+    /// The end of a run the thread may not have seen whole: recorded if it is the one
+    /// reported in progress, or if the thread is busy and the run outlasted the
+    /// threshold. (Not if the watchdog was switched off during the run.)
     #[cold]
     #[inline(never)]
-    fn record_long_run(&self, run: Run, ended: f64, object: Option<&Bound<'_, PyAny>>) {
+    fn end_watched(&self, run: Run, watch: u64, object: Option<&Bound<'_, PyAny>>) {
+        let ended = monotonic();
+        let threshold = f64::from_bits(self.shared.threshold.load(Ordering::Relaxed));
+        let long = watch == BUSY && ended - run.started >= threshold;
+        if !(long || watch == run.id) || !self.is_on() {
+            return;
+        }
         let record = Ended {
             id: run.id,
             started: run.started,
@@ -278,7 +309,7 @@ impl Drop for Watchdog {
 /// in progress (once per threshold, sooner when one is under way) and reports one that
 /// has outlasted the threshold.
 fn watch(shared: &Shared, generation: u64) {
-    // The run reported while in progress, whose recovery is yet to be reported.
+    // The run reported while in progress, whose end is yet to be reported.
     let mut seen_live = 0;
     // The last run looked at for a report: a run is reported once.
     let mut reported = 0;
@@ -286,7 +317,13 @@ fn watch(shared: &Shared, generation: u64) {
     loop {
         if let Some(ended) = control.ended.pop_front() {
             drop(control);
-            report_ended(shared, ended, seen_live);
+            let was_live = ended.id == seen_live;
+            if was_live {
+                seen_live = 0;
+            }
+            with_gil_busy(shared, seen_live, |py| {
+                report_ended(shared, py, ended, was_live)
+            });
             control = lock(&shared.control);
             continue;
         }
@@ -302,8 +339,15 @@ fn watch(shared: &Shared, generation: u64) {
             if ran >= threshold {
                 reported = id;
                 drop(control);
-                if report_in_progress(shared, id, started, threshold) {
+                let asked = monotonic();
+                let live = with_gil_busy(shared, id, |py| {
+                    let late = monotonic() - asked > threshold;
+                    report_in_progress(shared, py, id, started, threshold, late)
+                });
+                if live == Some(true) {
                     seen_live = id;
+                } else {
+                    shared.watch_end.store(seen_live, Ordering::Relaxed);
                 }
                 control = lock(&shared.control);
                 continue;
@@ -320,55 +364,70 @@ fn watch(shared: &Shared, generation: u64) {
     }
 }
 
-/// Reports run `id`, found running for longer than the threshold, if it still runs
-/// once the GIL is had (else the turn has recorded its end, reported from there).
+/// Runs `f` with the GIL (None if the interpreter is shutting down). The turn times
+/// every run while the thread waits for it (`BUSY`); then, still holding it, the end
+/// of run `then` (0: none) is the one to be told of.
+fn with_gil_busy<R>(shared: &Shared, then: u64, f: impl FnOnce(Python<'_>) -> R) -> Option<R> {
+    shared.watch_end.store(BUSY, Ordering::Relaxed);
+    let outcome = Python::try_attach(|py| {
+        let outcome = f(py);
+        shared.watch_end.store(then, Ordering::Relaxed);
+        outcome
+    });
+    if outcome.is_none() {
+        shared.watch_end.store(then, Ordering::Relaxed);
+    }
+    outcome
+}
+
+/// Reports run `id`, found running for longer than the threshold, if it still runs now
+/// that we hold the GIL (else its end was recorded, and is reported from there).
 /// Returns whether it was reported.
 ///
-/// A wait for the GIL longer than the threshold means the run held it (a call into C
-/// that does not release it): it is reported as captured late, its stack being where
-/// it let go of the GIL rather than where it blocked.
-fn report_in_progress(shared: &Shared, id: u64, started: f64, threshold: f64) -> bool {
-    let asked = monotonic();
-    Python::try_attach(|py| {
-        let late = monotonic() - asked > threshold;
-        if shared.current.load(Ordering::Acquire) != id {
-            return false;
-        }
-        let Some(reporter) = reporter(shared, py) else {
-            return false;
-        };
-        let object = shared.object.load(Ordering::Relaxed);
-        // SAFETY: attached, and the run that published `object` is still in progress
-        // (its id is current, and it cannot end while we hold the GIL): the turn holds
-        // a reference to it until then, so it is live; we take our own.
-        let object = (!object.is_null()).then(|| unsafe { Bound::from_borrowed_ptr(py, object) });
-        let object = object.unwrap_or_else(|| py.None().into_bound(py));
-        let thread = shared.loop_thread.load(Ordering::Relaxed);
-        let args = (object, monotonic() - started, threshold, thread, late, true);
-        call_reporter(py, &reporter, intern!(py, "stalled"), args);
-        true
-    })
-    .unwrap_or(false)
+/// `late`: the GIL took longer than the threshold to get, so the run held it (a call
+/// into C that does not release it): its stack is where it let go of the GIL rather
+/// than where it blocked.
+fn report_in_progress(
+    shared: &Shared,
+    py: Python<'_>,
+    id: u64,
+    started: f64,
+    threshold: f64,
+    late: bool,
+) -> bool {
+    if shared.current.load(Ordering::Acquire) != id {
+        return false;
+    }
+    let Some(reporter) = reporter(shared, py) else {
+        return false;
+    };
+    let object = shared.object.load(Ordering::Relaxed);
+    // SAFETY: attached, and the run that published `object` is still in progress (its
+    // id is current, and it cannot end while we hold the GIL): the turn holds a
+    // reference to it until then, so it is live; we take our own.
+    let object = (!object.is_null()).then(|| unsafe { Bound::from_borrowed_ptr(py, object) });
+    let object = object.unwrap_or_else(|| py.None().into_bound(py));
+    let thread = shared.loop_thread.load(Ordering::Relaxed);
+    let args = (object, monotonic() - started, threshold, thread, late, true);
+    call_reporter(py, &reporter, intern!(py, "stalled"), args);
+    true
 }
 
 /// Reports the end of a long run: its recovery if it was reported while in progress
-/// (`seen_live`), else the stall, captured late without a stack, then its recovery.
-fn report_ended(shared: &Shared, ended: Ended, seen_live: u64) {
-    Python::try_attach(|py| {
-        let Some(reporter) = reporter(shared, py) else {
-            return;
-        };
-        let threshold = f64::from_bits(shared.threshold.load(Ordering::Relaxed));
-        let object = ended.object.unwrap_or_else(|| py.None());
-        let thread = ended.thread;
-        let total = ended.ended - ended.started;
-        if ended.id != seen_live {
-            let args = (&object, total, threshold, thread, true, false);
-            call_reporter(py, &reporter, intern!(py, "stalled"), args);
-        }
-        let args = (&object, total, threshold, thread);
-        call_reporter(py, &reporter, intern!(py, "recovered"), args);
-    });
+/// (`was_live`), else the stall, captured late without a stack, then its recovery.
+fn report_ended(shared: &Shared, py: Python<'_>, ended: Ended, was_live: bool) {
+    let Some(reporter) = reporter(shared, py) else {
+        return;
+    };
+    let threshold = f64::from_bits(shared.threshold.load(Ordering::Relaxed));
+    let object = ended.object.unwrap_or_else(|| py.None());
+    let total = ended.ended - ended.started;
+    if !was_live {
+        let args = (&object, total, threshold, ended.thread, true, false);
+        call_reporter(py, &reporter, intern!(py, "stalled"), args);
+    }
+    let args = (&object, total, threshold, ended.thread);
+    call_reporter(py, &reporter, intern!(py, "recovered"), args);
 }
 
 /// The reporter, unless the watchdog was switched off meanwhile.
