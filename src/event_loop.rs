@@ -358,9 +358,19 @@ impl LoopCore {
     }
 
     /// Step 5: runs exactly the entries that were ready when it began; what they
-    /// schedule runs next turn. With the watchdog on, each run is published to it.
+    /// schedule runs next turn. With the watchdog on, each run is published to it (the
+    /// one test the turn makes for it when off).
     #[inline]
     fn run_ready(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+        if slf.get().watchdog.is_on() {
+            LoopCore::run_ready_with::<true>(slf)
+        } else {
+            LoopCore::run_ready_with::<false>(slf)
+        }
+    }
+
+    #[inline(always)]
+    fn run_ready_with<const WATCHED: bool>(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
         let ntodo = core.state.borrow_mut(py)?.ready.len();
@@ -374,7 +384,7 @@ impl LoopCore {
             if !matches!(item, Ready::Handle(_)) {
                 lent.leave(py)?;
             }
-            if core.watchdog.is_on() {
+            if WATCHED {
                 LoopCore::run_watched(slf, item, &mut lent)?;
             } else {
                 LoopCore::run_item(slf, item, &mut lent)?;

@@ -19,7 +19,6 @@ import atexit
 import inspect
 import logging
 import math
-import numbers
 import os
 import re
 import sys
@@ -28,7 +27,7 @@ import warnings
 import weakref
 from asyncio import format_helpers
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ._ferroloop import Handle
 
@@ -54,14 +53,14 @@ runner_threshold: float | None = None
 _watched: weakref.WeakSet = weakref.WeakSet()
 
 _COROUTINE_FLAGS = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
-_THRESHOLD_TEXT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s)?\s*")
+_THRESHOLD_TEXT = r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s)?\s*"
 
 
 def check_threshold(threshold) -> float | None:
     """The threshold in seconds, or None (None or 0: the watchdog is off)."""
     if threshold is None:
         return None
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(
             f"the watchdog threshold must be a number of seconds or None, "
             f"not {type(threshold).__name__}"
@@ -76,15 +75,14 @@ def check_threshold(threshold) -> float | None:
 
 def parse_threshold(text: str) -> float | None:
     """`100ms`, `0.1s` or `0.1` (seconds) as seconds; `0` is off (None)."""
-    match = _THRESHOLD_TEXT.fullmatch(text)
+    match = re.fullmatch(_THRESHOLD_TEXT, text)
     if match is None:
         raise ValueError(f"expected a duration such as 100ms, 0.1s or 0.1, not {text!r}")
     number, unit = match.groups()
     return check_threshold(float(number) / (1000 if unit == "ms" else 1))
 
 
-@dataclass(frozen=True)
-class WatchdogReport:
+class WatchdogReport(NamedTuple):
     """One report of the watchdog: a run of the loop that outlasted the threshold.
 
     kind: "stalled" (made while the run was still blocked, unless `captured_late`) or
