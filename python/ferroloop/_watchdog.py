@@ -90,8 +90,8 @@ class WatchdogReport(NamedTuple):
     duration_so_far: how long the run had lasted when the report was made, in seconds;
         in a "recovered" report, the stall's total length.
     threshold: the watchdog's threshold, in seconds.
-    handle: what the loop was running: a handle's repr, a callback, or the transport
-        whose protocol was called.
+    handle: what the loop was running: a handle's repr, a task's step (with the task's
+        repr), a callback, or the transport whose protocol was called.
     task: the name of the task whose step was running, if any.
     stack: the loop thread's stack from the frame the loop called up to the one that
         blocked, most recent call last (None in a "recovered" report, and when the run
@@ -285,7 +285,7 @@ def _describe(running) -> str:
         return "a socket operation"
     task = _task_of(running)
     if task is not None:
-        return f"step of {task!r}"
+        return f"a step of {task!r}"
     if isinstance(running, Handle):
         return repr(running)
     if isinstance(running, asyncio.BaseTransport):
@@ -315,7 +315,7 @@ class WatchdogMethods:
 
         Reports go to the `ferroloop` logger at WARNING, or to `callback` as a
         `WatchdogReport` (called on the watchdog's thread; its exceptions are logged).
-        Takes effect from the next callback the loop runs.
+        Takes effect from the loop's next turn (at once on a loop not running).
         """
         seconds = check_threshold(threshold)
         if callback is not None and not callable(callback):
