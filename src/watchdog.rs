@@ -4,7 +4,7 @@
 //!
 //! While the watchdog is on, the turn publishes each run (`Watchdog::begin`/`end`): an
 //! id, its start time and what it runs, in atomics the thread reads without the GIL and
-//! without being woken. Off, the turn tests one flag per run and publishes nothing.
+//! without being woken. Off, the turn tests one flag per turn and publishes nothing.
 //!
 //! The thread looks at the run in progress once per threshold. When one has lasted
 //! longer, it takes the GIL and has `ferroloop._watchdog.Reporter` read the loop
@@ -21,6 +21,8 @@
 //! reported late. Recording a run is the only time the turn wakes the thread.
 
 use std::collections::VecDeque;
+use std::mem;
+use std::process;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -44,10 +46,29 @@ const BUSY: u64 = u64::MAX;
 
 /// The watchdog of one loop: off until `start`, and after `stop`.
 pub(crate) struct Watchdog {
-    /// The turn publishes its runs (the one test the turn makes per run when off).
+    /// The turn publishes its runs (the one test the turn makes when off, once a turn).
     on: AtomicBool,
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<Watcher>>,
+}
+
+/// The watchdog thread, and the process that started it: a child forked since has no
+/// such thread, and must neither join nor detach it.
+struct Watcher {
+    handle: JoinHandle<()>,
+    pid: u32,
+}
+
+impl Watcher {
+    /// The handle, if the thread belongs to this process (else it is let go unseen).
+    fn into_own_handle(self) -> Option<JoinHandle<()>> {
+        if self.pid == process::id() {
+            Some(self.handle)
+        } else {
+            mem::forget(self.handle);
+            None
+        }
+    }
 }
 
 /// What the loop thread publishes and the watchdog thread reads.
@@ -56,7 +77,7 @@ struct Shared {
     current: AtomicU64,
     /// The last id given out (written by the thread running the loop only).
     last_id: AtomicU64,
-    /// When the run in progress started (`monotonic()`, as bits).
+    /// When the run in progress started (`coarse_monotonic()`, as bits).
     started: AtomicU64,
     /// What the run in progress runs, borrowed: the turn holds a reference to it until
     /// the run ends, so it is live while `current` holds the run's id.
@@ -233,6 +254,9 @@ impl Watchdog {
     /// thread if none runs.
     pub(crate) fn start(&self, threshold: f64, reporter: Py<PyAny>) -> PyResult<()> {
         let mut thread = lock(&self.thread);
+        if thread.as_ref().is_some_and(|w| w.pid != process::id()) {
+            thread.take().and_then(Watcher::into_own_handle);
+        }
         let mut control = lock(&self.shared.control);
         let old_reporter = control.reporter.replace(reporter);
         self.shared
@@ -246,7 +270,12 @@ impl Watchdog {
                 .name("ferroloop-watchdog".into())
                 .spawn(move || watch(&shared, generation));
             match spawned {
-                Ok(handle) => *thread = Some(handle),
+                Ok(handle) => {
+                    *thread = Some(Watcher {
+                        handle,
+                        pid: process::id(),
+                    })
+                }
                 Err(err) => {
                     let reporter = control.reporter.take();
                     drop(control);
@@ -268,7 +297,7 @@ impl Watchdog {
     /// stops when that returns).
     pub(crate) fn stop(&self, py: Python<'_>) {
         self.on.store(false, Ordering::Relaxed);
-        let handle = lock(&self.thread).take();
+        let handle = lock(&self.thread).take().and_then(Watcher::into_own_handle);
         lock(&self.shared.control).generation += 1;
         self.shared.wake.notify_all();
         if let Some(handle) = handle {
@@ -281,7 +310,7 @@ impl Watchdog {
         }
         let released = {
             let mut control = lock(&self.shared.control);
-            (control.reporter.take(), std::mem::take(&mut control.ended))
+            (control.reporter.take(), mem::take(&mut control.ended))
         };
         drop(released);
     }

@@ -19,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 
 import ferroloop
 import pytest
@@ -241,6 +242,30 @@ def test_a_loop_collected_unclosed_stops_its_thread():
     with pytest.warns(ResourceWarning, match="unclosed event loop"):
         gc.collect()
     assert thread_count() == before
+
+
+def test_a_forked_child_starts_its_own_thread_and_never_joins_the_parents():
+    loop = ferroloop.new_event_loop()
+    loop.set_watchdog(10.0)
+    wait_for_watchdog_thread()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # forking with threads
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            alone = thread_count() == 1
+            loop.set_watchdog(THRESHOLD)  # the parent's thread is not here: a new one
+            watching = thread_count() == 2
+            loop.close()
+            code = 0 if alone and watching and thread_count() == 1 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(watchdog_threads()) == 1
+    loop.close()
+    assert watchdog_threads() == []
 
 
 def test_switched_off_while_stalled_reports_nothing_more(watched):
