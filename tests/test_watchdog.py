@@ -14,6 +14,7 @@ import functools
 import gc
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -175,6 +176,35 @@ def test_a_blocking_task_step_names_the_task_and_its_await_chain(watched):
     names = [entry.split(" (")[0].rsplit(".", 1)[-1] for entry in stalled.coroutine_chain]
     assert names == ["middle", "blocking_inner"]
     assert frame_names(stalled)[:2] == ["middle", "blocking_inner"]
+    assert recovered.duration_so_far >= BLOCK
+
+
+def test_a_blocking_protocol_method_names_the_protocol_and_its_transport(watched):
+    loop, reports = watched
+    received = []
+
+    class BlockingProtocol(asyncio.Protocol):
+        def data_received(self, data):
+            reports.block_until_reported()
+            received.append(data)
+
+    async def main():
+        ours, theirs = socket.socketpair()
+        with theirs:
+            transport, _ = await loop.connect_accepted_socket(BlockingProtocol, ours)
+            theirs.sendall(b"ping")
+            while not received:
+                await asyncio.sleep(0.01)
+            transport.close()
+
+    loop.run_until_complete(main())
+    loop.close()
+    assert received == [b"ping"]
+    assert reports.kinds() == ["stalled", "recovered"]
+    stalled, recovered = reports.reports
+    assert frame_names(stalled)[:2] == ["data_received", "block_until_reported"]
+    assert stalled.handle.startswith("the protocol <")
+    assert "BlockingProtocol" in stalled.handle and "Transport" in stalled.handle
     assert recovered.duration_so_far >= BLOCK
 
 
@@ -483,6 +513,22 @@ def test_the_runner_flag_overrides_the_environment(tmp_path):
         {"FERROLOOP_WATCHDOG": "100ms"},
     )
     assert done.returncode == 0 and "event loop blocked" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "value", "rest"),
+    [
+        (["--watchdog", "100ms", "app.py", "--watchdog", "x"], "100ms", ["app.py", "--watchdog", "x"]),
+        (["--workers", "2", "--watchdog=1s", "app.py"], "1s", ["--workers", "2", "app.py"]),
+        (["--watchdog", "0.1", "--graceful-timeout=5", "-m", "pkg"], "0.1", ["--graceful-timeout=5", "-m", "pkg"]),
+        (["app.py", "--watchdog", "1"], None, ["app.py", "--watchdog", "1"]),
+    ],
+)
+def test_the_runner_flag_is_a_runner_option_before_the_program(argv, value, rest):
+    from ferroloop.__main__ import _take_watchdog
+
+    assert _take_watchdog(argv) == value
+    assert argv == rest
 
 
 def test_a_bad_runner_flag_is_a_usage_error(tmp_path):
