@@ -9,8 +9,8 @@ loop needs on top is Python, one module per concern, each holding one base class
 `Loop`: `_signals` (signal handlers), `_dns` (non-blocking name resolution),
 `_sockets` (the remaining `sock_*` calls and native sendfile), `_transports`
 (transport creation), `_connect` (`create_connection`), `_serve` (`create_server` and
-accepting), `_unix` (Unix sockets) and `_subprocess` (pipes and subprocesses, child
-exit through pidfds). This module keeps the running-loop bookkeeping, debug mode's
+accepting), `_unix` (Unix sockets), `_subprocess` (pipes and subprocesses, child exit
+through pidfds) and `_watchdog` (`set_watchdog`, the blocked-loop watchdog's switch). This module keeps the running-loop bookkeeping, debug mode's
 timing of callbacks, and closing.
 """
 
