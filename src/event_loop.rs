@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::mem;
 use std::os::fd::RawFd;
+use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -32,6 +33,7 @@ use crate::timers::Timers;
 pub(crate) use crate::transport_registry::NativeTransport;
 use crate::transports::stream::StreamTransport;
 use crate::waiters::{self, FdCallbacks, Waiter};
+use crate::watchdog::Watchdog;
 
 /// asyncio caps one poll at a day (`MAXIMUM_SELECT_TIMEOUT`).
 const MAX_POLL_TIMEOUT_S: f64 = 24.0 * 3600.0;
@@ -114,6 +116,8 @@ pub struct LoopCore {
     /// `time` is patched on the instance or overridden by a subclass: the turn and
     /// `call_later` then read the clock through it, as asyncio's `self.time()` does.
     pub(crate) custom_clock: AtomicBool,
+    /// The blocked-loop watchdog (see `watchdog`), off unless switched on.
+    pub(crate) watchdog: Watchdog,
 }
 
 impl LoopCore {
@@ -144,6 +148,7 @@ impl LoopCore {
             debug: AtomicBool::new(false),
             clock_resolution: clock::clock_resolution(),
             custom_clock: AtomicBool::new(false),
+            watchdog: Watchdog::default(),
         })
     }
 
@@ -371,10 +376,19 @@ impl LoopCore {
     }
 
     /// Step 5: runs exactly the entries that were ready when it began; what they
-    /// schedule runs next turn. In debug mode a handle runs through
-    /// `_run_handle_debug`, which times it and reports a slow callback.
+    /// schedule runs next turn. With the watchdog on, each run is published to it (the
+    /// one test the turn makes for it when off).
     #[inline]
     fn run_ready(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+        if slf.get().watchdog.is_on() {
+            LoopCore::run_ready_with::<true>(slf)
+        } else {
+            LoopCore::run_ready_with::<false>(slf)
+        }
+    }
+
+    #[inline(always)]
+    fn run_ready_with<const WATCHED: bool>(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
         let (ntodo, timing) = core.state.borrow_mut(py)?.begin_ready();
@@ -390,29 +404,10 @@ impl LoopCore {
             if !matches!(item, Ready::Handle(_)) {
                 lent.leave(py)?;
             }
-            match item {
-                Ready::Handle(handle) => {
-                    let handle = handle.into_bound(py);
-                    let outcome = if core.debug.load(Ordering::Relaxed) {
-                        lent.leave(py)?;
-                        slf.call_method1("_run_handle_debug", (&handle,)).map(drop)
-                    } else {
-                        Handle::run_lent(&handle, &mut lent)
-                    };
-                    handles::release_from_loop(handle);
-                    outcome?;
-                }
-                Ready::Call(call) => {
-                    if core.debug.load(Ordering::Relaxed) {
-                        // Debug mode times and names every callback: give it its handle.
-                        let handle = call.to_handle(py, slf.as_any())?;
-                        slf.call_method1("_run_handle_debug", (handle,))?;
-                    } else {
-                        call.run(py, slf.as_any())?;
-                    }
-                }
-                Ready::Io(transport, readiness) => transport.on_ready(py, readiness)?,
-                Ready::Sock(op) => core.run_sock_op(py, op)?,
+            if WATCHED {
+                LoopCore::run_watched(slf, item, &mut lent)?;
+            } else {
+                LoopCore::run_item(slf, item, &mut lent)?;
             }
             if let Some(started) = last {
                 let now = Instant::now();
@@ -426,6 +421,57 @@ impl LoopCore {
             }
         }
         lent.leave(py)
+    }
+
+    /// Runs one entry of the ready queue. In debug mode a handle runs through
+    /// `_run_handle_debug`, which times it and reports a slow callback.
+    #[inline(always)]
+    fn run_item(slf: &Bound<'_, LoopCore>, item: Ready, lent: &mut LentContext) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        match item {
+            Ready::Handle(handle) => {
+                let handle = handle.into_bound(py);
+                let outcome = if core.debug.load(Ordering::Relaxed) {
+                    lent.leave(py)?;
+                    slf.call_method1("_run_handle_debug", (&handle,)).map(drop)
+                } else {
+                    Handle::run_lent(&handle, lent)
+                };
+                handles::release_from_loop(handle);
+                outcome
+            }
+            Ready::Call(call) => {
+                if core.debug.load(Ordering::Relaxed) {
+                    // Debug mode times and names every callback: give it its handle.
+                    let handle = call.to_handle(py, slf.as_any())?;
+                    slf.call_method1("_run_handle_debug", (handle,)).map(drop)
+                } else {
+                    call.run(py, slf.as_any())
+                }
+            }
+            Ready::Io(transport, readiness) => transport.on_ready(py, readiness),
+            Ready::Sock(op) => core.run_sock_op(py, op),
+        }
+    }
+
+    /// `run_item`, published to the watchdog: what runs (the handle, the callback of a
+    /// queued call, the transport whose protocol is called) is kept referenced here for
+    /// the run, so the watchdog can name it while the run lasts.
+    #[inline(never)]
+    fn run_watched(slf: &Bound<'_, LoopCore>, item: Ready, lent: &mut LentContext) -> PyResult<()> {
+        let py = slf.py();
+        let object = match &item {
+            Ready::Handle(handle) => Some(handle.bind(py).clone().into_any()),
+            Ready::Call(call) => Some(call.callback.bind(py).clone()),
+            Ready::Io(transport, _) => Some(transport.as_any(py).clone()),
+            Ready::Sock(_) => None,
+        };
+        let watchdog = &slf.get().watchdog;
+        let run = watchdog.begin(object.as_ref().map_or(ptr::null_mut(), Bound::as_ptr));
+        let outcome = LoopCore::run_item(slf, item, lent);
+        watchdog.end(run, object.as_ref());
+        outcome
     }
 
     /// The poller's events buffer, lent out for a wait made without the state borrowed.
@@ -583,6 +629,7 @@ impl LoopCore {
             return Err(PyRuntimeError::new_err("Cannot close a running event loop"));
         }
         self.closed.store(true, Ordering::Relaxed);
+        self.watchdog.stop(py);
         let queued = match self.threadsafe.lock() {
             Ok(mut q) => {
                 q.wake_fd = -1;
@@ -618,6 +665,17 @@ impl LoopCore {
     /// Whether `time` is overridden by a subclass (`Loop.__init__` tells).
     fn _set_custom_clock(&self, on: bool) {
         self.custom_clock.store(on, Ordering::Relaxed);
+    }
+
+    // The watchdog (see `watchdog`; `Loop.set_watchdog` checks the threshold).
+
+    fn _watchdog_start(&self, threshold: f64, reporter: Py<PyAny>) -> PyResult<()> {
+        self.check_closed()?;
+        self.watchdog.start(threshold, reporter)
+    }
+
+    fn _watchdog_stop(&self, py: Python<'_>) {
+        self.watchdog.stop(py)
     }
 
     // The fd waiters (see `waiters`).
@@ -838,10 +896,11 @@ impl LoopCore {
                 visit.call(h)?;
             }
         }
-        Ok(())
+        self.watchdog.visit(&visit)
     }
 
     fn __clear__(&self) {
+        Python::attach(|py| self.watchdog.stop(py));
         let released = self.state.borrow_mut_for_gc().map(|mut st| {
             let mut timers = Vec::new();
             st.timers.drain(&mut timers);

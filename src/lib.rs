@@ -21,6 +21,7 @@ mod tls;
 mod transport_registry;
 mod transports;
 mod waiters;
+mod watchdog;
 
 use pyo3::prelude::*;
 

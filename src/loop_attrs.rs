@@ -133,6 +133,7 @@ pub(crate) fn thread_id(core: &LoopCore, py: Python<'_>) -> PyResult<Option<u64>
 
 pub(crate) fn set_thread_id(core: &LoopCore, py: Python<'_>, value: Option<u64>) -> PyResult<()> {
     core.state.borrow_mut(py)?.thread_id = value;
+    core.watchdog.set_loop_thread(value);
     Ok(())
 }
 

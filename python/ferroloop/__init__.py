@@ -5,11 +5,13 @@
     asyncio.run(main(), loop_factory=ferroloop.new_event_loop)   # Python 3.12+
     ferroloop.install()                       # every new loop is a ferroloop
     python -m ferroloop app.py [args]         # run a script unchanged
+    ferroloop.run(main(), watchdog=0.1)       # report a callback blocking the loop > 0.1 s
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 from asyncio import events
 from collections.abc import Coroutine
@@ -17,8 +19,18 @@ from typing import Any, TypeVar
 
 from ._ferroloop import Handle, TimerHandle
 from ._loop import Loop
+from ._watchdog import WatchdogReport, check_threshold
 
-__all__ = ["EventLoopPolicy", "Handle", "Loop", "TimerHandle", "install", "new_event_loop", "run"]
+__all__ = [
+    "EventLoopPolicy",
+    "Handle",
+    "Loop",
+    "TimerHandle",
+    "WatchdogReport",
+    "install",
+    "new_event_loop",
+    "run",
+]
 __version__ = "0.1.0"
 
 _T = TypeVar("_T")
@@ -78,21 +90,40 @@ def install() -> None:
     asyncio.set_event_loop_policy(_event_loop_policy_class()())
 
 
-def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None) -> _T:
-    """Run a coroutine on a new ferroloop loop: the contract of `asyncio.run`."""
+def run(
+    main: Coroutine[Any, Any, _T],
+    *,
+    debug: bool | None = None,
+    watchdog: float | None = None,
+) -> _T:
+    """Run a coroutine on a new ferroloop loop: the contract of `asyncio.run`.
+
+    `watchdog`: report any callback, protocol method or task step that blocks the loop
+    longer than this many seconds, while it blocks (`Loop.set_watchdog`; 0 switches off
+    one that FERROLOOP_WATCHDOG would switch on).
+    """
+    factory = new_event_loop
+    if watchdog is not None:
+        factory = functools.partial(_new_watched_loop, check_threshold(watchdog))
     if sys.version_info >= (3, 11):
-        with asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
+        with asyncio.Runner(debug=debug, loop_factory=factory) as runner:
             return runner.run(main)
-    return _run_310(main, debug)
+    return _run_310(main, debug, factory)
 
 
-def _run_310(main, debug):
+def _new_watched_loop(threshold: float | None) -> Loop:
+    loop = Loop()
+    loop.set_watchdog(threshold)
+    return loop
+
+
+def _run_310(main, debug, factory):
     """`asyncio.run` for Python 3.10, which has no `asyncio.Runner`."""
     if events._get_running_loop() is not None:
         raise RuntimeError("asyncio.run() cannot be called from a running event loop")
     if not asyncio.iscoroutine(main):
         raise ValueError(f"a coroutine was expected, got {main!r}")
-    loop = new_event_loop()
+    loop = factory()
     try:
         events.set_event_loop(loop)
         if debug is not None:

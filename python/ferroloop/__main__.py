@@ -1,5 +1,6 @@
 """`python -m ferroloop script.py [args]` / `python -m ferroloop -m module [args]`:
-run a program with ferroloop as asyncio's loop, as plain `python` would run it."""
+run a program with ferroloop as asyncio's loop, as plain `python` would run it.
+Runner options (`--watchdog`, `--workers`...) come before the program."""
 
 from __future__ import annotations
 
@@ -11,12 +12,20 @@ import sys
 import traceback
 
 USAGE = (
-    "usage: python -m ferroloop [--version] [--inspect PATH] (script.py | -m module) [args ...]\n"
-    "       python -m ferroloop [--inspect PATH] --workers (N | auto)"
-    " [--graceful-timeout SECONDS] (script.py | -m module) [args ...]\n"
-    "       python -m ferroloop top PATH [--interval SECONDS] [--json]"
+    "usage: python -m ferroloop [--version] [--watchdog THRESHOLD] [--inspect PATH]"
+    " (script.py | -m module) [args ...]\n"
+    "       python -m ferroloop --workers (N | auto) [--graceful-timeout SECONDS]"
+    " [--watchdog THRESHOLD] [--inspect PATH] (script.py | -m module) [args ...]\n"
+    "       python -m ferroloop top PATH [--interval SECONDS] [--json]\n"
+    "  --watchdog THRESHOLD  report a callback that blocks the loop longer than THRESHOLD"
+    " (100ms, 0.1s or 0.1), with its stack\n"
+    "  --inspect PATH        serve the loop's stats and connections on a Unix socket at PATH"
+    " (PATH.N in worker N), for `top`"
 )
 WORKER_FLAGS = ("--workers", "--graceful-timeout")
+WATCHDOG_FLAG = "--watchdog"
+INSPECT_FLAG = "--inspect"
+RUNNER_FLAGS = (WATCHDOG_FLAG, INSPECT_FLAG)
 
 
 def _user_traceback(tb):
@@ -57,25 +66,47 @@ def _supervise(argv: list[str]) -> None:
     sys.exit(_workers.supervise(count, timeout, argv))
 
 
+def _take_runner_options(argv: list[str]) -> dict[str, str]:
+    """Takes `--watchdog THRESHOLD` and `--inspect PATH` out of the runner options (the
+    flags before the program, worker flags among them) and returns their values."""
+    values = {}
+    i = 0
+    while i < len(argv):
+        flag, equals, given = argv[i].partition("=")
+        if flag not in (*WORKER_FLAGS, *RUNNER_FLAGS):
+            break
+        width = 1 if equals else 2
+        if not equals:
+            if i + 1 >= len(argv):
+                _usage_error(f"{flag} needs a value")
+            given = argv[i + 1]
+        if flag in RUNNER_FLAGS:
+            values[flag] = given
+            del argv[i : i + width]
+        else:
+            i += width
+    return values
+
+
+def _set_watchdog(value: str, workers: bool) -> None:
+    """Every loop of the program gets the watchdog: through the runner's default, or
+    for workers, which are programs of their own, through the environment."""
+    from ferroloop import _watchdog
+
+    try:
+        threshold = _watchdog.parse_threshold(value)
+    except ValueError as exc:
+        _usage_error(f"--watchdog: {exc}")
+    if workers:
+        os.environ[_watchdog.ENVIRONMENT_VARIABLE] = value
+    else:
+        # Also 0 (off): the runner's word overrides the environment's.
+        _watchdog.runner_threshold = threshold or 0.0
+
+
 def _usage_error(message: str) -> None:
     print(f"{USAGE}\npython -m ferroloop: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def _inspect_option(argv: list[str]) -> list[str]:
-    """`--inspect PATH` (runner options come before the program): the loop serves its
-    stats on a Unix socket at PATH (`ferroloop._inspect`), through the environment so
-    that worker processes (PATH.N) see it too."""
-    while argv and argv[0].split("=", 1)[0] == "--inspect":
-        flag, _, path = argv[0].partition("=")
-        if not path:
-            if len(argv) < 2:
-                _usage_error(f"{flag} needs a path")
-            path, argv = argv[1], argv[2:]
-        else:
-            argv = argv[1:]
-        os.environ["FERROLOOP_INSPECT"] = os.path.abspath(path)
-    return argv
 
 
 def main(argv: list[str]) -> None:
@@ -87,10 +118,16 @@ def main(argv: list[str]) -> None:
 
         top(argv[1:])
         return
-    argv = _inspect_option(argv)
+    options = _take_runner_options(argv)
+    workers = bool(argv) and argv[0].split("=", 1)[0] in WORKER_FLAGS
+    if WATCHDOG_FLAG in options:
+        _set_watchdog(options[WATCHDOG_FLAG], workers)
+    if INSPECT_FLAG in options:
+        # Through the environment, so that workers (PATH.N) see it too.
+        os.environ["FERROLOOP_INSPECT"] = os.path.abspath(options[INSPECT_FLAG])
     if not argv:
         _usage_error("no program to run")
-    if argv[0].split("=", 1)[0] in WORKER_FLAGS:
+    if workers:
         _supervise(argv)
 
     import ferroloop

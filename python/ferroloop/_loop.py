@@ -9,8 +9,8 @@ loop needs on top is Python, one module per concern, each holding one base class
 `Loop`: `_signals` (signal handlers), `_dns` (non-blocking name resolution),
 `_sockets` (the remaining `sock_*` calls and native sendfile), `_transports`
 (transport creation), `_connect` (`create_connection`), `_serve` (`create_server` and
-accepting), `_unix` (Unix sockets) and `_subprocess` (pipes and subprocesses, child
-exit through pidfds). This module keeps the running-loop bookkeeping, debug mode's
+accepting), `_unix` (Unix sockets), `_subprocess` (pipes and subprocesses, child exit
+through pidfds) and `_watchdog` (`set_watchdog`, the blocked-loop watchdog's switch). This module keeps the running-loop bookkeeping, debug mode's
 timing of callbacks, and closing.
 """
 
@@ -35,6 +35,7 @@ from ._sockets import SocketMethods
 from ._subprocess import SubprocessMethods, reap_in_thread
 from ._transports import TransportMethods
 from ._unix import UnixMethods
+from ._watchdog import WatchdogMethods
 
 __all__ = ["Loop"]
 
@@ -54,6 +55,7 @@ class Loop(
     UnixMethods,
     SubprocessMethods,
     ObserveMethods,
+    WatchdogMethods,
     asyncio.BaseEventLoop,
 ):
     """ferroloop's event loop: a drop-in `asyncio.AbstractEventLoop`."""
@@ -72,6 +74,7 @@ class Loop(
             _inspect.start_from_environment(self)
         if self._time_overridden():
             self._set_custom_clock(True)
+        self._watchdog_from_environment()
 
     # A `time` set on the loop (LoopCore.__setattr__) or overridden by a subclass is the
     # clock the turn and call_later read, as asyncio's `self.time()` is.
