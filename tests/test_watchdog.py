@@ -516,18 +516,23 @@ def test_the_runner_flag_overrides_the_environment(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("argv", "value", "rest"),
+    ("argv", "options", "rest"),
     [
-        (["--watchdog", "100ms", "app.py", "--watchdog", "x"], "100ms", ["app.py", "--watchdog", "x"]),
-        (["--workers", "2", "--watchdog=1s", "app.py"], "1s", ["--workers", "2", "app.py"]),
-        (["--watchdog", "0.1", "--graceful-timeout=5", "-m", "pkg"], "0.1", ["--graceful-timeout=5", "-m", "pkg"]),
-        (["app.py", "--watchdog", "1"], None, ["app.py", "--watchdog", "1"]),
+        (["--watchdog", "100ms", "app.py", "--watchdog", "x"], {"--watchdog": "100ms"},
+         ["app.py", "--watchdog", "x"]),
+        (["--workers", "2", "--watchdog=1s", "app.py"], {"--watchdog": "1s"},
+         ["--workers", "2", "app.py"]),
+        (["--watchdog", "0.1", "--graceful-timeout=5", "-m", "pkg"], {"--watchdog": "0.1"},
+         ["--graceful-timeout=5", "-m", "pkg"]),
+        (["--inspect", "s.sock", "--workers=2", "--watchdog", "1", "app.py"],
+         {"--inspect": "s.sock", "--watchdog": "1"}, ["--workers=2", "app.py"]),
+        (["app.py", "--watchdog", "1"], {}, ["app.py", "--watchdog", "1"]),
     ],
 )
-def test_the_runner_flag_is_a_runner_option_before_the_program(argv, value, rest):
-    from ferroloop.__main__ import _take_watchdog
+def test_the_runner_flag_is_a_runner_option_before_the_program(argv, options, rest):
+    from ferroloop.__main__ import _take_runner_options
 
-    assert _take_watchdog(argv) == value
+    assert _take_runner_options(argv) == options
     assert argv == rest
 
 
