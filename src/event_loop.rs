@@ -12,7 +12,7 @@ use std::mem;
 use std::os::fd::RawFd;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use pyo3::exceptions::PyRuntimeError;
@@ -28,7 +28,7 @@ use crate::handles::{self, Handle, LentContext, QueuedCall, TimerHandle};
 use crate::loop_attrs;
 use crate::poller::{self, Event, Events, Poller, Readiness, Registry, READABLE, WRITABLE};
 use crate::sock_ops::SockOp;
-use crate::stats::LoopStats;
+use crate::stats::{ByteTotals, LoopStats};
 use crate::timers::Timers;
 pub(crate) use crate::transport_registry::NativeTransport;
 use crate::transports::stream::StreamTransport;
@@ -116,6 +116,8 @@ pub struct LoopCore {
     /// `time` is patched on the instance or overridden by a subclass: the turn and
     /// `call_later` then read the clock through it, as asyncio's `self.time()` does.
     pub(crate) custom_clock: AtomicBool,
+    /// Bytes moved by the loop's stream transports (`loop.stats()`).
+    pub(crate) bytes: Arc<ByteTotals>,
     /// The blocked-loop watchdog (see `watchdog`), off unless switched on.
     pub(crate) watchdog: Watchdog,
 }
@@ -148,6 +150,7 @@ impl LoopCore {
             debug: AtomicBool::new(false),
             clock_resolution: clock::clock_resolution(),
             custom_clock: AtomicBool::new(false),
+            bytes: Arc::default(),
             watchdog: Watchdog::default(),
         })
     }
@@ -553,8 +556,7 @@ impl LoopCore {
 
     /// The native transports registered now (`loop.connections()`).
     fn _registered_transports(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
-        let transports = self.registered_transports(py)?;
-        Ok(transports.into_iter().map(Bound::unbind).collect())
+        self.registered_transports(py)
     }
 
     /// Times the poll, each turn and each callback for `loop.stats()`.

@@ -2,10 +2,11 @@
 //! an addition, and, only when timing is switched on (`loop.set_stats_timing(True)`),
 //! clock readings around the poll, the turn and each callback.
 //!
-//! Histograms have log-spaced buckets: bucket `i` counts values in `[2^(i-1), 2^i)`
-//! of their unit (nanoseconds for times, entries for the ready queue's depth), bucket
-//! 0 the zeros.
+//! Histograms have log-spaced buckets with inclusive upper bounds, as Prometheus' `le`:
+//! bucket 0 counts values up to 1 of their unit (nanoseconds for times, entries for the
+//! ready queue's depth), bucket `i` those in `(2^(i-1), 2^i]`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use pyo3::prelude::*;
@@ -36,7 +37,11 @@ impl Default for Histogram {
 impl Histogram {
     #[inline]
     pub fn record(&mut self, value: u64) {
-        let bucket = (u64::BITS - value.leading_zeros()) as usize;
+        let bucket = if value <= 1 {
+            0
+        } else {
+            (u64::BITS - (value - 1).leading_zeros()) as usize
+        };
         self.buckets[bucket.min(BUCKETS - 1)] += 1;
         self.count += 1;
         self.sum = self.sum.saturating_add(value);
@@ -57,7 +62,7 @@ impl Histogram {
             let bound = if i == BUCKETS - 1 {
                 f64::INFINITY
             } else {
-                // Bucket i holds values below 2^i.
+                // Bucket i holds values up to 2^i.
                 (1u64 << i) as f64 * unit
             };
             buckets.push((bound, n));
@@ -69,21 +74,39 @@ impl Histogram {
     }
 }
 
+/// Bytes moved by the loop's stream transports, counted by each as it reads and sends
+/// (shared with them, so the totals only grow: a transport that closes, or leaves the
+/// registry while `sendfile` drives its socket, keeps its bytes in them).
+#[derive(Default)]
+pub(crate) struct ByteTotals {
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+impl ByteTotals {
+    #[inline]
+    pub fn add_read(&self, n: u64) {
+        self.read.fetch_add(n, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn add_written(&self, n: u64) {
+        self.written.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 /// What the loop counts.
 #[derive(Clone, Default)]
 pub(crate) struct LoopStats {
     pub turns: u64,
-    /// Handles and scheduled calls run (timers included).
+    /// Handles and scheduled calls taken off the ready queue to run (timers
+    /// included; a handle cancelled after it was queued is counted, and not run).
     pub callbacks: u64,
     /// Transport readiness events handled, and `sock_*` operations retried.
     pub io_events: u64,
     pub timers_scheduled: u64,
     pub timers_fired: u64,
     pub timers_cancelled: u64,
-    /// Bytes moved by transports that are no longer registered (the live ones are
-    /// added at the snapshot).
-    pub closed_bytes_read: u64,
-    pub closed_bytes_written: u64,
     /// The ready queue's length at the start of each turn's callbacks.
     pub ready_depth: Histogram,
     /// How late each timer fired after its deadline, in ns (from the clock reading the
@@ -142,8 +165,6 @@ impl LoopStats {
         dict.set_item("timers_scheduled", self.timers_scheduled)?;
         dict.set_item("timers_fired", self.timers_fired)?;
         dict.set_item("timers_cancelled", self.timers_cancelled)?;
-        dict.set_item("bytes_read", self.closed_bytes_read)?;
-        dict.set_item("bytes_written", self.closed_bytes_written)?;
         dict.set_item("timing", self.timing)?;
         let histograms = PyDict::new(py);
         histograms.set_item("ready_depth", self.ready_depth.to_dict(py, 1.0)?)?;
@@ -182,53 +203,46 @@ impl LoopState {
 }
 
 impl LoopCore {
-    /// A transport closed its socket after moving `(read, written)` bytes.
-    pub(crate) fn note_closed_transport(&self, py: Python<'_>, moved: (u64, u64)) -> PyResult<()> {
-        let mut st = self.state.borrow_mut(py)?;
-        st.stats.closed_bytes_read += moved.0;
-        st.stats.closed_bytes_written += moved.1;
-        Ok(())
-    }
-
-    /// `loop.stats()` without what only the Python layer knows: the counters, the live
-    /// transports' bytes added, and what is registered now.
+    /// `loop.stats()` without what only the Python layer knows. The loop's state is
+    /// borrowed only to copy the figures out: building the dict runs the allocator,
+    /// which may run a finalizer that lets another thread in.
     pub(crate) fn stats_snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let st = self.state.borrow_mut(py)?;
-        let dict = st.stats.to_dict(py)?;
-        let (mut read, mut written) = (st.stats.closed_bytes_read, st.stats.closed_bytes_written);
-        let (mut watched, mut transports) = (0u64, 0u64);
-        for owner in st.fds.owners() {
-            match owner {
-                FdOwner::Callbacks(_) => watched += 1,
-                FdOwner::Transport(transport) => {
-                    transports += 1;
-                    if let Some((r, w, _)) = transport.counters(py) {
-                        read += r;
-                        written += w;
-                    }
+        let (stats, watched, transports, ready, timers) = {
+            let st = self.state.borrow_mut(py)?;
+            let (mut watched, mut transports) = (0u64, 0u64);
+            for owner in st.fds.owners() {
+                match owner {
+                    FdOwner::Callbacks(_) => watched += 1,
+                    FdOwner::Transport(_) => transports += 1,
                 }
             }
-        }
-        dict.set_item("bytes_read", read)?;
-        dict.set_item("bytes_written", written)?;
+            (
+                st.stats.clone(),
+                watched,
+                transports,
+                st.ready.len(),
+                st.timers.len(),
+            )
+        };
+        let dict = stats.to_dict(py)?;
+        dict.set_item("bytes_read", self.bytes.read.load(Ordering::Relaxed))?;
+        dict.set_item("bytes_written", self.bytes.written.load(Ordering::Relaxed))?;
         dict.set_item("fds_watched", watched)?;
         dict.set_item("transports_registered", transports)?;
-        dict.set_item("ready", st.ready.len())?;
-        dict.set_item("timers_pending", st.timers.len())?;
+        dict.set_item("ready", ready)?;
+        dict.set_item("timers_pending", timers)?;
         Ok(dict)
     }
 
-    /// The transports registered with the loop now.
-    pub(crate) fn registered_transports<'py>(
-        &self,
-        py: Python<'py>,
-    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    /// The transports registered with the loop now (references copied out under the
+    /// borrow; nothing Python runs meanwhile).
+    pub(crate) fn registered_transports(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
         let st = self.state.borrow_mut(py)?;
         Ok(st
             .fds
             .owners()
             .filter_map(|owner| match owner {
-                FdOwner::Transport(transport) => Some(transport.as_any(py).clone()),
+                FdOwner::Transport(transport) => Some(transport.as_any(py).clone().unbind()),
                 FdOwner::Callbacks(_) => None,
             })
             .collect())
@@ -247,15 +261,16 @@ mod tests {
     #[test]
     fn buckets_are_log_spaced() {
         let mut h = Histogram::default();
-        for v in [0, 1, 2, 3, 4, 1000, u64::MAX] {
+        for v in [0, 1, 2, 3, 4, 5, 1024, 1025, u64::MAX] {
             h.record(v);
         }
-        assert_eq!(h.buckets[0], 1); // 0
-        assert_eq!(h.buckets[1], 1); // 1
-        assert_eq!(h.buckets[2], 2); // 2, 3
-        assert_eq!(h.buckets[3], 1); // 4
-        assert_eq!(h.buckets[10], 1); // 1000 < 1024
+        assert_eq!(h.buckets[0], 2); // 0, 1
+        assert_eq!(h.buckets[1], 1); // 2
+        assert_eq!(h.buckets[2], 2); // 3, 4
+        assert_eq!(h.buckets[3], 1); // 5
+        assert_eq!(h.buckets[10], 1); // 1024 <= 2^10
+        assert_eq!(h.buckets[11], 1); // 1025
         assert_eq!(h.buckets[BUCKETS - 1], 1); // clamped
-        assert_eq!(h.count, 7);
+        assert_eq!(h.count, 9);
     }
 }

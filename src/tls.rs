@@ -23,6 +23,7 @@
 //!   read that could only raise `SSLWantReadError` (`read_records`).
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError};
 
@@ -178,7 +179,7 @@ impl TlsState {
         (self.native, self.native_refused) = match native {
             Ok(native) => (Some(native), None),
             Err(why) => {
-                log_fallback(sslobj.py(), &why)?;
+                log_fallback(sslobj.py(), &why);
                 (None, Some(why))
             }
         };
@@ -241,19 +242,22 @@ impl TlsState {
 }
 
 /// Says at DEBUG on the `ferroloop` logger why a connection's records go through
-/// `_ssl`'s methods.
-fn log_fallback(py: Python<'_>, why: &str) -> PyResult<()> {
-    let logger = py
-        .import("logging")?
-        .call_method1("getLogger", ("ferroloop",))?;
-    logger.call_method1(
-        "debug",
-        (
-            "TLS records through _ssl's methods, not libssl directly: %s",
-            why,
-        ),
-    )?;
-    Ok(())
+/// `_ssl`'s methods: for each connection when the reason is the connection's own, once
+/// when it is the process's (`native_tls_unavailable`). Logging is best effort: a
+/// handler's failure does not fail the connection.
+fn log_fallback(py: Python<'_>, why: &str) {
+    static PROCESS_REASON_SAID: AtomicBool = AtomicBool::new(false);
+    if crate::libssl::native_tls_unavailable(py).as_deref() == Some(why)
+        && PROCESS_REASON_SAID.swap(true, Ordering::Relaxed)
+    {
+        return;
+    }
+    let message = "TLS records through _ssl's methods, not libssl directly: %s";
+    let logged = py
+        .import("logging")
+        .and_then(|logging| logging.call_method1("getLogger", ("ferroloop",)))
+        .and_then(|logger| logger.call_method1("debug", (message, why)));
+    drop(logged);
 }
 
 impl TlsState {

@@ -42,14 +42,6 @@ impl NativeTransport {
         }
     }
 
-    /// Bytes read and written and age in seconds (`None` while its state is borrowed).
-    pub(crate) fn counters(&self, py: Python<'_>) -> Option<(u64, u64, f64)> {
-        match self {
-            NativeTransport::Stream(t) => t.get().counters(py),
-            NativeTransport::Datagram(t) => t.get().counters(py),
-        }
-    }
-
     pub(crate) fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
         match self {
             NativeTransport::Stream(t) => visit.call(t),

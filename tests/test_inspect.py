@@ -33,8 +33,11 @@ async def main():
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     print(port, flush=True)
     loop = asyncio.get_running_loop()
-    if len(sys.argv) > 1:  # stall the loop: one callback blocks for that long
-        loop.call_later(1.0, time.sleep, float(sys.argv[1]))
+    if len(sys.argv) > 1:  # stall the loop: every second a callback blocks that long
+        def stall():
+            time.sleep(float(sys.argv[1]))
+            loop.call_later(1.0, stall)
+        loop.call_later(1.0, stall)
     while True:
         writer.write(b"x" * 50)
         await reader.readexactly(50)
@@ -42,6 +45,20 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+def answer(path):
+    """A snapshot from a loop that answered; None while the socket cannot be reached
+    or the loop does not answer in time (a loaded machine)."""
+    try:
+        snapshot = request(path)
+    except OSError:
+        return None
+    return snapshot if "stats" in snapshot and not snapshot.get("stalled") else None
+
+
+def answered(path, what="the loop to answer"):
+    return wait_until(lambda: answer(path), what)
 
 
 def wait_until(predicate, what, timeout=WAIT):
@@ -83,7 +100,8 @@ def inspected(tmp_path):
 def test_snapshot_has_the_stats_and_the_connections(inspected):
     path, port = inspected()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    snapshot = wait_until(lambda: (s := request(path))["stats"]["bytes_read"] > 0 and s, "traffic")
+    snapshot = wait_until(lambda: (s := answer(path)) and s["stats"]["bytes_read"] > 0 and s,
+                          "traffic")
     assert snapshot["stalled"] is False
     assert snapshot["stats"]["connections_accepted"] == 1
     ports = sorted(row["local"][1] for row in snapshot["connections"])
@@ -101,7 +119,7 @@ def test_garbage_gets_an_error_and_the_socket_keeps_serving(inspected):
             sock.shutdown(socket.SHUT_WR)
             reply = b"".join(iter(lambda: sock.recv(4096), b""))
         assert "error" in json.loads(reply)
-    assert request(path)["stats"]["turns"] > 0
+    assert answered(path)["stats"]["turns"] > 0
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="switching to another user needs root")
@@ -136,18 +154,17 @@ def test_other_users_are_refused_even_when_the_file_mode_allows_them(inspected):
         assert as_nobody() == "refused by the file mode"
         os.chmod(path, 0o666)
         assert as_nobody() == "answer b''"  # SO_PEERCRED: closed without a byte
-        assert request(path)["stats"]["turns"] > 0
+        assert answered(path)["stats"]["turns"] > 0
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_a_stalled_loop_is_reported_with_the_last_snapshot(inspected):
     path, _ = inspected("3")
-    first = request(path)
-    assert first["stalled"] is False
+    first = answered(path)
     stalled = wait_until(lambda: (s := request(path))["stalled"] and s, "the stall")
     assert stalled["last"]["stats"]["turns"] >= first["stats"]["turns"]
-    wait_until(lambda: not request(path)["stalled"], "the recovery")
+    answered(path, "the recovery")
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (make servers)")
@@ -193,12 +210,12 @@ def test_each_worker_serves_its_own_path_and_removes_it_on_a_graceful_stop(tmp_p
     path = str(tmp_path / "inspect.sock")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ferroloop", "--inspect", path, "--workers", "2", str(script)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
         paths = [f"{path}.0", f"{path}.1"]
         wait_until(lambda: all(os.path.exists(p) for p in paths), "both workers' sockets")
-        snapshots = [wait_until(lambda p=p: _answer(p), f"{p} to answer") for p in paths]
+        snapshots = [answered(p) for p in paths]
         assert [s["worker"] for s in snapshots] == ["0", "1"]
         assert snapshots[0]["pid"] != snapshots[1]["pid"]
         proc.send_signal(signal.SIGTERM)
@@ -206,13 +223,75 @@ def test_each_worker_serves_its_own_path_and_removes_it_on_a_graceful_stop(tmp_p
         assert not any(os.path.exists(p) for p in paths)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers too
             proc.wait(WAIT)
         proc.stderr.close()
 
 
-def _answer(path):
-    try:
-        return request(path)
-    except OSError:
-        return None
+def run_program(tmp_path, source, path, timeout=WAIT):
+    """Runs `source` with FERROLOOP_INSPECT=path; the program finds `path` in argv[1]."""
+    script = tmp_path / "prog.py"
+    script.write_text(source)
+    return subprocess.run([sys.executable, str(script), path], capture_output=True, text=True,
+                          timeout=timeout, check=False, env={**os.environ, "FERROLOOP_INSPECT": path})
+
+
+def test_a_loop_made_after_the_first_one_closed_is_served(tmp_path):
+    path = str(tmp_path / "inspect.sock")
+    done = run_program(tmp_path, (
+        "import asyncio, sys, ferroloop\n"
+        "from ferroloop._inspect import request\n"
+        "async def ask():\n"
+        "    return (await asyncio.to_thread(request, sys.argv[1]))['stats']['turns'] > 0\n"
+        "print(ferroloop.run(asyncio.sleep(0, 'first')))\n"
+        "print(ferroloop.run(ask()))\n"
+    ), path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["first", "True"]
+    assert not os.path.exists(path)
+
+
+def test_a_forked_child_closing_its_copy_leaves_the_parent_served(tmp_path):
+    path = str(tmp_path / "inspect.sock")
+    done = run_program(tmp_path, (
+        "import asyncio, os, sys, ferroloop\n"
+        "from ferroloop._inspect import request\n"
+        "loop = ferroloop.new_event_loop()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    loop.close()\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "async def ask():\n"
+        "    return (await asyncio.to_thread(request, sys.argv[1]))['pid'] == os.getpid()\n"
+        "print(loop.run_until_complete(ask()))\n"
+        "loop.close()\n"
+    ), path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
+
+
+def test_a_silent_client_delays_neither_others_nor_the_close(tmp_path):
+    path = str(tmp_path / "inspect.sock")
+    done = run_program(tmp_path, (
+        "import asyncio, socket, sys, time, ferroloop\n"
+        "from ferroloop._inspect import request\n"
+        "path = sys.argv[1]\n"
+        "silent = socket.socket(socket.AF_UNIX)\n"
+        "async def main():\n"
+        "    silent.connect(path)\n"
+        "    started = time.monotonic()\n"
+        "    await asyncio.to_thread(request, path)\n"
+        "    return time.monotonic() - started\n"
+        "loop = ferroloop.new_event_loop()\n"
+        "waited = loop.run_until_complete(main())\n"
+        "silent2 = socket.socket(socket.AF_UNIX)\n"
+        "silent2.connect(path)\n"
+        "started = time.monotonic()\n"
+        "loop.close()\n"
+        "print(round(waited, 2), round(time.monotonic() - started, 2))\n"
+    ), path)
+    assert done.returncode == 0, done.stderr
+    waited, closing = map(float, done.stdout.split())
+    # The silent client gets 0.2 s; a loaded machine may add some.
+    assert waited < 1.5 and closing < 1.5, (waited, closing)

@@ -253,3 +253,58 @@ def test_the_environment_switches_timing_on():
             env={**os.environ, "FERROLOOP_STATS_TIMING": value}, check=False,
         )
         assert proc.stdout.strip() == expected, proc.stderr
+
+
+def test_bytes_only_grow_and_count_what_sendfile_sends(loop, tmp_path):
+    blob = os.urandom(3_000_000)
+    path = tmp_path / "blob"
+    path.write_bytes(blob)
+    a, b = socket.socketpair()
+    seen = []
+
+    def reader():
+        got = 0
+        while got < len(blob):
+            got += len(b.recv(1 << 20))
+            seen.append(loop.call_soon_threadsafe)  # only to count progress
+        return got
+
+    async def main():
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, a)
+        before = loop.stats()["bytes_written"]
+        readings = []
+
+        async def watch():
+            while True:
+                readings.append(loop.stats()["bytes_written"])
+                await asyncio.sleep(0)
+
+        watcher = asyncio.ensure_future(watch())
+        peer = loop.run_in_executor(None, reader)
+        with open(path, "rb") as file:
+            sent = await loop.sendfile(transport, file)
+        assert await peer == len(blob) == sent
+        watcher.cancel()
+        after = loop.stats()["bytes_written"]
+        assert after - before == len(blob)
+        assert readings == sorted(readings) and readings[0] >= before
+        transport.close()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 60))
+    b.close()
+
+
+def test_histogram_bounds_are_inclusive_as_prometheus_le(loop):
+    parser = pytest.importorskip("prometheus_client.parser")
+    loop.call_soon(lambda: None)
+    loop.call_soon(loop.stop)
+    before = loop.stats()["histograms"]["ready_depth"]
+    loop.run_forever()  # one turn with a queue of exactly 2
+    after = loop.stats()["histograms"]["ready_depth"]
+    counts = dict(after["buckets"])
+    previous = dict(before["buckets"])
+    assert counts.get(2.0, 0) - previous.get(2.0, 0) == 1  # 2 <= le 2
+    text = metrics.prometheus_text(loop)
+    family = {f.name: f for f in parser.text_string_to_metric_families(text)}["ferroloop_ready_depth"]
+    le2 = [s.value for s in family.samples if s.labels.get("le") == "2.0"]
+    assert le2 and le2[0] >= 1

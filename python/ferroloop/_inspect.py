@@ -28,29 +28,33 @@ from typing import Any
 ENV = "FERROLOOP_INSPECT"
 REQUEST = b"snapshot"
 LOOP_TIMEOUT = 0.5  # seconds the loop has to answer before it is reported stalled
+READ_TIMEOUT = 0.2  # seconds a client has to send its request
+WRITE_TIMEOUT = 2.0
 
 logger = logging.getLogger("ferroloop")
 _lock = threading.Lock()
+# The path this process serves on (from the environment, read once: removed from it so
+# that child programs do not try too), and what serves it now.
+_path: str | None = None
 _inspector: Inspector | None = None
 
 
 def start_from_environment(loop) -> None:
-    """Serves `loop` on `$FERROLOOP_INSPECT` (with `.N` appended in worker N), once per
-    process; the variable is then removed so that child programs do not try too."""
-    global _inspector
-    path = os.environ.pop(ENV, None)
-    if not path:
-        return
-    worker = os.environ.get("FERROLOOP_WORKER")
-    if worker is not None:
-        path = f"{path}.{worker}"
+    """Serves `loop` on `$FERROLOOP_INSPECT` (with `.N` appended in worker N) unless
+    another loop of this process is served now; a loop made after that one closed is
+    served next."""
+    global _path, _inspector
     with _lock:
-        if _inspector is not None:
+        env = os.environ.pop(ENV, None)
+        if env and _path is None:
+            worker = os.environ.get("FERROLOOP_WORKER")
+            _path = f"{env}.{worker}" if worker is not None else env
+        if _path is None or _inspector is not None:
             return
         try:
-            _inspector = Inspector(loop, path)
+            _inspector = Inspector(loop, _path)
         except OSError as exc:
-            logger.warning("ferroloop: cannot serve the inspection socket %r: %s", path, exc)
+            logger.warning("ferroloop: cannot serve the inspection socket %r: %s", _path, exc)
 
 
 def stop(loop) -> None:
@@ -62,20 +66,35 @@ def stop(loop) -> None:
             _inspector = None
 
 
+def _forget_in_child() -> None:
+    """A forked child does not serve its parent's socket: it closes its copy of the fd
+    (the parent's socket and file are untouched) and may serve a loop of its own."""
+    global _inspector
+    if _inspector is not None:
+        _inspector.detach()
+        _inspector = None
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class Inspector:
     def __init__(self, loop, path: str) -> None:
         self.loop = loop
         self.path = path
         self._last: dict[str, Any] | None = None
         self._closed = False
+        self._conn: socket.socket | None = None  # the client being answered
+        self._pending: threading.Event | None = None  # a snapshot the loop has not taken
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             _remove_stale_socket(path)
-            old_mask = os.umask(0o177)  # created 0600: no window with a wider mode
-            try:
-                sock.bind(path)
-            finally:
-                os.umask(old_mask)
+            sock.bind(path)
+            # Another user is refused by SO_PEERCRED anyway; the mode keeps them out
+            # of connect() too.
+            os.chmod(path, 0o600)
+            st = os.stat(path)
+            self._identity = (st.st_dev, st.st_ino)
             sock.listen(16)
         except OSError:
             sock.close()
@@ -88,17 +107,26 @@ class Inspector:
         if self._closed:
             return
         self._closed = True
-        try:
-            # Wakes the accept() below.
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        for sock in (self._conn, self._sock):
+            try:
+                # Wakes the accept() or the request in flight.
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._sock.close()
-        self._thread.join(5)
+        self._thread.join(1)
         try:
-            os.unlink(self.path)
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:  # not a newer process's socket
+                os.unlink(self.path)
         except OSError:
             pass
+
+    def detach(self) -> None:
+        """In a forked child: forget the socket without touching the parent's."""
+        self._closed = True
+        self._sock.close()
 
     def _serve(self) -> None:
         while not self._closed:
@@ -106,26 +134,29 @@ class Inspector:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            self._conn = conn
             with conn:
                 try:
                     self._answer(conn)
                 except OSError:
-                    pass  # the client went away
+                    pass  # the client went away or was too slow
                 except Exception:
                     logger.exception("ferroloop: inspection request failed")
+            self._conn = None
 
     def _answer(self, conn: socket.socket) -> None:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
         if uid != os.getuid():
             return
-        conn.settimeout(2)
+        conn.settimeout(READ_TIMEOUT)
         request = b""
         while b"\n" not in request and len(request) <= 64:
             chunk = conn.recv(64)
             if not chunk:
                 break
             request += chunk
+        conn.settimeout(WRITE_TIMEOUT)
         if request.strip() != REQUEST:
             conn.sendall(b'{"error": "unknown request: send \\"snapshot\\\\n\\""}\n')
             return
@@ -137,44 +168,47 @@ class Inspector:
             "worker": os.environ.get("FERROLOOP_WORKER"),
             "time": time.time(),
         }
-        try:
-            taken = _on_loop(self.loop, lambda: {
-                "stats": self.loop.stats(),
-                "connections": self.loop.connections(),
-            })
-        except TimeoutError:
-            return {**head, "stalled": True, "last": self._last}
-        if taken is None:  # closed
+        loop = self.loop
+        if loop.is_closed():
             return {**head, "stalled": False, "closed": True}
-        self._last = {**head, "stalled": False, **taken}
+        if not loop.is_running():
+            # Not between turns of a running loop: only what can be read from here
+            # (the counters are copied out of the loop in one step).
+            return {**head, "stalled": False, "running": False,
+                    "stats": loop.stats(), "connections": []}
+        if self._pending is not None and not self._pending.is_set():
+            # The loop has not taken the last request's snapshot yet: still stalled.
+            return {**head, "stalled": True, "last": self._last}
+        taken = self._take_on_loop()
+        if taken is None:
+            return {**head, "stalled": True, "last": self._last}
+        self._last = {**head, "stalled": False, "running": True, **taken}
         return self._last
 
+    def _take_on_loop(self) -> dict[str, Any] | None:
+        """The stats and connections, taken on the loop's thread; None if it does not
+        answer within LOOP_TIMEOUT (the request stays queued: `_pending`)."""
+        done = threading.Event()
+        result: dict[str, Any] = {}
+        loop = self.loop
 
-def _on_loop(loop, take, timeout: float = LOOP_TIMEOUT):
-    """`take()` on the loop's thread while it runs, else here; None once it is closed."""
-    if loop.is_closed():
-        return None
-    if not loop.is_running():
-        return take()
-    done = threading.Event()
-    result: dict[str, Any] = {}
+        def take() -> None:
+            try:
+                result["value"] = {"stats": loop.stats(), "connections": loop.connections()}
+            except BaseException as exc:  # noqa: BLE001 - handed over to the waiting thread
+                result["error"] = exc
+            done.set()
 
-    def run() -> None:
         try:
-            result["value"] = take()
-        except BaseException as exc:  # noqa: BLE001 - handed over to the waiting thread
-            result["error"] = exc
-        done.set()
-
-    try:
-        loop.call_soon_threadsafe(run)
-    except RuntimeError:  # closed meanwhile
-        return None
-    if not done.wait(timeout):
-        raise TimeoutError
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+            loop.call_soon_threadsafe(take)
+        except RuntimeError:  # closed meanwhile
+            return None
+        self._pending = done
+        if not done.wait(LOOP_TIMEOUT):
+            return None
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
 
 
 def _remove_stale_socket(path: str) -> None:

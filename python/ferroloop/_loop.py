@@ -70,8 +70,7 @@ class Loop(
         self._init_observe()
         if os.environ.get("FERROLOOP_STATS_TIMING") == "1":
             self.set_stats_timing(True)
-        if _inspect.ENV in os.environ:
-            _inspect.start_from_environment(self)
+        _inspect.start_from_environment(self)
         if self._time_overridden():
             self._set_custom_clock(True)
         self._watchdog_from_environment()

@@ -27,6 +27,8 @@ class ObserveMethods:
         self._exceptions_reported = 0
         self._connections_accepted = 0
         self._pipe_transports = weakref.WeakSet()
+        # Stream transports out of the registry while loop.sendfile drives their socket.
+        self._sendfile_transports: set = set()
 
     def call_exception_handler(self, context):
         self._exceptions_reported += 1
@@ -61,7 +63,9 @@ class ObserveMethods:
         in and out, write buffer size and water marks, whether it reads, and for TLS
         the protocol version, cipher and record path. Pipes and subprocesses (asyncio's
         own transport classes) are listed with what they expose."""
-        rows = [_native_row(t) for t in self._registered_transports()]
+        transports = self._registered_transports()
+        transports += [t for t in self._sendfile_transports if t not in transports]
+        rows = [_native_row(t) for t in transports]
         for transport in list(self._pipe_transports):
             if not transport.is_closing():
                 rows.append(_pipe_row(transport))

@@ -177,11 +177,16 @@ class SocketMethods:
         resume_reading = transp.is_reading()
         transp.pause_reading()
         await transp._make_empty_waiter()
-        # The transport gives its fd back while sock_sendfile drives it.
+        # The transport gives its fd back while sock_sendfile drives it (still listed by
+        # loop.connections(), its bytes counted in loop.stats()).
         transp._unregister()
+        self._sendfile_transports.add(transp)
         try:
-            return await self.sock_sendfile(transp._sock, file, offset, count, fallback=False)
+            sent = await self.sock_sendfile(transp._sock, file, offset, count, fallback=False)
+            transp._count_written(sent)
+            return sent
         finally:
+            self._sendfile_transports.discard(transp)
             transp._reset_empty_waiter()
             transp._register()
             if resume_reading:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,7 +57,8 @@ _HISTOGRAMS = [
 
 def snapshot(loop: asyncio.AbstractEventLoop, timeout: float = 5.0) -> dict[str, Any]:
     """`loop.stats()`, taken on the loop's thread when called from another one while
-    the loop runs."""
+    the loop runs (`TimeoutError` if it does not answer within `timeout`: a stalled
+    loop). Otherwise read here: the counters are copied out of the loop in one step."""
     if not loop.is_running() or _on_loop_thread(loop):
         return loop.stats()  # type: ignore[attr-defined]
     done: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
@@ -120,12 +122,38 @@ def _number(value: float) -> str:
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
+class _Cached:
+    """The last snapshot of a loop, reused for `ttl` seconds (one collection reads many
+    instruments) and when the loop does not answer (a stalled loop's scrape shows the
+    last figures instead of failing)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ttl: float = 0.5, timeout: float = 1.0):
+        self._loop = loop
+        self._ttl = ttl
+        self._timeout = timeout
+        self._stats: dict[str, Any] | None = None
+        self._taken = 0.0
+        self._lock = threading.Lock()
+
+    def get(self) -> dict[str, Any] | None:
+        with self._lock:
+            now = time.monotonic()
+            if self._stats is None or now - self._taken > self._ttl:
+                try:
+                    self._stats = snapshot(self._loop, self._timeout)
+                    self._taken = now
+                except TimeoutError:
+                    pass
+            return self._stats
+
+
 class PrometheusCollector:
     """A `prometheus_client` collector of one loop's stats."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, prefix: str = "ferroloop_") -> None:
         self._loop = loop
         self._prefix = prefix
+        self._cached = _Cached(loop, ttl=0.0)
 
     def collect(self):
         from prometheus_client.core import (
@@ -136,7 +164,9 @@ class PrometheusCollector:
 
         if self._loop.is_closed():
             return
-        stats = snapshot(self._loop)
+        stats = self._cached.get()
+        if stats is None:
+            return
         for _key, name, kind, help_text, value in _families(stats):
             metric = self._prefix + name
             if kind == "counter":
@@ -165,13 +195,14 @@ def instrument_opentelemetry(loop: asyncio.AbstractEventLoop, meter: Any = None,
     from opentelemetry.metrics import Observation
 
     meter = meter or metrics.get_meter("ferroloop")
+    cached = _Cached(loop)
 
     def observe(key: str):
         def callback(_options):
             if loop.is_closed():
                 return []
-            stats = snapshot(loop)
-            return [Observation(stats[key])] if key in stats else []
+            stats = cached.get()
+            return [Observation(stats[key])] if stats and key in stats else []
 
         return callback
 

@@ -643,8 +643,7 @@ impl DatagramTransport {
         };
         drop(released);
         let extra = slf.get().state.borrow_mut(py)?.base.extra_dict(py)?;
-        // Datagrams are not counted in the loop's byte totals.
-        release_socket(py, loop_.as_ref(), token, sock, &extra, (0, 0))?;
+        release_socket(py, loop_.as_ref(), token, sock, &extra)?;
         outcome
     }
 

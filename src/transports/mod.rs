@@ -15,11 +15,13 @@ use std::cell::RefMut;
 use std::mem;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
 use crate::handles::{copy_context, in_context_or_lent, is_empty_context};
 use crate::poller::{Interest, Token, READABLE, WRITABLE};
+use crate::stats::ByteTotals;
 
 /// asyncio's `constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES`.
 pub(crate) const CONNLOST_LOG_THRESHOLD: u32 = 5;
@@ -172,20 +174,15 @@ pub(crate) fn schedule_connection_lost(
 
 /// The end of `_call_connection_lost`: the fd leaves the loop first (its number may be
 /// reused as soon as it is closed), then the socket is closed, once.
-/// `moved` (bytes read, written) joins the loop's totals of closed transports.
 pub(crate) fn release_socket(
     py: Python<'_>,
     loop_: Option<&Py<LoopCore>>,
     token: Option<Token>,
     sock: Option<Sock>,
     extra: &Py<PyDict>,
-    moved: (u64, u64),
 ) -> PyResult<()> {
-    if let Some(loop_) = loop_ {
-        loop_.get().note_closed_transport(py, moved)?;
-        if let Some(token) = token {
-            loop_.get().deregister_transport(py, token)?;
-        }
+    if let (Some(loop_), Some(token)) = (loop_, token) {
+        loop_.get().deregister_transport(py, token)?;
     }
     if let Some(mut sock) = sock {
         // What asyncio reads at creation must still be there after the close. (Should
@@ -364,10 +361,11 @@ pub(crate) struct Base {
     pub write_waiting: bool,
     /// The interest the loop has registered for the fd.
     pub interest: Interest,
-    /// Bytes received from and sent to the socket (`loop.stats()`,
-    /// `loop.connections()`).
+    /// Bytes received from and sent to the socket (`loop.connections()`), also added
+    /// to the loop's totals (`loop.stats()`).
     pub bytes_read: u64,
     pub bytes_written: u64,
+    totals: Arc<ByteTotals>,
     pub created: std::time::Instant,
 }
 
@@ -419,6 +417,7 @@ impl Base {
         protocol: Py<PyAny>,
         extra: Extra,
     ) -> Base {
+        let totals = loop_.get().bytes.clone();
         Base {
             loop_: Some(loop_),
             sock: Some(sock),
@@ -440,8 +439,23 @@ impl Base {
             interest: Interest::NONE,
             bytes_read: 0,
             bytes_written: 0,
+            totals,
             created: std::time::Instant::now(),
         }
+    }
+
+    /// `n` bytes were received from the socket.
+    #[inline]
+    pub fn count_read(&mut self, n: usize) {
+        self.bytes_read += n as u64;
+        self.totals.add_read(n as u64);
+    }
+
+    /// `n` bytes were sent.
+    #[inline]
+    pub fn count_written(&mut self, n: usize) {
+        self.bytes_written += n as u64;
+        self.totals.add_written(n as u64);
     }
 
     pub fn is_reading(&self) -> bool {

@@ -145,7 +145,11 @@ impl StreamTransport {
     ) -> PyResult<()> {
         match S::receive(&mut reader) {
             Outcome::Read(got) => {
-                slf.get().state.borrow_mut(slf.py())?.base.bytes_read += reader.received as u64;
+                slf.get()
+                    .state
+                    .borrow_mut(slf.py())?
+                    .base
+                    .count_read(reader.received);
                 let called = reader.in_context(|protocol| S::deliver(protocol, got));
                 StreamTransport::protocol_outcome(slf, called, S::DELIVERY_FAILED)?;
                 // What the protocol wrote in answer goes out now rather than at the end
@@ -423,7 +427,7 @@ impl StreamTransport {
             if direct {
                 match sys::send(st.base.fd, view) {
                     Ok(n) => {
-                        st.base.bytes_written += n as u64;
+                        st.base.count_written(n);
                         n
                     }
                     Err(err) if would_block(&err) => 0,
@@ -551,7 +555,7 @@ fn send_buffered(py: Python<'_>, st: &StreamState) -> io::Result<usize> {
 /// Drops `sent` bytes from the front of the buffer.
 fn consume(st: &mut StreamState, sent: usize) {
     st.base.buffer_size -= sent;
-    st.base.bytes_written += sent as u64;
+    st.base.count_written(sent);
     let mut left = sent;
     while left > 0 {
         let Some(front) = st.buffer.front() else {
@@ -582,6 +586,13 @@ impl StreamTransport {
     #[getter]
     fn _ferroloop_counters(&self, py: Python<'_>) -> Option<(u64, u64, f64)> {
         self.counters(py)
+    }
+
+    /// Counts `n` bytes sent for the transport by `loop.sendfile` (`os.sendfile` on its
+    /// socket while it is out of the registry).
+    fn _count_written(&self, py: Python<'_>, n: usize) -> PyResult<()> {
+        self.state.borrow_mut(py)?.base.count_written(n);
+        Ok(())
     }
 
     #[new]
@@ -807,11 +818,10 @@ impl StreamTransport {
                 .map(|_| ()),
             _ => Ok(()),
         };
-        let (sock, loop_, token, server, waiter, released, moved) = {
+        let (sock, loop_, token, server, waiter, released) = {
             let mut st = slf.get().state.borrow_mut(py)?;
             st.buffer.clear();
             st.base.buffer_size = 0;
-            let moved = (st.base.bytes_read, st.base.bytes_written);
             (
                 st.base.sock.take(),
                 st.base.loop_.take(),
@@ -823,12 +833,11 @@ impl StreamTransport {
                     st.read_path.take(),
                     st.base.context.take(),
                 ),
-                moved,
             )
         };
         drop(released);
         let extra = slf.get().state.borrow_mut(py)?.base.extra_dict(py)?;
-        release_socket(py, loop_.as_ref(), token, sock, &extra, moved)?;
+        release_socket(py, loop_.as_ref(), token, sock, &extra)?;
         if let Some(waiter) = waiter {
             let waiter = waiter.bind(py);
             if !waiter.call_method0("done")?.is_truthy()? {
