@@ -10,7 +10,6 @@ use std::collections::VecDeque;
 use std::io;
 use std::mem;
 use std::os::fd::RawFd;
-use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -24,10 +23,11 @@ use crate::clock::{self, monotonic};
 use crate::errors::{closed_loop, os_error};
 use crate::freelist;
 use crate::gil_cell::GilCell;
-use crate::handles::{self, Handle, LentContext, QueuedCall, TimerHandle};
+use crate::handles::{self, Handle, LentContext, TimerHandle};
 use crate::loop_attrs;
-use crate::poller::{self, Event, Events, Poller, Readiness, Registry, READABLE, WRITABLE};
-use crate::sock_ops::SockOp;
+use crate::poller::{self, Event, Events, Poller, Registry, READABLE, WRITABLE};
+use crate::ready::release_ready;
+pub(crate) use crate::ready::Ready;
 use crate::stats::{ByteTotals, LoopStats};
 use crate::timers::Timers;
 pub(crate) use crate::transport_registry::NativeTransport;
@@ -45,18 +45,6 @@ pub(crate) enum FdOwner {
     /// `add_reader`/`add_writer` callbacks.
     Callbacks(Box<FdCallbacks>),
     Transport(NativeTransport),
-}
-
-/// An entry of the ready queue: a handle, or a transport's readiness, which runs in
-/// the queue's order as asyncio's reader/writer handles would.
-pub(crate) enum Ready {
-    Handle(Py<Handle>),
-    /// A callback from asyncio's C tasks and futures, queued without a handle object.
-    Call(QueuedCall),
-    Io(NativeTransport, Readiness),
-    /// Boxed, so that an entry is 32 bytes, not 48: the queue of a burst of callbacks
-    /// is written and read in full.
-    Sock(Box<SockOp>),
 }
 
 pub(crate) struct LoopState {
@@ -424,57 +412,6 @@ impl LoopCore {
             }
         }
         lent.leave(py)
-    }
-
-    /// Runs one entry of the ready queue. In debug mode a handle runs through
-    /// `_run_handle_debug`, which times it and reports a slow callback.
-    #[inline(always)]
-    fn run_item(slf: &Bound<'_, LoopCore>, item: Ready, lent: &mut LentContext) -> PyResult<()> {
-        let py = slf.py();
-        let core = slf.get();
-        match item {
-            Ready::Handle(handle) => {
-                let handle = handle.into_bound(py);
-                let outcome = if core.debug.load(Ordering::Relaxed) {
-                    lent.leave(py)?;
-                    slf.call_method1("_run_handle_debug", (&handle,)).map(drop)
-                } else {
-                    Handle::run_lent(&handle, lent)
-                };
-                handles::release_from_loop(handle);
-                outcome
-            }
-            Ready::Call(call) => {
-                if core.debug.load(Ordering::Relaxed) {
-                    // Debug mode times and names every callback: give it its handle.
-                    let handle = call.to_handle(py, slf.as_any())?;
-                    slf.call_method1("_run_handle_debug", (handle,)).map(drop)
-                } else {
-                    call.run(py, slf.as_any())
-                }
-            }
-            Ready::Io(transport, readiness) => transport.on_ready(py, readiness),
-            Ready::Sock(op) => core.run_sock_op(py, op),
-        }
-    }
-
-    /// `run_item`, published to the watchdog: what runs (the handle, the callback of a
-    /// queued call, the transport whose protocol is called) is kept referenced here for
-    /// the run, so the watchdog can name it while the run lasts.
-    #[inline(never)]
-    fn run_watched(slf: &Bound<'_, LoopCore>, item: Ready, lent: &mut LentContext) -> PyResult<()> {
-        let py = slf.py();
-        let object = match &item {
-            Ready::Handle(handle) => Some(handle.bind(py).clone().into_any()),
-            Ready::Call(call) => Some(call.callback.bind(py).clone()),
-            Ready::Io(transport, _) => Some(transport.as_any(py).clone()),
-            Ready::Sock(_) => None,
-        };
-        let watchdog = &slf.get().watchdog;
-        let run = watchdog.begin(object.as_ref().map_or(ptr::null_mut(), Bound::as_ptr));
-        let outcome = LoopCore::run_item(slf, item, lent);
-        watchdog.end(run, object.as_ref());
-        outcome
     }
 
     /// The poller's events buffer, lent out for a wait made without the state borrowed.
@@ -938,20 +875,10 @@ fn release_timers(py: Python<'_>, timers: Vec<Py<TimerHandle>>) {
     }
 }
 
-/// Lets go of ready-queue entries that will not run.
-fn release_ready(py: Python<'_>, ready: impl IntoIterator<Item = Ready>) {
-    for item in ready {
-        if let Ready::Handle(handle) = item {
-            handles::release_from_loop(handle.into_bound(py));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
-    fn a_ready_entry_is_four_words() {
-        assert_eq!(std::mem::size_of::<super::Ready>(), 32);
+    fn an_fd_owner_is_two_words() {
         assert_eq!(std::mem::size_of::<super::FdOwner>(), 16);
     }
 }

@@ -12,6 +12,7 @@ mod libssl;
 mod loop_attrs;
 mod poller;
 mod pyhelpers;
+mod ready;
 mod scheduling;
 mod sock_ops;
 mod stats;
