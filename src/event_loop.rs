@@ -282,7 +282,9 @@ impl LoopCore {
             core.wake_pending.store(false, Ordering::Release);
         }
         core.take_threadsafe(py)?;
-        if empty && timeout_ms != 0 {
+        if (empty && timeout_ms != 0) || !signals.is_empty() {
+            // A signal that woke the wait through the wakeup fd: its Python handler
+            // (asyncio.run's SIGINT one, say) runs now, not at the next bytecode.
             py.check_signals()?;
         }
         if !signals.is_empty() {

@@ -208,9 +208,10 @@ def test_each_worker_serves_its_own_path_and_removes_it_on_a_graceful_stop(tmp_p
         "asyncio.run(main())\n"
     )
     path = str(tmp_path / "inspect.sock")
+    log = open(tmp_path / "supervisor.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "ferroloop", "--inspect", path, "--workers", "2", str(script)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=log,
     )
     try:
         paths = [f"{path}.0", f"{path}.1"]
@@ -219,13 +220,17 @@ def test_each_worker_serves_its_own_path_and_removes_it_on_a_graceful_stop(tmp_p
         assert [s["worker"] for s in snapshots] == ["0", "1"]
         assert snapshots[0]["pid"] != snapshots[1]["pid"]
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(WAIT) == 0
+        try:
+            status = proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            status = None
+        assert status == 0, (tmp_path / "supervisor.log").read_text()
         assert not any(os.path.exists(p) for p in paths)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the workers too
+            proc.kill()  # the workers follow their supervisor (their lifeline)
             proc.wait(WAIT)
-        proc.stderr.close()
+        log.close()
 
 
 def run_program(tmp_path, source, path, timeout=WAIT):
@@ -295,3 +300,51 @@ def test_a_silent_client_delays_neither_others_nor_the_close(tmp_path):
     waited, closing = map(float, done.stdout.split())
     # The silent client gets 0.2 s; a loaded machine may add some.
     assert waited < 1.5 and closing < 1.5, (waited, closing)
+
+
+def test_a_stall_is_served_with_the_stack_the_watchdog_took(tmp_path):
+    from ferroloop._top import render
+
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import asyncio, time\n"
+        "def blocker():\n"
+        "    time.sleep(3)\n"
+        "async def main():\n"
+        "    asyncio.get_running_loop().call_later(0.5, blocker)\n"
+        "    await asyncio.sleep(3600)\n"
+        "asyncio.run(main())\n"
+    )
+    path = str(tmp_path / "inspect.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ferroloop", "--watchdog", "100ms", "--inspect", path, str(script)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        def stalled_with_report():
+            snapshot = _reply(path) or {}
+            reports = snapshot.get("watchdog") or []
+            stalls = [r for r in reports if r["kind"] == "stalled" and r["stack"]]
+            return snapshot if snapshot.get("stalled") and stalls else None
+
+        snapshot = wait_until(stalled_with_report, "a stalled reply with the watchdog's report")
+        (stall,) = [r for r in snapshot["watchdog"] if r["kind"] == "stalled"]
+        assert "blocker" in stall["handle"] and "time.sleep(3)" in stall["stack"]
+        screen = render(snapshot, None)
+        assert any("STILL BLOCKED" in line for line in screen)
+        assert any("time.sleep(3)" in line for line in screen)
+        recovered = wait_until(
+            lambda: (s := answer(path)) and any(r["kind"] == "recovered" for r in s["watchdog"]) and s,
+            "the recovery report")
+        assert recovered["watchdog"][-1]["duration"] >= 2.5
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+        proc.stderr.close()
+
+
+def _reply(path):
+    try:
+        return request(path)
+    except OSError:
+        return None

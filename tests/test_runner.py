@@ -77,3 +77,29 @@ def test_version_is_printed_not_taken_for_a_script(tmp_path):
         assert proc.stderr == ""
         expected = f"ferroloop {version('ferroloop')} (CPython {sys.version.split()[0]})"
         assert proc.stdout.strip() == expected
+
+
+def test_sigint_taken_by_another_thread_still_interrupts_asyncio_run(tmp_path):
+    # The interpreter runs a signal's C handler in whichever thread the kernel picked;
+    # only the wakeup fd the running loop sets tells an idle loop (no timer, no fd) that
+    # asyncio.run's SIGINT handler is due. Without it this program sleeps for an hour.
+    script = tmp_path / "app.py"
+    script.write_text(textwrap.dedent("""
+        import asyncio, signal, threading, time, ferroloop
+
+        def poke():
+            time.sleep(0.5)
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+        async def main():
+            threading.Thread(target=poke).start()
+            await asyncio.sleep(3600)
+
+        try:
+            ferroloop.run(main())
+        except KeyboardInterrupt:
+            print("interrupted")
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.stdout.strip() == "interrupted", proc.stderr

@@ -163,12 +163,15 @@ class Inspector:
         conn.sendall(json.dumps(_plain(self.snapshot())).encode() + b"\n")
 
     def snapshot(self) -> dict[str, Any]:
+        loop = self.loop
         head = {
             "pid": os.getpid(),
             "worker": os.environ.get("FERROLOOP_WORKER"),
             "time": time.time(),
+            # Read here, not on the loop's thread: a stall's own report, with the stack
+            # the watchdog took while it lasted, is what a stalled loop is looked at for.
+            "watchdog": loop._watchdog_recent(),
         }
-        loop = self.loop
         if loop.is_closed():
             return {**head, "stalled": False, "closed": True}
         if not loop.is_running():

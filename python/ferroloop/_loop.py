@@ -94,8 +94,10 @@ class Loop(
                 finalizer=self._asyncgen_finalizer_hook,
             )
             events._set_running_loop(self)
+            self._take_wakeup_fd()
             self._run_forever_core()
         finally:
+            self._give_back_wakeup_fd()
             self._stopping = False
             self._thread_id = None
             events._set_running_loop(None)

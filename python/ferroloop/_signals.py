@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import signal
+import threading
 from asyncio import coroutines
 from asyncio.log import logger
 
@@ -65,8 +66,50 @@ class SignalMethods:
         self._release_wakeup_fd()
         return True
 
+    # While the loop runs in the main thread, every signal wakes it: the interpreter
+    # writes its number to the loop's signal socket, which the poll watches, so a
+    # signal that arrives between the turn's check of pending signals and the wait (or
+    # in another thread) cannot leave the loop asleep with asyncio.run's SIGINT handler
+    # never run. A wakeup fd someone else set is left alone.
+    _wakeup_taken = False
+
+    def _take_wakeup_fd(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        ours = self._wakeup_fd()
+        try:
+            previous = signal.set_wakeup_fd(ours, warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            return
+        if previous not in (-1, ours):
+            signal.set_wakeup_fd(previous)
+            return
+        self._wakeup_taken = previous == -1
+
+    def _give_back_wakeup_fd(self) -> None:
+        if not self._wakeup_taken:
+            return
+        self._wakeup_taken = False
+        if self._signal_handlers:
+            return  # add_signal_handler's, kept until the last handler goes
+        try:
+            previous = signal.set_wakeup_fd(-1)
+        except ValueError:
+            return  # not the main thread
+        except OSError as exc:
+            logger.info("set_wakeup_fd(-1) failed: %s", exc)
+            return
+        if previous not in (-1, self._wakeup_fd()):
+            signal.set_wakeup_fd(previous)  # replaced meanwhile: not ours to undo
+
     def _release_wakeup_fd(self) -> None:
         if self._signal_handlers:
+            return
+        if self._wakeup_taken or (
+            self.is_running() and threading.current_thread() is threading.main_thread()
+        ):
+            # The running loop keeps it; run_forever gives it back when it ends.
+            self._wakeup_taken = True
             return
         self._signals_watched = False
         try:

@@ -58,8 +58,10 @@ def render(snapshot: dict[str, Any], previous: dict[str, Any] | None, width: int
     lines = [f"ferroloop top - {who} - {clock}"]
     if snapshot.get("closed"):
         return [*lines, "the loop is closed"]
+    watchdog = snapshot.get("watchdog")
     if snapshot.get("stalled"):
         lines.append("LOOP NOT ANSWERING: a callback has been running for over 0.5 s")
+        lines.extend(_stalls(watchdog, width))
         last = snapshot.get("last")
         if not last:
             return lines
@@ -74,6 +76,8 @@ def render(snapshot: dict[str, Any], previous: dict[str, Any] | None, width: int
         f"pipes {stats['pipes_open']}  subprocesses {stats['subprocesses']}  "
         f"accepted {stats['connections_accepted']}  exceptions {stats['exceptions_reported']}"
     )
+    if not snapshot.get("stalled"):
+        lines.extend(_stalls(watchdog, width))
     connections = snapshot["connections"]
     lines.append("")
     lines.append(f"CONNECTIONS ({len(connections)})")
@@ -81,6 +85,32 @@ def render(snapshot: dict[str, Any], previous: dict[str, Any] | None, width: int
     lines.append(header[:width])
     for row in connections:
         lines.append(_connection(row)[:width])
+    return lines
+
+
+STACK_LINES = 12
+
+
+def _stalls(reports: list[dict[str, Any]] | None, width: int) -> list[str]:
+    """The watchdog's last stall: what blocked, for how long, and the stack it took."""
+    if reports is None:
+        return ["watchdog off: --watchdog 100ms (or FERROLOOP_WATCHDOG) shows stalls with their stacks"]
+    stalls = [r for r in reports if r["kind"] == "stalled"]
+    if not stalls:
+        return ["watchdog on: no stall"]
+    stall = stalls[-1]
+    recovered = [r for r in reports if r["kind"] == "recovered" and r["time"] >= stall["time"]]
+    when = time.strftime("%H:%M:%S", time.localtime(stall["time"]))
+    task = f" (task {stall['task']})" if stall.get("task") else ""
+    state = (f"blocked {recovered[0]['duration']:.3f} s in all" if recovered
+             else "STILL BLOCKED")
+    lines = [f"last stall {when}: {state}, reported after {stall['duration']:.3f} s: "
+             f"{stall['handle']}{task}"[:width]]
+    if stall.get("coroutine_chain"):
+        lines.append(("await chain: " + " -> ".join(stall["coroutine_chain"]))[:width])
+    if stall.get("stack"):
+        stack = stall["stack"].rstrip("\n").splitlines()
+        lines.extend(line[:width] for line in stack[-STACK_LINES:])
     return lines
 
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import inspect
 import logging
 import math
 import os
 import re
 import sys
+import time
 import traceback
 import warnings
 import weakref
@@ -80,6 +82,9 @@ def parse_threshold(text: str) -> float | None:
         raise ValueError(f"expected a duration such as 100ms, 0.1s or 0.1, not {text!r}")
     number, unit = match.groups()
     return check_threshold(float(number) / (1000 if unit == "ms" else 1))
+
+
+RECENT = 8  # reports kept for the inspection socket (`python -m ferroloop top`)
 
 
 class WatchdogReport(NamedTuple):
@@ -149,6 +154,10 @@ class Reporter:
     def __init__(self, loop, callback: Callable[[WatchdogReport], object] | None) -> None:
         self._loop = weakref.ref(loop)
         self._callback = callback
+        # The last reports, (wall-clock time, report), for the inspection socket.
+        self.recent: collections.deque[tuple[float, WatchdogReport]] = collections.deque(
+            maxlen=RECENT
+        )
         # What the stall report named, for the recovery's: (running object, task name).
         self._stalled: tuple[object, str | None] | None = None
 
@@ -202,6 +211,7 @@ class Reporter:
             return None
 
     def _emit(self, report: WatchdogReport) -> None:
+        self.recent.append((time.time(), report))
         if self._callback is None:
             logger.warning("%s", report.format(), extra={"watchdog_report": report})
             return
@@ -323,9 +333,33 @@ class WatchdogMethods:
         if seconds is None:
             self._watchdog_stop()
             _watched.discard(self)
+            self._watchdog_reporter = None
             return
-        self._watchdog_start(seconds, Reporter(self, callback))
+        reporter = Reporter(self, callback)
+        self._watchdog_start(seconds, reporter)
+        self._watchdog_reporter = reporter
         _watched.add(self)
+
+    def _watchdog_recent(self) -> list[dict] | None:
+        """The watchdog's last reports as plain dicts (None when it is off), for the
+        inspection socket: read from its thread, not the loop's."""
+        reporter = getattr(self, "_watchdog_reporter", None)
+        if reporter is None:
+            return None
+        return [
+            {
+                "time": when,
+                "kind": r.kind,
+                "duration": r.duration_so_far,
+                "threshold": r.threshold,
+                "handle": r.handle,
+                "task": r.task,
+                "stack": "".join(r.stack.format()) if r.stack else None,
+                "coroutine_chain": r.coroutine_chain,
+                "captured_late": r.captured_late,
+            }
+            for when, r in list(reporter.recent)
+        ]
 
     def _watchdog_from_environment(self) -> None:
         """Switches the watchdog on as `python -m ferroloop --watchdog` or
