@@ -288,18 +288,9 @@ impl NativeSsl {
     /// # Safety
     /// `start` must be writable for `len` bytes (initialised or not).
     pub unsafe fn read_raw(&self, start: *mut u8, len: usize) -> Io {
-        let f = self.functions;
-        let mut n = 0usize;
-        // SAFETY: the error queue must be empty for SSL_get_error to be right; `ssl`
-        // is live (the holder keeps its owner) and used on this thread under the GIL,
-        // as `_ssl` uses it; `start` is writable for `len` bytes (the caller's
-        // contract), `n` for one usize.
-        let (ok, error) = unsafe {
-            (f.err_clear_error)();
-            let ok = (f.ssl_read_ex)(self.ssl, start.cast(), len, &mut n);
-            (ok, (f.ssl_get_error)(self.ssl, ok))
-        };
-        outcome(ok, error, n)
+        let read = self.functions.ssl_read_ex;
+        // SAFETY: `start` is writable for `len` bytes (the caller's contract).
+        self.io(|ssl, n| unsafe { read(ssl, start.cast(), len, n) })
     }
 
     /// About how much plaintext reads could give now: what the TLS object holds
@@ -315,14 +306,22 @@ impl NativeSsl {
     /// One `SSL_write_ex` of `data`: without `SSL_MODE_ENABLE_PARTIAL_WRITE`, which
     /// `_ssl` does not set, it takes all of it or nothing.
     pub fn write(&self, data: &[u8]) -> Io {
+        let write = self.functions.ssl_write_ex;
+        // SAFETY: `data` is readable for its length during the call.
+        self.io(|ssl, n| unsafe { write(ssl, data.as_ptr().cast(), data.len(), n) })
+    }
+
+    /// One read or write `op` (given the `SSL *` and where to put the byte count) with
+    /// the thread's error queue emptied first, as `SSL_get_error` needs, and its outcome.
+    fn io(&self, op: impl FnOnce(SslPtr, *mut usize) -> c_int) -> Io {
         let f = self.functions;
         let mut n = 0usize;
-        // SAFETY: as in `read`; `data` is readable for its length during the call.
-        let (ok, error) = unsafe {
-            (f.err_clear_error)();
-            let ok = (f.ssl_write_ex)(self.ssl, data.as_ptr().cast(), data.len(), &mut n);
-            (ok, (f.ssl_get_error)(self.ssl, ok))
-        };
+        // SAFETY: `ssl` is live (the holder keeps its owner) and used on this thread
+        // under the GIL, as `_ssl` uses it.
+        unsafe { (f.err_clear_error)() };
+        let ok = op(self.ssl, &mut n);
+        // SAFETY: as above; `ok` is what the call returned.
+        let error = unsafe { (f.ssl_get_error)(self.ssl, ok) };
         outcome(ok, error, n)
     }
 

@@ -529,9 +529,32 @@ fn read_records<'py>(
     incoming: &Bound<'py, PyAny>,
     names: &SslProto,
 ) -> PyResult<Records<'py>> {
-    let py = raw.py();
+    scratch_reads(raw.py(), Vec::new(), |scratch, filled, some| {
+        if some && nothing_to_read(raw, incoming)? {
+            return Ok(Step::Done);
+        }
+        read_through_ssl(scratch, raw, filled, names)
+    })
+}
+
+/// What one read into the scratch buffer came to.
+enum Step {
+    Read(usize),
+    /// Nothing more to read now.
+    Done,
+    /// The peer's close_notify.
+    Eof,
+}
+
+/// Reads records into this thread's scratch buffer, one `step` at a time (given the
+/// buffer, how much of it is filled, and whether anything was read yet), until it says
+/// `Done` or `Eof`; the plaintext after `parts`, as one `bytes`.
+fn scratch_reads<'py>(
+    py: Python<'py>,
+    mut parts: Vec<Bound<'py, PyAny>>,
+    mut step: impl FnMut(&mut Scratch, usize, bool) -> PyResult<Step>,
+) -> PyResult<Records<'py>> {
     let mut scratch = Scratch::take();
-    let mut parts = Vec::new();
     let mut filled = 0;
     let mut eof = false;
     loop {
@@ -539,23 +562,35 @@ fn read_records<'py>(
             parts.push(PyBytes::new(py, &scratch.buf[..filled]).into_any());
             filled = 0;
         }
-        if (filled > 0 || !parts.is_empty()) && nothing_to_read(raw, incoming)? {
-            break;
-        }
-        match scratch.read_into(raw, filled) {
-            Ok(0) => {
+        match step(&mut scratch, filled, filled > 0 || !parts.is_empty())? {
+            Step::Read(n) => filled += n,
+            Step::Done => break,
+            Step::Eof => {
                 eof = true;
                 break;
             }
-            Ok(n) => filled += n,
-            Err(err) if err.matches(py, names.again.bind(py))? => break,
-            Err(err) => return Err(err),
         }
     }
     if filled > 0 {
         parts.push(PyBytes::new(py, &scratch.buf[..filled]).into_any());
     }
     Ok((join_chunks(py, parts)?, eof))
+}
+
+/// One `raw.read` into the scratch buffer after `filled` bytes.
+fn read_through_ssl(
+    scratch: &mut Scratch,
+    raw: &Bound<'_, PyAny>,
+    filled: usize,
+    names: &SslProto,
+) -> PyResult<Step> {
+    let py = raw.py();
+    match scratch.read_into(raw, filled) {
+        Ok(0) => Ok(Step::Eof),
+        Ok(n) => Ok(Step::Read(n)),
+        Err(err) if err.matches(py, names.again.bind(py))? => Ok(Step::Done),
+        Err(err) => Err(err),
+    }
 }
 
 /// [`read_records`] with libssl called natively on `native`, the `SSL` object under
@@ -605,37 +640,18 @@ fn read_records_native<'py>(
     }
     // Nothing was pending (the one read below says whether the stream ended), more
     // may be, or a read must be repeated through `_ssl`.
-    let mut scratch = Scratch::take();
-    let mut filled = 0;
-    let mut eof = false;
-    loop {
-        if filled == scratch.buf.len() {
-            parts.push(PyBytes::new(py, &scratch.buf[..filled]).into_any());
-            filled = 0;
-        }
+    scratch_reads(py, parts, |scratch, filled, _| {
         let io = if std::mem::take(&mut repeat) {
             Io::Other
         } else {
             native.read(&mut scratch.buf[filled..])
         };
         match io {
-            Io::Done(n) => filled += n,
-            Io::WantRead => break,
-            Io::Other => match scratch.read_into(raw, filled) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => filled += n,
-                Err(err) if err.matches(py, names.again.bind(py))? => break,
-                Err(err) => return Err(err),
-            },
+            Io::Done(n) => Ok(Step::Read(n)),
+            Io::WantRead => Ok(Step::Done),
+            Io::Other => read_through_ssl(scratch, raw, filled, names),
         }
-    }
-    if filled > 0 {
-        parts.push(PyBytes::new(py, &scratch.buf[..filled]).into_any());
-    }
-    Ok((join_chunks(py, parts)?, eof))
+    })
 }
 
 /// The records of a TLS object of another class, read as asyncio does.

@@ -233,6 +233,7 @@ def test_opentelemetry_reads_the_stats(loop):
     metrics.instrument_opentelemetry(loop, provider.get_meter("test"))
     loop.run_until_complete(asyncio.sleep(0))
     data = reader.get_metrics_data()
+    provider.shutdown()
     points = {
         m.name: m.data.data_points[0].value
         for rm in data.resource_metrics

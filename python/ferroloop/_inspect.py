@@ -14,6 +14,7 @@ newline, then closes. Anything else gets `{"error": ...}`. A peer of another use
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import math
@@ -24,6 +25,8 @@ import struct
 import threading
 import time
 from typing import Any
+
+from .metrics import call_on_loop
 
 ENV = "FERROLOOP_INSPECT"
 REQUEST = b"snapshot"
@@ -85,7 +88,8 @@ class Inspector:
         self._last: dict[str, Any] | None = None
         self._closed = False
         self._conn: socket.socket | None = None  # the client being answered
-        self._pending: threading.Event | None = None  # a snapshot the loop has not taken
+        # A snapshot the loop has not taken yet.
+        self._pending: concurrent.futures.Future | None = None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             _remove_stale_socket(path)
@@ -179,7 +183,7 @@ class Inspector:
             # (the counters are copied out of the loop in one step).
             return {**head, "stalled": False, "running": False,
                     "stats": loop.stats(), "connections": []}
-        if self._pending is not None and not self._pending.is_set():
+        if self._pending is not None and not self._pending.done():
             # The loop has not taken the last request's snapshot yet: still stalled.
             return {**head, "stalled": True, "last": self._last}
         taken = self._take_on_loop()
@@ -191,27 +195,17 @@ class Inspector:
     def _take_on_loop(self) -> dict[str, Any] | None:
         """The stats and connections, taken on the loop's thread; None if it does not
         answer within LOOP_TIMEOUT (the request stays queued: `_pending`)."""
-        done = threading.Event()
-        result: dict[str, Any] = {}
         loop = self.loop
-
-        def take() -> None:
-            try:
-                result["value"] = {"stats": loop.stats(), "connections": loop.connections()}
-            except BaseException as exc:  # noqa: BLE001 - handed over to the waiting thread
-                result["error"] = exc
-            done.set()
-
         try:
-            loop.call_soon_threadsafe(take)
+            self._pending = call_on_loop(
+                loop, lambda: {"stats": loop.stats(), "connections": loop.connections()}
+            )
         except RuntimeError:  # closed meanwhile
             return None
-        self._pending = done
-        if not done.wait(LOOP_TIMEOUT):
+        try:
+            return self._pending.result(LOOP_TIMEOUT)
+        except concurrent.futures.TimeoutError:
             return None
-        if "error" in result:
-            raise result["error"]
-        return result["value"]
 
 
 def _remove_stale_socket(path: str) -> None:

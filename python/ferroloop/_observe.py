@@ -121,41 +121,35 @@ def _tls_info(protocol) -> dict[str, Any]:
     }
 
 
+# A row of loop.connections(): what a transport kind does not have stays None.
+_ROW = dict.fromkeys((
+    "kind", "fd", "local", "peer", "age", "bytes_read", "bytes_written",
+    "write_buffer_size", "write_buffer_limits", "reading", "closing", "protocol", "tls",
+))
+
+
 def _pipe_row(transport) -> dict[str, Any]:
     pipe = transport.get_extra_info("pipe")
     writes = isinstance(transport, asyncio.WriteTransport)
     return {
+        **_ROW,
         "kind": "pipe",
         "fd": pipe.fileno() if pipe is not None else None,
-        "local": None,
-        "peer": None,
-        "age": None,
-        "bytes_read": None,
-        "bytes_written": None,
         "write_buffer_size": transport.get_write_buffer_size() if writes else 0,
         "write_buffer_limits": transport.get_write_buffer_limits() if writes else None,
         "reading": None if writes else transport.is_reading(),
         "closing": transport.is_closing(),
         "protocol": _name(transport.get_protocol()),
-        "tls": None,
     }
 
 
 def _subprocess_row(transport) -> dict[str, Any]:
     return {
+        **_ROW,
         "kind": "subprocess",
-        "fd": None,
-        "local": None,
-        "peer": None,
-        "age": None,
-        "bytes_read": None,
-        "bytes_written": None,
         "write_buffer_size": 0,
-        "write_buffer_limits": None,
-        "reading": None,
         "closing": transport.is_closing(),
         "protocol": _name(transport.get_protocol()),
-        "tls": None,
         "pid": transport.get_pid(),
         "returncode": transport.get_returncode(),
     }

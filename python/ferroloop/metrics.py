@@ -61,16 +61,25 @@ def snapshot(loop: asyncio.AbstractEventLoop, timeout: float = 5.0) -> dict[str,
     loop). Otherwise read here: the counters are copied out of the loop in one step."""
     if not loop.is_running() or _on_loop_thread(loop):
         return loop.stats()  # type: ignore[attr-defined]
-    done: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+    try:
+        return call_on_loop(loop, loop.stats).result(timeout)  # type: ignore[attr-defined]
+    except concurrent.futures.TimeoutError:  # not the builtin one before 3.11
+        raise TimeoutError from None
 
-    def take() -> None:
+
+def call_on_loop(loop: asyncio.AbstractEventLoop, fn) -> concurrent.futures.Future:
+    """`fn()` run on the loop's thread (`call_soon_threadsafe`); its result or exception
+    in the future returned."""
+    done: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
         try:
-            done.set_result(loop.stats())  # type: ignore[attr-defined]
+            done.set_result(fn())
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             done.set_exception(exc)
 
-    loop.call_soon_threadsafe(take)
-    return done.result(timeout)
+    loop.call_soon_threadsafe(run)
+    return done
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
