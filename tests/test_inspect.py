@@ -224,8 +224,10 @@ def test_each_worker_serves_its_own_path_and_removes_it_on_a_graceful_stop(tmp_p
             status = proc.wait(WAIT)
         except subprocess.TimeoutExpired:
             status = None
+        log.flush()
         assert status == 0, (tmp_path / "supervisor.log").read_text()
-        assert not any(os.path.exists(p) for p in paths)
+        left = [p for p in paths if os.path.exists(p)]
+        assert not left, (tmp_path / "supervisor.log").read_text()
     finally:
         if proc.poll() is None:
             proc.kill()  # the workers follow their supervisor (their lifeline)
@@ -253,6 +255,19 @@ def test_a_loop_made_after_the_first_one_closed_is_served(tmp_path):
     ), path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["first", "True"]
+    assert not os.path.exists(path)
+
+
+def test_a_program_exiting_with_its_loop_unclosed_leaves_no_socket_file(tmp_path):
+    path = str(tmp_path / "inspect.sock")
+    done = run_program(tmp_path, (
+        "import os, sys, ferroloop\n"
+        "loop = ferroloop.new_event_loop()\n"
+        "print(os.path.exists(sys.argv[1]))\n"
+        "sys.exit(0)  # loop never closed: a program interrupted before it could\n"
+    ), path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
     assert not os.path.exists(path)
 
 

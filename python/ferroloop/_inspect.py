@@ -14,6 +14,7 @@ newline, then closes. Anything else gets `{"error": ...}`. A peer of another use
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import json
 import logging
@@ -79,6 +80,19 @@ def _forget_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _stop_at_exit() -> None:
+    """A program that exits without closing its loop (or is interrupted before it
+    could) does not leave its socket file behind."""
+    global _inspector
+    with _lock:
+        if _inspector is not None:
+            _inspector.close()
+            _inspector = None
+
+
+atexit.register(_stop_at_exit)
 
 
 class Inspector:
