@@ -348,3 +348,112 @@ def _reply(path):
         return request(path)
     except OSError:
         return None
+
+
+WORKER_APP = (
+    "import asyncio\n"
+    "async def main():\n"
+    "    server = await asyncio.start_server(lambda r, w: None, '127.0.0.1', 0)\n"
+    "    async with server:\n"
+    "        await server.serve_forever()\n"
+    "asyncio.run(main())\n"
+)
+
+
+@pytest.fixture
+def two_workers(tmp_path):
+    """A 2-worker program under `--inspect PATH`, both answering; yields PATH."""
+    script = tmp_path / "app.py"
+    script.write_text(WORKER_APP)
+    path = str(tmp_path / "inspect.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ferroloop", "--inspect", path, "--workers", "2", str(script)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        for p in (f"{path}.0", f"{path}.1"):
+            answered(p, f"{p} to answer")
+        yield path
+    finally:
+        proc.kill()  # the workers follow their supervisor (their lifeline)
+        proc.wait(WAIT)
+
+
+def top_json(path):
+    done = subprocess.run([sys.executable, "-m", "ferroloop", "top", path, "--json"],
+                          capture_output=True, text=True, timeout=WAIT, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def not_serving(path):
+    """A socket file nothing listens on (a worker killed with SIGKILL leaves one)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(path)
+
+
+def test_top_json_gathers_every_worker_and_reports_one_that_refuses(two_workers):
+    path = two_workers
+    not_serving(f"{path}.2")
+    gathered = top_json(path)
+    workers = gathered["workers"]
+    assert [w["index"] for w in workers] == [0, 1, 2]
+    assert [w["path"] for w in workers] == [f"{path}.0", f"{path}.1", f"{path}.2"]
+    assert [w.get("worker") for w in workers[:2]] == ["0", "1"]
+    assert workers[0]["pid"] != workers[1]["pid"]
+    assert workers[2]["error"].startswith("refused")
+    total = gathered["total"]
+    assert (total["workers"], total["workers_answering"]) == (3, 2)
+    for key in ("turns", "callbacks", "bytes_read", "io_events"):
+        assert total[key] == sum(w["stats"][key] for w in workers[:2]), key
+    assert total["turns"] > 0
+    # One worker's path is one loop, shown as without worker mode.
+    assert top_json(f"{path}.1")["pid"] == workers[1]["pid"]
+
+
+def test_top_json_reports_a_frozen_worker_as_not_answering(two_workers):
+    path = two_workers
+    pid = answered(f"{path}.1")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        workers = top_json(path)["workers"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert "stats" in workers[0] and workers[0]["pid"] != pid
+    assert workers[1]["error"] == "no answer in 2 s"
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (make servers)")
+def test_top_over_workers_renders_in_a_real_terminal(two_workers):
+    path = two_workers
+    pids = [answered(f"{path}.{i}")["pid"] for i in (0, 1)]
+    not_serving(f"{path}.2")
+    session = f"ferroloop-top-workers-{os.getpid()}"
+    command = f"{sys.executable} -m ferroloop top {path} --interval 0.3"
+    env = {**os.environ, "TMUX": ""}
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "30", command],
+                   check=True, env=env, timeout=WAIT)
+    try:
+        def screen():
+            out = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                 capture_output=True, text=True, env=env, timeout=WAIT,
+                                 check=False)
+            return out.stdout.splitlines()
+
+        def with_rates():
+            lines = screen()
+            total = [line.split() for line in lines if line.startswith("total ")]
+            return lines if total and total[0][1] != "-" else None
+
+        lines = wait_until(with_rates, "a screen with the workers' rates")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], env=env, timeout=WAIT, check=False)
+    assert lines[0].startswith(f"ferroloop top - {path} - 3 workers, 2 answering - ")
+    header = next(i for i, line in enumerate(lines) if line.startswith("WORKER "))
+    assert lines[header].split() == ["WORKER", "PID", "TURNS/S", "CALLBACKS/S", "IN", "B/S",
+                                     "OUT", "B/S", "CONNS", "LAST", "STALL"]
+    total, *rows = (line.split() for line in lines[header + 1 : header + 5])
+    assert total[0] == "total" and float(total[1].replace(",", "")) > 0
+    assert [row[:2] for row in rows[:2]] == [["0", str(pids[0])], ["1", str(pids[1])]]
+    assert all(row[-1] == "off" and row[-2] == "watchdog" for row in rows[:2])
+    assert rows[2] == ["2", "-", "refused:", "not", "serving"]
