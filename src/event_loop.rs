@@ -104,7 +104,7 @@ pub struct LoopCore {
     /// `time` is patched on the instance or overridden by a subclass: the turn and
     /// `call_later` then read the clock through it, as asyncio's `self.time()` does.
     pub(crate) custom_clock: AtomicBool,
-    /// Bytes moved by the loop's stream transports (`loop.stats()`).
+    /// Bytes moved by the loop's transports (`loop.stats()`).
     pub(crate) bytes: Arc<ByteTotals>,
     /// The blocked-loop watchdog (see `watchdog`), off unless switched on.
     pub(crate) watchdog: Watchdog,

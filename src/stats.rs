@@ -74,9 +74,9 @@ impl Histogram {
     }
 }
 
-/// Bytes moved by the loop's stream transports, counted by each as it reads and sends
-/// (shared with them, so the totals only grow: a transport that closes, or leaves the
-/// registry while `sendfile` drives its socket, keeps its bytes in them).
+/// Bytes moved by the loop's stream and datagram transports, counted by each as it
+/// reads and sends (shared with them, so the totals only grow: a transport that closes,
+/// or leaves the registry while `sendfile` drives its socket, keeps its bytes in them).
 #[derive(Default)]
 pub(crate) struct ByteTotals {
     read: AtomicU64,

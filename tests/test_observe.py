@@ -107,6 +107,93 @@ def test_stream_bytes_counted_exactly_and_kept_after_close(loop):
     b.close()
 
 
+async def until(predicate):
+    while not predicate():
+        await asyncio.sleep(0.001)
+
+
+class Datagrams(asyncio.DatagramProtocol):
+    def __init__(self):
+        self.received = []
+
+    def datagram_received(self, data, addr):
+        self.received.append(data)
+
+
+def test_udp_bytes_counted_exactly(loop):
+    sizes_out, sizes_in = [1, 100, 1200, 0, 65_000 // 4], [7, 1400, 3, 512]
+
+    async def main():
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        peer.setblocking(False)
+        before = loop.stats()
+        tr, proto = await loop.create_datagram_endpoint(Datagrams, local_addr=("127.0.0.1", 0))
+        try:
+            sent = [os.urandom(n) for n in sizes_out if n or sys.version_info >= (3, 13)]
+            for data in sent:  # an empty datagram is sent from 3.13 on
+                tr.sendto(data, peer.getsockname())
+            got = []
+            while len(got) < len(sent):
+                try:
+                    got.append(peer.recv(70_000))
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            assert got == sent
+            incoming = [os.urandom(n) for n in sizes_in]
+            for data in incoming:
+                peer.sendto(data, tr.get_extra_info("sockname"))
+            await until(lambda: len(proto.received) == len(incoming))
+            assert proto.received == incoming
+            (row,) = [r for r in loop.connections() if r["fd"] == tr.get_extra_info("socket").fileno()]
+            assert row["kind"] == "udp"
+            assert (row["bytes_read"], row["bytes_written"]) == (sum(sizes_in), sum(sizes_out))
+        finally:
+            tr.close()
+            peer.close()
+        await asyncio.sleep(0)
+        assert deltas(before, loop.stats(), "bytes_read", "bytes_written") == {
+            "bytes_read": sum(sizes_in), "bytes_written": sum(sizes_out)}
+
+    loop.run_until_complete(asyncio.wait_for(main(), 30))
+
+
+def test_queued_datagrams_are_counted_when_sent(loop, tmp_path):
+    async def main():
+        path = str(tmp_path / "receiver")
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receiver.bind(path)
+        receiver.setblocking(False)
+        tr, _ = await loop.create_datagram_endpoint(Datagrams, remote_addr=path,
+                                                    family=socket.AF_UNIX)
+        try:
+            # A receiver that does not read fills up: the rest wait in the buffer.
+            n, size = 2000, 1000
+            before = loop.stats()["bytes_written"]
+            for i in range(n):
+                tr.sendto(b"%06d" % i + b"." * (size - 6))
+            assert tr.get_write_buffer_size() > 0
+            (row,) = [r for r in loop.connections() if r["kind"] == "unix-datagram"]
+            queued = n * size - row["bytes_written"]
+            assert queued > 0 and loop.stats()["bytes_written"] - before == row["bytes_written"]
+            got = []
+            while len(got) < n:
+                try:
+                    got.append(receiver.recv(2000))
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            assert [d[:6] for d in got] == [b"%06d" % i for i in range(n)]
+            await until(lambda: tr.get_write_buffer_size() == 0)
+            (row,) = [r for r in loop.connections() if r["kind"] == "unix-datagram"]
+            assert row["bytes_written"] == n * size
+            assert loop.stats()["bytes_written"] - before == n * size
+        finally:
+            tr.close()
+            receiver.close()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 30))
+
+
 def test_timing_is_off_until_asked_and_then_counts_every_turn(loop):
     loop.run_until_complete(asyncio.sleep(0))
     stats = loop.stats()

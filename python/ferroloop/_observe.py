@@ -42,7 +42,7 @@ class ObserveMethods:
         """A snapshot of the loop's counters (see the README, "Seeing inside a loop").
 
         Always kept: turns, callbacks and I/O events run, timers scheduled, fired and
-        cancelled, bytes read and written by stream transports (TCP, Unix, TLS records),
+        cancelled, bytes read and written by transports (TCP, Unix, TLS records, datagrams),
         connections accepted, exceptions reported, what is registered now, and the
         histograms of the ready queue's depth per turn and of timer lateness. With
         `set_stats_timing(True)` also: seconds spent polling and running, and the
