@@ -28,7 +28,7 @@ use crate::loop_attrs;
 use crate::poller::{self, Event, Events, Poller, Registry, READABLE, WRITABLE};
 use crate::ready::release_ready;
 pub(crate) use crate::ready::Ready;
-use crate::stats::{ByteTotals, LoopStats};
+use crate::stats::{ByteTotals, Culprit, LoopStats, Slowest};
 use crate::timers::Timers;
 pub(crate) use crate::transport_registry::NativeTransport;
 use crate::transports::stream::StreamTransport;
@@ -63,6 +63,8 @@ pub(crate) struct LoopState {
     /// lookup in the instance dict.
     pub(crate) task_factory: Option<Py<PyAny>>,
     pub(crate) stats: LoopStats,
+    /// The slowest timed runs since the last `loop.stats()` (timing on only).
+    pub(crate) slowest: Slowest,
 }
 
 /// What `poll_timeout` decides for the rest of the turn.
@@ -125,6 +127,7 @@ impl LoopCore {
                 future_kwargs: None,
                 task_factory: None,
                 stats: LoopStats::default(),
+                slowest: Slowest::default(),
             }),
             threadsafe: Mutex::new(ThreadsafeQueue {
                 handles: Vec::new(),
@@ -397,6 +400,11 @@ impl LoopCore {
             if !matches!(item, Ready::Handle(_)) {
                 lent.leave(py)?;
             }
+            // What runs, referenced for the slowest runs' names (the run consumes it).
+            let mut culprit = match last {
+                Some(_) => Culprit::of(py, &item),
+                None => None,
+            };
             if WATCHED {
                 LoopCore::run_watched(slf, item, &mut lent)?;
             } else {
@@ -405,11 +413,9 @@ impl LoopCore {
             if let Some(started) = last {
                 let now = Instant::now();
                 let took = u64::try_from((now - started).as_nanos()).unwrap_or(u64::MAX);
-                core.state
-                    .borrow_mut(py)?
-                    .stats
-                    .callback_length
-                    .record(took);
+                let displaced = core.state.borrow_mut(py)?.timed_run(took, &mut culprit);
+                // Dropped here, not under the borrow: a last reference may run a finalizer.
+                drop((displaced, culprit));
                 last = Some(now);
             }
         }
@@ -488,9 +494,11 @@ impl LoopCore {
         Ok(())
     }
 
-    /// The counters of `loop.stats()` (`stats.rs`).
-    fn _stats(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
-        Ok(self.stats_snapshot(py)?.unbind())
+    /// The counters of `loop.stats()` (`stats.rs`); with `take_slowest` also the
+    /// slowest runs kept since the last such call, which are let go.
+    #[pyo3(signature = (take_slowest=true))]
+    fn _stats(&self, py: Python<'_>, take_slowest: bool) -> PyResult<Py<PyDict>> {
+        Ok(self.stats_snapshot(py, take_slowest)?.unbind())
     }
 
     /// The native transports registered now (`loop.connections()`).
@@ -816,6 +824,7 @@ impl LoopCore {
             for t in &st.flush {
                 visit.call(t)?;
             }
+            st.slowest.visit(&visit)?;
             if let Some(kwargs) = &st.future_kwargs {
                 visit.call(kwargs)?;
             }
@@ -852,14 +861,15 @@ impl LoopCore {
                 mem::take(&mut st.flush),
                 st.future_kwargs.take(),
                 st.task_factory.take(),
+                st.slowest.take(),
             )
         });
-        if let Some((ready, timers, fds, flush, kwargs, factory)) = released {
+        if let Some((ready, timers, fds, flush, kwargs, factory, slowest)) = released {
             Python::attach(|py| {
                 release_ready(py, ready);
                 release_timers(py, timers);
             });
-            drop((fds, flush, kwargs, factory));
+            drop((fds, flush, kwargs, factory, slowest));
         }
     }
 }

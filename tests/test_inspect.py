@@ -76,13 +76,14 @@ def inspected(tmp_path):
     """Starts APP under `python -m ferroloop --inspect`; yields (socket path, port)."""
     procs = []
 
-    def start(*args, path=None):
+    def start(*args, path=None, env=None):
         script = tmp_path / "app.py"
         script.write_text(APP)
         path = path or str(tmp_path / "inspect.sock")
         proc = subprocess.Popen(
             [sys.executable, "-m", "ferroloop", "--inspect", path, str(script), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})},
         )
         procs.append(proc)
         port = int(proc.stdout.readline())
@@ -165,6 +166,31 @@ def test_a_stalled_loop_is_reported_with_the_last_snapshot(inspected):
     stalled = wait_until(lambda: (s := request(path))["stalled"] and s, "the stall")
     assert stalled["last"]["stats"]["turns"] >= first["stats"]["turns"]
     answered(path, "the recovery")
+
+
+def test_top_shows_the_slowest_callbacks_with_their_names(inspected):
+    from ferroloop._top import render
+
+    # The program stalls its loop for 0.2 s every second, in a callback named stall.
+    path, _ = inspected("0.2", env={"FERROLOOP_STATS_TIMING": "1"})
+    stall_callback = "main.<locals>.stall() at "
+
+    def with_the_stall():
+        snapshot = answer(path)
+        runs = (snapshot or {}).get("stats", {}).get("slowest_callbacks") or []
+        return snapshot if any(r["callback"].startswith(stall_callback) for r in runs) else None
+
+    snapshot = wait_until(with_the_stall, "a snapshot with the stall among the slowest")
+    stalls = [r for r in snapshot["stats"]["slowest_callbacks"]
+              if r["callback"].startswith(stall_callback)]
+    line = APP.splitlines().index("        def stall():") + 1
+    for run in stalls:
+        assert run["seconds"] >= 0.2 and run["callback"].endswith(f"app.py:{line}")
+    screen = render(snapshot, None)
+    start = screen.index("SLOWEST CALLBACKS (since the last refresh)")
+    rows = screen[start + 1 : screen.index("CONNECTIONS (2)") - 1]
+    assert 1 <= len(rows) <= 10
+    assert any(row.endswith(f"ms  {stalls[0]['callback']}") for row in rows)
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (make servers)")
@@ -457,3 +483,26 @@ def test_top_over_workers_renders_in_a_real_terminal(two_workers):
     assert [row[:2] for row in rows[:2]] == [["0", str(pids[0])], ["1", str(pids[1])]]
     assert all(row[-1] == "off" and row[-2] == "watchdog" for row in rows[:2])
     assert rows[2] == ["2", "-", "refused:", "not", "serving"]
+
+
+def test_top_over_workers_merges_their_slowest_callbacks():
+    from ferroloop._top import render_workers
+
+    def worker(index, runs):
+        stats = {"turns": 1, "callbacks": 1, "bytes_read": 0, "bytes_written": 0,
+                 "slowest_callbacks": [{"seconds": s, "callback": name} for s, name in runs]}
+        return {"index": index, "pid": 100 + index, "time": 0.0, "stats": stats,
+                "connections": [], "watchdog": None}
+
+    gathered = {"path": "p", "time": 0.0, "total": {
+        "workers_answering": 2, "connections_accepted": 0, "exceptions_reported": 0,
+        "turns": 2, "callbacks": 2, "bytes_read": 0, "bytes_written": 0, "connections": 0},
+        "workers": [worker(0, [(0.3, "a() at x.py:1"), (0.1, "b() at x.py:2")]),
+                    worker(1, [(0.2, "task 'T' step: c()")])]}
+    screen = render_workers(gathered, None)
+    start = screen.index("SLOWEST CALLBACKS (since the last refresh)")
+    assert [line.split() for line in screen[start + 1:]] == [
+        ["300.000", "ms", "[0]", "a()", "at", "x.py:1"],
+        ["200.000", "ms", "[1]", "task", "'T'", "step:", "c()"],
+        ["100.000", "ms", "[0]", "b()", "at", "x.py:2"],
+    ]

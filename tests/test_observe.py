@@ -11,6 +11,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 
 import ferroloop
 import pytest
@@ -199,6 +200,7 @@ def test_timing_is_off_until_asked_and_then_counts_every_turn(loop):
     stats = loop.stats()
     assert stats["timing"] is False
     assert "time_polling" not in stats and "turn_seconds" not in stats["histograms"]
+    assert "slowest_callbacks" not in stats
     loop.set_stats_timing(True)
     before = loop.stats()
     loop.run_until_complete(asyncio.sleep(0.05))
@@ -212,6 +214,72 @@ def test_timing_is_off_until_asked_and_then_counts_every_turn(loop):
     bounds = [bound for bound, _ in hist["buckets"]]
     assert bounds == sorted(bounds)
     assert all(math.log2(bound * 1e9).is_integer() for bound in bounds if bound != math.inf)
+
+
+BLOCK = 0.2  # seconds each slow run blocks: far above any other run of the test
+
+
+def blocking_callback():
+    time.sleep(BLOCK)
+
+
+class SlowStream(asyncio.Protocol):
+    def __init__(self):
+        self.done = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data):
+        time.sleep(BLOCK)
+        self.done.set_result(None)
+
+
+class SlowDatagrams(SlowStream, asyncio.DatagramProtocol):
+    def datagram_received(self, data, addr):
+        time.sleep(BLOCK)
+        self.done.set_result(None)
+
+
+def test_the_slowest_callbacks_are_kept_with_their_names(loop):
+    loop.set_stats_timing(True)
+
+    async def blocking_coroutine():
+        time.sleep(BLOCK)  # noqa: ASYNC251 - blocking the loop is the point
+
+    async def main():
+        a, b = socket.socketpair()
+        stream, stream_protocol = await loop.connect_accepted_socket(SlowStream, a)
+        udp, udp_protocol = await loop.create_datagram_endpoint(
+            SlowDatagrams, local_addr=("127.0.0.1", 0))
+        loop.stats()  # the runs so far are let go
+        loop.call_soon(blocking_callback)
+        await loop.create_task(blocking_coroutine(), name="slowpoke")
+        b.send(b"x")
+        await stream_protocol.done
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+            peer.sendto(b"y", udp.get_extra_info("sockname"))
+            await udp_protocol.done
+        # The exports leave them to stats().
+        assert "ferroloop_callback_seconds" in metrics.prometheus_text(loop)
+        runs = loop.stats()["slowest_callbacks"]
+        again = loop.stats()["slowest_callbacks"]
+        stream.close()
+        udp.close()
+        b.close()
+        return runs, again
+
+    runs, again = loop.run_until_complete(main())
+    assert 4 <= len(runs) <= 10
+    seconds = [run["seconds"] for run in runs]
+    assert seconds == sorted(seconds, reverse=True)
+    slow = {run["callback"] for run in runs if run["seconds"] >= BLOCK}
+    assert len(slow) == 4, runs
+    (callback,) = [name for name in slow if name.startswith("blocking_callback() at ")]
+    assert f"{__file__}:" in callback
+    coroutine = "test_the_slowest_callbacks_are_kept_with_their_names.<locals>.blocking_coroutine"
+    assert f"task 'slowpoke' step: {coroutine}()" in slow
+    assert f"{__name__}.SlowStream.data_received" in slow
+    assert f"{__name__}.SlowDatagrams.datagram_received" in slow
+    # Each run is reported once: the second call has only what ran in between.
+    assert all(run["seconds"] < BLOCK for run in again)
 
 
 def test_accepts_and_exceptions_counted(loop):

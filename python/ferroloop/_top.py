@@ -2,9 +2,9 @@
 live, from its inspection socket (`python -m ferroloop --inspect PATH app.py`).
 
 The screen refreshes every interval: rates from the last two snapshots (turns,
-callbacks, I/O events, bytes), the time split when the program has stats timing on,
-what is queued and registered, then the connection table. `--json` prints one
-snapshot and exits.
+callbacks, I/O events, bytes), the time split and the slowest callbacks since the last
+refresh when the program has stats timing on, what is queued and registered, then the
+connection table. `--json` prints one snapshot and exits.
 
 In worker mode (`--workers N --inspect PATH`) each worker serves `PATH.N` and the
 supervisor nothing: `top PATH` then finds the workers' sockets (afresh at each refresh,
@@ -99,6 +99,7 @@ def render(snapshot: dict[str, Any], previous: dict[str, Any] | None, width: int
     )
     if not snapshot.get("stalled"):
         lines.extend(_stalls(watchdog, width))
+    lines.extend(_slowest([(None, run) for run in stats.get("slowest_callbacks") or ()], width))
     connections = snapshot["connections"]
     lines.append("")
     lines.append(f"CONNECTIONS ({len(connections)})")
@@ -110,6 +111,20 @@ def render(snapshot: dict[str, Any], previous: dict[str, Any] | None, width: int
 
 
 STACK_LINES = 12
+SLOWEST_LINES = 10
+
+
+def _slowest(runs: list[tuple[int | None, dict[str, Any]]], width: int) -> list[str]:
+    """The slowest callbacks since the last refresh (stats timing on), longest first;
+    `runs` pairs each with its worker's index (None for one loop)."""
+    if not runs:
+        return []
+    runs = sorted(runs, key=lambda pair: -pair[1]["seconds"])[:SLOWEST_LINES]
+    lines = ["", "SLOWEST CALLBACKS (since the last refresh)"]
+    for index, run in runs:
+        worker = "" if index is None else f"[{index}] "
+        lines.append(f"{1e3 * run['seconds']:>10.3f} ms  {worker}{run['callback']}"[:width])
+    return lines
 
 
 def _stalls(reports: list[dict[str, Any]] | None, width: int) -> list[str]:
@@ -296,6 +311,8 @@ def render_workers(gathered: dict[str, Any], previous: dict[str, Any] | None,
     lines.append(header)
     lines.append(f"{'total':<7} {'':>8} {cells} {total['connections']:>6}")
     lines.extend(rows)
+    lines.extend(_slowest([(entry["index"], run) for entry in workers if "stats" in entry
+                           for run in entry["stats"].get("slowest_callbacks") or ()], width))
     return [line[:width] for line in lines]
 
 
