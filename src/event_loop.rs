@@ -372,27 +372,32 @@ impl LoopCore {
     }
 
     /// Step 5: runs exactly the entries that were ready when it began; what they
-    /// schedule runs next turn. With the watchdog on, each run is published to it (the
-    /// one test the turn makes for it when off).
+    /// schedule runs next turn. With the watchdog on, each run is published to it, and
+    /// with stats timing on, each is timed: the turn tests for each once, not per run.
     #[inline]
     fn run_ready(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
-        if slf.get().watchdog.is_on() {
-            LoopCore::run_ready_with::<true>(slf)
-        } else {
-            LoopCore::run_ready_with::<false>(slf)
+        let core = slf.get();
+        let (ntodo, timing) = core.state.borrow_mut(slf.py())?.begin_ready();
+        match (core.watchdog.is_on(), timing) {
+            (false, false) => LoopCore::run_ready_with::<false, false>(slf, ntodo),
+            (true, false) => LoopCore::run_ready_with::<true, false>(slf, ntodo),
+            (false, true) => LoopCore::run_ready_with::<false, true>(slf, ntodo),
+            (true, true) => LoopCore::run_ready_with::<true, true>(slf, ntodo),
         }
     }
 
     #[inline(always)]
-    fn run_ready_with<const WATCHED: bool>(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+    fn run_ready_with<const WATCHED: bool, const TIMED: bool>(
+        slf: &Bound<'_, LoopCore>,
+        ntodo: usize,
+    ) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
-        let (ntodo, timing) = core.state.borrow_mut(py)?.begin_ready();
         // Consecutive callbacks whose handles copied an empty context share one entered
         // empty context; everything else leaves it first.
         let mut lent = LentContext::default();
-        // With timing on, one clock reading per callback: where one ends the next begins.
-        let mut last = timing.then(Instant::now);
+        // Timed: one clock reading per callback, where one ends the next begins.
+        let mut last = if TIMED { Some(Instant::now()) } else { None };
         for _ in 0..ntodo {
             let Some(item) = core.state.borrow_mut(py)?.take_ready() else {
                 break;
@@ -401,16 +406,13 @@ impl LoopCore {
                 lent.leave(py)?;
             }
             // What runs, referenced for the slowest runs' names (the run consumes it).
-            let mut culprit = match last {
-                Some(_) => Culprit::of(py, &item),
-                None => None,
-            };
+            let mut culprit = if TIMED { Culprit::of(py, &item) } else { None };
             if WATCHED {
                 LoopCore::run_watched(slf, item, &mut lent)?;
             } else {
                 LoopCore::run_item(slf, item, &mut lent)?;
             }
-            if let Some(started) = last {
+            if let (true, Some(started)) = (TIMED, last) {
                 let now = Instant::now();
                 let took = u64::try_from((now - started).as_nanos()).unwrap_or(u64::MAX);
                 let displaced = core.state.borrow_mut(py)?.timed_run(took, &mut culprit);
