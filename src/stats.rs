@@ -224,16 +224,16 @@ impl Culprit {
 
     /// `(kind, object, detail)`: `("callback", callback, None)`, `("transport",
     /// transport, "read" | "write" | "read+write")` or `("sock", name, None)`.
-    fn to_tuple(&self, py: Python<'_>) -> (&'static str, Py<PyAny>, Option<&'static str>) {
+    fn into_tuple(self, py: Python<'_>) -> (&'static str, Py<PyAny>, Option<&'static str>) {
         match self {
-            Culprit::Callback(callback) => ("callback", callback.clone_ref(py), None),
+            Culprit::Callback(callback) => ("callback", callback, None),
             Culprit::Transport(transport, readiness) => {
                 let detail = match (readiness.readable(), readiness.writable()) {
                     (true, true) => "read+write",
                     (true, false) => "read",
                     _ => "write",
                 };
-                ("transport", transport.clone_ref(py), Some(detail))
+                ("transport", transport, Some(detail))
             }
             Culprit::Sock(name) => (
                 "sock",
@@ -288,8 +288,7 @@ impl<C> Slowest<C> {
         displaced
     }
 
-    /// The runs kept, longest first, with their durations in seconds; none are kept
-    /// after this.
+    /// The runs kept, longest first; none are kept after this.
     pub(crate) fn take(&mut self) -> Vec<(u64, C)> {
         self.floor = 0;
         let mut runs = mem::take(&mut self.runs);
@@ -380,10 +379,10 @@ impl LoopCore {
         if stats.timing && take_slowest {
             // (seconds, kind, object, detail) per run, longest first.
             let runs: Vec<_> = slowest
-                .iter()
+                .into_iter()
                 .map(|(ns, culprit)| {
-                    let (kind, object, detail) = culprit.to_tuple(py);
-                    (*ns as f64 * 1e-9, kind, object, detail)
+                    let (kind, object, detail) = culprit.into_tuple(py);
+                    (ns as f64 * 1e-9, kind, object, detail)
                 })
                 .collect();
             dict.set_item("slowest_callbacks", runs)?;
