@@ -28,7 +28,7 @@ use crate::loop_attrs;
 use crate::poller::{self, Event, Events, Poller, Registry, READABLE, WRITABLE};
 use crate::ready::release_ready;
 pub(crate) use crate::ready::Ready;
-use crate::stats::{ByteTotals, LoopStats};
+use crate::stats::{ByteTotals, Culprit, LoopStats, Slowest};
 use crate::timers::Timers;
 pub(crate) use crate::transport_registry::NativeTransport;
 use crate::transports::stream::StreamTransport;
@@ -63,6 +63,8 @@ pub(crate) struct LoopState {
     /// lookup in the instance dict.
     pub(crate) task_factory: Option<Py<PyAny>>,
     pub(crate) stats: LoopStats,
+    /// The slowest timed runs since the last `loop.stats()` (timing on only).
+    pub(crate) slowest: Slowest,
 }
 
 /// What `poll_timeout` decides for the rest of the turn.
@@ -104,7 +106,7 @@ pub struct LoopCore {
     /// `time` is patched on the instance or overridden by a subclass: the turn and
     /// `call_later` then read the clock through it, as asyncio's `self.time()` does.
     pub(crate) custom_clock: AtomicBool,
-    /// Bytes moved by the loop's stream transports (`loop.stats()`).
+    /// Bytes moved by the loop's transports (`loop.stats()`).
     pub(crate) bytes: Arc<ByteTotals>,
     /// The blocked-loop watchdog (see `watchdog`), off unless switched on.
     pub(crate) watchdog: Watchdog,
@@ -125,6 +127,7 @@ impl LoopCore {
                 future_kwargs: None,
                 task_factory: None,
                 stats: LoopStats::default(),
+                slowest: Slowest::default(),
             }),
             threadsafe: Mutex::new(ThreadsafeQueue {
                 handles: Vec::new(),
@@ -369,27 +372,32 @@ impl LoopCore {
     }
 
     /// Step 5: runs exactly the entries that were ready when it began; what they
-    /// schedule runs next turn. With the watchdog on, each run is published to it (the
-    /// one test the turn makes for it when off).
+    /// schedule runs next turn. With the watchdog on, each run is published to it, and
+    /// with stats timing on, each is timed: the turn tests for each once, not per run.
     #[inline]
     fn run_ready(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
-        if slf.get().watchdog.is_on() {
-            LoopCore::run_ready_with::<true>(slf)
-        } else {
-            LoopCore::run_ready_with::<false>(slf)
+        let core = slf.get();
+        let (ntodo, timing) = core.state.borrow_mut(slf.py())?.begin_ready();
+        match (core.watchdog.is_on(), timing) {
+            (false, false) => LoopCore::run_ready_with::<false, false>(slf, ntodo),
+            (true, false) => LoopCore::run_ready_with::<true, false>(slf, ntodo),
+            (false, true) => LoopCore::run_ready_with::<false, true>(slf, ntodo),
+            (true, true) => LoopCore::run_ready_with::<true, true>(slf, ntodo),
         }
     }
 
     #[inline(always)]
-    fn run_ready_with<const WATCHED: bool>(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+    fn run_ready_with<const WATCHED: bool, const TIMED: bool>(
+        slf: &Bound<'_, LoopCore>,
+        ntodo: usize,
+    ) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
-        let (ntodo, timing) = core.state.borrow_mut(py)?.begin_ready();
         // Consecutive callbacks whose handles copied an empty context share one entered
         // empty context; everything else leaves it first.
         let mut lent = LentContext::default();
-        // With timing on, one clock reading per callback: where one ends the next begins.
-        let mut last = timing.then(Instant::now);
+        // Timed: one clock reading per callback, where one ends the next begins.
+        let mut last = if TIMED { Some(Instant::now()) } else { None };
         for _ in 0..ntodo {
             let Some(item) = core.state.borrow_mut(py)?.take_ready() else {
                 break;
@@ -397,19 +405,19 @@ impl LoopCore {
             if !matches!(item, Ready::Handle(_)) {
                 lent.leave(py)?;
             }
+            // What runs, referenced for the slowest runs' names (the run consumes it).
+            let mut culprit = if TIMED { Culprit::of(py, &item) } else { None };
             if WATCHED {
                 LoopCore::run_watched(slf, item, &mut lent)?;
             } else {
                 LoopCore::run_item(slf, item, &mut lent)?;
             }
-            if let Some(started) = last {
+            if let (true, Some(started)) = (TIMED, last) {
                 let now = Instant::now();
                 let took = u64::try_from((now - started).as_nanos()).unwrap_or(u64::MAX);
-                core.state
-                    .borrow_mut(py)?
-                    .stats
-                    .callback_length
-                    .record(took);
+                let displaced = core.state.borrow_mut(py)?.timed_run(took, &mut culprit);
+                // Dropped here, not under the borrow: a last reference may run a finalizer.
+                drop((displaced, culprit));
                 last = Some(now);
             }
         }
@@ -488,9 +496,11 @@ impl LoopCore {
         Ok(())
     }
 
-    /// The counters of `loop.stats()` (`stats.rs`).
-    fn _stats(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
-        Ok(self.stats_snapshot(py)?.unbind())
+    /// The counters of `loop.stats()` (`stats.rs`); with `take_slowest` also the
+    /// slowest runs kept since the last such call, which are let go.
+    #[pyo3(signature = (take_slowest=true))]
+    fn _stats(&self, py: Python<'_>, take_slowest: bool) -> PyResult<Py<PyDict>> {
+        Ok(self.stats_snapshot(py, take_slowest)?.unbind())
     }
 
     /// The native transports registered now (`loop.connections()`).
@@ -816,6 +826,7 @@ impl LoopCore {
             for t in &st.flush {
                 visit.call(t)?;
             }
+            st.slowest.visit(&visit)?;
             if let Some(kwargs) = &st.future_kwargs {
                 visit.call(kwargs)?;
             }
@@ -852,14 +863,15 @@ impl LoopCore {
                 mem::take(&mut st.flush),
                 st.future_kwargs.take(),
                 st.task_factory.take(),
+                st.slowest.take(),
             )
         });
-        if let Some((ready, timers, fds, flush, kwargs, factory)) = released {
+        if let Some((ready, timers, fds, flush, kwargs, factory, slowest)) = released {
             Python::attach(|py| {
                 release_ready(py, ready);
                 release_timers(py, timers);
             });
-            drop((fds, flush, kwargs, factory));
+            drop((fds, flush, kwargs, factory, slowest));
         }
     }
 }

@@ -6,13 +6,17 @@
 //! bucket 0 counts values up to 1 of their unit (nanoseconds for times, entries for the
 //! ready queue's depth), bucket `i` those in `(2^(i-1), 2^i]`.
 
+use std::mem;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use pyo3::{PyTraverseError, PyVisit};
 
 use crate::event_loop::{FdOwner, LoopCore, LoopState, Ready};
+use crate::poller::Readiness;
+use crate::sock_ops::SockKind;
 
 /// Buckets per histogram: up to 2^39 ns (about 9 minutes) or 2^39 entries.
 const BUCKETS: usize = 40;
@@ -74,9 +78,9 @@ impl Histogram {
     }
 }
 
-/// Bytes moved by the loop's stream transports, counted by each as it reads and sends
-/// (shared with them, so the totals only grow: a transport that closes, or leaves the
-/// registry while `sendfile` drives its socket, keeps its bytes in them).
+/// Bytes moved by the loop's stream and datagram transports, counted by each as it
+/// reads and sends (shared with them, so the totals only grow: a transport that closes,
+/// or leaves the registry while `sendfile` drives its socket, keeps its bytes in them).
 #[derive(Default)]
 pub(crate) struct ByteTotals {
     read: AtomicU64,
@@ -183,7 +187,144 @@ impl LoopStats {
     }
 }
 
+/// How many of the slowest runs timing keeps between two `loop.stats()` calls.
+const SLOWEST: usize = 10;
+
+/// What a timed entry of the ready queue runs, referenced before the run consumes the
+/// entry; kept only if the run is among the slowest, and named by the Python layer
+/// when a snapshot is taken.
+pub(crate) enum Culprit {
+    /// A handle's callback or a queued call's (a task's step among them).
+    Callback(Py<PyAny>),
+    /// A transport whose protocol this readiness was handled for.
+    Transport(Py<PyAny>, Readiness),
+    /// A `sock_*` operation retried.
+    Sock(&'static str),
+}
+
+impl Culprit {
+    #[inline]
+    pub(crate) fn of(py: Python<'_>, item: &Ready) -> Option<Culprit> {
+        Some(match item {
+            Ready::Handle(handle) => {
+                let state = handle.get().state.borrow_mut(py).ok()?;
+                Culprit::Callback(state.callback.as_ref()?.clone_ref(py))
+            }
+            Ready::Call(call) => Culprit::Callback(call.callback.clone_ref(py)),
+            Ready::Io(transport, readiness) => {
+                Culprit::Transport(transport.as_any(py).clone().unbind(), *readiness)
+            }
+            Ready::Sock(op) => Culprit::Sock(match op.kind {
+                SockKind::Recv(_) => "sock_recv",
+                SockKind::RecvInto(_) => "sock_recv_into",
+                SockKind::Send(..) => "sock_sendall",
+            }),
+        })
+    }
+
+    /// `(kind, object, detail)`: `("callback", callback, None)`, `("transport",
+    /// transport, "read" | "write" | "read+write")` or `("sock", name, None)`.
+    fn into_tuple(self, py: Python<'_>) -> (&'static str, Py<PyAny>, Option<&'static str>) {
+        match self {
+            Culprit::Callback(callback) => ("callback", callback, None),
+            Culprit::Transport(transport, readiness) => {
+                let detail = match (readiness.readable(), readiness.writable()) {
+                    (true, true) => "read+write",
+                    (true, false) => "read",
+                    _ => "write",
+                };
+                ("transport", transport, Some(detail))
+            }
+            Culprit::Sock(name) => (
+                "sock",
+                pyo3::types::PyString::new(py, name).into_any().unbind(),
+                None,
+            ),
+        }
+    }
+}
+
+/// The slowest timed runs since the last snapshot: at most `SLOWEST`, in no order. A
+/// run is compared with the shortest kept (`floor`) before anything else is done.
+/// (Generic so that the unit tests, which do not link the interpreter, can use it.)
+pub(crate) struct Slowest<C = Culprit> {
+    runs: Vec<(u64, C)>,
+    floor: u64,
+}
+
+impl<C> Default for Slowest<C> {
+    fn default() -> Self {
+        Slowest {
+            runs: Vec::new(),
+            floor: 0,
+        }
+    }
+}
+
+impl<C> Slowest<C> {
+    #[inline]
+    pub(crate) fn admits(&self, took: u64) -> bool {
+        self.runs.len() < SLOWEST || took > self.floor
+    }
+
+    /// Keeps a run `admits` let in; returns the run it displaced, to be dropped once the
+    /// loop's state is no longer borrowed (a drop may run a finalizer).
+    pub(crate) fn keep(&mut self, took: u64, culprit: C) -> Option<C> {
+        let displaced = if self.runs.len() < SLOWEST {
+            self.runs.push((took, culprit));
+            None
+        } else {
+            let shortest = self
+                .runs
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (ns, _))| *ns)
+                .map_or(0, |(i, _)| i);
+            Some(mem::replace(&mut self.runs[shortest], (took, culprit)).1)
+        };
+        if self.runs.len() == SLOWEST {
+            self.floor = self.runs.iter().map(|(ns, _)| *ns).min().unwrap_or(0);
+        }
+        displaced
+    }
+
+    /// The runs kept, longest first; none are kept after this.
+    pub(crate) fn take(&mut self) -> Vec<(u64, C)> {
+        self.floor = 0;
+        let mut runs = mem::take(&mut self.runs);
+        runs.sort_by_key(|(ns, _)| std::cmp::Reverse(*ns));
+        runs
+    }
+}
+
+impl Slowest {
+    pub(crate) fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        for (_, culprit) in &self.runs {
+            match culprit {
+                Culprit::Callback(obj) | Culprit::Transport(obj, _) => visit.call(obj)?,
+                Culprit::Sock(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 impl LoopState {
+    /// A run timed at `took` ns ended: recorded, and what ran kept if it is among the
+    /// slowest. Returns what is no longer kept, to be dropped after the borrow.
+    #[inline]
+    pub(crate) fn timed_run(
+        &mut self,
+        took: u64,
+        culprit: &mut Option<Culprit>,
+    ) -> Option<Culprit> {
+        self.stats.callback_length.record(took);
+        if !self.slowest.admits(took) {
+            return None;
+        }
+        culprit.take().and_then(|c| self.slowest.keep(took, c))
+    }
+
     /// The turn's callbacks begin: how many (the queue's length now, recorded) and
     /// whether each is timed.
     #[inline]
@@ -206,9 +347,13 @@ impl LoopCore {
     /// `loop.stats()` without what only the Python layer knows. The loop's state is
     /// borrowed only to copy the figures out: building the dict runs the allocator,
     /// which may run a finalizer that lets another thread in.
-    pub(crate) fn stats_snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (stats, watched, transports, ready, timers) = {
-            let st = self.state.borrow_mut(py)?;
+    pub(crate) fn stats_snapshot<'py>(
+        &self,
+        py: Python<'py>,
+        take_slowest: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (stats, watched, transports, ready, timers, slowest) = {
+            let mut st = self.state.borrow_mut(py)?;
             let (mut watched, mut transports) = (0u64, 0u64);
             for owner in st.fds.owners() {
                 match owner {
@@ -216,15 +361,32 @@ impl LoopCore {
                     FdOwner::Transport(_) => transports += 1,
                 }
             }
+            let slowest = if take_slowest {
+                st.slowest.take()
+            } else {
+                Vec::new()
+            };
             (
                 st.stats.clone(),
                 watched,
                 transports,
                 st.ready.len(),
                 st.timers.len(),
+                slowest,
             )
         };
         let dict = stats.to_dict(py)?;
+        if stats.timing && take_slowest {
+            // (seconds, kind, object, detail) per run, longest first.
+            let runs: Vec<_> = slowest
+                .into_iter()
+                .map(|(ns, culprit)| {
+                    let (kind, object, detail) = culprit.into_tuple(py);
+                    (ns as f64 * 1e-9, kind, object, detail)
+                })
+                .collect();
+            dict.set_item("slowest_callbacks", runs)?;
+        }
         dict.set_item("bytes_read", self.bytes.read.load(Ordering::Relaxed))?;
         dict.set_item("bytes_written", self.bytes.written.load(Ordering::Relaxed))?;
         dict.set_item("fds_watched", watched)?;
@@ -249,7 +411,16 @@ impl LoopCore {
     }
 
     pub(crate) fn time_stats(&self, py: Python<'_>, on: bool) -> PyResult<()> {
-        self.state.borrow_mut(py)?.stats.timing = on;
+        let released = {
+            let mut st = self.state.borrow_mut(py)?;
+            st.stats.timing = on;
+            if on {
+                Vec::new()
+            } else {
+                st.slowest.take()
+            }
+        };
+        drop(released);
         Ok(())
     }
 }
@@ -272,5 +443,21 @@ mod tests {
         assert_eq!(h.buckets[11], 1); // 1025
         assert_eq!(h.buckets[BUCKETS - 1], 1); // clamped
         assert_eq!(h.count, 9);
+    }
+
+    #[test]
+    fn slowest_keeps_the_longest_runs() {
+        let mut slowest = Slowest::<&str>::default();
+        // 1..=25 in a scrambled order: the 10 longest are 16..=25.
+        for i in 0..25u64 {
+            let took = (i * 7) % 25 + 1;
+            if slowest.admits(took) {
+                let displaced = slowest.keep(took, "run");
+                assert_eq!(displaced.is_some(), i >= SLOWEST as u64);
+            }
+        }
+        let kept: Vec<u64> = slowest.take().iter().map(|(ns, _)| *ns).collect();
+        assert_eq!(kept, (16..=25).rev().collect::<Vec<_>>());
+        assert!(slowest.admits(1)); // empty again after the snapshot
     }
 }

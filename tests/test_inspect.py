@@ -76,13 +76,14 @@ def inspected(tmp_path):
     """Starts APP under `python -m ferroloop --inspect`; yields (socket path, port)."""
     procs = []
 
-    def start(*args, path=None):
+    def start(*args, path=None, env=None):
         script = tmp_path / "app.py"
         script.write_text(APP)
         path = path or str(tmp_path / "inspect.sock")
         proc = subprocess.Popen(
             [sys.executable, "-m", "ferroloop", "--inspect", path, str(script), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})},
         )
         procs.append(proc)
         port = int(proc.stdout.readline())
@@ -165,6 +166,31 @@ def test_a_stalled_loop_is_reported_with_the_last_snapshot(inspected):
     stalled = wait_until(lambda: (s := request(path))["stalled"] and s, "the stall")
     assert stalled["last"]["stats"]["turns"] >= first["stats"]["turns"]
     answered(path, "the recovery")
+
+
+def test_top_shows_the_slowest_callbacks_with_their_names(inspected):
+    from ferroloop._top import render
+
+    # The program stalls its loop for 0.2 s every second, in a callback named stall.
+    path, _ = inspected("0.2", env={"FERROLOOP_STATS_TIMING": "1"})
+    stall_callback = "main.<locals>.stall() at "
+
+    def with_the_stall():
+        snapshot = answer(path)
+        runs = (snapshot or {}).get("stats", {}).get("slowest_callbacks") or []
+        return snapshot if any(r["callback"].startswith(stall_callback) for r in runs) else None
+
+    snapshot = wait_until(with_the_stall, "a snapshot with the stall among the slowest")
+    stalls = [r for r in snapshot["stats"]["slowest_callbacks"]
+              if r["callback"].startswith(stall_callback)]
+    line = APP.splitlines().index("        def stall():") + 1
+    for run in stalls:
+        assert run["seconds"] >= 0.2 and run["callback"].endswith(f"app.py:{line}")
+    screen = render(snapshot, None)
+    start = screen.index("SLOWEST CALLBACKS (since the last refresh)")
+    rows = screen[start + 1 : screen.index("CONNECTIONS (2)") - 1]
+    assert 1 <= len(rows) <= 10
+    assert any(row.endswith(f"ms  {stalls[0]['callback']}") for row in rows)
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (make servers)")
@@ -363,3 +389,140 @@ def _reply(path):
         return request(path)
     except OSError:
         return None
+
+
+WORKER_APP = (
+    "import asyncio\n"
+    "async def main():\n"
+    "    server = await asyncio.start_server(lambda r, w: None, '127.0.0.1', 0)\n"
+    "    async with server:\n"
+    "        await server.serve_forever()\n"
+    "asyncio.run(main())\n"
+)
+
+
+@pytest.fixture
+def two_workers(tmp_path):
+    """A 2-worker program under `--inspect PATH`, both answering; yields PATH."""
+    script = tmp_path / "app.py"
+    script.write_text(WORKER_APP)
+    path = str(tmp_path / "inspect.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ferroloop", "--inspect", path, "--workers", "2", str(script)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        for p in (f"{path}.0", f"{path}.1"):
+            answered(p, f"{p} to answer")
+        yield path
+    finally:
+        proc.kill()  # the workers follow their supervisor (their lifeline)
+        proc.wait(WAIT)
+
+
+def top_json(path):
+    done = subprocess.run([sys.executable, "-m", "ferroloop", "top", path, "--json"],
+                          capture_output=True, text=True, timeout=WAIT, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def not_serving(path):
+    """A socket file nothing listens on (a worker killed with SIGKILL leaves one)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(path)
+
+
+def test_top_json_gathers_every_worker_and_reports_one_that_refuses(two_workers):
+    path = two_workers
+    not_serving(f"{path}.2")
+    # (a loaded machine may keep a worker from answering within top's 2 s: ask again)
+    gathered = wait_until(lambda: (g := top_json(path))["total"]["workers_answering"] == 2 and g,
+                          "both workers to answer top")
+    workers = gathered["workers"]
+    assert [w["index"] for w in workers] == [0, 1, 2]
+    assert [w["path"] for w in workers] == [f"{path}.0", f"{path}.1", f"{path}.2"]
+    assert [w.get("worker") for w in workers[:2]] == ["0", "1"]
+    assert workers[0]["pid"] != workers[1]["pid"]
+    assert workers[2]["error"].startswith("refused")
+    total = gathered["total"]
+    assert (total["workers"], total["workers_answering"]) == (3, 2)
+    for key in ("turns", "callbacks", "bytes_read", "io_events"):
+        assert total[key] == sum(w["stats"][key] for w in workers[:2]), key
+    assert total["turns"] > 0
+    # One worker's path is one loop, shown as without worker mode.
+    assert top_json(f"{path}.1")["pid"] == workers[1]["pid"]
+
+
+def test_top_json_reports_a_frozen_worker_as_not_answering(two_workers):
+    path = two_workers
+    pid = answered(f"{path}.1")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        workers = wait_until(lambda: (w := top_json(path)["workers"]) and "stats" in w[0] and w,
+                             "worker 0 to answer top")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert "stats" in workers[0] and workers[0]["pid"] != pid
+    assert workers[1]["error"] == "no answer in 2 s"
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (make servers)")
+def test_top_over_workers_renders_in_a_real_terminal(two_workers):
+    path = two_workers
+    pids = [answered(f"{path}.{i}")["pid"] for i in (0, 1)]
+    not_serving(f"{path}.2")
+    session = f"ferroloop-top-workers-{os.getpid()}"
+    command = f"{sys.executable} -m ferroloop top {path} --interval 0.3"
+    env = {**os.environ, "TMUX": ""}
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "30", command],
+                   check=True, env=env, timeout=WAIT)
+    try:
+        def screen():
+            out = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                 capture_output=True, text=True, env=env, timeout=WAIT,
+                                 check=False)
+            return out.stdout.splitlines()
+
+        def with_rates():
+            lines = screen()
+            total = [line.split() for line in lines if line.startswith("total ")]
+            # Both workers answered this refresh (a loaded machine may delay one).
+            answering = " 3 workers, 2 answering - " in (lines or [""])[0]
+            return lines if answering and total and total[0][1] != "-" else None
+
+        lines = wait_until(with_rates, "a screen with the workers' rates")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], env=env, timeout=WAIT, check=False)
+    assert lines[0].startswith(f"ferroloop top - {path} - 3 workers, 2 answering - ")
+    header = next(i for i, line in enumerate(lines) if line.startswith("WORKER "))
+    assert lines[header].split() == ["WORKER", "PID", "TURNS/S", "CALLBACKS/S", "IN", "B/S",
+                                     "OUT", "B/S", "CONNS", "LAST", "STALL"]
+    total, *rows = (line.split() for line in lines[header + 1 : header + 5])
+    assert total[0] == "total" and float(total[1].replace(",", "")) > 0
+    assert [row[:2] for row in rows[:2]] == [["0", str(pids[0])], ["1", str(pids[1])]]
+    assert all(row[-1] == "off" and row[-2] == "watchdog" for row in rows[:2])
+    assert rows[2] == ["2", "-", "refused:", "not", "serving"]
+
+
+def test_top_over_workers_merges_their_slowest_callbacks():
+    from ferroloop._top import render_workers
+
+    def worker(index, runs):
+        stats = {"turns": 1, "callbacks": 1, "bytes_read": 0, "bytes_written": 0,
+                 "slowest_callbacks": [{"seconds": s, "callback": name} for s, name in runs]}
+        return {"index": index, "pid": 100 + index, "time": 0.0, "stats": stats,
+                "connections": [], "watchdog": None}
+
+    gathered = {"path": "p", "time": 0.0, "total": {
+        "workers_answering": 2, "connections_accepted": 0, "exceptions_reported": 0,
+        "turns": 2, "callbacks": 2, "bytes_read": 0, "bytes_written": 0, "connections": 0},
+        "workers": [worker(0, [(0.3, "a() at x.py:1"), (0.1, "b() at x.py:2")]),
+                    worker(1, [(0.2, "task 'T' step: c()")])]}
+    screen = render_workers(gathered, None)
+    start = screen.index("SLOWEST CALLBACKS (since the last refresh)")
+    assert [line.split() for line in screen[start + 1:]] == [
+        ["300.000", "ms", "[0]", "a()", "at", "x.py:1"],
+        ["200.000", "ms", "[1]", "task", "'T'", "step:", "c()"],
+        ["100.000", "ms", "[0]", "b()", "at", "x.py:2"],
+    ]

@@ -11,6 +11,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 
 import ferroloop
 import pytest
@@ -107,11 +108,99 @@ def test_stream_bytes_counted_exactly_and_kept_after_close(loop):
     b.close()
 
 
+async def until(predicate):
+    while not predicate():
+        await asyncio.sleep(0.001)
+
+
+class Datagrams(asyncio.DatagramProtocol):
+    def __init__(self):
+        self.received = []
+
+    def datagram_received(self, data, addr):
+        self.received.append(data)
+
+
+def test_udp_bytes_counted_exactly(loop):
+    sizes_out, sizes_in = [1, 100, 1200, 0, 65_000 // 4], [7, 1400, 3, 512]
+
+    async def main():
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        peer.setblocking(False)
+        before = loop.stats()
+        tr, proto = await loop.create_datagram_endpoint(Datagrams, local_addr=("127.0.0.1", 0))
+        try:
+            sent = [os.urandom(n) for n in sizes_out if n or sys.version_info >= (3, 13)]
+            for data in sent:  # an empty datagram is sent from 3.13 on
+                tr.sendto(data, peer.getsockname())
+            got = []
+            while len(got) < len(sent):
+                try:
+                    got.append(peer.recv(70_000))
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            assert got == sent
+            incoming = [os.urandom(n) for n in sizes_in]
+            for data in incoming:
+                peer.sendto(data, tr.get_extra_info("sockname"))
+            await until(lambda: len(proto.received) == len(incoming))
+            assert proto.received == incoming
+            (row,) = [r for r in loop.connections() if r["fd"] == tr.get_extra_info("socket").fileno()]
+            assert row["kind"] == "udp"
+            assert (row["bytes_read"], row["bytes_written"]) == (sum(sizes_in), sum(sizes_out))
+        finally:
+            tr.close()
+            peer.close()
+        await asyncio.sleep(0)
+        assert deltas(before, loop.stats(), "bytes_read", "bytes_written") == {
+            "bytes_read": sum(sizes_in), "bytes_written": sum(sizes_out)}
+
+    loop.run_until_complete(asyncio.wait_for(main(), 30))
+
+
+def test_queued_datagrams_are_counted_when_sent(loop, tmp_path):
+    async def main():
+        path = str(tmp_path / "receiver")
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receiver.bind(path)
+        receiver.setblocking(False)
+        tr, _ = await loop.create_datagram_endpoint(Datagrams, remote_addr=path,
+                                                    family=socket.AF_UNIX)
+        try:
+            # A receiver that does not read fills up: the rest wait in the buffer.
+            n, size = 2000, 1000
+            before = loop.stats()["bytes_written"]
+            for i in range(n):
+                tr.sendto(b"%06d" % i + b"." * (size - 6))
+            assert tr.get_write_buffer_size() > 0
+            (row,) = [r for r in loop.connections() if r["kind"] == "unix-datagram"]
+            queued = n * size - row["bytes_written"]
+            assert queued > 0 and loop.stats()["bytes_written"] - before == row["bytes_written"]
+            got = []
+            while len(got) < n:
+                try:
+                    got.append(receiver.recv(2000))
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            assert [d[:6] for d in got] == [b"%06d" % i for i in range(n)]
+            await until(lambda: tr.get_write_buffer_size() == 0)
+            (row,) = [r for r in loop.connections() if r["kind"] == "unix-datagram"]
+            assert row["bytes_written"] == n * size
+            assert loop.stats()["bytes_written"] - before == n * size
+        finally:
+            tr.close()
+            receiver.close()
+
+    loop.run_until_complete(asyncio.wait_for(main(), 30))
+
+
 def test_timing_is_off_until_asked_and_then_counts_every_turn(loop):
     loop.run_until_complete(asyncio.sleep(0))
     stats = loop.stats()
     assert stats["timing"] is False
     assert "time_polling" not in stats and "turn_seconds" not in stats["histograms"]
+    assert "slowest_callbacks" not in stats
     loop.set_stats_timing(True)
     before = loop.stats()
     loop.run_until_complete(asyncio.sleep(0.05))
@@ -125,6 +214,72 @@ def test_timing_is_off_until_asked_and_then_counts_every_turn(loop):
     bounds = [bound for bound, _ in hist["buckets"]]
     assert bounds == sorted(bounds)
     assert all(math.log2(bound * 1e9).is_integer() for bound in bounds if bound != math.inf)
+
+
+BLOCK = 0.2  # seconds each slow run blocks: far above any other run of the test
+
+
+def blocking_callback():
+    time.sleep(BLOCK)
+
+
+class SlowStream(asyncio.Protocol):
+    def __init__(self):
+        self.done = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data):
+        time.sleep(BLOCK)
+        self.done.set_result(None)
+
+
+class SlowDatagrams(SlowStream, asyncio.DatagramProtocol):
+    def datagram_received(self, data, addr):
+        time.sleep(BLOCK)
+        self.done.set_result(None)
+
+
+def test_the_slowest_callbacks_are_kept_with_their_names(loop):
+    loop.set_stats_timing(True)
+
+    async def blocking_coroutine():
+        time.sleep(BLOCK)  # noqa: ASYNC251 - blocking the loop is the point
+
+    async def main():
+        a, b = socket.socketpair()
+        stream, stream_protocol = await loop.connect_accepted_socket(SlowStream, a)
+        udp, udp_protocol = await loop.create_datagram_endpoint(
+            SlowDatagrams, local_addr=("127.0.0.1", 0))
+        loop.stats()  # the runs so far are let go
+        loop.call_soon(blocking_callback)
+        await loop.create_task(blocking_coroutine(), name="slowpoke")
+        b.send(b"x")
+        await stream_protocol.done
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+            peer.sendto(b"y", udp.get_extra_info("sockname"))
+            await udp_protocol.done
+        # The exports leave them to stats().
+        assert "ferroloop_callback_seconds" in metrics.prometheus_text(loop)
+        runs = loop.stats()["slowest_callbacks"]
+        again = loop.stats()["slowest_callbacks"]
+        stream.close()
+        udp.close()
+        b.close()
+        return runs, again
+
+    runs, again = loop.run_until_complete(main())
+    assert 4 <= len(runs) <= 10
+    seconds = [run["seconds"] for run in runs]
+    assert seconds == sorted(seconds, reverse=True)
+    slow = {run["callback"] for run in runs if run["seconds"] >= BLOCK}
+    assert len(slow) == 4, runs
+    (callback,) = [name for name in slow if name.startswith("blocking_callback() at ")]
+    assert f"{__file__}:" in callback
+    coroutine = "test_the_slowest_callbacks_are_kept_with_their_names.<locals>.blocking_coroutine"
+    assert f"task 'slowpoke' step: {coroutine}()" in slow
+    assert f"{__name__}.SlowStream.data_received" in slow
+    assert f"{__name__}.SlowDatagrams.datagram_received" in slow
+    # Each run is reported once: the second call has only what ran in between.
+    assert all(run["seconds"] < BLOCK for run in again)
 
 
 def test_accepts_and_exceptions_counted(loop):

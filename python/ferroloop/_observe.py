@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from asyncio import sslproto
+from asyncio import format_helpers, sslproto
 from typing import Any
 
 from ._ferroloop import StreamTransport
@@ -42,15 +42,28 @@ class ObserveMethods:
         """A snapshot of the loop's counters (see the README, "Seeing inside a loop").
 
         Always kept: turns, callbacks and I/O events run, timers scheduled, fired and
-        cancelled, bytes read and written by stream transports (TCP, Unix, TLS records),
+        cancelled, bytes read and written by transports (TCP, Unix, TLS records, datagrams),
         connections accepted, exceptions reported, what is registered now, and the
         histograms of the ready queue's depth per turn and of timer lateness. With
         `set_stats_timing(True)` also: seconds spent polling and running, and the
-        histograms of turn and callback length. A histogram is
-        `{"buckets": [(upper_bound, count), ...], "count": n, "sum": total}` with
-        log-spaced (power of two) bounds; the last bound is `inf`.
+        histograms of turn and callback length, and `slowest_callbacks`: the slowest
+        runs since the previous `stats()` call (at most 10, longest first, each
+        `{"seconds": s, "callback": name}`; a run is reported to one call only). A
+        histogram is `{"buckets": [(upper_bound, count), ...], "count": n, "sum": total}`
+        with log-spaced (power of two) bounds; the last bound is `inf`.
         """
-        snapshot = self._stats()
+        return self._snapshot(take_slowest=True)
+
+    def _snapshot(self, take_slowest: bool) -> dict[str, Any]:
+        """`stats()`; without `take_slowest` (the exporters, which have no place for
+        them) the slowest runs are neither reported nor let go."""
+        snapshot = self._stats(take_slowest)  # type: ignore[attr-defined]
+        runs = snapshot.get("slowest_callbacks")
+        if runs is not None:
+            snapshot["slowest_callbacks"] = [
+                {"seconds": seconds, "callback": _describe_run(kind, obj, detail)}
+                for seconds, kind, obj, detail in runs
+            ]
         snapshot["exceptions_reported"] = self._exceptions_reported
         snapshot["connections_accepted"] = self._connections_accepted
         snapshot["pipes_open"] = sum(1 for t in list(self._pipe_transports) if not t.is_closing())
@@ -153,6 +166,38 @@ def _subprocess_row(transport) -> dict[str, Any]:
         "pid": transport.get_pid(),
         "returncode": transport.get_returncode(),
     }
+
+
+def _describe_run(kind: str, obj, detail: str | None) -> str:
+    """A slow run's name: a task's name and coroutine for a task step, the callback and
+    where it is defined for another callback (as asyncio's debug mode names a handle),
+    the protocol's class and method for a transport's readiness."""
+    if kind == "sock":
+        return f"loop.{obj}()"
+    if kind == "transport":
+        return _describe_protocol_call(obj, detail)
+    owner = getattr(obj, "__self__", None)
+    if isinstance(owner, asyncio.Task):
+        coro = owner.get_coro()
+        what = getattr(coro, "__qualname__", None) or type(coro).__qualname__
+        return f"task {owner.get_name()!r} step: {what}()"
+    return format_helpers._format_callback_source(obj, ())
+
+
+def _describe_protocol_call(transport, detail: str | None) -> str:
+    protocol = transport.get_protocol()
+    tls = isinstance(protocol, sslproto.SSLProtocol)
+    if tls:
+        protocol = protocol._app_protocol
+    if detail == "write":
+        method = "(write buffer flushed)"
+    elif not isinstance(transport, StreamTransport):
+        method = ".datagram_received"
+    elif isinstance(protocol, asyncio.BufferedProtocol):
+        method = ".buffer_updated"
+    else:
+        method = ".data_received"
+    return f"{_name(protocol)}{method}" + (" (TLS)" if tls else "")
 
 
 def _name(obj) -> str | None:

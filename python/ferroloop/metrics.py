@@ -32,8 +32,8 @@ _COUNTERS = [
     ("timers_scheduled", "timers_scheduled", "Timers scheduled (call_later, call_at)."),
     ("timers_fired", "timers_fired", "Timers that ran."),
     ("timers_cancelled", "timers_cancelled", "Scheduled timers cancelled."),
-    ("bytes_read", "bytes_read", "Bytes received by stream transports."),
-    ("bytes_written", "bytes_written", "Bytes sent by stream transports."),
+    ("bytes_read", "bytes_read", "Bytes received by transports (streams and datagrams)."),
+    ("bytes_written", "bytes_written", "Bytes sent by transports (streams and datagrams)."),
     ("connections_accepted", "connections_accepted", "Connections accepted by servers."),
     ("exceptions_reported", "exceptions_reported", "Calls of the exception handler."),
     ("time_polling", "polling_seconds", "Seconds spent waiting in the poller (timing on)."),
@@ -59,10 +59,15 @@ def snapshot(loop: asyncio.AbstractEventLoop, timeout: float = 5.0) -> dict[str,
     """`loop.stats()`, taken on the loop's thread when called from another one while
     the loop runs (`TimeoutError` if it does not answer within `timeout`: a stalled
     loop). Otherwise read here: the counters are copied out of the loop in one step."""
+    # The slowest callbacks are left for `loop.stats()` and `top`: the exports have no
+    # place for them.
+    def take():
+        return loop._snapshot(take_slowest=False)  # type: ignore[attr-defined]
+
     if not loop.is_running() or _on_loop_thread(loop):
-        return loop.stats()  # type: ignore[attr-defined]
+        return take()
     try:
-        return call_on_loop(loop, loop.stats).result(timeout)  # type: ignore[attr-defined]
+        return call_on_loop(loop, take).result(timeout)
     except concurrent.futures.TimeoutError:  # not the builtin one before 3.11
         raise TimeoutError from None
 

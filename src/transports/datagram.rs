@@ -231,6 +231,7 @@ impl DatagramTransport {
         match DatagramTransport::receive(py, fd, family, sock.bind(py)) {
             Received::WouldBlock => Ok(()),
             Received::Datagram(data, addr) => {
+                slf.get().state.borrow_mut(py)?.base.count_read(data.len()?);
                 let called = in_read_context(&slf.get().state, py, &mut context, || {
                     protocol
                         .call_method1(pyo3::intern!(py, "datagram_received"), (data, addr))
@@ -280,18 +281,26 @@ impl DatagramTransport {
     }
 
     /// One send of a buffered or fresh datagram: through `send` when connected, else
-    /// `sendto` (the socket parses the address).
+    /// `sendto` (the socket parses the address). What was sent is counted.
     fn send_one(
+        slf: &Bound<'_, DatagramTransport>,
         sock: &Bound<'_, PyAny>,
         connected: bool,
         data: &Bound<'_, PyBytes>,
         addr: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
+        let py = sock.py();
         if connected {
-            sock.call_method1(pyo3::intern!(sock.py(), "send"), (data,))?;
+            sock.call_method1(pyo3::intern!(py, "send"), (data,))?;
         } else {
-            sock.call_method1(pyo3::intern!(sock.py(), "sendto"), (data, addr))?;
+            sock.call_method1(pyo3::intern!(py, "sendto"), (data, addr))?;
         }
+        // A datagram is sent whole or not at all.
+        slf.get()
+            .state
+            .borrow_mut(py)?
+            .base
+            .count_written(data.as_bytes().len());
         Ok(())
     }
 
@@ -313,7 +322,7 @@ impl DatagramTransport {
                 }
             };
             let (data, addr) = (front.0.bind(py).clone(), front.1.bind(py).clone());
-            match DatagramTransport::send_one(sock.bind(py), connected, &data, &addr) {
+            match DatagramTransport::send_one(slf, sock.bind(py), connected, &data, &addr) {
                 Ok(()) => {}
                 Err(err) if is_retry(py, &err) => {
                     let mut st = slf.get().state.borrow_mut(py)?;
@@ -514,7 +523,7 @@ impl DatagramTransport {
         };
         let addr = addr.unwrap_or_else(|| py.None().into_bound(py));
         if send_now {
-            match DatagramTransport::send_one(sock.bind(py), connected, &data, &addr) {
+            match DatagramTransport::send_one(slf, sock.bind(py), connected, &data, &addr) {
                 Ok(()) => return Ok(()),
                 Err(err) if is_retry(py, &err) => {
                     let mut st = slf.get().state.borrow_mut(py)?;
