@@ -7,6 +7,7 @@ ferroloop decrypts the records straight into the buffer's memory (`tls.rs`,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 import sys
@@ -19,6 +20,10 @@ certs = pytest.importorskip("test.test_asyncio.utils")
 
 DATA = os.urandom(3 * 1024 * 1024 + 777)
 NATIVE = (3, 11) <= sys.version_info < (3, 14) and _ferroloop.native_tls_unavailable() is None
+
+# Before 3.11 asyncio's older sslproto (which ferroloop runs as it is there) ends the
+# stream without eof_received here, and reports a failing get_buffer otherwise.
+pytestmark = pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio's sslproto of 3.11+")
 
 
 def contexts():
@@ -71,8 +76,7 @@ async def receive_through(loop, make_protocol, payload=DATA):
         lambda: make_protocol(done), *server.sockets[0].getsockname(),
         ssl=client_ctx, server_hostname="localhost",
     )
-    path = getattr(transport.get_extra_info("ssl_object"), "_ferroloop_tls_path", None)
-    path = getattr(transport._ssl_protocol, "_ferroloop_tls_path", path)
+    path = getattr(transport._ssl_protocol, "_ferroloop_tls_path", None)
     try:
         return await asyncio.wait_for(done, 30), path
     finally:
@@ -88,8 +92,7 @@ def python_reads_refused(loop_name):
         return mock.patch.object(
             _sslproto.SSLProtocol, "_do_read__buffered", side_effect=AssertionError("Python read")
         )
-    return mock.patch.object(asyncio.sslproto.SSLProtocol, "_do_read__buffered", autospec=True,
-                             side_effect=asyncio.sslproto.SSLProtocol._do_read__buffered)
+    return contextlib.nullcontext()
 
 
 # A buffer of a few bytes takes one loop iteration per fill: a shorter payload there.

@@ -166,6 +166,9 @@ def test_repeated_sendfiles_leave_no_fd_behind(loop, data_file):
     assert open_fds() == before
 
 
+# 3.10's sslproto fails there with an AttributeError of its own (resume_reading on a
+# transport already gone), on both loops.
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio's sslproto of 3.11+")
 def test_a_peer_that_goes_away_midway_fails_sendfile(loop, tmp_path):
     # Larger than the socket buffers of both ends together: sendfile is still sending
     # when the peer resets the connection.
