@@ -12,6 +12,7 @@ import socket
 import ssl
 import struct
 import sys
+from asyncio import base_events
 from unittest import mock
 
 import pytest
@@ -203,3 +204,74 @@ def test_a_peer_that_goes_away_midway_fails_sendfile(loop, tmp_path):
     exc, tell = loop.run_until_complete(asyncio.wait_for(main(), 60))
     assert isinstance(exc, ConnectionError), repr(exc)
     assert (1 << 20) <= tell < 48 << 20
+
+
+def test_sendfile_on_a_closing_transport_raises(loop, data_file):
+    async def main():
+        outcome = loop.create_future()
+
+        async def handler(reader, writer):
+            writer.close()
+            with open(data_file, "rb") as f:
+                try:
+                    await loop.sendfile(writer.transport, f)
+                except RuntimeError as exc:
+                    outcome.set_result((str(exc), f.tell()))
+
+        server, _, writer = await tls_pair(handler)
+        got = await outcome
+        await close(writer, server)
+        return got
+
+    message, tell = loop.run_until_complete(asyncio.wait_for(main(), 60))
+    assert message == "Transport is closing"
+    assert tell == 0
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio's sslproto of 3.11+ (its BIOs)")
+def test_sendfile_to_a_peer_that_does_not_read_buffers_little(loop, tmp_path):
+    # The peer reads nothing until sendfile has paused and the loop has run on for a
+    # while: what the sender holds then (the TCP transport's buffer and the TLS
+    # object's outgoing BIO) stays near the water marks, not the file's size.
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as fh:
+        fh.writelines(DATA[: 1 << 20] for _ in range(32))
+    expected = hashlib.sha256(big.read_bytes()).hexdigest()
+
+    async def main():
+        paused = asyncio.Event()
+        pause = base_events._SendfileFallbackProtocol.pause_writing
+
+        def pause_writing(self):
+            paused.set()
+            pause(self)
+
+        async def handler(reader, writer):
+            with open(big, "rb") as f:
+                sent = await loop.sendfile(writer.transport, f)
+            writer.close()
+            return sent
+
+        senders = []
+
+        def start(reader, writer):
+            senders.append((writer.transport._ssl_protocol, asyncio.ensure_future(handler(reader, writer))))
+
+        server, reader, writer = await tls_pair(start)
+        with mock.patch.object(base_events._SendfileFallbackProtocol, "pause_writing", pause_writing):
+            await paused.wait()
+            for _ in range(100):
+                await asyncio.sleep(0)
+            ssl_protocol, sending = senders[0]
+            held = ssl_protocol._transport.get_write_buffer_size() + ssl_protocol._outgoing.pending
+            digest = hashlib.sha256()
+            while chunk := await reader.read(1 << 20):
+                digest.update(chunk)
+        sent = await sending
+        await close(writer, server)
+        return held, sent, digest.hexdigest()
+
+    held, sent, digest = loop.run_until_complete(asyncio.wait_for(main(), 60))
+    assert sent == 32 << 20
+    assert digest == expected
+    assert held < 2 << 20, held
