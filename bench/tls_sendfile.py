@@ -16,8 +16,8 @@ the client's own CPU seconds (it decrypts with the same libssl: near the wall ti
 client is what limits MB/s, and the server's CPU is the figure to compare). The
 order of the loops is rotated every cycle; ratios are medians of per-cycle ratios with
 their p25-p75 spread. Each server also says what its `sendfile` does on a TLS transport
-(the transport's sendfile mode, as `BaseEventLoop.sendfile` consults it, or that the
-loop has no `sendfile`); one whose `sendfile` fails answers with the error and its row
+(the transport's sendfile mode, as `BaseEventLoop.sendfile` consults it, and whether
+the loop has its own fallback, or that the loop has no `sendfile`); one whose `sendfile` fails answers with the error and its row
 says so.
 """
 
@@ -56,6 +56,9 @@ def sendfile_path(loop, transport) -> str:
     mode = getattr(transport, "_sendfile_compatible", None)
     if mode is None:
         return f"{type(transport).__name__}, no sendfile mode"
+    own = getattr(type(loop), "_sendfile_fallback", None) is not asyncio.BaseEventLoop._sendfile_fallback
+    if mode.name == "FALLBACK" and own:
+        return f"{type(transport).__name__}: FALLBACK, {type(loop).__name__}'s own"
     return f"{type(transport).__name__}: {mode.name}"
 
 

@@ -82,6 +82,13 @@ pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// One `pread` of `fd` at `offset` into `buf` (the file position is left alone): the
+/// number of bytes read (0 at end of file).
+pub fn pread(fd: RawFd, buf: &mut [u8], offset: libc::off_t) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
+    byte_count(unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), offset) })
+}
+
 /// One `sendfile` of up to `count` bytes of `in_fd` from `*offset` into `out_fd`;
 /// the kernel advances `*offset` by what it sent.
 pub fn sendfile(

@@ -210,9 +210,36 @@ impl TlsState {
         buffer_updated(&Proto::of(slf), nbytes)
     }
 
+    /// `SSLProtocol._do_read`, which asyncio also schedules (after the handshake, for
+    /// a buffer filled to the end) and calls while flushing.
+    fn _do_read(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let names = sslproto(py)?;
+        let proto = Proto::of(slf);
+        let state = proto.get(|st| &st.state)?;
+        if state.is(&names.wrapped) || state.is(&names.flushing) {
+            do_read(&proto, names)
+        } else {
+            Ok(())
+        }
+    }
+
     /// `SSLProtocol._write_appdata`.
     fn _write_appdata(slf: &Bound<'_, Self>, list_of_data: &Bound<'_, PyAny>) -> PyResult<()> {
         write_appdata(&Proto::of(slf), Written::Many(list_of_data))
+    }
+
+    /// One block of `loop.sendfile` over this connection (`Loop._sendfile_fallback`):
+    /// up to `count` bytes (`None`: a block) of the file `fd` read at `offset`, written
+    /// as `_write_appdata` writes them. The number of bytes read (0 at end of file).
+    fn _sendfile_block(
+        slf: &Bound<'_, Self>,
+        fd: std::os::fd::RawFd,
+        offset: i64,
+        count: Option<usize>,
+    ) -> PyResult<usize> {
+        let count = count.unwrap_or(SENDFILE_BLOCK);
+        sendfile_block(&Proto::of(slf), fd, offset, count)
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
@@ -436,7 +463,6 @@ fn records_received(proto: &Bound<'_, TlsState>) -> PyResult<()> {
 /// `SSLProtocol._do_read` in the WRAPPED state: an `Exception` becomes a fatal error of
 /// the connection, as there.
 fn do_read(proto: &Proto<'_>, names: &SslProto) -> PyResult<()> {
-    let py = proto.py();
     let outcome = (|| {
         let (paused, is_buffer) = {
             let st = proto.state()?;
@@ -444,9 +470,7 @@ fn do_read(proto: &Proto<'_>, names: &SslProto) -> PyResult<()> {
         };
         if !paused {
             if is_buffer {
-                proto
-                    .any()
-                    .call_method0(intern!(py, "_do_read__buffered"))?;
+                do_read_buffered(proto, names)?;
             } else {
                 do_read_copied(proto, names)?;
             }
@@ -459,6 +483,160 @@ fn do_read(proto: &Proto<'_>, names: &SslProto) -> PyResult<()> {
         control_flow(proto, Direction::SslReading, 0)
     })();
     fatal_on_exception(proto, outcome)
+}
+
+/// `SSLProtocol._do_read__buffered`: the protocol's buffer (`get_buffer` given the
+/// ciphertext pending) filled with the records, `buffer_updated`, then the peer's
+/// close_notify if it came. Where the records are read natively they are decrypted
+/// straight into the buffer's memory; elsewhere asyncio's method runs.
+fn do_read_buffered(proto: &Proto<'_>, names: &SslProto) -> PyResult<()> {
+    let py = proto.py();
+    let obj = proto.any();
+    let (raw, native) = {
+        let st = proto.state()?;
+        (st.raw.as_ref().map(|raw| raw.bind(py).clone()), st.native)
+    };
+    let (Some(raw), Some(native)) = (raw, native) else {
+        return obj
+            .call_method0(intern!(py, "_do_read__buffered"))
+            .map(drop);
+    };
+    // `raw`, held from here on, keeps the `SSL` object and its BIOs whatever the
+    // protocol's methods do.
+    let pending = native.incoming_pending();
+    let buf = obj
+        .getattr(intern!(py, "_app_protocol_get_buffer"))?
+        .call1((pending,))?;
+    let (offset, count) = read_into_buffer(proto, &raw, native, &buf, names)?;
+    if offset > 0 {
+        obj.getattr(intern!(py, "_app_protocol_buffer_updated"))?
+            .call1((offset,))?;
+    }
+    if count == 0 {
+        // close_notify
+        obj.call_method0(intern!(py, "_call_eof_received"))?;
+        obj.call_method0(intern!(py, "_start_shutdown"))?;
+    }
+    Ok(())
+}
+
+/// One read of `_do_read__buffered` into the buffer from `offset`.
+enum BufferRead {
+    /// `read` returned this count (0: close_notify).
+    Count(usize),
+    /// The read raised one of `SSLAgainErrors`.
+    Again,
+}
+
+/// The reads of `_do_read__buffered` into `buf`, with asyncio's loop: how many bytes it
+/// holds after them, and the last read's count (0 for the peer's close_notify; 1, as
+/// asyncio starts, when nothing was read). A buffer filled to the end schedules another
+/// `_do_read`, as there. Each read decrypts into the buffer's memory, exported
+/// writable while the reads run; a read that ends otherwise than with data or "needs
+/// more input", and every read into a buffer that cannot be exported so (or is empty),
+/// is made through `raw.read(n, buffer)` as asyncio makes it, which raises what
+/// asyncio's read raises.
+fn read_into_buffer(
+    proto: &Proto<'_>,
+    raw: &Bound<'_, PyAny>,
+    native: NativeSsl,
+    buf: &Bound<'_, PyAny>,
+    names: &SslProto,
+) -> PyResult<(usize, usize)> {
+    let py = raw.py();
+    let wants = buf.len()?;
+    let mut export = WritableExport::of(buf).filter(|export| export.len == wants && wants > 0);
+    let mut read = |offset: usize| -> PyResult<BufferRead> {
+        if let Some(memory) = &export {
+            // SAFETY: the export is writable for `wants` bytes from `ptr` while it lives,
+            // and `offset < wants`.
+            match unsafe { native.read_raw(memory.ptr.add(offset), wants - offset) } {
+                Io::Done(n) => return Ok(BufferRead::Count(n)),
+                Io::WantRead => return Ok(BufferRead::Again),
+                // Released before `_ssl` (and whatever callback it runs) sees the buffer.
+                Io::Other => export = None,
+            }
+        }
+        let target = if offset == 0 {
+            buf.clone()
+        } else {
+            // SAFETY: attached; `buf` is a live object; a new reference or NULL with an
+            // error set.
+            let view = unsafe {
+                Bound::from_owned_ptr_or_err(py, ffi::PyMemoryView_FromObject(buf.as_ptr()))
+            }?;
+            view.get_item(PySlice::new(py, offset as isize, wants as isize, 1))?
+        };
+        match raw.call_method1(intern!(py, "read"), (wants - offset, target)) {
+            Ok(count) => count.extract().map(BufferRead::Count),
+            Err(err) if err.matches(py, names.again.bind(py))? => Ok(BufferRead::Again),
+            Err(err) => Err(err),
+        }
+    };
+    let mut offset = 0;
+    let mut count = match read(0)? {
+        BufferRead::Count(n) => n,
+        BufferRead::Again => return Ok((0, 1)),
+    };
+    offset += count;
+    while count > 0 {
+        if offset >= wants {
+            let again = proto.any().getattr(intern!(py, "_do_read"))?;
+            proto
+                .any()
+                .getattr(intern!(py, "_loop"))?
+                .call_method1(intern!(py, "call_soon"), (again,))?;
+            break;
+        }
+        match read(offset)? {
+            BufferRead::Count(n) => {
+                count = n;
+                offset += n;
+            }
+            BufferRead::Again => break,
+        }
+    }
+    drop(export);
+    Ok((offset, count))
+}
+
+/// A writable, C-contiguous export of a Python buffer (`PyBUF_WRITABLE`), released
+/// when dropped.
+struct WritableExport {
+    view: Box<ffi::Py_buffer>,
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl WritableExport {
+    /// `None` (the error cleared) when the object exports no such buffer.
+    fn of(obj: &Bound<'_, PyAny>) -> Option<Self> {
+        let mut view = Box::new(std::mem::MaybeUninit::<ffi::Py_buffer>::uninit());
+        // SAFETY: `obj` is a live object and `view` storage for one Py_buffer, which
+        // stays at the one address the exporter saw until it is released.
+        if unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), view.as_mut_ptr(), ffi::PyBUF_WRITABLE) }
+            < 0
+        {
+            drop(PyErr::fetch(obj.py()));
+            return None;
+        }
+        // SAFETY: PyObject_GetBuffer succeeded, so `view` is initialised; `Box<MaybeUninit<T>>`
+        // and `Box<T>` have the same layout.
+        let view: Box<ffi::Py_buffer> = unsafe { Box::from_raw(Box::into_raw(view).cast()) };
+        Some(WritableExport {
+            ptr: view.buf.cast(),
+            len: usize::try_from(view.len).unwrap_or(0),
+            view,
+        })
+    }
+}
+
+impl Drop for WritableExport {
+    fn drop(&mut self) {
+        // SAFETY: releases the export made in `of` exactly once; the GIL is held
+        // (exports are made and dropped within calls from Python).
+        unsafe { ffi::PyBuffer_Release(&mut *self.view) };
+    }
 }
 
 /// An `Exception` (not `KeyboardInterrupt` and the like) ends the connection through
@@ -863,6 +1041,99 @@ fn write_now(
             Err(err)
         }
     }
+}
+
+/// How much of the file one `sendfile_block` reads (at most the scratch buffer, which
+/// holds the block, then its ciphertext). Measured with bench/tls_sendfile.py, server
+/// CPU per 100 MiB: 64 KiB to 256 KiB cost the same within the noise (encryption and
+/// the kernel's copies are most of it); a larger block pays the per-block steps (a task
+/// step, a call, a `sendmsg`) less often.
+const SENDFILE_BLOCK: usize = SCRATCH_SIZE;
+
+/// The read and write of one `sendfile` block: read into this thread's scratch buffer
+/// (`pread`: the file position stays where `_sendfile_fallback` leaves it) and, when the
+/// connection is up with nothing queued before it and its records are written natively,
+/// encrypted from there without a `bytes` of the plaintext; else handed to
+/// `_write_appdata` as `bytes`, which does what asyncio would (queue, count a lost write).
+fn sendfile_block(
+    proto: &Proto<'_>,
+    fd: std::os::fd::RawFd,
+    offset: i64,
+    count: usize,
+) -> PyResult<usize> {
+    let py = proto.py();
+    let mut scratch = Scratch::take();
+    let len = count.min(SENDFILE_BLOCK).min(scratch.buf.len());
+    let n = loop {
+        match crate::sys::pread(fd, &mut scratch.buf[..len], offset) {
+            Ok(n) => break n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {
+                py.check_signals()?;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
+    if n == 0 {
+        return Ok(0);
+    }
+    let names = sslproto(py)?;
+    let native = {
+        let st = proto.state()?;
+        let wrapped = st.state.as_ref().is_some_and(|s| s.is(&names.wrapped));
+        let idle = match &st.write_backlog {
+            Some(backlog) => backlog.bind(py).len()? == 0,
+            None => false,
+        };
+        st.native.filter(|_| wrapped && idle)
+    };
+    // No Python ran since the borrow: the state still holds the object that keeps
+    // the `SSL` object.
+    if let Some(Io::Done(_)) = native.map(|native| native.write(&scratch.buf[..n])) {
+        // The plaintext is encrypted: the buffer takes the ciphertext.
+        let outcome = send_outgoing_from(proto, &mut scratch.buf);
+        fatal_on_exception(proto, outcome)?;
+        return Ok(n);
+    }
+    // A native write that did not complete is repeated by `_write_appdata`, in the end
+    // through `_ssl`, which raises what asyncio's write would.
+    let data = PyBytes::new(py, &scratch.buf[..n]);
+    drop(scratch);
+    write_appdata(proto, Written::One(data.as_any()))?;
+    Ok(n)
+}
+
+/// `process_outgoing` through `buf`, a reused buffer, when the records are written
+/// natively to ferroloop's own transport: the ciphertext is read out of the BIO into
+/// `buf` and sent from there, and only what the socket does not take becomes a `bytes`
+/// in the transport's buffer.
+fn send_outgoing_from(proto: &Proto<'_>, buf: &mut [u8]) -> PyResult<()> {
+    let py = proto.py();
+    let (paused, native, raw) = {
+        let st = proto.state()?;
+        let raw = st.raw.as_ref().map(|raw| raw.bind(py).clone());
+        (st.ssl_writing_paused, st.native, raw)
+    };
+    let transport = proto.get(|st| &st.transport)?;
+    let (native, stream) = match (paused, native, &raw, transport.cast::<StreamTransport>()) {
+        (false, Some(native), Some(_), Ok(stream))
+            if transport.is_exact_instance_of::<StreamTransport>() =>
+        {
+            (native, stream)
+        }
+        _ => return process_outgoing(proto),
+    };
+    // `raw`, held here, keeps the BIO whatever the transport's calls into Python do.
+    loop {
+        let n = native.read_outgoing(buf);
+        if n == 0 {
+            break;
+        }
+        if let Some(rest) = StreamTransport::send_or_copy(stream, &buf[..n])? {
+            StreamTransport::queue(stream, std::slice::from_ref(&rest))?;
+        }
+    }
+    let buffered = usize::try_from(proto.state()?.write_buffer_size).unwrap_or(0);
+    control_flow(proto, Direction::AppWriting, buffered)
 }
 
 /// What encrypts: the C object under a stock `ssl.SSLObject`, or the object itself,

@@ -173,7 +173,7 @@ def test_an_sslobject_subclass_stays_on_ssl_methods(loop, loop_name, caplog):
 def test_the_tls_suite_passes_with_the_native_path_switched_off():
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-         "tests/test_tls.py"],
+         "tests/test_tls.py", "tests/test_tls_sendfile.py", "tests/test_tls_buffered.py"],
         capture_output=True, text=True, timeout=600, check=False, cwd=ROOT,
         env={**os.environ, "FERROLOOP_NATIVE_TLS": "0"},
     )

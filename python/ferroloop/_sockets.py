@@ -4,7 +4,10 @@
 finishes them when the fd is ready; the others try the call at once and otherwise wait
 for readiness through `add_reader`/`add_writer` (`_sock_wait`). `loop.sendfile` and
 `loop.sock_sendfile` send with the native sendfile call, in blocks, waiting for
-writability between them.
+writability between them. Over a TLS transport whose records are written natively,
+`loop.sendfile` reads the file from the loop's thread into a reused buffer and encrypts
+it from there, block by block, paced by the transport's flow control
+(`_sendfile_fallback`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import functools
 import io
 import os
 import socket
-from asyncio import base_events, exceptions
+import stat
+from asyncio import base_events, exceptions, tasks
 from operator import methodcaller
 
+from . import _sslproto
 from ._arguments import check_ssl_socket
 from ._ferroloop import sendfile
 
@@ -228,6 +233,60 @@ class SocketMethods:
             if total > 0:
                 os.lseek(fileno, offset + total, os.SEEK_SET)
         return total
+
+    async def _sendfile_fallback(self, transp, file, offset, count):
+        """asyncio's fallback, whose steps (the file read from its position, or from
+        `offset` when one is given; the protocol swapped for asyncio's
+        `_SendfileFallbackProtocol`, which pauses reading, waits while writing is paused
+        and restores both; the file position set after) it keeps, with each block read
+        and written by the TLS protocol in Rust (`_sendfile_block`) instead of read in
+        the executor and passed to `transport.write`."""
+        ssl_protocol = _native_tls_protocol(transp)
+        fileno = _regular_fileno(file) if ssl_protocol is not None else None
+        if fileno is None:
+            return await super()._sendfile_fallback(transp, file, offset, count)
+        if offset:
+            file.seek(offset)
+        position = file.tell()
+        total = 0
+        proto = base_events._SendfileFallbackProtocol(transp)
+        try:
+            while not count or total < count:
+                await proto.drain()
+                sent = ssl_protocol._sendfile_block(fileno, position + total, count - total if count else None)
+                if not sent:
+                    break
+                total += sent
+                if proto._write_ready_fut is None:
+                    # Not paused: the other callbacks of the loop run between blocks.
+                    await tasks.sleep(0)
+            return total
+        finally:
+            if total > 0:
+                file.seek(offset + total)
+            await proto.restore()
+
+
+# ferroloop's TLS app transport (none on the Python versions whose asyncio classes are
+# used as they are).
+_NATIVE_TLS_TRANSPORT = getattr(_sslproto, "_SSLProtocolTransport", None)
+
+
+def _native_tls_protocol(transp):
+    """The SSLProtocol of a TLS app transport whose records are written natively."""
+    if _NATIVE_TLS_TRANSPORT is None or type(transp) is not _NATIVE_TLS_TRANSPORT:
+        return None
+    ssl_protocol = transp._ssl_protocol
+    return ssl_protocol if ssl_protocol._ferroloop_tls_path == "libssl" else None
+
+
+def _regular_fileno(file):
+    """The fd of a regular file, which pread can read at any offset."""
+    try:
+        fileno = file.fileno()
+        return fileno if stat.S_ISREG(os.fstat(fileno).st_mode) else None
+    except (AttributeError, io.UnsupportedOperation, OSError):
+        return None
 
 
 def _sendfile_once(fileno, offset, count, sock):

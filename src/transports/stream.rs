@@ -401,10 +401,8 @@ impl StreamTransport {
 
     /// `write` of a bytearray or memoryview, which its owner may change as soon as the
     /// call returns (a `BufferedProtocol` echoing from its receive buffer), so what is
-    /// kept must be copied. With nothing buffered it is sent at once, as asyncio's
-    /// transports send every write, and only what the socket does not take is copied.
+    /// kept must be copied (`send_or_copy`).
     fn write_buffer(slf: &Bound<'_, StreamTransport>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let py = slf.py();
         let buf = PyUntypedBuffer::get(data)?;
         if !buf.is_c_contiguous() {
             let bytes = to_bytes(data)?;
@@ -414,6 +412,25 @@ impl StreamTransport {
         // resized nor freed) while `buf` lives; only read here.
         let view =
             unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
+        let rest = StreamTransport::send_or_copy(slf, view)?;
+        drop(buf);
+        match rest {
+            Some(rest) => StreamTransport::queue(slf, std::slice::from_ref(&rest)),
+            None => Ok(()),
+        }
+    }
+
+    /// The sending half of a `write` of memory the caller may change or reuse once the
+    /// call returns: with nothing buffered it is sent at once, as asyncio's transports
+    /// send every write, and what the socket did not take (all of it when it could not
+    /// be sent now) comes back copied, for `queue` (which also raises what asyncio
+    /// raises for a write after write_eof or during sendfile). `None`: nothing is left,
+    /// or the send failed and the connection is being lost.
+    pub(crate) fn send_or_copy<'py>(
+        slf: &Bound<'py, StreamTransport>,
+        view: &[u8],
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let py = slf.py();
         let sent = {
             let mut st = slf.get().state.borrow_mut(py)?;
             let direct = !view.is_empty()
@@ -433,7 +450,8 @@ impl StreamTransport {
                     Err(err) if would_block(&err) => 0,
                     Err(err) => {
                         drop(st);
-                        return StreamTransport::fatal_error(slf, os_error(err), WRITE_ERROR);
+                        StreamTransport::fatal_error(slf, os_error(err), WRITE_ERROR)?;
+                        return Ok(None);
                     }
                 }
             } else {
@@ -441,13 +459,9 @@ impl StreamTransport {
             }
         };
         if sent == view.len() && sent > 0 {
-            return Ok(());
+            return Ok(None);
         }
-        // The rest (or, when it could not be sent now, all of it: `queue` also raises
-        // what asyncio raises for a write after write_eof or during sendfile).
-        let rest = crate::pyhelpers::bytes_copy(py, &view[sent..])?;
-        drop(buf);
-        StreamTransport::queue(slf, std::slice::from_ref(&rest))
+        crate::pyhelpers::bytes_copy(py, &view[sent..]).map(Some)
     }
 
     /// Queues `chunks` for the end of the turn (a slice: `write` allocates nothing more).
