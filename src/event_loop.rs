@@ -19,6 +19,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
+use crate::asyncgens;
 use crate::clock::{self, monotonic};
 use crate::errors::{closed_loop, os_error};
 use crate::freelist;
@@ -506,6 +507,14 @@ impl LoopCore {
     /// `asyncio.Future(loop=self)`, without a Python frame.
     pub(crate) fn create_future(slf: &Bound<'_, LoopCore>) -> PyResult<Py<PyAny>> {
         LoopCore::new_future(slf)
+    }
+
+    /// asyncio's `firstiter` hook, which `run_forever` installs (`asyncgens.rs`).
+    fn _asyncgen_firstiter_hook(
+        slf: &Bound<'_, LoopCore>,
+        agen: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        asyncgens::firstiter(slf, agen)
     }
 
     #[pyo3(signature = (coro, *, name=None, context=None))]
