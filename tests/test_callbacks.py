@@ -394,12 +394,16 @@ def test_started_async_generators_are_tracked_weakly_until_they_end(loop):
         assert await first.__anext__() == 1
         assert await second.__anext__() == 1
         assert set(loop._asyncgens) == {first, second}
+        # Closed ones stay tracked until they are gone (closed, none is finalised later).
+        await first.aclose()
+        await second.aclose()
         # While the weak set is iterated, a generator that dies is removed only once
         # the iteration ends; one started meanwhile is added after that removal.
         for held in loop._asyncgens:
             del held, first  # the loop variable would keep `first` alive
             third = agen()
             assert await third.__anext__() == 1
+            await third.aclose()
             break
         assert set(loop._asyncgens) == {second, third}
         del second, third
