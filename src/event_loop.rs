@@ -19,16 +19,17 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
+use crate::asyncgens;
 use crate::clock::{self, monotonic};
 use crate::errors::{closed_loop, os_error};
 use crate::freelist;
 use crate::gil_cell::GilCell;
-use crate::handles::{self, Handle, LentContext, TimerHandle};
+use crate::handles::{self, Handle, TimerHandle};
 use crate::loop_attrs;
 use crate::poller::{self, Event, Events, Poller, Registry, READABLE, WRITABLE};
 use crate::ready::release_ready;
 pub(crate) use crate::ready::Ready;
-use crate::stats::{ByteTotals, Culprit, LoopStats, Slowest};
+use crate::stats::{ByteTotals, LoopStats, Slowest};
 use crate::timers::Timers;
 pub(crate) use crate::transport_registry::NativeTransport;
 use crate::transports::stream::StreamTransport;
@@ -372,8 +373,10 @@ impl LoopCore {
     }
 
     /// Step 5: runs exactly the entries that were ready when it began; what they
-    /// schedule runs next turn. With the watchdog on, each run is published to it, and
-    /// with stats timing on, each is timed: the turn tests for each once, not per run.
+    /// schedule runs next turn, except what the reads of native transports and `sock_*`
+    /// calls scheduled, which runs at the end of this one (`run_entries`). With the
+    /// watchdog on, each run is published to it, and with stats timing on, each is
+    /// timed: the turn tests for each once, not per run.
     #[inline]
     fn run_ready(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let core = slf.get();
@@ -384,44 +387,6 @@ impl LoopCore {
             (false, true) => LoopCore::run_ready_with::<false, true>(slf, ntodo),
             (true, true) => LoopCore::run_ready_with::<true, true>(slf, ntodo),
         }
-    }
-
-    #[inline(always)]
-    fn run_ready_with<const WATCHED: bool, const TIMED: bool>(
-        slf: &Bound<'_, LoopCore>,
-        ntodo: usize,
-    ) -> PyResult<()> {
-        let py = slf.py();
-        let core = slf.get();
-        // Consecutive callbacks whose handles copied an empty context share one entered
-        // empty context; everything else leaves it first.
-        let mut lent = LentContext::default();
-        // Timed: one clock reading per callback, where one ends the next begins.
-        let mut last = if TIMED { Some(Instant::now()) } else { None };
-        for _ in 0..ntodo {
-            let Some(item) = core.state.borrow_mut(py)?.take_ready() else {
-                break;
-            };
-            if !matches!(item, Ready::Handle(_)) {
-                lent.leave(py)?;
-            }
-            // What runs, referenced for the slowest runs' names (the run consumes it).
-            let mut culprit = if TIMED { Culprit::of(py, &item) } else { None };
-            if WATCHED {
-                LoopCore::run_watched(slf, item, &mut lent)?;
-            } else {
-                LoopCore::run_item(slf, item, &mut lent)?;
-            }
-            if let (true, Some(started)) = (TIMED, last) {
-                let now = Instant::now();
-                let took = u64::try_from((now - started).as_nanos()).unwrap_or(u64::MAX);
-                let displaced = core.state.borrow_mut(py)?.timed_run(took, &mut culprit);
-                // Dropped here, not under the borrow: a last reference may run a finalizer.
-                drop((displaced, culprit));
-                last = Some(now);
-            }
-        }
-        lent.leave(py)
     }
 
     /// The poller's events buffer, lent out for a wait made without the state borrowed.
@@ -516,6 +481,14 @@ impl LoopCore {
     /// `asyncio.Future(loop=self)`, without a Python frame.
     pub(crate) fn create_future(slf: &Bound<'_, LoopCore>) -> PyResult<Py<PyAny>> {
         LoopCore::new_future(slf)
+    }
+
+    /// asyncio's `firstiter` hook, which `run_forever` installs (`asyncgens.rs`).
+    fn _asyncgen_firstiter_hook(
+        slf: &Bound<'_, LoopCore>,
+        agen: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        asyncgens::firstiter(slf, agen)
     }
 
     #[pyo3(signature = (coro, *, name=None, context=None))]

@@ -1,5 +1,6 @@
 //! ferroloop: Python's asyncio event loop in Rust. This file only registers the module.
 
+mod asyncgens;
 mod clock;
 mod errors;
 mod event_loop;

@@ -1,8 +1,10 @@
-//! The ready queue's entries and running one: a handle, a call queued by asyncio's C
-//! tasks and futures without a handle, a transport's readiness, a `sock_*` retry.
+//! The ready queue's entries and running them (step 5 of the turn): a handle, a call
+//! queued by asyncio's C tasks and futures without a handle, a transport's readiness, a
+//! `sock_*` retry.
 
 use std::ptr;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use pyo3::prelude::*;
 
@@ -10,6 +12,7 @@ use crate::event_loop::{LoopCore, NativeTransport};
 use crate::handles::{self, Handle, LentContext, QueuedCall};
 use crate::poller::Readiness;
 use crate::sock_ops::SockOp;
+use crate::stats::Culprit;
 
 /// An entry of the ready queue: a handle, or a transport's readiness, which runs in
 /// the queue's order as asyncio's reader/writer handles would.
@@ -81,6 +84,79 @@ impl LoopCore {
         let outcome = LoopCore::run_item(slf, item, lent);
         watchdog.end(run, object.as_ref());
         outcome
+    }
+}
+
+/// Step 5 of the turn, the running half (`LoopCore::run_ready` picks the variant).
+impl LoopCore {
+    #[inline(always)]
+    pub(crate) fn run_ready_with<const WATCHED: bool, const TIMED: bool>(
+        slf: &Bound<'_, LoopCore>,
+        ntodo: usize,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        // Consecutive callbacks whose handles copied an empty context share one entered
+        // empty context; everything else leaves it first.
+        let mut lent = LentContext::default();
+        // Timed: one clock reading per callback, where one ends the next begins.
+        let mut last = if TIMED { Some(Instant::now()) } else { None };
+        let woken = LoopCore::run_entries::<WATCHED, TIMED>(slf, ntodo, &mut lent, &mut last)?;
+        // What the reads woke (the task a `data_received` resumed) runs now, before
+        // the turn's writes go out, as uvloop runs it in the turn of the read: asyncio
+        // would run the same entries, in the same order, first thing next turn, after
+        // a poll that only looked for more to queue behind them. That poll cost a
+        // second turn per request-response round trip and its latency. A stop()
+        // requested this turn ends the run first, as in asyncio.
+        if woken > 0 && !core.stopping.load(Ordering::Relaxed) {
+            LoopCore::run_entries::<WATCHED, TIMED>(slf, woken, &mut lent, &mut last)?;
+        }
+        lent.leave(py)
+    }
+
+    /// Runs the next `count` entries of the ready queue. Returns how many entries had
+    /// been queued behind them when the last I/O among them (a transport's readiness,
+    /// a `sock_*` call's retry) had run: those its reads (and the entries before it)
+    /// scheduled.
+    #[inline(always)]
+    fn run_entries<const WATCHED: bool, const TIMED: bool>(
+        slf: &Bound<'_, LoopCore>,
+        count: usize,
+        lent: &mut LentContext,
+        last: &mut Option<Instant>,
+    ) -> PyResult<usize> {
+        let py = slf.py();
+        let core = slf.get();
+        let mut woken = 0;
+        for done in 1..=count {
+            let Some(item) = core.state.borrow_mut(py)?.take_ready() else {
+                break;
+            };
+            let io = matches!(item, Ready::Io(..) | Ready::Sock(_));
+            if !matches!(item, Ready::Handle(_)) {
+                lent.leave(py)?;
+            }
+            // What runs, referenced for the slowest runs' names (the run consumes it).
+            let mut culprit = if TIMED { Culprit::of(py, &item) } else { None };
+            if WATCHED {
+                LoopCore::run_watched(slf, item, lent)?;
+            } else {
+                LoopCore::run_item(slf, item, lent)?;
+            }
+            if io {
+                let queued = core.state.borrow_mut(py)?.ready.len();
+                woken = queued.saturating_sub(count - done);
+            }
+            if let (true, Some(started)) = (TIMED, *last) {
+                let now = Instant::now();
+                let took = u64::try_from((now - started).as_nanos()).unwrap_or(u64::MAX);
+                let displaced = core.state.borrow_mut(py)?.timed_run(took, &mut culprit);
+                // Dropped here, not under the borrow: a last reference may run a finalizer.
+                drop((displaced, culprit));
+                *last = Some(now);
+            }
+        }
+        Ok(woken)
     }
 }
 

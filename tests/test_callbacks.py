@@ -383,6 +383,73 @@ def test_async_generators_are_finalised_by_shutdown_asyncgens(loop):
     del gen
 
 
+
+def test_started_async_generators_are_tracked_weakly_until_they_end(loop):
+    async def agen():
+        yield 1
+
+    async def main():
+        first, second = agen(), agen()
+        assert len(loop._asyncgens) == 0  # not yet iterated
+        assert await first.__anext__() == 1
+        assert await second.__anext__() == 1
+        assert set(loop._asyncgens) == {first, second}
+        # Closed ones stay tracked until they are gone (closed, none is finalised later).
+        await first.aclose()
+        await second.aclose()
+        # While the weak set is iterated, a generator that dies is removed only once
+        # the iteration ends; one started meanwhile is added after that removal.
+        for held in loop._asyncgens:
+            del held, first  # the loop variable would keep `first` alive
+            third = agen()
+            assert await third.__anext__() == 1
+            await third.aclose()
+            break
+        assert set(loop._asyncgens) == {second, third}
+        del second, third
+        return len(loop._asyncgens)
+
+    assert loop.run_until_complete(main()) == 0
+
+
+def test_async_generator_started_after_shutdown_asyncgens_warns(loop):
+    async def agen():
+        yield 1
+
+    async def main():
+        gen = agen()
+        with pytest.warns(ResourceWarning, match="was scheduled after loop.shutdown_asyncgens") as caught:
+            assert await gen.__anext__() == 1
+        # Still tracked, so that a second shutdown_asyncgens would close it.
+        tracked = set(loop._asyncgens) == {gen}
+        await gen.aclose()
+        return [w.source for w in caught], tracked
+
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    assert loop.run_until_complete(main()) == ([loop], True)
+
+
+def test_asyncgens_replaced_by_another_set_gets_its_add_called(loop):
+    added = []
+
+    class Recording(set):
+        def add(self, item):
+            added.append(item)
+            super().add(item)
+
+    async def agen():
+        yield 1
+
+    async def main():
+        gen = agen()
+        assert await gen.__anext__() == 1
+        await gen.aclose()
+        return gen
+
+    loop._asyncgens = Recording()
+    gen = loop.run_until_complete(main())
+    assert added == [gen] and loop._asyncgens == {gen}
+
 def test_debug_mode_logs_slow_callbacks(loop, caplog):
     loop.set_debug(True)
     loop.slow_callback_duration = 0.01

@@ -143,6 +143,68 @@ def test_echo_is_byte_exact_and_half_close_keeps_the_reply_path(loop, factory):
     assert echoed == payload
 
 
+
+def _reading_pair(loop, order, stop_on_read=False):
+    """A transport on one end of a socketpair whose protocol, on data, wakes a task
+    that answers it; returns the other end and the task once it waits."""
+    ours, theirs = socket.socketpair()
+    waiter = loop.create_future()
+
+    class Reader(asyncio.Protocol):
+        def data_received(self, data):
+            order.append("read")
+            waiter.set_result(data)
+            loop.call_soon(order.append, "scheduled by the read")
+            if stop_on_read:
+                loop.stop()
+
+    async def answer():
+        data = await waiter
+        order.append("woken")
+        transport.write(data.upper())
+
+    transport, _ = loop.run_until_complete(loop.create_connection(Reader, sock=ours))
+    task = loop.create_task(answer())
+    loop.run_until_complete(asyncio.sleep(0))
+    theirs.setblocking(False)
+    return transport, theirs, task
+
+
+def test_a_task_woken_by_a_read_answers_in_the_turn_of_the_read(loop, loop_name):
+    # ferroloop runs what a transport's read scheduled at the end of the read's turn,
+    # as uvloop does, so the answer leaves with that turn's writes; asyncio runs the
+    # same callbacks, in the same order, in the next turn.
+    order = []
+    transport, theirs, task = _reading_pair(loop, order)
+    with theirs:
+        theirs.sendall(b"ping")
+        loop._run_once()
+        if loop_name == "asyncio":
+            assert order == ["read"]
+            loop._run_once()
+        assert order == ["read", "woken", "scheduled by the read"]
+        assert task.done() and task.result() is None
+        # Sent by the end of the turn (asyncio's selector transport sends in write()).
+        assert theirs.recv(16) == b"PING"
+        transport.close()
+        loop.run_until_complete(asyncio.sleep(0))
+
+
+def test_what_a_read_scheduled_waits_for_the_next_run_after_a_stop(loop):
+    # A stop() requested in the turn ends the run after it, as in asyncio: what the
+    # read scheduled runs when the loop runs again.
+    order = []
+    transport, theirs, task = _reading_pair(loop, order, stop_on_read=True)
+    with theirs:
+        theirs.sendall(b"ping")
+        loop.run_forever()
+        assert order == ["read"]
+        loop.run_until_complete(task)
+        assert order == ["read", "woken", "scheduled by the read"]
+        assert theirs.recv(16) == b"PING"
+        transport.close()
+        loop.run_until_complete(asyncio.sleep(0))
+
 def test_buffer_writes_to_a_full_socket_keep_every_byte(loop):
     # The peer reads nothing for a while: the echo's writes of views of its receive
     # buffer meet a full socket, are sent in part, and the rest must be kept as it was

@@ -7,7 +7,7 @@ import ssl
 import sys
 import traceback
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Iterable, Sized
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterable, Sized
 from contextvars import Context
 from typing import Any, TypeAlias, TypeVar, final
 
@@ -133,6 +133,7 @@ class LoopCore:
     def remove_reader(self, fd: FileDescriptorLike) -> bool: ...
     def remove_writer(self, fd: FileDescriptorLike) -> bool: ...
     def create_future(self) -> asyncio.Future[Any]: ...
+    def _asyncgen_firstiter_hook(self, agen: AsyncGenerator[Any, Any]) -> None: ...
     def create_task(
         self,
         coro: Coroutine[Any, Any, _T] | Generator[Any, None, _T],
