@@ -38,15 +38,20 @@ fn add_weakly(asyncgens: &Bound<'_, PyAny>, agen: &Bound<'_, PyAny>) -> PyResult
     let weak_set = WEAK_SET.get_or_try_init(py, || {
         Ok::<_, PyErr>(py.import("weakref")?.getattr("WeakSet")?.unbind())
     })?;
-    if asyncgens.get_type().is(weak_set.bind(py))
-        && !asyncgens
-            .getattr(intern!(py, "_pending_removals"))?
-            .is_truthy()?
-    {
-        let data = asyncgens.getattr(intern!(py, "data"))?;
-        if let Ok(data) = data.cast::<PySet>() {
-            let callback = asyncgens.getattr(intern!(py, "_remove"))?;
-            return data.add(PyWeakrefReference::new_with(agen, callback)?);
+    // A WeakSet whose internals are not these (another Python's) gets its `add`.
+    let no_removals_pending = || -> PyResult<bool> {
+        match asyncgens.getattr_opt(intern!(py, "_pending_removals"))? {
+            Some(pending) => Ok(!pending.is_truthy()?),
+            None => Ok(false),
+        }
+    };
+    if asyncgens.get_type().is(weak_set.bind(py)) && no_removals_pending()? {
+        let data = asyncgens.getattr_opt(intern!(py, "data"))?;
+        let callback = asyncgens.getattr_opt(intern!(py, "_remove"))?;
+        if let (Some(data), Some(callback)) = (data, callback) {
+            if let Ok(data) = data.cast::<PySet>() {
+                return data.add(PyWeakrefReference::new_with(agen, callback)?);
+            }
         }
     }
     asyncgens

@@ -567,15 +567,23 @@ impl LoopCore {
             st.timers.drain(&mut dead_timers);
             let fds = mem::take(&mut st.fds);
             let flush = mem::take(&mut st.flush);
-            (mem::take(&mut st.ready), fds, flush, st.poller.take())
+            // The slowest runs' callbacks and transports are not kept past the close.
+            let slowest = st.slowest.take();
+            (
+                mem::take(&mut st.ready),
+                fds,
+                flush,
+                st.poller.take(),
+                slowest,
+            )
         };
         for handle in queued {
             handles::release_from_loop(handle.into_bound(py));
         }
         release_timers(py, dead_timers);
-        let (ready, fds, flush, poller) = released;
+        let (ready, fds, flush, poller, slowest) = released;
         release_ready(py, ready);
-        drop((fds, flush, poller));
+        drop((fds, flush, poller, slowest));
         freelist::trim(py);
         Ok(())
     }

@@ -109,7 +109,17 @@ impl LoopCore {
         // second turn per request-response round trip and its latency. A stop()
         // requested this turn ends the run first, as in asyncio.
         if woken > 0 && !core.stopping.load(Ordering::Relaxed) {
+            // What asyncio's next turn would run: all that this turn queued.
+            let batch = core.state.borrow_mut(py)?.ready.len();
             LoopCore::run_entries::<WATCHED, TIMED>(slf, woken, &mut lent, &mut last)?;
+            // A stop() scheduled before the reads (run_until_complete's, a
+            // call_soon_threadsafe(stop)) ran in that pass: asyncio would end the run
+            // after that next turn's batch, so the rest of it (what was queued after
+            // the last read: by a timer's callback, say) runs too. What the pass itself
+            // queued stays for the next run, as there.
+            if core.stopping.load(Ordering::Relaxed) && batch > woken {
+                LoopCore::run_entries::<WATCHED, TIMED>(slf, batch - woken, &mut lent, &mut last)?;
+            }
         }
         lent.leave(py)
     }

@@ -400,7 +400,10 @@ def test_started_async_generators_are_tracked_weakly_until_they_end(loop):
         # While the weak set is iterated, a generator that dies is removed only once
         # the iteration ends; one started meanwhile is added after that removal.
         for held in loop._asyncgens:
-            del held, first  # the loop variable would keep `first` alive
+            if held is not second:
+                continue  # the set's iterator keeps what it yielded last alive
+            del held, first
+            assert loop._asyncgens._pending_removals  # `first` died mid-iteration
             third = agen()
             assert await third.__anext__() == 1
             await third.aclose()

@@ -411,13 +411,21 @@ def two_workers(tmp_path):
         [sys.executable, "-m", "ferroloop", "--inspect", path, "--workers", "2", str(script)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    pids = []
     try:
         for p in (f"{path}.0", f"{path}.1"):
-            answered(p, f"{p} to answer")
+            pids.append(answered(p, f"{p} to answer")["pid"])
         yield path
     finally:
-        proc.kill()  # the workers follow their supervisor (their lifeline)
+        proc.kill()
         proc.wait(WAIT)
+        # The workers would follow their supervisor through their lifeline, but not at
+        # once (nor at all while stopped): they must not load the tests that come next.
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def top_json(path):

@@ -205,6 +205,48 @@ def test_what_a_read_scheduled_waits_for_the_next_run_after_a_stop(loop):
         transport.close()
         loop.run_until_complete(asyncio.sleep(0))
 
+def test_a_stop_scheduled_before_a_read_ends_the_run_after_asyncios_next_turn(loop):
+    # One turn runs H (which schedules a stop), a read (which schedules X) and an
+    # expired timer (which schedules Y). asyncio runs stop, X and Y together in the
+    # next turn and only then leaves run_forever: ferroloop, which runs what the read
+    # scheduled in the read's turn, must still run Y before it leaves.
+    order = []
+    ours, theirs = socket.socketpair()
+
+    class Reader(asyncio.Protocol):
+        def data_received(self, data):
+            order.append("read")
+            loop.call_soon(order.append, "X")
+
+    async def connect():
+        return await loop.connect_accepted_socket(Reader, ours)
+
+    transport, _ = loop.run_until_complete(connect())
+    loop.run_until_complete(asyncio.sleep(0))  # reading has started
+
+    def stop():
+        order.append("stop")
+        loop.stop()
+
+    def h():
+        order.append("H")
+        loop.call_soon(stop)
+
+    def t():
+        order.append("T")
+        loop.call_soon(order.append, "Y")
+
+    with theirs:
+        theirs.sendall(b"x")  # in our receive buffer already: the first poll sees it
+        loop.call_soon(h)
+        loop.call_at(loop.time() - 1, t)
+        loop.run_forever()
+        assert order == ["H", "read", "T", "stop", "X", "Y"]
+        transport.close()
+        loop.run_until_complete(asyncio.sleep(0))
+    assert order == ["H", "read", "T", "stop", "X", "Y"]
+
+
 def test_buffer_writes_to_a_full_socket_keep_every_byte(loop):
     # The peer reads nothing for a while: the echo's writes of views of its receive
     # buffer meet a full socket, are sent in part, and the rest must be kept as it was

@@ -5,6 +5,7 @@ while reading and encrypting the file natively (`Loop._sendfile_fallback`)."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import io
 import os
@@ -144,6 +145,31 @@ def test_sendfile_of_an_empty_file_and_of_a_non_file(loop, tmp_path):
     got, results = loop.run_until_complete(asyncio.wait_for(main(), 60))
     assert got == DATA[10:100_000]
     assert results == [(0, 0), (99_990, 100_000)]
+
+
+def test_sendfile_of_a_compressed_file_sends_what_it_reads(loop, tmp_path):
+    """A gzip file's fileno() is the compressed file below it: what is sent is what the
+    file object reads, not the bytes behind its fd."""
+    path = tmp_path / "payload.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(DATA[:600_000])
+
+    async def main():
+        results = []
+
+        async def handler(reader, writer):
+            with gzip.open(path, "rb") as f:
+                results.append((await loop.sendfile(writer.transport, f), f.tell()))
+            writer.close()
+
+        server, reader, writer = await tls_pair(handler)
+        got = await reader.read()
+        await close(writer, server)
+        return got, results
+
+    got, results = loop.run_until_complete(asyncio.wait_for(main(), 60))
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(DATA[:600_000]).hexdigest()
+    assert results == [(600_000, 600_000)]
 
 
 def test_repeated_sendfiles_leave_no_fd_behind(loop, data_file):

@@ -281,7 +281,11 @@ def _native_tls_protocol(transp):
 
 
 def _regular_fileno(file):
-    """The fd of a regular file, which pread can read at any offset."""
+    """The fd of a regular file, which pread can read at any offset. Only for the
+    io module's own binary files: a wrapper whose fileno() is the file below it (gzip,
+    bz2, lzma) reads other bytes than the fd holds, and gets asyncio's fallback."""
+    if type(file) not in (io.FileIO, io.BufferedReader, io.BufferedRandom):
+        return None
     try:
         fileno = file.fileno()
         return fileno if stat.S_ISREG(os.fstat(fileno).st_mode) else None
