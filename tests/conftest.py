@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import ferroloop
 import pytest
@@ -46,6 +47,17 @@ def new_loop(loop_name):
 @pytest.fixture
 def loop(new_loop):
     return new_loop()
+
+
+def wait_until(predicate, what: str, timeout: float = 30):
+    """`predicate()`'s first true value, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def open_fds() -> int:

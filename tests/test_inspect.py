@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,10 +13,11 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 from ferroloop._inspect import request
+
+from tests.conftest import wait_until
 
 WAIT = 30
 
@@ -59,16 +61,6 @@ def answer(path):
 
 def answered(path, what="the loop to answer"):
     return wait_until(lambda: answer(path), what)
-
-
-def wait_until(predicate, what, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -193,26 +185,34 @@ def test_top_shows_the_slowest_callbacks_with_their_names(inspected):
     assert any(row.endswith(f"ms  {stalls[0]['callback']}") for row in rows)
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (make servers)")
-def test_top_renders_in_a_real_terminal(inspected, tmp_path):
-    path, port = inspected()
+@contextlib.contextmanager
+def top_in_tmux(path):
+    """`top PATH` running in a detached tmux session; yields a function returning its
+    screen's lines."""
     session = f"ferroloop-top-{os.getpid()}"
     command = f"{sys.executable} -m ferroloop top {path} --interval 0.3"
     env = {**os.environ, "TMUX": ""}
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "30", command],
                    check=True, env=env, timeout=WAIT)
-    try:
-        def screen():
-            out = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
-                                 capture_output=True, text=True, env=env, timeout=WAIT,
-                                 check=False)
-            return out.stdout.splitlines()
 
+    def screen():
+        out = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                             capture_output=True, text=True, env=env, timeout=WAIT, check=False)
+        return out.stdout.splitlines()
+
+    try:
+        yield screen
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], env=env, timeout=WAIT, check=False)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (make servers)")
+def test_top_renders_in_a_real_terminal(inspected, tmp_path):
+    path, port = inspected()
+    with top_in_tmux(path) as screen:
         # Rates appear from the second refresh on.
         lines = wait_until(lambda: (s := screen()) and any(l.startswith("turns/s ") and "-" not in l.split()[1] for l in s) and s,
                            "a screen with rates")
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], env=env, timeout=WAIT, check=False)
     assert lines[0].startswith("ferroloop top - pid ")
     assert "CONNECTIONS (2)" in lines
     header = lines.index("CONNECTIONS (2)") + 1
@@ -480,18 +480,7 @@ def test_top_over_workers_renders_in_a_real_terminal(two_workers):
     path = two_workers
     pids = [answered(f"{path}.{i}")["pid"] for i in (0, 1)]
     not_serving(f"{path}.2")
-    session = f"ferroloop-top-workers-{os.getpid()}"
-    command = f"{sys.executable} -m ferroloop top {path} --interval 0.3"
-    env = {**os.environ, "TMUX": ""}
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "30", command],
-                   check=True, env=env, timeout=WAIT)
-    try:
-        def screen():
-            out = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
-                                 capture_output=True, text=True, env=env, timeout=WAIT,
-                                 check=False)
-            return out.stdout.splitlines()
-
+    with top_in_tmux(path) as screen:
         def with_rates():
             lines = screen()
             total = [line.split() for line in lines if line.startswith("total ")]
@@ -500,8 +489,6 @@ def test_top_over_workers_renders_in_a_real_terminal(two_workers):
             return lines if answering and total and total[0][1] != "-" else None
 
         lines = wait_until(with_rates, "a screen with the workers' rates")
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], env=env, timeout=WAIT, check=False)
     assert lines[0].startswith(f"ferroloop top - {path} - 3 workers, 2 answering - ")
     header = next(i for i, line in enumerate(lines) if line.startswith("WORKER "))
     assert lines[header].split() == ["WORKER", "PID", "TURNS/S", "CALLBACKS/S", "IN", "B/S",

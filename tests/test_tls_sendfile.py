@@ -59,6 +59,22 @@ async def close(writer, server):
     await server.wait_closed()
 
 
+def received_from(loop, send):
+    """What a TLS client receives from a server that runs `await send(transport)` and
+    closes."""
+    async def main():
+        async def handler(reader, writer):
+            await send(writer.transport)
+            writer.close()
+
+        server, reader, writer = await tls_pair(handler)
+        got = await reader.read()
+        await close(writer, server)
+        return got
+
+    return loop.run_until_complete(asyncio.wait_for(main(), 60))
+
+
 def no_executor(loop, loop_name):
     """On ferroloop's native path the file is not read in the executor (asyncio's
     fallback reads it there): a read there fails the test."""
@@ -127,22 +143,15 @@ def test_sendfile_of_an_empty_file_and_of_a_non_file(loop, tmp_path):
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
 
-    async def main():
-        results = []
+    results = []
 
-        async def handler(reader, writer):
-            with open(empty, "rb") as f:
-                results.append((await loop.sendfile(writer.transport, f), f.tell()))
-            buffer = io.BytesIO(DATA[:100_000])
-            results.append((await loop.sendfile(writer.transport, buffer, offset=10), buffer.tell()))
-            writer.close()
+    async def send(transport):
+        with open(empty, "rb") as f:
+            results.append((await loop.sendfile(transport, f), f.tell()))
+        buffer = io.BytesIO(DATA[:100_000])
+        results.append((await loop.sendfile(transport, buffer, offset=10), buffer.tell()))
 
-        server, reader, writer = await tls_pair(handler)
-        got = await reader.read()
-        await close(writer, server)
-        return got, results
-
-    got, results = loop.run_until_complete(asyncio.wait_for(main(), 60))
+    got = received_from(loop, send)
     assert got == DATA[10:100_000]
     assert results == [(0, 0), (99_990, 100_000)]
 
@@ -154,41 +163,27 @@ def test_sendfile_of_a_compressed_file_sends_what_it_reads(loop, tmp_path):
     with gzip.open(path, "wb") as f:
         f.write(DATA[:600_000])
 
-    async def main():
-        results = []
+    results = []
 
-        async def handler(reader, writer):
-            with gzip.open(path, "rb") as f:
-                results.append((await loop.sendfile(writer.transport, f), f.tell()))
-            writer.close()
+    async def send(transport):
+        with gzip.open(path, "rb") as f:
+            results.append((await loop.sendfile(transport, f), f.tell()))
 
-        server, reader, writer = await tls_pair(handler)
-        got = await reader.read()
-        await close(writer, server)
-        return got, results
-
-    got, results = loop.run_until_complete(asyncio.wait_for(main(), 60))
+    got = received_from(loop, send)
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(DATA[:600_000]).hexdigest()
     assert results == [(600_000, 600_000)]
 
 
 def test_repeated_sendfiles_leave_no_fd_behind(loop, data_file):
-    async def main():
-        async def handler(reader, writer):
-            with open(data_file, "rb") as f:
-                for _ in range(3):
-                    await loop.sendfile(writer.transport, f, offset=1, count=300_000)
-            writer.close()
+    async def send(transport):
+        with open(data_file, "rb") as f:
+            for _ in range(3):
+                await loop.sendfile(transport, f, offset=1, count=300_000)
 
-        server, reader, writer = await tls_pair(handler)
-        got = await reader.read()
-        await close(writer, server)
-        return got
-
-    loop.run_until_complete(asyncio.wait_for(main(), 60))  # warm-up: lazy imports, executor
+    received_from(loop, send)  # warm-up: lazy imports, executor
     before = open_fds()
     for _ in range(5):
-        got = loop.run_until_complete(asyncio.wait_for(main(), 60))
+        got = received_from(loop, send)
         assert got == DATA[1:300_001] * 3
     assert open_fds() == before
 

@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from tests.conftest import wait_until
+
 # Answers each connection, once it has read a byte, with "<pid> <worker index>"; on
 # its way out (asyncio.run's shutdown) leaves a marker file named after its pid. Serves
 # on a port (digits), a Unix socket path, or an abstract Unix name (@name).
@@ -78,16 +80,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def wait_until(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Supervisor:
