@@ -282,7 +282,8 @@ impl LoopCore {
         drop(dead);
         let (signals, woken) = queued?;
         if woken {
-            // After the waker was drained: a thread that sees `false` writes a new byte.
+            // After the waker's edge was taken: a thread that sees `false` writes again,
+            // which is a new edge.
             core.wake_pending.store(false, Ordering::Release);
         }
         core.take_threadsafe(py)?;
@@ -317,7 +318,6 @@ impl LoopCore {
         for event in events.iter() {
             let (token, readiness) = match event {
                 Event::Waker => {
-                    poller.drain_waker();
                     woken = true;
                     continue;
                 }

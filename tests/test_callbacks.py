@@ -299,6 +299,44 @@ def test_call_soon_threadsafe_wakes_a_blocked_loop(loop):
     assert time.monotonic() - started < 5
 
 
+def test_no_wake_up_is_lost_when_many_threads_post_to_a_sleeping_loop(loop):
+    # Each thread posts one callback and waits until it has run before the next, so the
+    # loop falls asleep between posts and wake-ups from eight threads race its waking.
+    # A lost one leaves its thread waiting: after a generous wait the thread counts the
+    # loss, wakes the loop itself and stops, so that the test fails instead of hanging.
+    threads, rounds = 8, 500
+    ran = [0] * threads
+    lost = []
+    finished = []
+
+    def producer(index):
+        done = threading.Event()
+
+        def post(callback):
+            done.clear()
+            loop.call_soon_threadsafe(lambda: (callback(), done.set()))
+            if done.wait(30):
+                return True
+            lost.append(index)
+            loop._write_to_self()
+            done.wait()
+            return False
+
+        for _ in range(rounds):
+            if not post(lambda: ran.__setitem__(index, ran[index] + 1)):
+                break
+        post(lambda: (finished.append(index), len(finished) == threads and loop.stop()))
+
+    workers = [threading.Thread(target=producer, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    loop.run_forever()
+    for worker in workers:
+        worker.join()
+    assert lost == []
+    assert ran == [rounds] * threads
+
+
 def test_tasks_futures_and_gather(loop):
     async def child(i):
         await asyncio.sleep(0.001 * i)

@@ -3,6 +3,11 @@
 //! waker (a write from another thread is one counter addition, where a socket write
 //! allocates a buffer) and a socket pair for signal numbers (`set_wakeup_fd` writes
 //! bytes, which an eventfd does not take).
+//!
+//! The waker is edge-triggered and never read: every write to an eventfd wakes its
+//! waiters, so epoll reports an edge-triggered entry again after each write although
+//! the counter was never reset. A woken loop so makes no `read` before it runs what
+//! woke it, one system call fewer per `call_soon_threadsafe` wake-up.
 
 use std::io;
 use std::mem;
@@ -149,7 +154,7 @@ impl Poller {
             events: Some(events),
         };
         let waker = poller.waker.as_raw_fd();
-        poller.ctl(libc::EPOLL_CTL_ADD, waker, READABLE, WAKER_TOKEN)?;
+        poller.ctl(libc::EPOLL_CTL_ADD, waker, READABLE | EDGE, WAKER_TOKEN)?;
         let signals = poller.signal_rx.as_raw_fd();
         poller.ctl(libc::EPOLL_CTL_ADD, signals, READABLE, SIGNALS_TOKEN)?;
         Ok(poller)
@@ -254,20 +259,6 @@ impl Poller {
         reg.remove(token)
     }
 
-    /// Resets the waker: one read takes every wake-up written since the last.
-    pub fn drain_waker(&self) {
-        let mut count = 0u64;
-        // SAFETY: reads the eventfd's 8-byte counter into a valid u64; EAGAIN (nothing
-        // written) leaves it untouched.
-        unsafe {
-            libc::read(
-                self.waker.as_raw_fd(),
-                (&mut count as *mut u64).cast(),
-                mem::size_of::<u64>(),
-            )
-        };
-    }
-
     /// Reads everything queued on the signal socket; returns the non-zero bytes, which
     /// are signal numbers written by `signal.set_wakeup_fd`.
     pub fn drain_signals(&self, signals: &mut Vec<u8>) {
@@ -292,14 +283,27 @@ impl Poller {
     }
 }
 
-/// Interrupts a blocked `wait` from any thread by adding one to the waker. A counter
-/// at its maximum already holds a pending wake-up, so `EAGAIN` is not an error.
+/// Interrupts a blocked `wait` from any thread by adding one to the waker.
 /// The caller guarantees `fd` is the live waker (see `ThreadsafeQueue::wake_fd`).
 pub fn wake_fd(fd: RawFd) {
+    if add_one(fd) {
+        return;
+    }
+    // The counter is at its maximum (2^64 - 2 unread wake-ups): a refused write wakes
+    // nobody, and edge-triggered nothing else would, so reset the counter and add again.
+    let mut count = 0u64;
+    // SAFETY: reads the eventfd's 8-byte counter into a valid u64; `fd` is the waker,
+    // kept open by the caller. EAGAIN (another thread reset it first) leaves it as is.
+    unsafe { libc::read(fd, (&mut count as *mut u64).cast(), mem::size_of::<u64>()) };
+    add_one(fd);
+}
+
+/// Adds one to the eventfd `fd`; false if the counter would overflow (EAGAIN).
+fn add_one(fd: RawFd) -> bool {
     let one = 1u64;
     // SAFETY: writes the 8 bytes of a valid stack u64, as an eventfd requires; `fd` is
     // the waker, which the caller keeps open for the duration of the call.
-    unsafe { libc::write(fd, (&one as *const u64).cast(), mem::size_of::<u64>()) };
+    unsafe { libc::write(fd, (&one as *const u64).cast(), mem::size_of::<u64>()) >= 0 }
 }
 
 #[cfg(test)]
@@ -314,24 +318,48 @@ mod tests {
         assert!(read.readable() && !read.writable());
     }
 
+    /// Waits up to `timeout_ms` and returns what was reported.
+    fn wait_for(poller: &mut Poller, timeout_ms: i32) -> Vec<Event> {
+        let Some(mut events) = poller.take_events() else {
+            panic!("events lent");
+        };
+        assert!(events.wait(timeout_ms).is_ok());
+        let got = events.iter().collect();
+        poller.restore_events(events);
+        got
+    }
+
     #[test]
-    fn the_waker_is_reported() {
+    fn every_wake_up_is_reported_once_without_a_read() {
         let Ok(mut poller) = Poller::new() else {
             panic!("epoll_create1 failed");
         };
+        for _ in 0..3 {
+            wake_fd(poller.wake_tx_fd());
+            wake_fd(poller.wake_tx_fd());
+            assert_eq!(wait_for(&mut poller, 1000), vec![Event::Waker]);
+            assert_eq!(
+                wait_for(&mut poller, 0),
+                vec![],
+                "reported once, not drained"
+            );
+        }
+    }
+
+    #[test]
+    fn a_waker_at_its_maximum_still_wakes() {
+        let Ok(mut poller) = Poller::new() else {
+            panic!("epoll_create1 failed");
+        };
+        // The largest value an eventfd holds: one more write would overflow it.
+        let full = u64::MAX - 1;
+        // SAFETY: writes the 8 bytes of a valid u64 to the live waker.
+        let n = unsafe { libc::write(poller.wake_tx_fd(), (&full as *const u64).cast(), 8) };
+        assert_eq!(n, 8);
+        assert_eq!(wait_for(&mut poller, 1000), vec![Event::Waker]);
+        assert!(!add_one(poller.wake_tx_fd()), "the counter is full");
         wake_fd(poller.wake_tx_fd());
-        let Some(mut events) = poller.take_events() else {
-            panic!("events lent");
-        };
-        assert_eq!(events.wait(1000).ok(), Some(1));
-        assert_eq!(events.iter().collect::<Vec<_>>(), vec![Event::Waker]);
-        poller.restore_events(events);
-        poller.drain_waker();
-        let Some(mut events) = poller.take_events() else {
-            panic!("events lent");
-        };
-        assert_eq!(events.wait(0).ok(), Some(0), "one read resets the waker");
-        poller.restore_events(events);
+        assert_eq!(wait_for(&mut poller, 1000), vec![Event::Waker]);
     }
 
     #[test]

@@ -19,9 +19,10 @@
 //! - **Readiness** is reported as asyncio's selector on Linux reports it: an error or
 //!   a hang-up wakes both sides.
 //! - **The waker** interrupts a blocked wait from any thread (`wake_fd`) and is
-//!   reported as `Event::Waker`, drained by `drain_waker`. Signal numbers, which
-//!   `signal.set_wakeup_fd` writes one byte each, come on a channel of their own
-//!   (`signal_fd`), reported as `Event::Signals` and read by `drain_signals`.
+//!   reported as `Event::Waker` by the next wait after any number of wake-ups, with
+//!   nothing to read. Signal numbers, which `signal.set_wakeup_fd` writes one byte
+//!   each, come on a channel of their own (`signal_fd`), reported as
+//!   `Event::Signals` and read by `drain_signals`.
 //! - **The generation rule**: every event carries the `Token` its registration got.
 //!   Removing a registration bumps its slot's generation, so `Registry::get_mut`
 //!   drops an event for a registration that is gone, and it can never reach whoever
@@ -127,7 +128,7 @@ impl Readiness {
 /// One entry of a wait's `Events`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Event {
-    /// The waker was written to: drain it (`Poller::drain_waker`).
+    /// The waker was written to since the last wait reported it.
     Waker,
     /// Signal numbers arrived (`signal.set_wakeup_fd`): read them
     /// (`Poller::drain_signals`).
