@@ -384,6 +384,15 @@ impl NativeSsl {
         })?;
         Ok(Some(bytes))
     }
+
+    /// Nothing decrypted waiting in the TLS object and no ciphertext in its incoming
+    /// BIO: unless EOF is marked on that BIO, another read can only say it needs more
+    /// input.
+    pub fn read_drained(&self) -> bool {
+        // SAFETY: a live SSL object; the call only reads its state.
+        let decrypted = unsafe { (self.functions.ssl_pending)(self.ssl) };
+        decrypted <= 0 && self.incoming_pending() == 0
+    }
 }
 
 fn outcome(ok: c_int, error: c_int, n: usize) -> Io {
