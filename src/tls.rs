@@ -827,17 +827,17 @@ fn read_records_native<'py>(
             }
             Ok(filled)
         })?;
-        if !data.as_bytes().is_empty() {
-            parts.push(data.into_any());
-        }
+        let data = (!data.as_bytes().is_empty()).then(|| data.into_any());
         if drained && !eof_marked(incoming)? {
             last = Io::WantRead;
         }
         match last {
-            Io::WantRead => return Ok((join_chunks(py, parts)?, false)),
+            // The usual end, with the one `bytes` (no list of parts to make).
+            Io::WantRead => return Ok((data, false)),
             Io::Other => repeat = true,
             Io::Done(_) => {}
         }
+        parts.extend(data);
     }
     // Nothing was pending (the one read below says whether the stream ended), more
     // may be, or a read must be repeated through `_ssl`.
