@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from unittest import mock
 
 import ferroloop
 import pytest
@@ -269,3 +270,46 @@ def test_records_cut_anywhere_echo_whole(loop, app):
             server.close()
 
     assert loop.run_until_complete(asyncio.wait_for(main(), 60)) == b"".join(payloads)
+
+
+def test_a_patched_transport_write_gets_the_records(loop):
+    # The records go to the socket without calling `write` only while it is the
+    # transport's own; a patch on the instance (as mock.patch.object puts it) is called
+    # with them, as asyncio's SSLProtocol calls it.
+    async def main():
+        sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        sctx.load_cert_chain(CERT)
+
+        async def echo(reader, writer):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=sctx)
+        reader, writer = await asyncio.open_connection(
+            *server.sockets[0].getsockname(), ssl=client_context(), server_hostname="localhost"
+        )
+        transport = writer.transport._ssl_protocol._transport
+        sent = []
+        real_write = transport.write
+
+        def write(data):
+            sent.append(bytes(data))
+            real_write(data)
+
+        with mock.patch.object(transport, "write", write):
+            writer.write(b"ping" * 1000)
+            echoed = await reader.readexactly(4000)
+        writer.write(b"pong")
+        echoed += await reader.readexactly(4)
+        writer.close()
+        server.close()
+        return echoed, sent
+
+    echoed, sent = loop.run_until_complete(asyncio.wait_for(main(), 30))
+    assert echoed == b"ping" * 1000 + b"pong"
+    # One application-data record (type 23) of at least the 4000 bytes written, and
+    # nothing through the patch once it is removed.
+    assert len(sent) == 1
+    assert sent[0][0] == 23 and len(sent[0]) > 4000
