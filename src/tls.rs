@@ -588,6 +588,11 @@ fn read_into_buffer(
                 .call_method1(intern!(py, "call_soon"), (again,))?;
             break;
         }
+        // Drained: the next read could only raise `SSLWantReadError` (as in
+        // `read_records_native`).
+        if native.read_drained() && !eof_marked(&proto.get(|st| &st.incoming)?)? {
+            break;
+        }
         match read(offset)? {
             BufferRead::Count(n) => {
                 count = n;
@@ -664,7 +669,10 @@ fn do_read_copied(proto: &Proto<'_>, names: &SslProto) -> PyResult<()> {
         (bind(&st.sslobj), bind(&st.raw), st.native)
     };
     let (data, eof) = match (raw, native, sslobj) {
-        (Some(raw), Some(native), _) => read_records_native(&raw, native, names)?,
+        (Some(raw), Some(native), _) => {
+            let incoming = proto.get(|st| &st.incoming)?;
+            read_records_native(&raw, native, &incoming, names)?
+        }
         (Some(raw), None, _) => read_records(&raw, &proto.get(|st| &st.incoming)?, names)?,
         (None, _, Some(sslobj)) => read_records_wrapped(proto, &sslobj, names)?,
         (None, _, None) => return Err(PyRuntimeError::new_err("SSLProtocol has no SSL object")),
@@ -772,15 +780,20 @@ fn read_through_ssl(
 }
 
 /// [`read_records`] with libssl called natively on `native`, the `SSL` object under
-/// `raw` (kept alive by the caller). The plaintext is decrypted straight into the
-/// `bytes` handed to the protocol, sized by what the TLS object could give now
-/// ([`NativeSsl::readable_bound`]) and cut to what it gave. A read that ends otherwise
-/// than with data or `SSL_ERROR_WANT_READ` (close_notify, an error) is repeated
-/// through `raw.read`, which finds the thread's error queue as the native call left it
-/// and returns or raises what asyncio's read would.
+/// `raw` (kept alive by the caller) over the BIO `incoming`. The plaintext is decrypted
+/// straight into the `bytes` handed to the protocol, sized by what the TLS object could
+/// give now ([`NativeSsl::readable_bound`]) and cut to what it gave. The reads stop
+/// once the TLS object and its BIO are drained (unless EOF is marked on the BIO):
+/// the read that would follow could only end in `SSL_ERROR_WANT_READ`, and costs
+/// about a fifth of a 1 KiB record's decryption (see [`read_records`] on why the BIO
+/// holds every record not yet decrypted). A read that ends otherwise than with data
+/// or `SSL_ERROR_WANT_READ` (close_notify, an error) is repeated through `raw.read`,
+/// which finds the thread's error queue as the native call left it and returns or
+/// raises what asyncio's read would.
 fn read_records_native<'py>(
     raw: &Bound<'py, PyAny>,
     native: NativeSsl,
+    incoming: &Bound<'py, PyAny>,
     names: &SslProto,
 ) -> PyResult<Records<'py>> {
     let py = raw.py();
@@ -792,13 +805,20 @@ fn read_records_native<'py>(
         // Filled to the brim (the bound can be short: OpenSSL may already hold the
         // start of a record taken from the BIO), the scratch loop below reads on.
         let mut last = Io::Done(0);
+        let mut drained = false;
         let data = crate::pyhelpers::bytes_written_by(py, bound, |start, capacity| {
             let mut filled = 0;
             while filled < capacity {
                 // SAFETY: `start` is writable for `capacity` bytes, so the rest from
                 // `filled` is writable for `capacity - filled`.
                 match unsafe { native.read_raw(start.add(filled), capacity - filled) } {
-                    Io::Done(n) => filled += n,
+                    Io::Done(n) => {
+                        filled += n;
+                        if native.read_drained() {
+                            drained = true;
+                            break;
+                        }
+                    }
                     other => {
                         last = other;
                         break;
@@ -807,14 +827,17 @@ fn read_records_native<'py>(
             }
             Ok(filled)
         })?;
-        if !data.as_bytes().is_empty() {
-            parts.push(data.into_any());
+        let data = (!data.as_bytes().is_empty()).then(|| data.into_any());
+        if drained && !eof_marked(incoming)? {
+            last = Io::WantRead;
         }
         match last {
-            Io::WantRead => return Ok((join_chunks(py, parts)?, false)),
+            // The usual end, with the one `bytes` (no list of parts to make).
+            Io::WantRead => return Ok((data, false)),
             Io::Other => repeat = true,
             Io::Done(_) => {}
         }
+        parts.extend(data);
     }
     // Nothing was pending (the one read below says whether the stream ended), more
     // may be, or a read must be repeated through `_ssl`.
@@ -961,6 +984,11 @@ fn nothing_to_read(raw: &Bound<'_, PyAny>, incoming: &Bound<'_, PyAny>) -> PyRes
             .call_method0(intern!(py, "pending"))?
             .extract::<usize>()?
             == 0)
+}
+
+/// `incoming.eof`: EOF is marked on the BIO and its input is all taken.
+fn eof_marked(incoming: &Bound<'_, PyAny>) -> PyResult<bool> {
+    incoming.getattr(intern!(incoming.py(), "eof"))?.is_truthy()
 }
 
 /// The C object under a stock `ssl.SSLObject` (whose `read`, `write` and `pending` only

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from unittest import mock
 
 import ferroloop
 import pytest
@@ -179,3 +180,136 @@ def test_the_tls_suite_passes_with_the_native_path_switched_off():
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert " passed" in proc.stdout.splitlines()[-1]
+
+
+def send_records_cut(port, payloads, cuts):
+    """A client speaking TLS over memory BIOs on a plain socket: one record per payload,
+    their ciphertext sent cut into pieces of the sizes `cuts` cycles through (records
+    split across reads, several in one read), then the echo read back until complete."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(30)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+
+    def receive():
+        data = sock.recv(65536)
+        assert data, "the server closed the connection"
+        incoming.write(data)
+
+    with sock:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                receive()
+        sock.sendall(outgoing.read())
+        for payload in payloads:
+            tls.write(payload)
+        wire = outgoing.read()
+        at, i = 0, 0
+        while at < len(wire):
+            sock.sendall(wire[at : at + cuts[i % len(cuts)]])
+            at += cuts[i % len(cuts)]
+            i += 1
+        expected = b"".join(payloads)
+        got = bytearray()
+        while len(got) < len(expected):
+            receive()
+            while True:
+                try:
+                    got += tls.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+        return bytes(got)
+
+
+class BufferedEcho(asyncio.BufferedProtocol):
+    """Echoes through a 100-byte buffer, so a read fills it and asks for another."""
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.buf = memoryview(bytearray(100))
+
+    def get_buffer(self, sizehint):
+        # A memoryview: asyncio fills the rest of a buffer through `buf[offset:]`,
+        # which of a bytearray is a copy.
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        self.transport.write(bytes(self.buf[:nbytes]))
+
+
+@pytest.mark.parametrize("app", ["streams", "buffered"])
+def test_records_cut_anywhere_echo_whole(loop, app):
+    # Record by record the reads stop when the TLS object and its BIO are drained;
+    # records cut across reads or bunched in one must still all come out, in order.
+    payloads = [bytes([i % 251]) * size for i, size in enumerate([1, 5, 700, 1, 16384, 33, 4000, 2])]
+    cuts = [1, 7, 300, 5000, 2, 16000, 90]
+
+    async def main():
+        sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        sctx.load_cert_chain(CERT)
+
+        async def echo(reader, writer):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        if app == "streams":
+            server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=sctx)
+        else:
+            server = await asyncio.get_running_loop().create_server(BufferedEcho, "127.0.0.1", 0, ssl=sctx)
+        try:
+            port = server.sockets[0].getsockname()[1]
+            return await asyncio.to_thread(send_records_cut, port, payloads, cuts)
+        finally:
+            server.close()
+
+    assert loop.run_until_complete(asyncio.wait_for(main(), 60)) == b"".join(payloads)
+
+
+def test_a_patched_transport_write_gets_the_records(loop):
+    # The records go to the socket without calling `write` only while it is the
+    # transport's own; a patch on the instance (as mock.patch.object puts it) is called
+    # with them, as asyncio's SSLProtocol calls it.
+    async def main():
+        sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        sctx.load_cert_chain(CERT)
+
+        async def echo(reader, writer):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=sctx)
+        reader, writer = await asyncio.open_connection(
+            *server.sockets[0].getsockname(), ssl=client_context(), server_hostname="localhost"
+        )
+        transport = writer.transport._ssl_protocol._transport
+        sent = []
+        real_write = transport.write
+
+        def write(data):
+            sent.append(bytes(data))
+            real_write(data)
+
+        with mock.patch.object(transport, "write", write):
+            writer.write(b"ping" * 1000)
+            echoed = await reader.readexactly(4000)
+        writer.write(b"pong")
+        echoed += await reader.readexactly(4)
+        writer.close()
+        server.close()
+        return echoed, sent
+
+    echoed, sent = loop.run_until_complete(asyncio.wait_for(main(), 30))
+    assert echoed == b"ping" * 1000 + b"pong"
+    # One application-data record (type 23) of at least the 4000 bytes written, and
+    # nothing through the patch once it is removed.
+    assert len(sent) == 1
+    assert sent[0][0] == 23 and len(sent[0]) > 4000
