@@ -337,3 +337,27 @@ def test_switched_off_the_steps_are_asyncios():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "True"]
+
+
+def test_the_get_buffer_buffer_is_made_on_first_use(loop, loop_name):
+    async def main():
+        server = await asyncio.start_server(
+            lambda r, w: w.close(), "127.0.0.1", 0, ssl=server_context()
+        )
+        _, writer = await asyncio.open_connection(
+            *server.sockets[0].getsockname(), ssl=client_context(), server_hostname="localhost"
+        )
+        proto = writer.transport._ssl_protocol
+        before = len(proto._ssl_buffer)
+        view = proto.get_buffer(-1)
+        sizes = before, len(view), len(proto._ssl_buffer), proto.max_size
+        writer.close()
+        server.close()
+        return sizes
+
+    before, view, after, max_size = loop.run_until_complete(asyncio.wait_for(main(), 30))
+    assert max_size == 256 * 1024
+    assert view == after == max_size
+    # ferroloop's transport never calls get_buffer: its SSLProtocol leaves the 256 KiB
+    # buffer asyncio makes for every connection to get_buffer's first call.
+    assert before == (0 if loop_name == "ferroloop" and OWN_SSLPROTO else max_size)
