@@ -339,6 +339,7 @@ def test_switched_off_the_steps_are_asyncios():
     assert proc.stdout.split() == ["True", "True"]
 
 
+@pytest.mark.skipif(not OWN_SSLPROTO, reason="asyncio's own sslproto runs on this version")
 def test_the_get_buffer_buffer_is_made_on_first_use(loop, loop_name):
     async def main():
         server = await asyncio.start_server(
@@ -361,3 +362,37 @@ def test_the_get_buffer_buffer_is_made_on_first_use(loop, loop_name):
     # ferroloop's transport never calls get_buffer: its SSLProtocol leaves the 256 KiB
     # buffer asyncio makes for every connection to get_buffer's first call.
     assert before == (0 if loop_name == "ferroloop" and OWN_SSLPROTO else max_size)
+
+
+@pytest.mark.skipif(not OWN_SSLPROTO, reason="asyncio's own sslproto runs on this version")
+def test_start_tls_takes_the_native_path_on_both_sides(loop, loop_name, monkeypatch):
+    calls = Calls(monkeypatch)
+
+    async def main():
+        paths = []
+
+        async def serve(reader, writer):
+            await writer.start_tls(server_context())
+            paths.append(getattr(writer.transport._ssl_protocol, "_ferroloop_tls_path", None))
+            writer.write(await reader.readexactly(4))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+        await writer.start_tls(client_context(), server_hostname="localhost")
+        paths.append(getattr(writer.transport._ssl_protocol, "_ferroloop_tls_path", None))
+        writer.write(b"ping")
+        echoed = await reader.readexactly(4)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return echoed, paths
+
+    echoed, paths = loop.run_until_complete(asyncio.wait_for(main(), 30))
+    assert echoed == b"ping"
+    if loop_name == "ferroloop" and NATIVE:
+        assert paths == ["libssl", "libssl"]
+        assert calls.counts["do_handshake"] == 0
+    else:
+        assert calls.counts["do_handshake"] >= 2
