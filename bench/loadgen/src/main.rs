@@ -789,6 +789,61 @@ fn one_handshake(
     }
 }
 
+/// One server of `loadgen handshakes` and what was measured on it.
+struct HandshakeTarget {
+    name: String,
+    pid: i32,
+    port: u16,
+    /// (connections, wall seconds, server CPU seconds) per slice.
+    slices: Vec<(u64, f64, f64)>,
+    latencies_us: Vec<u32>,
+}
+
+fn handshake_targets(specs: &[String]) -> io::Result<Vec<HandshakeTarget>> {
+    let mut targets = Vec::new();
+    for spec in specs {
+        let parts: Vec<&str> = spec.split(',').collect();
+        let [name, pid, port] = parts[..] else {
+            return Err(io::Error::other(format!("bad target {spec}")));
+        };
+        targets.push(HandshakeTarget {
+            name: name.to_string(),
+            pid: pid.parse().map_err(io::Error::other)?,
+            port: port.parse().map_err(io::Error::other)?,
+            slices: Vec::new(),
+            latencies_us: Vec::new(),
+        });
+    }
+    Ok(targets)
+}
+
+/// The JSON `run` prints, plus `warmup`; every target is left running.
+fn handshakes_json(targets: &mut [HandshakeTarget], warmup: u64) -> io::Result<String> {
+    let mut json = String::from("{\"targets\": [");
+    for (k, t) in targets.iter_mut().enumerate() {
+        signal(t.pid, libc::SIGCONT)?;
+        t.latencies_us.sort_unstable();
+        if k > 0 {
+            json.push_str(", ");
+        }
+        let slices: Vec<String> = t
+            .slices
+            .iter()
+            .map(|(r, w, c)| format!("[{r}, {w:.6}, {c:.6}]"))
+            .collect();
+        let _ = write!(
+            json,
+            "{{\"name\": \"{}\", \"slices\": [{}], \"p50_us\": {}, \"p99_us\": {}}}",
+            t.name,
+            slices.join(", "),
+            percentile(&t.latencies_us, 0.5),
+            percentile(&t.latencies_us, 0.99),
+        );
+    }
+    let _ = write!(json, "], \"warmup\": {warmup}}}");
+    Ok(json)
+}
+
 fn handshakes(args: &[String]) -> io::Result<()> {
     let mut size = 1024usize;
     let mut slice_ms = 100u64;
@@ -818,25 +873,17 @@ fn handshakes(args: &[String]) -> io::Result<()> {
         .ok_or_else(|| io::Error::other("TLS configuration shared"))?;
     config.resumption = rustls::client::Resumption::disabled();
     let config = Arc::new(config);
-    let mut targets = Vec::new();
-    for spec in &specs {
-        let parts: Vec<&str> = spec.split(',').collect();
-        let [name, pid, port] = parts[..] else {
-            return Err(io::Error::other(format!("bad target {spec}")));
-        };
-        let pid: i32 = pid.parse().map_err(io::Error::other)?;
-        let port: u16 = port.parse().map_err(io::Error::other)?;
-        targets.push((name.to_string(), pid, port, Vec::new(), Vec::new()));
-    }
+    let mut targets = handshake_targets(&specs)?;
     let payload: Vec<u8> = (0..size).map(|i| pattern(0, 0, i)).collect();
     let mut buf = vec![0u8; size.max(64 * 1024)];
-    let mut slice_of = |port: u16, length: Duration, latencies: &mut Vec<u32>| {
+    let mut slice_of = |t: &mut HandshakeTarget, length: Duration| {
         let t0 = Instant::now();
         let mut done = 0u64;
         while t0.elapsed() < length {
             let started = Instant::now();
-            one_handshake(&config, port, &payload, &mut buf)?;
-            latencies.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            one_handshake(&config, t.port, &payload, &mut buf)?;
+            let us = started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+            t.latencies_us.push(us);
             done += 1;
         }
         io::Result::Ok(done)
@@ -844,49 +891,29 @@ fn handshakes(args: &[String]) -> io::Result<()> {
     // Connections made outside the measured slices, for a caller counting the server's
     // instructions over its whole run.
     let mut warmup = 0;
-    for (_, pid, port, _, latencies) in targets.iter_mut() {
-        warmup += slice_of(*port, Duration::from_millis(20), latencies)?;
-        latencies.clear();
-        signal(*pid, libc::SIGSTOP)?;
+    for t in targets.iter_mut() {
+        warmup += slice_of(t, Duration::from_millis(20))?;
+        t.latencies_us.clear();
+        signal(t.pid, libc::SIGSTOP)?;
     }
     let mut order: VecDeque<usize> = (0..targets.len()).collect();
     for cycle in 0..cycles {
         for &i in &order {
-            let (_, pid, port, slices, latencies) = &mut targets[i];
-            signal(*pid, libc::SIGCONT)?;
-            let cpu0 = cpu_seconds(*pid)?;
+            let t = &mut targets[i];
+            signal(t.pid, libc::SIGCONT)?;
+            let cpu0 = cpu_seconds(t.pid)?;
             let t0 = Instant::now();
-            let done = slice_of(*port, Duration::from_millis(slice_ms), latencies)?;
+            let done = slice_of(t, Duration::from_millis(slice_ms))?;
             let wall = t0.elapsed().as_secs_f64();
-            let cpu = cpu_seconds(*pid)? - cpu0;
-            signal(*pid, libc::SIGSTOP)?;
-            slices.push((done, wall, cpu));
+            let cpu = cpu_seconds(t.pid)? - cpu0;
+            signal(t.pid, libc::SIGSTOP)?;
+            t.slices.push((done, wall, cpu));
         }
         order.rotate_left(1);
         eprint!("\r  cycle {}/{cycles}", cycle + 1);
     }
     eprint!("\r{:30}\r", "");
-    let mut json = String::from("{\"targets\": [");
-    for (k, (name, pid, _, slices, latencies)) in targets.iter_mut().enumerate() {
-        signal(*pid, libc::SIGCONT)?;
-        latencies.sort_unstable();
-        if k > 0 {
-            json.push_str(", ");
-        }
-        let slices: Vec<String> = slices
-            .iter()
-            .map(|(r, w, c)| format!("[{r}, {w:.6}, {c:.6}]"))
-            .collect();
-        let _ = write!(
-            json,
-            "{{\"name\": \"{name}\", \"slices\": [{}], \"p50_us\": {}, \"p99_us\": {}}}",
-            slices.join(", "),
-            percentile(latencies, 0.5),
-            percentile(latencies, 0.99),
-        );
-    }
-    let _ = write!(json, "], \"warmup\": {warmup}}}");
-    println!("{json}");
+    println!("{}", handshakes_json(&mut targets, warmup)?);
     Ok(())
 }
 
