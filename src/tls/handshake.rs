@@ -13,8 +13,7 @@
 //! The user's context runs inside libssl as it would under `_ssl`: SNI callback, ALPN,
 //! client certificates, session tickets and renegotiation (asyncio adds nothing to
 //! OpenSSL's defaults there, and neither does this) are properties of the `SSL` object
-//! `SSLContext.wrap_bio` made. `_ssl`'s callbacks take the GIL with
-//! `PyGILState_Ensure`, which holds on the thread that already holds it.
+//! `SSLContext.wrap_bio` made.
 //!
 //! Two kinds of connection keep asyncio's methods for these steps (besides those whose
 //! records go through `_ssl`'s methods, `_ferroloop_tls_path`): a context with a
@@ -114,7 +113,11 @@ pub(super) fn do_handshake(proto: &Proto<'_>) -> PyResult<()> {
     let Some((raw, native)) = native_steps(proto)? else {
         return asyncio_step(proto, intern!(py, "_do_handshake"));
     };
-    let step = match native.handshake() {
+    // The handshake's public-key operations take hundreds of microseconds: other
+    // threads run meanwhile, as under `_ssl`, which releases the GIL around
+    // `SSL_do_handshake` too (`_ssl`'s callbacks take it back with `PyGILState_Ensure`).
+    // `raw`, held here, keeps the `SSL` object.
+    let step = match py.detach(|| native.handshake()) {
         Io::Done(_) => Step::Done,
         Io::WantRead => Step::Again,
         Io::Other => sort(py, raw.call_method0(intern!(py, "do_handshake")))?,
