@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import socket
+import sys
 from asyncio import base_events, constants, futures, sslproto, transports, trsock
 
 from . import _sslproto
@@ -159,7 +160,8 @@ class TransportMethods:
         self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
 
-    if _sslproto.SSLProtocol is not sslproto.SSLProtocol:
+    # The versions whose `sslproto` ferroloop's `SSLProtocol` subclasses (`_sslproto.py`).
+    if sys.version_info >= (3, 11) and sys.version_info < (3, 14):
 
         async def start_tls(
             self,
