@@ -396,3 +396,45 @@ def test_start_tls_takes_the_native_path_on_both_sides(loop, loop_name, monkeypa
         assert calls.counts["do_handshake"] == 0
     else:
         assert calls.counts["do_handshake"] >= 2
+
+
+def test_a_peer_answering_close_notify_ends_the_shutdown_cleanly(loop):
+    listener = socket.create_server(("127.0.0.1", 0))
+    after_unwrap = []
+
+    def answering_peer():
+        conn, _ = listener.accept()
+        tls = server_context().wrap_socket(conn, server_side=True)
+        tls.sendall(b"hello")
+        plain = tls.unwrap()  # reads the client's close_notify, answers with ours
+        after_unwrap.append(plain.recv(100))  # then the client's TCP close: b""
+        plain.close()
+
+    thread = threading.Thread(target=answering_peer, daemon=True)
+    thread.start()
+
+    async def main():
+        lost = loop.create_future()
+        received = bytearray()
+
+        class Client(asyncio.Protocol):
+            def data_received(self, data):
+                received.extend(data)
+                if received == b"hello":
+                    transport.close()
+
+            def connection_lost(self, exc):
+                lost.set_result(exc)
+
+        transport, _ = await loop.create_connection(
+            Client, *listener.getsockname(), ssl=client_context(), server_hostname="localhost"
+        )
+        return await asyncio.wait_for(lost, 30), bytes(received)
+
+    try:
+        exc, received = loop.run_until_complete(main())
+        thread.join(30)
+    finally:
+        listener.close()
+    assert (exc, received) == (None, b"hello")
+    assert after_unwrap == [b""]
