@@ -15,6 +15,7 @@ below 1.00x is better).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -68,28 +69,41 @@ def echo_ab(pythons: dict[str, str], kinds: list[str], sizes: list[int], conns_l
     ]
     for kind in kinds:
         script = "framework_servers.py" if kind in echo.FRAMEWORKS else "echo_servers.py"
-        servers = {
-            name: echo.Server([py, str(BENCH / script), "ferroloop", kind], server_core)
-            for name, py in pythons.items()
-        }
-        try:
-            for size in sizes if echo.sized(kind) else sizes[:1]:
-                for conns in conns_list:
-                    print(f"{kind} {size} B x {conns}", file=sys.stderr, flush=True)
-                    cell = echo.run_cell(servers, kind, size, conns, cycles, 100, gen_core)
-                    base, new = cell["base"]["slices"], cell["new"]["slices"]
-                    rps = spread([(n[0] / n[1]) / (b[0] / b[1]) for n, b in zip(new, base)])
-                    cpu_b = sorted(c / r * 1e6 for r, _, c in base if r)
-                    cpu_n = sorted(c / r * 1e6 for r, _, c in new if r)
-                    cpu = spread([(n[2] / n[0]) / (b[2] / b[0]) for n, b in zip(new, base) if n[0] and b[0]])
-                    label = echo.size_label({"size": size if echo.sized(kind) else None})
-                    lines.append(
-                        f"| {kind} | {label} | {conns} | **{rps[0]:.2f}x** ({rps[1]:.2f}-{rps[2]:.2f}) | "
-                        f"{cpu_b[len(cpu_b) // 2]:.1f} | {cpu_n[len(cpu_n) // 2]:.1f} | {cpu[0]:.2f}x |"
-                    )
-        finally:
-            for server in servers.values():
-                server.stop()
+        # TLS cells: the certificate bench/echo.py makes for its runs (trustme's), so
+        # that the figures compare with the suite's.
+        tls_files = echo.tls_files() if echo.uses_tls(kind) else contextlib.nullcontext()
+        with tls_files as tls:
+            env = echo.server_env(False, tls)
+            ca = tls.ca if tls is not None else None
+            servers = {
+                name: echo.Server([py, str(BENCH / script), "ferroloop", kind], server_core, env)
+                for name, py in pythons.items()
+            }
+            lines += echo_ab_cells(servers, kind, sizes, conns_list, cycles, gen_core, ca)
+    return lines
+
+
+def echo_ab_cells(servers, kind, sizes, conns_list, cycles, gen_core, ca) -> list[str]:
+    """The rows of one kind; the servers are stopped after them."""
+    lines = []
+    try:
+        for size in sizes if echo.sized(kind) else sizes[:1]:
+            for conns in conns_list:
+                print(f"{kind} {size} B x {conns}", file=sys.stderr, flush=True)
+                cell = echo.run_cell(servers, kind, size, conns, cycles, 100, gen_core, ca)
+                base, new = cell["base"]["slices"], cell["new"]["slices"]
+                rps = spread([(n[0] / n[1]) / (b[0] / b[1]) for n, b in zip(new, base)])
+                cpu_b = sorted(c / r * 1e6 for r, _, c in base if r)
+                cpu_n = sorted(c / r * 1e6 for r, _, c in new if r)
+                cpu = spread([(n[2] / n[0]) / (b[2] / b[0]) for n, b in zip(new, base) if n[0] and b[0]])
+                label = echo.size_label({"size": size if echo.sized(kind) else None})
+                lines.append(
+                    f"| {kind} | {label} | {conns} | **{rps[0]:.2f}x** ({rps[1]:.2f}-{rps[2]:.2f}) | "
+                    f"{cpu_b[len(cpu_b) // 2]:.1f} | {cpu_n[len(cpu_n) // 2]:.1f} | {cpu[0]:.2f}x |"
+                )
+    finally:
+        for server in servers.values():
+            server.stop()
     return lines
 
 

@@ -10,7 +10,9 @@ its Content-Length; every WebSocket frame). Servers run with glibc's default all
 settings, as users run them. Per cell it reports requests/s, server CPU µs per request
 (server CPU time / requests: the steadiest figure on a shared machine), p50/p99
 latency, and ferroloop's ratio to uvloop as the median of per-cycle ratios with the
-p25-p75 spread. The TLS workloads (`tls`, the streams echo over TLS; `uvicorn-tls` and
+p25-p75 spread. `tls-handshake` (not in the default kinds) makes each request a new
+TLS connection, one at a time, to the TLS streams echo: its requests/s are connections/s
+and its CPU µs per request the server's CPU per connection. The other TLS workloads (`tls`, the streams echo over TLS; `uvicorn-tls` and
 `aiohttp-tls`, the framework servers over HTTPS) use a certificate made for the run
 (bench/_tls.py) and keep-alive connections, opened with their handshakes before the
 first measured slice: they measure records, not handshakes.
@@ -42,10 +44,13 @@ BENCH = Path(__file__).resolve().parent
 LOADGEN_DIR = BENCH / "loadgen"
 LOADGEN = LOADGEN_DIR / "target" / "release" / "ferroloop-loadgen"
 KINDS = ["streams", "readline", "protocol", "buffered", "sock", "http", "tls"]
+# The TLS streams echo server, each request a new connection (bench/loadgen
+# `handshakes`: connect, full handshake, one echo, close_notify, close), one at a time.
+HANDSHAKES = "tls-handshake"
 
 
 def uses_tls(kind: str) -> bool:
-    return kind == "tls" or kind.endswith("-tls")
+    return kind in ("tls", HANDSHAKES) or kind.endswith("-tls")
 
 
 FRAMEWORK_KINDS = [k for k in FRAMEWORKS if not uses_tls(k)]
@@ -56,7 +61,7 @@ TLS_FRAMEWORK_KINDS = [k for k in FRAMEWORKS if uses_tls(k)]
 # What the load generator sends to each kind of server (echo unless listed), and the
 # kinds the pure-Rust echo server is no ceiling for.
 MODES = {"readline": "line", "http": "http"}
-NO_CEILING = {"readline", "http", "tls", *FRAMEWORKS}
+NO_CEILING = {"readline", "http", "tls", HANDSHAKES, *FRAMEWORKS}
 # Servers run with the allocator settings users have: glibc's defaults. glibc moves its
 # trim and mmap thresholds as a process frees large blocks, so allocation order can
 # decide whether freed heap goes back to the kernel and is faulted in again by the next
@@ -129,13 +134,14 @@ class Server:
 
 
 def run_cell(targets: dict[str, Server], kind, size, conns, cycles, slice_ms, gen_core, ca=None) -> dict:
-    argv = [str(LOADGEN), "run", "--size", str(size), "--conns", str(conns)]
+    command = "handshakes" if kind == HANDSHAKES else "run"
+    argv = [str(LOADGEN), command, "--size", str(size), "--conns", str(conns)]
     if kind in FRAMEWORKS:
         mode, path, body = FRAMEWORKS[kind]
         argv += ["--mode", mode]
         if path is not None:
             argv += ["--path", path, "--body", body.decode()]
-    else:
+    elif kind != HANDSHAKES:
         argv += ["--mode", MODES.get(kind, "echo")]
     if uses_tls(kind):
         # Servers started without the harness's certificate (bench/ab.py starts its own)
@@ -339,7 +345,7 @@ def c10k_markdown(rows: dict, kind="streams") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS + list(FRAMEWORKS))
+    parser.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS + [HANDSHAKES] + list(FRAMEWORKS))
     parser.add_argument("--sizes", nargs="*", type=int, default=[1024])
     parser.add_argument("--conns", nargs="*", type=int, default=[10, 100])
     parser.add_argument("--cycles", type=int, default=20)

@@ -5,7 +5,8 @@
 LOOP: asyncio | uvloop | ferroloop | rloop | rsloop.
 KIND: streams | readline | protocol | buffered | sock | http (httptools, keep-alive;
 the request path is the body size to answer with, as bench/loadgen sends it) | tls
-(the streams echo over TLS, with the certificate bench/_tls.py gives it).
+(the streams echo over TLS, with the certificate bench/_tls.py gives it) | tls-handshake
+(the same server, which the load generator reconnects to for every request).
 """
 
 from __future__ import annotations
@@ -113,10 +114,9 @@ async def main(kind: str) -> None:
         port = listener.getsockname()[1]
         task = loop.create_task(serve_sock(loop, listener))
     else:
-        if kind in ("streams", "tls"):
-            server = await asyncio.start_server(
-                streams_handler, "127.0.0.1", 0, backlog=1024, ssl=server_context() if kind == "tls" else None
-            )
+        if kind in ("streams", "tls", "tls-handshake"):
+            tls = server_context() if kind != "streams" else None
+            server = await asyncio.start_server(streams_handler, "127.0.0.1", 0, backlog=1024, ssl=tls)
         elif kind == "readline":
             server = await asyncio.start_server(
                 readline_handler, "127.0.0.1", 0, backlog=1024, limit=1 << 20

@@ -9,9 +9,11 @@ aiohttp.web, websockets echo, and uvicorn and aiohttp.web over HTTPS), the echo
 workloads (streams, readline, Protocol, BufferedProtocol, sock_*, HTTP/1.1 with
 httptools, TLS) at 1 KiB, each with 10 and 100 connections, and the micro benchmarks.
 Full: the same with echo at 1, 10 and 100 KiB and WebSocket messages at 1 and 100 KiB,
-20 cycles each, 10,000 idle connections, and sendfile over TLS (bench/tls_sendfile.py).
+20 cycles each, 10,000 idle connections, TLS handshakes (a new connection per 1 KiB
+echo, one at a time: connections/s and server CPU per connection) and sendfile over TLS
+(bench/tls_sendfile.py).
 `--only tls`: the framework cells over HTTPS, the TLS echo at 1 and 10 KiB (and 100 KiB
-with `--full`), 20 cycles each, and sendfile over TLS; it writes tls.md, tls.json and
+with `--full`), 20 cycles each, TLS handshakes and sendfile over TLS; it writes tls.md, tls.json and
 tls.png instead. Every server runs with glibc's default allocator settings
 (`--fixed-malloc` pins the thresholds, as a diagnostic). Writes bench/results/summary.md,
 suite.json, frameworks.png and suite.png, and names them on its last line.
@@ -98,12 +100,20 @@ def written_names(written: list[Path]) -> str:
     return ", ".join(str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p) for p in written)
 
 
+HANDSHAKES_HEAD = (
+    "## TLS handshakes\n\nA new connection per request, one at a time: connect, full handshake "
+    "(no resumption), one 1 KiB echo, close_notify, close. Requests/s are connections/s, CPU µs/req "
+    "the server's CPU per connection.\n\n"
+)
+
+
 def run_tls(full: bool, fixed_malloc: bool, started: float) -> None:
     """`--only tls`: every TLS cell, and sendfile over TLS."""
     sizes = [1024, 10 * 1024, 100 * 1024] if full else [1024, 10 * 1024]
     cycles = 20
     frameworks = echo.run_matrix(echo.TLS_FRAMEWORK_KINDS, [1024], [10, 100], cycles, 100, fixed_malloc)
     cells = echo.run_matrix(["tls"], sizes, [10, 100], cycles, 100, fixed_malloc)
+    handshakes = echo.run_matrix([echo.HANDSHAKES], [1024], [1], cycles, 100, fixed_malloc)
     sendfile = tls_sendfile.run(100 << 20, 10)
     malloc = "glibc.malloc thresholds pinned (diagnostic)" if fixed_malloc else "glibc's default allocator settings"
     summary = "\n\n".join(
@@ -114,12 +124,16 @@ def run_tls(full: bool, fixed_malloc: bool, started: float) -> None:
             ),
             "## Frameworks over HTTPS\n\n" + echo.markdown(frameworks),
             "## TLS echo\n\n" + echo.markdown(cells),
+            HANDSHAKES_HEAD + echo.markdown(handshakes),
             "## sendfile over TLS\n\n" + tls_sendfile.markdown(sendfile),
         ]
     )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tls.md").write_text(summary + "\n")
-    payload = {"machine": machine(), "frameworks": frameworks, "cells": cells, "sendfile": sendfile}
+    payload = {
+        "machine": machine(), "frameworks": frameworks, "cells": cells, "handshakes": handshakes,
+        "sendfile": sendfile,
+    }
     (RESULTS / "tls.json").write_text(json.dumps(payload, indent=1))
     written = [RESULTS / "tls.md", RESULTS / "tls.json"]
     try:
@@ -152,6 +166,7 @@ def main() -> None:
     frameworks = echo.run_matrix(framework_kinds, ws_sizes, [10, 100], cycles, 100, args.fixed_malloc)
     cells = echo.run_matrix(echo.KINDS, sizes, [10, 100], cycles, 100, args.fixed_malloc)
     c10k = echo.run_c10k() if args.full else None
+    handshakes = echo.run_matrix([echo.HANDSHAKES], [1024], [1], cycles, 100, args.fixed_malloc) if args.full else None
     sendfile = tls_sendfile.run(100 << 20, 10) if args.full else None
     micro_table, micro_raw = micro_section(micro_cycles)
 
@@ -165,6 +180,8 @@ def main() -> None:
     ]
     if c10k:
         parts.append(echo.c10k_markdown(c10k))
+    if handshakes:
+        parts.append(HANDSHAKES_HEAD + echo.markdown(handshakes))
     if sendfile:
         parts.append("## sendfile over TLS\n\n" + tls_sendfile.markdown(sendfile))
     parts.append("## Micro\n\n" + micro_table)
@@ -174,7 +191,7 @@ def main() -> None:
         json.dumps(
             {
                 "machine": machine(), "frameworks": frameworks, "cells": cells, "c10k": c10k,
-                "sendfile": sendfile, "micro": micro_raw,
+                "handshakes": handshakes, "sendfile": sendfile, "micro": micro_raw,
             },
             indent=1,
         )

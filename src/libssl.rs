@@ -39,6 +39,8 @@ type BioPtr = *mut c_void;
 type SslReadEx = unsafe extern "C" fn(SslPtr, *mut c_void, usize, *mut usize) -> c_int;
 /// `int SSL_write_ex(SSL *, const void *buf, size_t num, size_t *written)`
 type SslWriteEx = unsafe extern "C" fn(SslPtr, *const c_void, usize, *mut usize) -> c_int;
+/// `int SSL_do_handshake(SSL *)`, `int SSL_shutdown(SSL *)`
+type SslStep = unsafe extern "C" fn(SslPtr) -> c_int;
 /// `int SSL_get_error(const SSL *, int ret)`
 type SslGetError = unsafe extern "C" fn(SslPtr, c_int) -> c_int;
 /// `BIO *SSL_get_rbio(const SSL *)`, `BIO *SSL_get_wbio(const SSL *)`
@@ -63,6 +65,8 @@ struct Functions {
     ssl_read_ex: SslReadEx,
     ssl_write_ex: SslWriteEx,
     ssl_get_error: SslGetError,
+    ssl_do_handshake: SslStep,
+    ssl_shutdown: SslStep,
     ssl_pending: SslPending,
     err_peek_error: ErrPeekError,
     ssl_get_rbio: SslGetBio,
@@ -142,6 +146,8 @@ fn load(py: Python<'_>) -> PyResult<Functions> {
             ssl_read_ex: transmute::<*mut c_void, SslReadEx>(find(c"SSL_read_ex")?),
             ssl_write_ex: transmute::<*mut c_void, SslWriteEx>(find(c"SSL_write_ex")?),
             ssl_get_error: transmute::<*mut c_void, SslGetError>(find(c"SSL_get_error")?),
+            ssl_do_handshake: transmute::<*mut c_void, SslStep>(find(c"SSL_do_handshake")?),
+            ssl_shutdown: transmute::<*mut c_void, SslStep>(find(c"SSL_shutdown")?),
             ssl_pending: transmute::<*mut c_void, SslPending>(find(c"SSL_pending")?),
             err_peek_error: transmute::<*mut c_void, ErrPeekError>(find(c"ERR_peek_error")?),
             ssl_get_rbio: transmute::<*mut c_void, SslGetBio>(find(c"SSL_get_rbio")?),
@@ -207,6 +213,18 @@ pub enum Io {
     /// repeats the operation through `_ssl`'s own method, which finds the thread's
     /// OpenSSL error queue as this call left it and raises (or returns) what stock
     /// asyncio would see.
+    Other,
+}
+
+/// What one `SSL_shutdown` did.
+pub enum Shutdown {
+    /// Both close_notify alerts are through (1).
+    Complete,
+    /// Ours is written to the outgoing BIO, the peer's has not come (0).
+    Sent,
+    /// Waiting for the peer's close_notify (`SSL_ERROR_WANT_READ`).
+    WantRead,
+    /// Anything else: an error, its queue left for `_ssl` to report.
     Other,
 }
 
@@ -313,6 +331,35 @@ impl NativeSsl {
         let write = self.functions.ssl_write_ex;
         // SAFETY: `data` is readable for its length during the call.
         self.io(|ssl, n| unsafe { write(ssl, data.as_ptr().cast(), data.len(), n) })
+    }
+
+    /// One `SSL_do_handshake`: `Done` once the handshake is complete, `WantRead` while
+    /// it waits for the peer, `Other` for anything else (an error, with the thread's
+    /// error queue left as the call left it for `_ssl` to report).
+    pub fn handshake(&self) -> Io {
+        let step = self.functions.ssl_do_handshake;
+        // SAFETY: a live SSL object (the holder keeps its owner), used on this thread
+        // under the GIL as `_ssl` uses it.
+        self.io(|ssl, _| unsafe { step(ssl) })
+    }
+
+    /// One `SSL_shutdown`, with the thread's error queue emptied first.
+    pub fn shutdown(&self) -> Shutdown {
+        let f = self.functions;
+        // SAFETY: as in `handshake`.
+        let ret = unsafe {
+            (f.err_clear_error)();
+            (f.ssl_shutdown)(self.ssl)
+        };
+        match ret {
+            1 => Shutdown::Complete,
+            0 => Shutdown::Sent,
+            // SAFETY: as above; `ret` is what the call returned.
+            _ if unsafe { (f.ssl_get_error)(self.ssl, ret) } == SSL_ERROR_WANT_READ => {
+                Shutdown::WantRead
+            }
+            _ => Shutdown::Other,
+        }
     }
 
     /// One read or write `op` (given the `SSL *` and where to put the byte count) with

@@ -38,6 +38,8 @@ use crate::libssl::{Io, NativeSsl};
 use crate::transports::read::{Outcome, Reader, Sink, BUFFER_UPDATED_FAILED};
 use crate::transports::stream::StreamTransport;
 
+mod handshake;
+
 /// What `asyncio.sslproto` defines that the path compares against.
 struct SslProto {
     wrapped: Py<PyAny>,
@@ -222,6 +224,16 @@ impl TlsState {
         } else {
             Ok(())
         }
+    }
+
+    /// `SSLProtocol._do_handshake` (`tls/handshake.rs`).
+    fn _do_handshake(slf: &Bound<'_, Self>) -> PyResult<()> {
+        handshake::do_handshake(&Proto::of(slf))
+    }
+
+    /// `SSLProtocol._do_shutdown` (`tls/handshake.rs`).
+    fn _do_shutdown(slf: &Bound<'_, Self>) -> PyResult<()> {
+        handshake::do_shutdown(&Proto::of(slf))
     }
 
     /// `SSLProtocol._write_appdata`.
@@ -450,11 +462,11 @@ fn records_received(proto: &Bound<'_, TlsState>) -> PyResult<()> {
     if state.is(&names.wrapped) {
         do_read(proto, names)
     } else if state.is(&names.do_handshake) {
-        obj.call_method0(intern!(py, "_do_handshake")).map(drop)
+        handshake::do_handshake(proto)
     } else if state.is(&names.flushing) {
         obj.call_method0(intern!(py, "_do_flush")).map(drop)
     } else if state.is(&names.shutdown) {
-        obj.call_method0(intern!(py, "_do_shutdown")).map(drop)
+        handshake::do_shutdown(proto)
     } else {
         Ok(())
     }

@@ -23,6 +23,18 @@ if sys.version_info >= (3, 11) and sys.version_info < (3, 14):
         is_closing = _METHODS["is_closing"]
 
     class SSLProtocol(TlsState, sslproto.SSLProtocol):
+        def __init__(self, *args, **kwargs):
+            # asyncio's __init__ makes a zeroed buffer of `max_size` (256 KiB) for
+            # `get_buffer`, per connection: about a tenth of a handshake's instructions,
+            # and its pages faulted in. ferroloop's transport reads into the TLS
+            # object's BIO without calling `get_buffer`; made empty, the buffer is grown
+            # by `get_buffer` on first use, as asyncio's `get_buffer` grows it.
+            self.max_size = 0
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                del self.max_size
+
         def _get_app_transport(self):
             if self._app_transport is None:
                 if self._app_transport_created:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import socket
-from asyncio import base_events, constants, futures, transports, trsock
+import sys
+from asyncio import base_events, constants, futures, sslproto, transports, trsock
 
 from . import _sslproto
 from ._arguments import HAS_SSL_SHUTDOWN_TIMEOUT
@@ -158,6 +159,58 @@ class TransportMethods:
         )
         self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
+
+    # The versions whose `sslproto` ferroloop's `SSLProtocol` subclasses (`_sslproto.py`).
+    if sys.version_info >= (3, 11) and sys.version_info < (3, 14):
+
+        async def start_tls(
+            self,
+            transport,
+            protocol,
+            sslcontext,
+            *,
+            server_side=False,
+            server_hostname=None,
+            ssl_handshake_timeout=None,
+            ssl_shutdown_timeout=None,
+        ):
+            """`BaseEventLoop.start_tls` (the same in 3.11 to 3.13) on ferroloop's
+            `SSLProtocol`, whose records, handshake and shutdown run in Rust; asyncio's
+            would make its own class's protocol."""
+            if sslproto.ssl is None:
+                raise RuntimeError("Python ssl module is not available")
+            if not isinstance(sslcontext, sslproto.ssl.SSLContext):
+                raise TypeError(
+                    f"sslcontext is expected to be an instance of ssl.SSLContext, got {sslcontext!r}"
+                )
+            if not getattr(transport, "_start_tls_compatible", False):
+                raise TypeError(f"transport {transport!r} is not supported by start_tls()")
+            waiter = self.create_future()
+            ssl_protocol = _sslproto.SSLProtocol(
+                self,
+                protocol,
+                sslcontext,
+                waiter,
+                server_side,
+                server_hostname,
+                ssl_handshake_timeout=ssl_handshake_timeout,
+                ssl_shutdown_timeout=ssl_shutdown_timeout,
+                call_connection_made=False,
+            )
+            # No byte may reach the TLS protocol before its connection_made: reading
+            # resumes in the callback after it.
+            transport.pause_reading()
+            transport.set_protocol(ssl_protocol)
+            made = self.call_soon(ssl_protocol.connection_made, transport)
+            resumed = self.call_soon(transport.resume_reading)
+            try:
+                await waiter
+            except BaseException:
+                transport.close()
+                made.cancel()
+                resumed.cancel()
+                raise
+            return ssl_protocol._app_transport
 
     def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
         transport = DatagramTransport(self, sock, protocol, socket_extra(sock, extra), address)

@@ -15,6 +15,11 @@
 //!   (framed by Content-Length) is exactly B. `--mode ws` opens each connection with a
 //!   WebSocket handshake, then sends masked binary frames of SIZE bytes and checks the
 //!   echoed frame, header and payload.
+//! `loadgen handshakes --size N --tls-ca PEM --slice-ms S --cycles K --target ...`:
+//!   sliced as `run`, but each request is a new TLS connection, one at a time: connect,
+//!   a full handshake (no resumption), one echo of N bytes (checked), close_notify,
+//!   then the server's close awaited. Prints the same JSON, requests being connections,
+//!   with `warmup`: the connections made before the first slice (all targets).
 //! `loadgen c10k --conns N --target NAME,PID,PORT`: opens N connections, echoes one
 //!   byte on each, prints the time that took, then holds them until stdin closes.
 //! `loadgen serve [--port P]`: a single-threaded epoll echo server; prints its port.
@@ -747,6 +752,171 @@ const C10K_BATCH: usize = 250;
 
 /// C10K: N connections opened and each echoing one byte, timed; then held idle until
 /// stdin closes, so the caller can read the server's memory meanwhile.
+/// One connection of `loadgen handshakes` to `port`: handshake, one echo of `payload`
+/// into `buf`, close_notify, and the server's close (EOF or reset) awaited, so that its
+/// CPU for the connection is spent within the slice.
+fn one_handshake(
+    config: &Arc<rustls::ClientConfig>,
+    port: u16,
+    payload: &[u8],
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_nodelay(true)?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
+    let mut session =
+        rustls::ClientConnection::new(config.clone(), name).map_err(io::Error::other)?;
+    {
+        let mut tls = rustls::Stream::new(&mut session, &mut stream);
+        tls.write_all(payload)?;
+        let echoed = &mut buf[..payload.len()];
+        tls.read_exact(echoed)?;
+        if echoed != payload {
+            return Err(io::Error::other("echoed bytes differ"));
+        }
+    }
+    session.send_close_notify();
+    while session.wants_write() {
+        session.write_tls(&mut stream)?;
+    }
+    loop {
+        match stream.read(buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One server of `loadgen handshakes` and what was measured on it.
+struct HandshakeTarget {
+    name: String,
+    pid: i32,
+    port: u16,
+    /// (connections, wall seconds, server CPU seconds) per slice.
+    slices: Vec<(u64, f64, f64)>,
+    latencies_us: Vec<u32>,
+}
+
+fn handshake_targets(specs: &[String]) -> io::Result<Vec<HandshakeTarget>> {
+    let mut targets = Vec::new();
+    for spec in specs {
+        let parts: Vec<&str> = spec.split(',').collect();
+        let [name, pid, port] = parts[..] else {
+            return Err(io::Error::other(format!("bad target {spec}")));
+        };
+        targets.push(HandshakeTarget {
+            name: name.to_string(),
+            pid: pid.parse().map_err(io::Error::other)?,
+            port: port.parse().map_err(io::Error::other)?,
+            slices: Vec::new(),
+            latencies_us: Vec::new(),
+        });
+    }
+    Ok(targets)
+}
+
+/// The JSON `run` prints, plus `warmup`; every target is left running.
+fn handshakes_json(targets: &mut [HandshakeTarget], warmup: u64) -> io::Result<String> {
+    let mut json = String::from("{\"targets\": [");
+    for (k, t) in targets.iter_mut().enumerate() {
+        signal(t.pid, libc::SIGCONT)?;
+        t.latencies_us.sort_unstable();
+        if k > 0 {
+            json.push_str(", ");
+        }
+        let slices: Vec<String> = t
+            .slices
+            .iter()
+            .map(|(r, w, c)| format!("[{r}, {w:.6}, {c:.6}]"))
+            .collect();
+        let _ = write!(
+            json,
+            "{{\"name\": \"{}\", \"slices\": [{}], \"p50_us\": {}, \"p99_us\": {}}}",
+            t.name,
+            slices.join(", "),
+            percentile(&t.latencies_us, 0.5),
+            percentile(&t.latencies_us, 0.99),
+        );
+    }
+    let _ = write!(json, "], \"warmup\": {warmup}}}");
+    Ok(json)
+}
+
+fn handshakes(args: &[String]) -> io::Result<()> {
+    let mut size = 1024usize;
+    let mut slice_ms = 100u64;
+    let mut cycles = 20usize;
+    let mut ca = None;
+    let mut specs = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| io::Error::other(format!("{arg} needs a value")))
+        };
+        match arg.as_str() {
+            "--size" => size = value()?.parse().map_err(io::Error::other)?,
+            "--slice-ms" => slice_ms = value()?.parse().map_err(io::Error::other)?,
+            "--cycles" => cycles = value()?.parse().map_err(io::Error::other)?,
+            "--tls-ca" => ca = Some(value()?),
+            "--target" => specs.push(value()?),
+            // One connection at a time, whatever the harness asks.
+            "--conns" => drop(value()?),
+            other => return Err(io::Error::other(format!("unknown argument {other}"))),
+        }
+    }
+    let ca = ca.ok_or_else(|| io::Error::other("handshakes needs --tls-ca"))?;
+    let mut config = Arc::into_inner(tls_config(&ca)?)
+        .ok_or_else(|| io::Error::other("TLS configuration shared"))?;
+    config.resumption = rustls::client::Resumption::disabled();
+    let config = Arc::new(config);
+    let mut targets = handshake_targets(&specs)?;
+    let payload: Vec<u8> = (0..size).map(|i| pattern(0, 0, i)).collect();
+    let mut buf = vec![0u8; size.max(64 * 1024)];
+    let mut slice_of = |t: &mut HandshakeTarget, length: Duration| {
+        let t0 = Instant::now();
+        let mut done = 0u64;
+        while t0.elapsed() < length {
+            let started = Instant::now();
+            one_handshake(&config, t.port, &payload, &mut buf)?;
+            let us = started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+            t.latencies_us.push(us);
+            done += 1;
+        }
+        io::Result::Ok(done)
+    };
+    // Connections made outside the measured slices, for a caller counting the server's
+    // instructions over its whole run.
+    let mut warmup = 0;
+    for t in targets.iter_mut() {
+        warmup += slice_of(t, Duration::from_millis(20))?;
+        t.latencies_us.clear();
+        signal(t.pid, libc::SIGSTOP)?;
+    }
+    let mut order: VecDeque<usize> = (0..targets.len()).collect();
+    for cycle in 0..cycles {
+        for &i in &order {
+            let t = &mut targets[i];
+            signal(t.pid, libc::SIGCONT)?;
+            let cpu0 = cpu_seconds(t.pid)?;
+            let t0 = Instant::now();
+            let done = slice_of(t, Duration::from_millis(slice_ms))?;
+            let wall = t0.elapsed().as_secs_f64();
+            let cpu = cpu_seconds(t.pid)? - cpu0;
+            signal(t.pid, libc::SIGSTOP)?;
+            t.slices.push((done, wall, cpu));
+        }
+        order.rotate_left(1);
+        eprint!("\r  cycle {}/{cycles}", cycle + 1);
+    }
+    eprint!("\r{:30}\r", "");
+    println!("{}", handshakes_json(&mut targets, warmup)?);
+    Ok(())
+}
+
 fn c10k(args: &[String]) -> io::Result<()> {
     let (mut conns, mut spec) = (10_000usize, String::new());
     let mut it = args.iter();
@@ -913,6 +1083,7 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("serve") => serve(&args[1..]),
         Some("c10k") => c10k(&args[1..]),
+        Some("handshakes") => handshakes(&args[1..]),
         _ => Err(io::Error::other(
             "usage: loadgen run --target NAME,PID,PORT ... | loadgen serve [--port P]",
         )),

@@ -1,0 +1,197 @@
+//! The handshake and shutdown steps of asyncio's `SSLProtocol` (`_do_handshake` and
+//! `_do_shutdown`, the same in Python 3.11 to 3.13) on the `SSL` object of a stock
+//! `ssl.SSLObject`, through the interpreter's own libssl (`libssl.rs`).
+//!
+//! Each step runs `SSL_do_handshake` or `SSL_shutdown` natively and sorts the outcome
+//! as asyncio's `try` does: done, waiting for the peer (`SSLAgainErrors`: the outgoing
+//! BIO is flushed to the transport, as `_process_outgoing` does), or an error, which is
+//! made by `_ssl` itself so that the exception is asyncio's to the last attribute
+//! (`SSLCertVerificationError.verify_code`, `library`, `reason`, the message). What
+//! happens once, after the step (`_on_handshake_complete`, which builds `peercert` and
+//! `cipher` through `_ssl`; `_on_shutdown_complete`), stays asyncio's Python.
+//!
+//! The user's context runs inside libssl as it would under `_ssl`: SNI callback, ALPN,
+//! client certificates, session tickets and renegotiation (asyncio adds nothing to
+//! OpenSSL's defaults there, and neither does this) are properties of the `SSL` object
+//! `SSLContext.wrap_bio` made.
+//!
+//! Two kinds of connection keep asyncio's methods for these steps (besides those whose
+//! records go through `_ssl`'s methods, `_ferroloop_tls_path`): a context with a
+//! `keylog_filename` or a `_msg_callback`. `_ssl`'s callbacks for those store what they
+//! raise (a keylog file that cannot be written) in the `_ssl._SSLSocket`, and only
+//! `_ssl`'s own methods raise it at the end of the step; a native step would leave it
+//! to be raised by a later, unrelated call.
+
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+
+use super::{process_outgoing, sslproto, Proto};
+use crate::libssl::{Io, NativeSsl, Shutdown};
+
+/// How a handshake or shutdown step ended, sorted as asyncio's `except` clauses sort it.
+enum Step<'py> {
+    Done,
+    /// One of `SSLAgainErrors`: the step waits for the peer.
+    Again,
+    /// An `ssl.SSLError`, handed to `_on_handshake_complete` / `_on_shutdown_complete`.
+    Failed(Bound<'py, PyAny>),
+}
+
+static SSL_ERROR: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// The outcome of a step made through `_ssl`'s method: its exception, if any, sorted.
+/// An exception of no `except` clause of asyncio's propagates, as there.
+fn sort<'py>(py: Python<'py>, made: PyResult<Bound<'py, PyAny>>) -> PyResult<Step<'py>> {
+    let err = match made {
+        Ok(_) => return Ok(Step::Done),
+        Err(err) => err,
+    };
+    let again = &sslproto(py)?.again;
+    if err.matches(py, again.bind(py))? {
+        return Ok(Step::Again);
+    }
+    let ssl_error = SSL_ERROR.get_or_try_init(py, || {
+        py.import("ssl")?.getattr("SSLError").map(Bound::unbind)
+    })?;
+    if err.matches(py, ssl_error.bind(py))? {
+        Ok(Step::Failed(err.into_value(py).into_bound(py).into_any()))
+    } else {
+        Err(err)
+    }
+}
+
+/// The C object under the connection's stock `ssl.SSLObject` and its native `SSL`
+/// object, when the steps can run natively (see the module's comment); `None` leaves
+/// them to asyncio's methods.
+fn native_steps<'py>(proto: &Proto<'py>) -> PyResult<Option<(Bound<'py, PyAny>, NativeSsl)>> {
+    let py = proto.py();
+    let (raw, native) = {
+        let st = proto.state()?;
+        (st.raw.as_ref().map(|raw| raw.bind(py).clone()), st.native)
+    };
+    let (Some(raw), Some(native)) = (raw, native) else {
+        return Ok(None);
+    };
+    let context = raw.getattr(intern!(py, "context"))?;
+    let callbacks_store_errors = !context.getattr(intern!(py, "keylog_filename"))?.is_none()
+        || !context.getattr(intern!(py, "_msg_callback"))?.is_none();
+    Ok((!callbacks_store_errors).then_some((raw, native)))
+}
+
+/// asyncio's own method `name` of `SSLProtocol`, on this protocol.
+fn asyncio_step(proto: &Proto<'_>, name: &Bound<'_, pyo3::types::PyString>) -> PyResult<()> {
+    let py = proto.py();
+    sslproto(py)?
+        .base
+        .bind(py)
+        .getattr(name)?
+        .call1((proto.any(),))
+        .map(drop)
+}
+
+/// `SSLProtocol._do_handshake`.
+///
+/// An outcome other than done or "needs more input" is repeated through `_ssl`'s
+/// `do_handshake` on the same object, which raises the exception asyncio would. The
+/// repeat finds what the native call left, because:
+/// - the thread's OpenSSL error queue is as the native call left it: nothing runs in
+///   between on this thread (no Python code, no OpenSSL call), and `_ssl`'s method
+///   does not empty the queue before calling `SSL_do_handshake`;
+/// - after a fatal error OpenSSL's handshake state machine is in its error state, and
+///   `SSL_do_handshake` called again returns -1 at once, adding nothing to the queue
+///   and sending nothing: `_ssl` reads the same first error (`SSL_get_error` gives
+///   `SSL_ERROR_SSL` again) and the same `SSL_get_verify_result` for
+///   `SSLCertVerificationError`;
+/// - an outcome that is not fatal (`SSL_ERROR_SYSCALL` at the incoming BIO's EOF,
+///   `SSL_ERROR_ZERO_RETURN` after the peer's close_notify) depends only on the BIO and
+///   the `SSL` object's state, which the first call left unchanged for the second.
+///
+/// The outgoing BIO is not flushed on an error, as asyncio does not flush it there.
+pub(super) fn do_handshake(proto: &Proto<'_>) -> PyResult<()> {
+    let py = proto.py();
+    let Some((raw, native)) = native_steps(proto)? else {
+        return asyncio_step(proto, intern!(py, "_do_handshake"));
+    };
+    // The handshake's public-key operations take hundreds of microseconds: other
+    // threads run meanwhile, as under `_ssl`, which releases the GIL around
+    // `SSL_do_handshake` too (`_ssl`'s callbacks take it back with `PyGILState_Ensure`).
+    // `raw`, held here, keeps the `SSL` object.
+    let step = match py.detach(|| native.handshake()) {
+        Io::Done(_) => Step::Done,
+        Io::WantRead => Step::Again,
+        Io::Other => sort(py, raw.call_method0(intern!(py, "do_handshake")))?,
+    };
+    let complete = intern!(py, "_on_handshake_complete");
+    match step {
+        Step::Again => process_outgoing(proto),
+        Step::Done => proto.any().call_method1(complete, (py.None(),)).map(drop),
+        Step::Failed(exc) => proto.any().call_method1(complete, (exc,)).map(drop),
+    }
+}
+
+/// `SSLProtocol._do_shutdown`: `sslobj.unwrap()` (unless the peer's close_notify was
+/// read), then the outgoing BIO flushed, `eof_received` and the close, or the error to
+/// `_on_shutdown_complete`.
+pub(super) fn do_shutdown(proto: &Proto<'_>) -> PyResult<()> {
+    let py = proto.py();
+    let Some((raw, native)) = native_steps(proto)? else {
+        return asyncio_step(proto, intern!(py, "_do_shutdown"));
+    };
+    let obj = proto.any();
+    let step = if obj.getattr(intern!(py, "_eof_received"))?.is_truthy()? {
+        Step::Done
+    } else {
+        unwrap(proto, &raw, native)?
+    };
+    let complete = intern!(py, "_on_shutdown_complete");
+    match step {
+        Step::Again => process_outgoing(proto),
+        Step::Done => {
+            process_outgoing(proto)?;
+            obj.call_method0(intern!(py, "_call_eof_received"))?;
+            obj.call_method1(complete, (py.None(),)).map(drop)
+        }
+        Step::Failed(exc) => obj.call_method1(complete, (exc,)).map(drop),
+    }
+}
+
+/// `_ssl`'s `shutdown()` (what `SSLObject.unwrap` calls) with `SSL_shutdown` called
+/// natively: done at 1, or at 0 twice (`_ssl` tries twice, then reports success);
+/// waiting at `SSL_ERROR_WANT_READ`.
+///
+/// Natively only while nothing is waiting in the incoming BIO (no bytes, no EOF): then
+/// `SSL_shutdown` only writes our close_notify and finds nothing to read, and the only
+/// errors it can end in (`SSL_R_SHUTDOWN_WHILE_IN_INIT` after an earlier fatal error)
+/// leave the state as it was, so `_ssl`'s repeat raises the same one. With input
+/// waiting, the read inside `SSL_shutdown` can fail fatally (a bad record, an
+/// unexpected EOF), after which a second `SSL_shutdown` fails with another error
+/// (`SSL_R_SHUTDOWN_WHILE_IN_INIT`) than the one asyncio would report: that step is
+/// `_ssl`'s from the start.
+fn unwrap<'py>(
+    proto: &Proto<'py>,
+    raw: &Bound<'py, PyAny>,
+    native: NativeSsl,
+) -> PyResult<Step<'py>> {
+    let py = proto.py();
+    let through_ssl = || sort(py, raw.call_method0(intern!(py, "shutdown")));
+    let input_waiting = native.incoming_pending() > 0
+        || proto
+            .get(|st| &st.incoming)?
+            .getattr(intern!(py, "eof"))?
+            .is_truthy()?;
+    if input_waiting {
+        return through_ssl();
+    }
+    // `raw`, held by the caller, keeps the `SSL` object; no Python runs in this loop.
+    let mut sent = false;
+    loop {
+        match native.shutdown() {
+            Shutdown::Complete => return Ok(Step::Done),
+            Shutdown::Sent if sent => return Ok(Step::Done),
+            Shutdown::Sent => sent = true,
+            Shutdown::WantRead => return Ok(Step::Again),
+            Shutdown::Other => return through_ssl(),
+        }
+    }
+}
