@@ -397,19 +397,6 @@ impl NativeSsl {
         unsafe { (self.functions.bio_ctrl_pending)(self.wbio) }
     }
 
-    /// `outgoing.read(len(buf))` into `buf`: the number of bytes taken out of the
-    /// outgoing BIO (0 when it is empty).
-    pub fn read_outgoing(&self, buf: &mut [u8]) -> usize {
-        let len = c_int::try_from(buf.len()).unwrap_or(c_int::MAX);
-        if len == 0 || self.outgoing_pending() == 0 {
-            return 0;
-        }
-        // SAFETY: a live BIO (the holder keeps its owner alive); `buf` is writable for
-        // at least `len` bytes.
-        let read = unsafe { (self.functions.bio_read)(self.wbio, buf.as_mut_ptr().cast(), len) };
-        usize::try_from(read).unwrap_or(0)
-    }
-
     /// `outgoing.read()` when something is there: everything the TLS object produced,
     /// as one `bytes`.
     pub fn take_outgoing<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {

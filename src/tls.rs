@@ -36,7 +36,6 @@ use pyo3::types::{PyBytes, PyDict, PyList, PySlice, PyTuple};
 
 use crate::libssl::{Io, NativeSsl};
 use crate::transports::read::{Outcome, Reader, Sink, BUFFER_UPDATED_FAILED};
-use crate::transports::stream::StreamTransport;
 
 mod handshake;
 
@@ -1129,8 +1128,8 @@ fn sendfile_block(
     // No Python ran since the borrow: the state still holds the object that keeps
     // the `SSL` object.
     if let Some(Io::Done(_)) = native.map(|native| native.write(&scratch.buf[..n])) {
-        // The plaintext is encrypted: the buffer takes the ciphertext.
-        let outcome = send_outgoing_from(proto, &mut scratch.buf);
+        drop(scratch);
+        let outcome = process_outgoing(proto);
         fatal_on_exception(proto, outcome)?;
         return Ok(n);
     }
@@ -1140,40 +1139,6 @@ fn sendfile_block(
     drop(scratch);
     write_appdata(proto, Written::One(data.as_any()))?;
     Ok(n)
-}
-
-/// `process_outgoing` through `buf`, a reused buffer, when the records are written
-/// natively to ferroloop's own transport: the ciphertext is read out of the BIO into
-/// `buf` and sent from there, and only what the socket does not take becomes a `bytes`
-/// in the transport's buffer.
-fn send_outgoing_from(proto: &Proto<'_>, buf: &mut [u8]) -> PyResult<()> {
-    let py = proto.py();
-    let (paused, native, raw) = {
-        let st = proto.state()?;
-        let raw = st.raw.as_ref().map(|raw| raw.bind(py).clone());
-        (st.ssl_writing_paused, st.native, raw)
-    };
-    let transport = proto.get(|st| &st.transport)?;
-    let (native, stream) = match (paused, native, &raw, transport.cast::<StreamTransport>()) {
-        (false, Some(native), Some(_), Ok(stream))
-            if transport.is_exact_instance_of::<StreamTransport>() =>
-        {
-            (native, stream)
-        }
-        _ => return process_outgoing(proto),
-    };
-    // `raw`, held here, keeps the BIO whatever the transport's calls into Python do.
-    loop {
-        let n = native.read_outgoing(buf);
-        if n == 0 {
-            break;
-        }
-        if let Some(rest) = StreamTransport::send_or_copy(stream, &buf[..n])? {
-            StreamTransport::queue(stream, std::slice::from_ref(&rest))?;
-        }
-    }
-    let buffered = usize::try_from(proto.state()?.write_buffer_size).unwrap_or(0);
-    control_flow(proto, Direction::AppWriting, buffered)
 }
 
 /// What encrypts: the C object under a stock `ssl.SSLObject`, or the object itself,
@@ -1230,17 +1195,10 @@ fn process_outgoing(proto: &Proto<'_>) -> PyResult<()> {
             }
         };
         if let Some(data) = data {
+            // Through the transport's `write`, looked up: a `write` patched on the
+            // transport (as `mock.patch.object` does) receives the records.
             let transport = proto.get(|st| &st.transport)?;
-            match (transport.cast::<StreamTransport>(), data.cast::<PyBytes>()) {
-                // ferroloop's own transport, not a subclass, whose `write` of `bytes`
-                // is this.
-                (Ok(stream), Ok(bytes)) if transport.is_exact_instance_of::<StreamTransport>() => {
-                    StreamTransport::queue(stream, std::slice::from_ref(bytes))?;
-                }
-                _ => {
-                    transport.call_method1(intern!(py, "write"), (data,))?;
-                }
-            }
+            transport.call_method1(intern!(py, "write"), (data,))?;
         }
     }
     let buffered = usize::try_from(proto.state()?.write_buffer_size).unwrap_or(0);
