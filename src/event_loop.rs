@@ -280,7 +280,16 @@ impl LoopCore {
         // Released with the state no longer borrowed: a cancelled handle's callback
         // may run Python code when it goes.
         drop(dead);
-        let (signals, woken) = queued?;
+        let (signals, woken) = match queued {
+            Ok(queued) => queued,
+            Err(err) => {
+                // The waker's edge may be among the events not reached: with the flag
+                // left set no thread would write again, and no later wait would report
+                // it (edge-triggered, never read). A needless clear costs one write.
+                core.wake_pending.store(false, Ordering::Release);
+                return Err(err);
+            }
+        };
         if woken {
             // After the waker's edge was taken: a thread that sees `false` writes again,
             // which is a new edge.

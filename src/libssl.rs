@@ -196,9 +196,12 @@ pub struct NativeSsl {
     wbio: BioPtr,
 }
 
-// SAFETY: the pointers are used only through `&self` by the one object holding it,
-// under the GIL (the module declares `gil_used`), one thread at a time, as `_ssl` uses
-// the same objects.
+// SAFETY: the pointers are used only through `&self` by the one object holding it, on
+// the loop's thread: under the GIL (the module declares `gil_used`), or in the one call
+// made with the GIL released (`SSL_do_handshake`), whose frame holds the object that
+// owns the `SSL` and during which ferroloop touches it nowhere else. Another thread
+// could reach it only through the `ssl.SSLObject`, which `_ssl` leaves exposed the same
+// way while it releases the GIL around the same call.
 unsafe impl Send for NativeSsl {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for NativeSsl {}
@@ -338,8 +341,9 @@ impl NativeSsl {
     /// error queue left as the call left it for `_ssl` to report).
     pub fn handshake(&self) -> Io {
         let step = self.functions.ssl_do_handshake;
-        // SAFETY: a live SSL object (the holder keeps its owner), used on this thread
-        // under the GIL as `_ssl` uses it.
+        // SAFETY: a live SSL object (the caller holds its owner), used on this thread,
+        // possibly with the GIL released as `_ssl` releases it for this call (see the
+        // `Send` impl).
         self.io(|ssl, _| unsafe { step(ssl) })
     }
 
@@ -372,8 +376,8 @@ impl NativeSsl {
         let f = self.functions;
         let mut n = 0usize;
         // SAFETY: `ssl` is live (the holder keeps its owner) and used on this thread
-        // under the GIL, as `_ssl` uses it; the error functions act on this thread's
-        // queue.
+        // (under the GIL, but for the handshake step: see the `Send` impl), as `_ssl`
+        // uses it; the error functions act on this thread's queue.
         unsafe {
             if (f.err_peek_error)() != 0 {
                 (f.err_clear_error)();

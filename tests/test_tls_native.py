@@ -273,9 +273,8 @@ def test_records_cut_anywhere_echo_whole(loop, app):
 
 
 def test_a_patched_transport_write_gets_the_records(loop):
-    # The records go to the socket without calling `write` only while it is the
-    # transport's own; a patch on the instance (as mock.patch.object puts it) is called
-    # with them, as asyncio's SSLProtocol calls it.
+    # A patch on the transport instance (as mock.patch.object puts it) is called with
+    # the records, as asyncio's SSLProtocol calls it: no path sends them past `write`.
     async def main():
         sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         sctx.load_cert_chain(CERT)

@@ -73,6 +73,9 @@ fn native_steps<'py>(proto: &Proto<'py>) -> PyResult<Option<(Bound<'py, PyAny>, 
     let (Some(raw), Some(native)) = (raw, native) else {
         return Ok(None);
     };
+    // Read before the step: an `sni_callback` that switches to a context with a keylog
+    // file during the handshake gets the native step, and a failed keylog write is then
+    // raised by `_ssl`'s next call on the connection, not at the handshake's end.
     let context = raw.getattr(intern!(py, "context"))?;
     let callbacks_store_errors = !context.getattr(intern!(py, "keylog_filename"))?.is_none()
         || !context.getattr(intern!(py, "_msg_callback"))?.is_none();
