@@ -225,6 +225,34 @@ impl TlsState {
         }
     }
 
+    /// `SSLProtocol._set_state`: the transitions asyncio allows (to `UNWRAPPED` from
+    /// any state, and along `UNWRAPPED`, `DO_HANDSHAKE`, `WRAPPED`, `FLUSHING`,
+    /// `SHUTDOWN`), compared with `==` and refused with asyncio's `RuntimeError`. Five
+    /// calls per connection, each a Python frame and ten attribute lookups in asyncio.
+    fn _set_state(slf: &Bound<'_, Self>, new_state: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let names = sslproto(py)?;
+        let current = Proto::of(slf).get(|st| &st.state)?;
+        let allowed = new_state.eq(&names.unwrapped)?
+            || [
+                (&names.unwrapped, &names.do_handshake),
+                (&names.do_handshake, &names.wrapped),
+                (&names.wrapped, &names.flushing),
+                (&names.flushing, &names.shutdown),
+            ]
+            .into_iter()
+            .try_fold(false, |found, (from, to)| {
+                PyResult::Ok(found || (current.eq(from)? && new_state.eq(to)?))
+            })?;
+        if !allowed {
+            let message = intern!(py, "cannot switch state from {} to {}")
+                .call_method1(intern!(py, "format"), (current, new_state))?;
+            return Err(PyRuntimeError::new_err(message.unbind()));
+        }
+        Proto::of(slf).state_mut()?.state = Some(new_state.clone().unbind());
+        Ok(())
+    }
+
     /// `SSLProtocol._do_handshake` (`tls/handshake.rs`).
     fn _do_handshake(slf: &Bound<'_, Self>) -> PyResult<()> {
         handshake::do_handshake(&Proto::of(slf))

@@ -78,8 +78,26 @@ fn native_steps<'py>(proto: &Proto<'py>) -> PyResult<Option<(Bound<'py, PyAny>, 
     // raised by `_ssl`'s next call on the connection, not at the handshake's end.
     let context = raw.getattr(intern!(py, "context"))?;
     let callbacks_store_errors = !context.getattr(intern!(py, "keylog_filename"))?.is_none()
-        || !context.getattr(intern!(py, "_msg_callback"))?.is_none();
+        || !msg_callback(&context)?.is_none();
     Ok((!callbacks_store_errors).then_some((raw, native)))
+}
+
+static MSG_CALLBACK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// The context's message callback as `_ssl` stores it. `ssl.SSLContext._msg_callback`
+/// is a Python property over this one that gives `None` exactly when it is `None`;
+/// reading `_ssl`'s own descriptor saves a Python call per step.
+fn msg_callback<'py>(context: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let py = context.py();
+    let descriptor = MSG_CALLBACK.get_or_try_init(py, || {
+        py.import("_ssl")?
+            .getattr("_SSLContext")?
+            .getattr("_msg_callback")
+            .map(Bound::unbind)
+    })?;
+    descriptor
+        .bind(py)
+        .call_method1(intern!(py, "__get__"), (context,))
 }
 
 /// asyncio's own method `name` of `SSLProtocol`, on this protocol.
