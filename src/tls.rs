@@ -50,6 +50,9 @@ struct SslProto {
     again: Py<PyAny>,
     /// `asyncio.sslproto.SSLProtocol`, for the rare cases left to its own methods.
     base: Py<PyAny>,
+    /// `AppProtocolState.STATE_INIT` and `STATE_CON_MADE`.
+    app_init: Py<PyAny>,
+    app_con_made: Py<PyAny>,
 }
 
 static SSLPROTO: PyOnceLock<SslProto> = PyOnceLock::new();
@@ -67,6 +70,14 @@ fn sslproto(py: Python<'_>) -> PyResult<&SslProto> {
             do_handshake: member("DO_HANDSHAKE")?,
             again: module.getattr("SSLAgainErrors")?.unbind(),
             base: module.getattr("SSLProtocol")?.unbind(),
+            app_init: module
+                .getattr("AppProtocolState")?
+                .getattr("STATE_INIT")?
+                .unbind(),
+            app_con_made: module
+                .getattr("AppProtocolState")?
+                .getattr("STATE_CON_MADE")?
+                .unbind(),
         })
     })
 }

@@ -1,6 +1,7 @@
 """What a TLS connection runs once, outside its records: ferroloop's `SSLProtocol`
-makes asyncio's `__init__` helpers inline and `_set_state` in Rust, with asyncio's
-results (the attributes, the transitions and their errors)."""
+makes asyncio's `__init__` helpers inline, and `_set_state` and the end of a handshake
+in Rust, with asyncio's results (the attributes, the transitions and their errors, the
+extra info)."""
 
 from __future__ import annotations
 
@@ -39,13 +40,31 @@ def attributes(proto):
     made per protocol by their type, the rest by value."""
     made = ("_incoming", "_outgoing", "_sslobj", "_write_backlog", "_app_transport")
     names = (
-        "_server_side", "_server_hostname", "_sslcontext", "_extra", "_write_buffer_size",
-        "_waiter", "_loop", "_app_protocol", "_app_protocol_is_buffer",
-        "_app_transport_created", "_transport", "_ssl_handshake_timeout",
-        "_ssl_shutdown_timeout", "_state", "_conn_lost", "_app_state",
-        "_ssl_writing_paused", "_app_reading_paused", "_ssl_reading_paused",
-        "_incoming_high_water", "_incoming_low_water", "_eof_received",
-        "_app_writing_paused", "_outgoing_high_water", "_outgoing_low_water",
+        "_server_side",
+        "_server_hostname",
+        "_sslcontext",
+        "_extra",
+        "_write_buffer_size",
+        "_waiter",
+        "_loop",
+        "_app_protocol",
+        "_app_protocol_is_buffer",
+        "_app_transport_created",
+        "_transport",
+        "_ssl_handshake_timeout",
+        "_ssl_shutdown_timeout",
+        "_state",
+        "_conn_lost",
+        "_app_state",
+        "_ssl_writing_paused",
+        "_app_reading_paused",
+        "_ssl_reading_paused",
+        "_incoming_high_water",
+        "_incoming_low_water",
+        "_eof_received",
+        "_app_writing_paused",
+        "_outgoing_high_water",
+        "_outgoing_low_water",
     )
     got = {name: getattr(proto, name) for name in names}
     got.update((name, type(getattr(proto, name)).__mro__[-2]) for name in made)
@@ -133,50 +152,94 @@ def test_a_connection_runs_none_of_asyncios_init_helpers(loop, loop_name):
     """The Python functions a server's TLS connection no longer calls on ferroloop
     (asyncio's run them all)."""
     helpers = {
-        "_set_state", "_set_app_protocol", "_set_read_buffer_limits",
-        "_set_write_buffer_limits", "add_flowcontrol_defaults", "_get_app_transport",
+        "_set_state",
+        "_set_app_protocol",
+        "_set_read_buffer_limits",
+        "_set_write_buffer_limits",
+        "add_flowcontrol_defaults",
+        "_get_app_transport",
+        "_on_handshake_complete",
+        "_wakeup_waiter",
     }
+    ssl_helpers = {"_msg_callback", "getpeercert", "cipher", "compression"}
     calls = collections.Counter()
 
     def profile(frame, event, arg):
         code = frame.f_code
         if event != "call":
             return
-        if code.co_filename == sslproto.__file__ and code.co_name in helpers:
+        counted = {sslproto.__file__: helpers, ssl.__file__: ssl_helpers}
+        if code.co_name in counted.get(code.co_filename, ()):
             calls[code.co_name] += 1
-        elif code.co_filename == ssl.__file__ and code.co_name == "_msg_callback":
-            calls["_msg_callback"] += 1
-
-    async def main():
-        done = loop.create_future()
-
-        async def serve(reader, writer):
-            writer.write(await reader.readexactly(4))
-            await reader.read()
-            writer.close()
-            await writer.wait_closed()
-            done.set_result(None)
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_context())
-        reader, writer = await asyncio.open_connection(
-            *server.sockets[0].getsockname(),
-            ssl=ssl.create_default_context(cafile=certs.SIGNING_CA),
-            server_hostname="localhost",
-        )
-        writer.write(b"ping")
-        assert await reader.readexactly(4) == b"ping"
-        writer.close()
-        await writer.wait_closed()
-        await done
-        server.close()
-        await server.wait_closed()
 
     sys.setprofile(profile)
     try:
-        loop.run_until_complete(asyncio.wait_for(main(), 30))
+        loop.run_until_complete(asyncio.wait_for(one_connection(loop, extra_info=None), 30))
     finally:
         sys.setprofile(None)
     if loop_name == "ferroloop":
-        assert calls == {}
+        # connection_lost's _wakeup_waiter, on both sides.
+        assert calls == {"_wakeup_waiter": 2}
     else:
         assert calls["_set_state"] >= 8 and calls["add_flowcontrol_defaults"] == 4
+        assert calls["_on_handshake_complete"] == calls["getpeercert"] == 2
+
+
+def extra_info(writer):
+    sslobj = writer.get_extra_info("ssl_object")
+    assert isinstance(sslobj, ssl.SSLObject)
+    got = {
+        name: writer.get_extra_info(name)
+        for name in ("peercert", "cipher", "compression", "sslcontext")
+    }
+    assert got["peercert"] == sslobj.getpeercert()
+    assert got["cipher"] == sslobj.cipher() and len(got["cipher"]) == 3
+    assert got["compression"] == sslobj.compression()
+    assert got["sslcontext"] is sslobj.context
+    got["ssl_object"] = type(sslobj)
+    got["sslcontext"] = None
+    return got
+
+
+async def one_connection(loop, extra_info=extra_info):
+    """One echo over TLS; what `extra_info` gives for both sides' writers."""
+    extra_info = extra_info or (lambda writer: None)
+    done = loop.create_future()
+
+    async def serve(reader, writer):
+        writer.write(await reader.readexactly(4))
+        await reader.read()
+        done.set_result(extra_info(writer))
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_context())
+    reader, writer = await asyncio.open_connection(
+        *server.sockets[0].getsockname(),
+        ssl=ssl.create_default_context(cafile=certs.SIGNING_CA),
+        server_hostname="localhost",
+    )
+    writer.write(b"ping")
+    assert await reader.readexactly(4) == b"ping"
+    client = extra_info(writer)
+    writer.close()
+    await writer.wait_closed()
+    served = await done
+    server.close()
+    await server.wait_closed()
+    return client, served
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_the_extra_info_after_the_handshake_is_asyncios(loop, debug):
+    loop.set_debug(debug)
+    client, served = loop.run_until_complete(asyncio.wait_for(one_connection(loop), 30))
+    assert client["peercert"]["subject"] == (
+        (("countryName", "XY"),),
+        (("localityName", "Castle Anthrax"),),
+        (("organizationName", "Python Software Foundation"),),
+        (("commonName", "localhost"),),
+    )
+    # The server asks for no client certificate.
+    assert served["peercert"] is None
+    assert client["cipher"] == served["cipher"]
