@@ -264,6 +264,35 @@ impl TlsState {
         Ok(())
     }
 
+    /// `SSLProtocol._call_eof_received`, which asyncio calls three times in a
+    /// connection's usual end, twice doing nothing: those two return here, the one
+    /// that calls the app protocol is asyncio's method.
+    fn _call_eof_received(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let names = sslproto(py)?;
+        if slf
+            .getattr(intern!(py, "_app_state"))?
+            .eq(&names.app_con_made)?
+        {
+            handshake::asyncio_step(&Proto::of(slf), intern!(py, "_call_eof_received"))?;
+        }
+        Ok(())
+    }
+
+    /// `SSLProtocol._start_shutdown`: asyncio's method, except in the states where it
+    /// returns at once (the second close of a connection, after `eof_received`).
+    fn _start_shutdown(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let names = sslproto(py)?;
+        let state = Proto::of(slf).get(|st| &st.state)?;
+        for done in [&names.flushing, &names.shutdown, &names.unwrapped] {
+            if state.eq(done)? {
+                return Ok(());
+            }
+        }
+        handshake::asyncio_step(&Proto::of(slf), intern!(py, "_start_shutdown"))
+    }
+
     /// `SSLProtocol._do_handshake` (`tls/handshake.rs`).
     fn _do_handshake(slf: &Bound<'_, Self>) -> PyResult<()> {
         handshake::do_handshake(&Proto::of(slf))

@@ -101,7 +101,10 @@ fn msg_callback<'py>(context: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>>
 }
 
 /// asyncio's own method `name` of `SSLProtocol`, on this protocol.
-fn asyncio_step(proto: &Proto<'_>, name: &Bound<'_, pyo3::types::PyString>) -> PyResult<()> {
+pub(super) fn asyncio_step(
+    proto: &Proto<'_>,
+    name: &Bound<'_, pyo3::types::PyString>,
+) -> PyResult<()> {
     let py = proto.py();
     sslproto(py)?
         .base
