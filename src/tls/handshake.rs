@@ -7,8 +7,9 @@
 //! BIO is flushed to the transport, as `_process_outgoing` does), or an error, which is
 //! made by `_ssl` itself so that the exception is asyncio's to the last attribute
 //! (`SSLCertVerificationError.verify_code`, `library`, `reason`, the message). What
-//! happens once, after the step (`_on_handshake_complete`, which builds `peercert` and
-//! `cipher` through `_ssl`; `_on_shutdown_complete`), stays asyncio's Python.
+//! happens once after the step is asyncio's Python (`_on_shutdown_complete`, a failed
+//! handshake's `_on_handshake_complete`), except a successful handshake's end
+//! (`handshake_complete`).
 //!
 //! The user's context runs inside libssl as it would under `_ssl`: SNI callback, ALPN,
 //! client certificates, session tickets and renegotiation (asyncio adds nothing to
