@@ -50,6 +50,9 @@ struct SslProto {
     again: Py<PyAny>,
     /// `asyncio.sslproto.SSLProtocol`, for the rare cases left to its own methods.
     base: Py<PyAny>,
+    /// `AppProtocolState.STATE_INIT` and `STATE_CON_MADE`.
+    app_init: Py<PyAny>,
+    app_con_made: Py<PyAny>,
 }
 
 static SSLPROTO: PyOnceLock<SslProto> = PyOnceLock::new();
@@ -67,6 +70,14 @@ fn sslproto(py: Python<'_>) -> PyResult<&SslProto> {
             do_handshake: member("DO_HANDSHAKE")?,
             again: module.getattr("SSLAgainErrors")?.unbind(),
             base: module.getattr("SSLProtocol")?.unbind(),
+            app_init: module
+                .getattr("AppProtocolState")?
+                .getattr("STATE_INIT")?
+                .unbind(),
+            app_con_made: module
+                .getattr("AppProtocolState")?
+                .getattr("STATE_CON_MADE")?
+                .unbind(),
         })
     })
 }
@@ -223,6 +234,63 @@ impl TlsState {
         } else {
             Ok(())
         }
+    }
+
+    /// `SSLProtocol._set_state`: the transitions asyncio allows (to `UNWRAPPED` from
+    /// any state, and along `UNWRAPPED`, `DO_HANDSHAKE`, `WRAPPED`, `FLUSHING`,
+    /// `SHUTDOWN`), compared with `==` and refused with asyncio's `RuntimeError`. Five
+    /// calls per connection, each a Python frame and ten attribute lookups in asyncio.
+    fn _set_state(slf: &Bound<'_, Self>, new_state: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let names = sslproto(py)?;
+        let current = Proto::of(slf).get(|st| &st.state)?;
+        let allowed = new_state.eq(&names.unwrapped)?
+            || [
+                (&names.unwrapped, &names.do_handshake),
+                (&names.do_handshake, &names.wrapped),
+                (&names.wrapped, &names.flushing),
+                (&names.flushing, &names.shutdown),
+            ]
+            .into_iter()
+            .try_fold(false, |found, (from, to)| {
+                PyResult::Ok(found || (current.eq(from)? && new_state.eq(to)?))
+            })?;
+        if !allowed {
+            let message = intern!(py, "cannot switch state from {} to {}")
+                .call_method1(intern!(py, "format"), (current, new_state))?;
+            return Err(PyRuntimeError::new_err(message.unbind()));
+        }
+        Proto::of(slf).state_mut()?.state = Some(new_state.clone().unbind());
+        Ok(())
+    }
+
+    /// `SSLProtocol._call_eof_received`, which asyncio calls three times in a
+    /// connection's usual end, twice doing nothing: those two return here, the one
+    /// that calls the app protocol is asyncio's method.
+    fn _call_eof_received(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let names = sslproto(py)?;
+        if slf
+            .getattr(intern!(py, "_app_state"))?
+            .eq(&names.app_con_made)?
+        {
+            handshake::asyncio_step(&Proto::of(slf), intern!(py, "_call_eof_received"))?;
+        }
+        Ok(())
+    }
+
+    /// `SSLProtocol._start_shutdown`: asyncio's method, except in the states where it
+    /// returns at once (the second close of a connection, after `eof_received`).
+    fn _start_shutdown(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let names = sslproto(py)?;
+        let state = Proto::of(slf).get(|st| &st.state)?;
+        for done in [&names.flushing, &names.shutdown, &names.unwrapped] {
+            if state.eq(done)? {
+                return Ok(());
+            }
+        }
+        handshake::asyncio_step(&Proto::of(slf), intern!(py, "_start_shutdown"))
     }
 
     /// `SSLProtocol._do_handshake` (`tls/handshake.rs`).

@@ -7,8 +7,9 @@
 //! BIO is flushed to the transport, as `_process_outgoing` does), or an error, which is
 //! made by `_ssl` itself so that the exception is asyncio's to the last attribute
 //! (`SSLCertVerificationError.verify_code`, `library`, `reason`, the message). What
-//! happens once, after the step (`_on_handshake_complete`, which builds `peercert` and
-//! `cipher` through `_ssl`; `_on_shutdown_complete`), stays asyncio's Python.
+//! happens once after the step is asyncio's Python (`_on_shutdown_complete`, a failed
+//! handshake's `_on_handshake_complete`), except a successful handshake's end
+//! (`handshake_complete`).
 //!
 //! The user's context runs inside libssl as it would under `_ssl`: SNI callback, ALPN,
 //! client certificates, session tickets and renegotiation (asyncio adds nothing to
@@ -78,12 +79,33 @@ fn native_steps<'py>(proto: &Proto<'py>) -> PyResult<Option<(Bound<'py, PyAny>, 
     // raised by `_ssl`'s next call on the connection, not at the handshake's end.
     let context = raw.getattr(intern!(py, "context"))?;
     let callbacks_store_errors = !context.getattr(intern!(py, "keylog_filename"))?.is_none()
-        || !context.getattr(intern!(py, "_msg_callback"))?.is_none();
+        || !msg_callback(&context)?.is_none();
     Ok((!callbacks_store_errors).then_some((raw, native)))
 }
 
+static MSG_CALLBACK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// The context's message callback as `_ssl` stores it. `ssl.SSLContext._msg_callback`
+/// is a Python property over this one that gives `None` exactly when it is `None`;
+/// reading `_ssl`'s own descriptor saves a Python call per step.
+fn msg_callback<'py>(context: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let py = context.py();
+    let descriptor = MSG_CALLBACK.get_or_try_init(py, || {
+        py.import("_ssl")?
+            .getattr("_SSLContext")?
+            .getattr("_msg_callback")
+            .map(Bound::unbind)
+    })?;
+    descriptor
+        .bind(py)
+        .call_method1(intern!(py, "__get__"), (context,))
+}
+
 /// asyncio's own method `name` of `SSLProtocol`, on this protocol.
-fn asyncio_step(proto: &Proto<'_>, name: &Bound<'_, pyo3::types::PyString>) -> PyResult<()> {
+pub(super) fn asyncio_step(
+    proto: &Proto<'_>,
+    name: &Bound<'_, pyo3::types::PyString>,
+) -> PyResult<()> {
     let py = proto.py();
     sslproto(py)?
         .base
@@ -128,9 +150,86 @@ pub(super) fn do_handshake(proto: &Proto<'_>) -> PyResult<()> {
     let complete = intern!(py, "_on_handshake_complete");
     match step {
         Step::Again => process_outgoing(proto),
-        Step::Done => proto.any().call_method1(complete, (py.None(),)).map(drop),
+        Step::Done => handshake_complete(proto, &raw),
         Step::Failed(exc) => proto.any().call_method1(complete, (exc,)).map(drop),
     }
+}
+
+/// `SSLProtocol._on_handshake_complete(None)` for a stock `ssl.SSLObject` whose C object
+/// is `raw`: its `getpeercert`, `cipher` and `compression` are `raw`'s, called without
+/// their Python wrappers in `ssl.py`. With the loop in debug mode (asyncio logs the
+/// handshake's time) or in a state `_set_state(WRAPPED)` refuses, asyncio's method runs.
+fn handshake_complete(proto: &Proto<'_>, raw: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = proto.py();
+    let names = sslproto(py)?;
+    let obj = proto.any();
+    let debug = obj
+        .getattr(intern!(py, "_loop"))?
+        .call_method0(intern!(py, "get_debug"))?
+        .is_truthy()?;
+    if debug || !proto.get(|st| &st.state)?.is(&names.do_handshake) {
+        let complete = intern!(py, "_on_handshake_complete");
+        return obj.call_method1(complete, (py.None(),)).map(drop);
+    }
+    let timeout = intern!(py, "_handshake_timeout_handle");
+    let handle = obj.getattr(timeout)?;
+    if !handle.is_none() {
+        handle.call_method0(intern!(py, "cancel"))?;
+        obj.setattr(timeout, py.None())?;
+    }
+    proto.state_mut()?.state = Some(names.wrapped.clone_ref(py));
+    let peercert = match raw.call_method1(intern!(py, "getpeercert"), (false,)) {
+        Ok(peercert) => peercert,
+        Err(err) if err.is_instance_of::<pyo3::exceptions::PyException>(py) => {
+            return handshake_failed(proto, err.into_value(py).into_bound(py).into_any());
+        }
+        Err(err) => return Err(err),
+    };
+    let extra = obj.getattr(intern!(py, "_extra"))?;
+    let cipher = raw.call_method0(intern!(py, "cipher"))?;
+    let compression = raw.call_method0(intern!(py, "compression"))?;
+    extra.set_item(intern!(py, "peercert"), peercert)?;
+    extra.set_item(intern!(py, "cipher"), cipher)?;
+    extra.set_item(intern!(py, "compression"), compression)?;
+    extra.set_item(intern!(py, "ssl_object"), proto.get(|st| &st.sslobj)?)?;
+    let app_state = intern!(py, "_app_state");
+    if obj.getattr(app_state)?.eq(&names.app_init)? {
+        obj.setattr(app_state, &names.app_con_made)?;
+        let transport = obj.getattr(intern!(py, "_app_transport"))?;
+        let transport = if transport.is_none() {
+            obj.call_method0(intern!(py, "_get_app_transport"))?
+        } else {
+            transport
+        };
+        proto
+            .get(|st| &st.app_protocol)?
+            .call_method1(intern!(py, "connection_made"), (transport,))?;
+    }
+    let waiter_name = intern!(py, "_waiter");
+    let waiter = obj.getattr(waiter_name)?;
+    if !waiter.is_none() {
+        if !waiter.call_method0(intern!(py, "cancelled"))?.is_truthy()? {
+            waiter.call_method1(intern!(py, "set_result"), (py.None(),))?;
+        }
+        obj.setattr(waiter_name, py.None())?;
+    }
+    obj.call_method0(intern!(py, "_do_read")).map(drop)
+}
+
+/// The `except` branch of `_on_handshake_complete`, for a `getpeercert` that raised.
+fn handshake_failed(proto: &Proto<'_>, exc: Bound<'_, PyAny>) -> PyResult<()> {
+    let py = proto.py();
+    let obj = proto.any();
+    obj.call_method1(intern!(py, "_set_state"), (&sslproto(py)?.unwrapped,))?;
+    let certificate_error = py.import("ssl")?.getattr("CertificateError")?;
+    let msg = if exc.is_instance(&certificate_error)? {
+        "SSL handshake failed on verifying the certificate"
+    } else {
+        "SSL handshake failed"
+    };
+    obj.call_method1(intern!(py, "_fatal_error"), (&exc, msg))?;
+    obj.call_method1(intern!(py, "_wakeup_waiter"), (&exc,))
+        .map(drop)
 }
 
 /// `SSLProtocol._do_shutdown`: `sslobj.unwrap()` (unless the peer's close_notify was
