@@ -5,6 +5,7 @@ and makes each one's transport, plain or TLS.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import os
@@ -20,6 +21,13 @@ __all__ = ["ServeMethods"]
 
 # The families whose addresses `accept_connections` makes as the socket module does.
 _NATIVE_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6, socket.AF_UNIX})
+
+# A socket's family, type and protocol as plain ints: `socket.socket`'s properties make
+# an enum member each, a cost per batch of connections (per connection, when they come
+# one at a time).
+_family_of = _socket.socket.family.__get__
+_type_of = _socket.socket.type.__get__
+_proto_of = _socket.socket.proto.__get__
 
 # accept() failures that leave the connections queued: asyncio retries after a delay.
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -90,7 +98,7 @@ class ServeMethods:
         ssl_shutdown_timeout,
     ):
         # A bounded batch per readiness event: other connections get their turn.
-        family = sock.family
+        family = _family_of(sock)
         if family not in _NATIVE_FAMILIES:
             self._accept_python(
                 protocol_factory,
@@ -105,8 +113,8 @@ class ServeMethods:
         # TCP_NODELAY exactly when asyncio's `_set_nodelay` would set it.
         nodelay = (
             family != socket.AF_UNIX
-            and sock.type == socket.SOCK_STREAM
-            and sock.proto == socket.IPPROTO_TCP
+            and _type_of(sock) == socket.SOCK_STREAM
+            and _proto_of(sock) == socket.IPPROTO_TCP
         )
         accepted, exc = accept_connections(sock.fileno(), backlog, nodelay)
         self._connections_accepted += len(accepted)
