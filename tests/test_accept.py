@@ -13,6 +13,7 @@ import socket
 import ssl
 import warnings
 
+import ferroloop._serve
 import pytest
 from ferroloop._ferroloop import accept_connections
 
@@ -209,6 +210,49 @@ def test_no_fd_left_after_many_accepted_connections(new_loop, tls):
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
     assert open_fds() == before
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_the_python_accept_of_other_families_serves_the_same(loop, monkeypatch, tls):
+    # A family accept_connections does not know goes through socket.accept(): made to
+    # here for TCP, it must give the same peername, TCP_NODELAY and echo.
+    monkeypatch.setattr(ferroloop._serve, "_NATIVE_FAMILIES", frozenset())
+    server_ctx = client_ctx = None
+    if tls:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(certs.SIGNED_CERTFILE)
+        client_ctx = ssl.create_default_context(cafile=certs.SIGNING_CA)
+    accepted = []
+    seen = []
+
+    class Checked(Recorder):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            seen.append((transport.get_extra_info("peername"), nodelay))
+
+    async def main():
+        server = await loop.create_server(
+            lambda: Checked(accepted), "127.0.0.1", 0, ssl=server_ctx
+        )
+        port = server.sockets[0].getsockname()[1]
+        replies = []
+        for i in range(5):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost" if tls else None
+            )
+            writer.write(b"%d" % i)
+            replies.append(await reader.read())
+            peer, nodelay = seen[-1]
+            assert peer == writer.get_extra_info("sockname")
+            assert nodelay != 0
+            writer.close()
+        server.close()
+        await server.wait_closed()
+        return replies
+
+    assert loop.run_until_complete(asyncio.wait_for(main(), 60)) == [b"%d" % i for i in range(5)]
 
 
 def test_native_accept_batch_bound_peernames_and_end():

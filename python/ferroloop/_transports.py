@@ -34,11 +34,6 @@ __all__ = [
     "socket_extra",
 ]
 
-# `_make_socket_transport`'s "no peer address given" (None is a valid address: an
-# unnamed Unix socket's).
-_NO_PEER = object()
-
-
 class _SocketTransportInterface(transports._FlowControlMixin, asyncio.Transport):
     """What `SocketTransport` instances report as their `__class__`. It includes the
     flow-control mixin because `loop.sendfile`'s fallback requires it."""
@@ -110,19 +105,14 @@ class TransportMethods:
     methods call."""
 
     def _make_socket_transport(
-        self, sock, protocol, waiter=None, *, extra=None, server=None, peername=_NO_PEER, fd=-1
+        self, sock, protocol, waiter=None, *, extra=None, server=None, peername=None, fd=-1
     ):
         if sock is None:
-            # A connection `accept_connections` accepted (non-blocking, TCP_NODELAY
-            # set): the transport takes its fd over, closing it if this fails.
-            transport = SocketTransport(self, None, protocol, extra, server, peername, fd)
-        elif extra is None and peername is not _NO_PEER:
-            base_events._set_nodelay(sock)
-            # An accepted connection: the transport takes the fd over, and makes a
-            # socket object and an extra dict only if asked for (an idle connection
-            # holds neither). If registering it fails, the dropped transport closes the
-            # fd; the caller's close of the detached socket then does nothing.
-            transport = SocketTransport(self, None, protocol, None, server, peername, sock.detach())
+            # An accepted connection (`_serve.py`), non-blocking and with TCP_NODELAY
+            # where asyncio sets it: the transport takes `fd` over (it closes it if
+            # this fails), keeps `peername`, and makes a socket object and an extra
+            # dict only if asked for (an idle connection holds neither).
+            transport = SocketTransport(self, None, protocol, None, server, peername, fd)
         else:
             base_events._set_nodelay(sock)
             transport = SocketTransport(self, sock, protocol, socket_extra(sock, extra), server)
@@ -156,7 +146,7 @@ class TransportMethods:
         server=None,
         ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
         ssl_shutdown_timeout=None,
-        peername=_NO_PEER,
+        peername=None,
         fd=-1,
     ):
         """asyncio's, and for an accepted connection (`rawsock` None) its `fd`, which
