@@ -166,6 +166,38 @@ mod tests {
     }
 
     #[test]
+    fn accept_gives_a_nonblocking_cloexec_fd_then_would_block() {
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+        listener
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("nonblocking: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("local_addr: {e}"));
+        let client = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect: {e}"));
+        // SAFETY: zero is a valid sockaddr_storage.
+        let mut peer: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let (conn, len) =
+            accept(listener.as_raw_fd(), &mut peer).unwrap_or_else(|e| panic!("accept: {e}"));
+        assert_eq!(len as usize, std::mem::size_of::<libc::sockaddr_in>());
+        assert_eq!(i32::from(peer.ss_family), libc::AF_INET);
+        // SAFETY: fcntl reads the flags of an open fd.
+        let (status, fd_flags) = unsafe {
+            (
+                libc::fcntl(conn.as_raw_fd(), libc::F_GETFL),
+                libc::fcntl(conn.as_raw_fd(), libc::F_GETFD),
+            )
+        };
+        assert_ne!(status & libc::O_NONBLOCK, 0);
+        assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
+        assert!(set_tcp_nodelay(conn.as_raw_fd()).is_ok());
+        let again = accept(listener.as_raw_fd(), &mut peer).err();
+        assert_eq!(again.and_then(|e| e.raw_os_error()), Some(libc::EAGAIN));
+        drop(client);
+    }
+
+    #[test]
     fn errors_are_the_os_error() {
         let err = send(-1, b"x").err().map(|e| e.raw_os_error());
         assert_eq!(err, Some(Some(libc::EBADF)));
