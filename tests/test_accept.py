@@ -255,6 +255,36 @@ def test_the_python_accept_of_other_families_serves_the_same(loop, monkeypatch, 
     assert loop.run_until_complete(asyncio.wait_for(main(), 60)) == [b"%d" % i for i in range(5)]
 
 
+class SocketLike:
+    """A listening socket's wrapper that is no `socket.socket` (as gunicorn's are)."""
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def test_a_socket_like_listener_is_served(loop):
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+
+    async def main():
+        server = await loop.create_server(lambda: Recorder(accepted), sock=SocketLike(listener))
+        reader, writer = await asyncio.open_connection(*listener.getsockname())
+        writer.write(b"ping")
+        reply = await reader.read()
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return reply
+
+    assert loop.run_until_complete(asyncio.wait_for(main(), 30)) == b"ping"
+    assert len(accepted) == 1
+
+
 def test_native_accept_batch_bound_peernames_and_end():
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))

@@ -98,7 +98,11 @@ class ServeMethods:
         ssl_shutdown_timeout,
     ):
         # A bounded batch per readiness event: other connections get their turn.
-        family = _family_of(sock)
+        if isinstance(sock, _socket.socket):
+            family, kind, proto = _family_of(sock), _type_of(sock), _proto_of(sock)
+        else:
+            # A socket-like object (gunicorn's listeners wrap theirs): its attributes.
+            family, kind, proto = sock.family, sock.type, sock.proto
         if family not in _NATIVE_FAMILIES:
             self._accept_python(
                 protocol_factory,
@@ -113,8 +117,8 @@ class ServeMethods:
         # TCP_NODELAY exactly when asyncio's `_set_nodelay` would set it.
         nodelay = (
             family != socket.AF_UNIX
-            and _type_of(sock) == socket.SOCK_STREAM
-            and _proto_of(sock) == socket.IPPROTO_TCP
+            and kind == socket.SOCK_STREAM
+            and proto == socket.IPPROTO_TCP
         )
         accepted, exc = accept_connections(sock.fileno(), backlog, nodelay)
         self._connections_accepted += len(accepted)
