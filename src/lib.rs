@@ -1,5 +1,6 @@
 //! ferroloop: Python's asyncio event loop in Rust. This file only registers the module.
 
+mod accept;
 mod asyncgens;
 mod clock;
 mod errors;
@@ -16,6 +17,7 @@ mod pyhelpers;
 mod ready;
 mod scheduling;
 mod sock_ops;
+mod sockaddr;
 mod stats;
 mod sys;
 mod timers;
@@ -46,6 +48,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fs_ops::stat_path, m)?)?;
     m.add_function(wrap_pyfunction!(fs_ops::unlink_path, m)?)?;
     m.add_function(wrap_pyfunction!(fs_ops::sendfile, m)?)?;
+    m.add_function(wrap_pyfunction!(accept::accept_connections, m)?)?;
     m.add_class::<transports::stream::StreamTransport>()?;
     m.add_class::<transports::datagram::DatagramTransport>()?;
     Ok(())

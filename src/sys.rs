@@ -5,7 +5,7 @@
 //! and nowhere else: a port to another Unix changes this file, not its callers.
 
 use std::io::{self, IoSlice};
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// Flags for every send on a stream socket: a peer that has gone away is `EPIPE`,
 /// never `SIGPIPE`. (macOS has no `MSG_NOSIGNAL`; a port sets `SO_NOSIGPIPE` on the
@@ -18,6 +18,49 @@ fn byte_count(n: libc::ssize_t) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// One `accept4` of a waiting connection, non-blocking and close-on-exec from the
+/// start: the connection's fd and the length of the peer address written into `addr`.
+pub fn accept(
+    fd: RawFd,
+    addr: &mut libc::sockaddr_storage,
+) -> io::Result<(OwnedFd, libc::socklen_t)> {
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `addr` is a writable sockaddr_storage of the length passed.
+    let conn = unsafe {
+        libc::accept4(
+            fd,
+            (addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if conn < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new fd that nothing else owns.
+    Ok((unsafe { OwnedFd::from_raw_fd(conn) }, len))
+}
+
+/// Sets `TCP_NODELAY` on a TCP socket.
+pub fn set_tcp_nodelay(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a readable c_int of the length passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -120,6 +163,38 @@ mod tests {
         assert_eq!(recv(b.as_raw_fd(), &mut buf).ok(), Some(5));
         assert_eq!(&buf[..5], b"abcde");
         assert_eq!(recv(b.as_raw_fd(), &mut buf).ok(), Some(0));
+    }
+
+    #[test]
+    fn accept_gives_a_nonblocking_cloexec_fd_then_would_block() {
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+        listener
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("nonblocking: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("local_addr: {e}"));
+        let client = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect: {e}"));
+        // SAFETY: zero is a valid sockaddr_storage.
+        let mut peer: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let (conn, len) =
+            accept(listener.as_raw_fd(), &mut peer).unwrap_or_else(|e| panic!("accept: {e}"));
+        assert_eq!(len as usize, std::mem::size_of::<libc::sockaddr_in>());
+        assert_eq!(i32::from(peer.ss_family), libc::AF_INET);
+        // SAFETY: fcntl reads the flags of an open fd.
+        let (status, fd_flags) = unsafe {
+            (
+                libc::fcntl(conn.as_raw_fd(), libc::F_GETFL),
+                libc::fcntl(conn.as_raw_fd(), libc::F_GETFD),
+            )
+        };
+        assert_ne!(status & libc::O_NONBLOCK, 0);
+        assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
+        assert!(set_tcp_nodelay(conn.as_raw_fd()).is_ok());
+        let again = accept(listener.as_raw_fd(), &mut peer).err();
+        assert_eq!(again.and_then(|e| e.raw_os_error()), Some(libc::EAGAIN));
+        drop(client);
     }
 
     #[test]

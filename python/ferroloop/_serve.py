@@ -5,16 +5,32 @@ and makes each one's transport, plain or TLS.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
+import os
 import socket
-from asyncio import constants, trsock
+from asyncio import base_events, constants, trsock
 
 from . import _workers
+from ._ferroloop import accept_connections
 from ._server import Server
 from ._unix import unlink_if_same
 
 __all__ = ["ServeMethods"]
+
+# The families whose addresses `accept_connections` makes as the socket module does.
+_NATIVE_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6, socket.AF_UNIX})
+
+# A socket's family, type and protocol as plain ints: `socket.socket`'s properties make
+# an enum member each, a cost per batch of connections (per connection, when they come
+# one at a time).
+_family_of = _socket.socket.family.__get__
+_type_of = _socket.socket.type.__get__
+_proto_of = _socket.socket.proto.__get__
+
+# accept() failures that leave the connections queued: asyncio retries after a delay.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class ServeMethods:
@@ -82,29 +98,85 @@ class ServeMethods:
         ssl_shutdown_timeout,
     ):
         # A bounded batch per readiness event: other connections get their turn.
+        if isinstance(sock, _socket.socket):
+            family, kind, proto = _family_of(sock), _type_of(sock), _proto_of(sock)
+        else:
+            # A socket-like object (gunicorn's listeners wrap theirs): its attributes.
+            family, kind, proto = sock.family, sock.type, sock.proto
+        if family not in _NATIVE_FAMILIES:
+            self._accept_python(
+                protocol_factory,
+                sock,
+                sslcontext,
+                server,
+                backlog,
+                ssl_handshake_timeout,
+                ssl_shutdown_timeout,
+            )
+            return
+        # TCP_NODELAY exactly when asyncio's `_set_nodelay` would set it.
+        nodelay = (
+            family != socket.AF_UNIX
+            and kind == socket.SOCK_STREAM
+            and proto == socket.IPPROTO_TCP
+        )
+        accepted, exc = accept_connections(sock.fileno(), backlog, nodelay)
+        self._connections_accepted += len(accepted)
+        handed_over = 0
+        try:
+            for fd, addr in accepted:
+                handed_over += 1
+                if sslcontext:
+                    self.create_task(
+                        self._accept_ssl(
+                            protocol_factory,
+                            fd,
+                            addr,
+                            sslcontext,
+                            server,
+                            ssl_handshake_timeout,
+                            ssl_shutdown_timeout,
+                        )
+                    )
+                else:
+                    self._accept_plain(protocol_factory, fd, addr, server)
+        except BaseException:
+            # Each fd has one owner: those not handed over yet are closed here.
+            for fd, _ in accepted[handed_over:]:
+                os.close(fd)
+            raise
+        if exc is not None:
+            self._accept_failed(
+                exc,
+                protocol_factory,
+                sock,
+                sslcontext,
+                server,
+                backlog,
+                ssl_handshake_timeout,
+                ssl_shutdown_timeout,
+            )
+
+    def _accept_python(
+        self,
+        protocol_factory,
+        sock,
+        sslcontext,
+        server,
+        backlog,
+        ssl_handshake_timeout,
+        ssl_shutdown_timeout,
+    ):
+        """Accepting through the socket object, for a family `accept_connections` does
+        not know (its addresses are the socket module's to format)."""
         for _ in range(backlog):
             try:
                 conn, addr = sock.accept()
-                conn.setblocking(False)
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
-                # Out of fds or memory: the pending connections stay queued in the kernel.
-                # Stop polling the socket (it would stay readable and spin the loop) and
-                # try again after a delay, as asyncio does.
-                self.call_exception_handler(
-                    {
-                        "message": "socket.accept() out of system resource",
-                        "exception": exc,
-                        "socket": trsock.TransportSocket(sock),
-                    }
-                )
-                self.remove_reader(sock.fileno())
-                self.call_later(
-                    constants.ACCEPT_RETRY_DELAY,
-                    self._start_serving,
+                self._accept_failed(
+                    exc,
                     protocol_factory,
                     sock,
                     sslcontext,
@@ -115,12 +187,19 @@ class ServeMethods:
                 )
                 return
             self._connections_accepted += 1
+            try:
+                conn.setblocking(False)
+                base_events._set_nodelay(conn)
+            except OSError:
+                conn.close()
+                continue
+            fd = conn.detach()
             if sslcontext:
                 self.create_task(
                     self._accept_ssl(
                         protocol_factory,
-                        conn,
-                        {"peername": addr},
+                        fd,
+                        addr,
                         sslcontext,
                         server,
                         ssl_handshake_timeout,
@@ -128,38 +207,91 @@ class ServeMethods:
                     )
                 )
             else:
-                self._accept_plain(protocol_factory, conn, addr, server)
+                self._accept_plain(protocol_factory, fd, addr, server)
 
-    def _accept_plain(self, protocol_factory, conn, peername, server):
+    def _accept_failed(
+        self,
+        exc,
+        protocol_factory,
+        sock,
+        sslcontext,
+        server,
+        backlog,
+        ssl_handshake_timeout,
+        ssl_shutdown_timeout,
+    ):
+        if not isinstance(exc, OSError) or exc.errno not in _OUT_OF_RESOURCES:
+            raise exc
+        # Out of fds or memory: the pending connections stay queued in the kernel. Stop
+        # polling the socket (it would stay readable and spin the loop) and try again
+        # after a delay, as asyncio does.
+        self.call_exception_handler(
+            {
+                "message": "socket.accept() out of system resource",
+                "exception": exc,
+                "socket": trsock.TransportSocket(sock),
+            }
+        )
+        self.remove_reader(sock.fileno())
+        self.call_later(
+            constants.ACCEPT_RETRY_DELAY,
+            self._start_serving,
+            protocol_factory,
+            sock,
+            sslcontext,
+            server,
+            backlog,
+            ssl_handshake_timeout,
+            ssl_shutdown_timeout,
+        )
+
+    def _accept_plain(self, protocol_factory, fd, peername, server):
+        """Makes the transport of an accepted connection, which takes `fd` over (it
+        closes it if it fails); if the protocol cannot be made, `fd` is closed here."""
         try:
             protocol = protocol_factory()
-            self._make_socket_transport(conn, protocol, server=server, peername=peername)
         except (SystemExit, KeyboardInterrupt):
-            conn.close()
+            os.close(fd)
             raise
         except BaseException as exc:  # noqa: BLE001 - the server goes on
-            conn.close()
-            # Reported in debug mode only, as asyncio's _accept_connection2 does.
-            if self._debug:
-                self.call_exception_handler(
-                    {"message": "Error on transport creation for incoming connection",
-                     "exception": exc}
-                )
+            os.close(fd)
+            self._report_accept_error(exc)
+            return
+        try:
+            self._make_socket_transport(None, protocol, server=server, peername=peername, fd=fd)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the server goes on
+            self._report_accept_error(exc)
+
+    def _report_accept_error(self, exc):
+        # Reported in debug mode only, as asyncio's _accept_connection2 does.
+        if self._debug:
+            self.call_exception_handler(
+                {"message": "Error on transport creation for incoming connection",
+                 "exception": exc}
+            )
 
     async def _accept_ssl(
-        self, protocol_factory, conn, extra, sslcontext, server, handshake_timeout, shutdown_timeout
+        self, protocol_factory, fd, peername, sslcontext, server, handshake_timeout,
+        shutdown_timeout,
     ):
         protocol = transport = None
         try:
-            protocol = protocol_factory()
-            waiter = self.create_future()
+            try:
+                protocol = protocol_factory()
+                waiter = self.create_future()
+            except BaseException:
+                os.close(fd)
+                raise
             transport = self._make_ssl_transport(
-                conn,
+                None,
                 protocol,
                 sslcontext,
                 waiter=waiter,
                 server_side=True,
-                extra=extra,
+                peername=peername,
+                fd=fd,
                 server=server,
                 ssl_handshake_timeout=handshake_timeout,
                 ssl_shutdown_timeout=shutdown_timeout,

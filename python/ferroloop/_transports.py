@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 import socket
 import sys
 from asyncio import base_events, constants, futures, sslproto, transports, trsock
@@ -32,11 +33,6 @@ __all__ = [
     "TransportMethods",
     "socket_extra",
 ]
-
-# `_make_socket_transport`'s "no peer address given" (None is a valid address: an
-# unnamed Unix socket's).
-_NO_PEER = object()
-
 
 class _SocketTransportInterface(transports._FlowControlMixin, asyncio.Transport):
     """What `SocketTransport` instances report as their `__class__`. It includes the
@@ -109,16 +105,16 @@ class TransportMethods:
     methods call."""
 
     def _make_socket_transport(
-        self, sock, protocol, waiter=None, *, extra=None, server=None, peername=_NO_PEER
+        self, sock, protocol, waiter=None, *, extra=None, server=None, peername=None, fd=-1
     ):
-        base_events._set_nodelay(sock)
-        if extra is None and peername is not _NO_PEER:
-            # An accepted connection: the transport takes the fd over, and makes a
-            # socket object and an extra dict only if asked for (an idle connection
-            # holds neither). If registering it fails, the dropped transport closes the
-            # fd; the caller's close of the detached socket then does nothing.
-            transport = SocketTransport(self, None, protocol, None, server, peername, sock.detach())
+        if sock is None:
+            # An accepted connection (`_serve.py`), non-blocking and with TCP_NODELAY
+            # where asyncio sets it: the transport takes `fd` over (it closes it if
+            # this fails), keeps `peername`, and makes a socket object and an extra
+            # dict only if asked for (an idle connection holds neither).
+            transport = SocketTransport(self, None, protocol, None, server, peername, fd)
         else:
+            base_events._set_nodelay(sock)
             transport = SocketTransport(self, sock, protocol, socket_extra(sock, extra), server)
         transport._register()
         if server is not None:
@@ -150,14 +146,25 @@ class TransportMethods:
         server=None,
         ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
         ssl_shutdown_timeout=None,
+        peername=None,
+        fd=-1,
     ):
+        """asyncio's, and for an accepted connection (`rawsock` None) its `fd`, which
+        the transport takes over, and its `peername`."""
         timeouts = {"ssl_handshake_timeout": ssl_handshake_timeout}
         if HAS_SSL_SHUTDOWN_TIMEOUT:
             timeouts["ssl_shutdown_timeout"] = ssl_shutdown_timeout
-        ssl_protocol = _sslproto.SSLProtocol(
-            self, protocol, sslcontext, waiter, server_side, server_hostname, **timeouts
+        try:
+            ssl_protocol = _sslproto.SSLProtocol(
+                self, protocol, sslcontext, waiter, server_side, server_hostname, **timeouts
+            )
+        except BaseException:
+            if rawsock is None:
+                os.close(fd)
+            raise
+        self._make_socket_transport(
+            rawsock, ssl_protocol, extra=extra, server=server, peername=peername, fd=fd
         )
-        self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
 
     # The versions whose `sslproto` ferroloop's `SSLProtocol` subclasses (`_sslproto.py`).

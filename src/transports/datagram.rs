@@ -11,18 +11,18 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io;
 use std::os::fd::RawFd;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyString};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors::{os_error, would_block};
 use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
 use crate::poller::Readiness;
+use crate::sockaddr::inet_address;
 use crate::sys;
 use crate::transports::{
     asyncio_logger, close, flow_control, get_extra_info, in_read_context, is_fatal_to_loop,
@@ -32,17 +32,6 @@ use crate::transports::{
 
 /// asyncio's `max_size` for one datagram read.
 const MAX_DATAGRAM: usize = 256 * 1024;
-
-extern "C" {
-    // The C library's address formatter, which the socket module uses too: addresses
-    // print exactly as Python prints them. (Not exported by the libc crate.)
-    fn inet_ntop(
-        af: libc::c_int,
-        src: *const libc::c_void,
-        dst: *mut libc::c_char,
-        size: libc::socklen_t,
-    ) -> *const libc::c_char;
-}
 
 thread_local! {
     static DATAGRAM_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
@@ -86,67 +75,6 @@ impl HasBase for DatagramState {
 #[pyclass(module = "ferroloop._ferroloop", subclass, frozen, weakref)]
 pub struct DatagramTransport {
     state: GilCell<DatagramState>,
-}
-
-/// An address in text form, exactly as the C library (and so the socket module)
-/// prints it.
-fn ntop(family: libc::c_int, addr: *const libc::c_void) -> PyResult<String> {
-    let mut text = [0 as libc::c_char; 64];
-    // SAFETY: `addr` points to an in_addr or in6_addr matching `family` (the callers
-    // take it from a sockaddr of that family); `text` (64 bytes) exceeds
-    // INET6_ADDRSTRLEN (46), and inet_ntop NUL-terminates what it writes.
-    let host = unsafe {
-        inet_ntop(
-            family,
-            addr,
-            text.as_mut_ptr(),
-            text.len() as libc::socklen_t,
-        )
-    };
-    if host.is_null() {
-        return Err(os_error(io::Error::last_os_error()));
-    }
-    // SAFETY: inet_ntop succeeded, so `text` holds a NUL-terminated string.
-    Ok(unsafe { std::ffi::CStr::from_ptr(text.as_ptr()) }
-        .to_string_lossy()
-        .into_owned())
-}
-
-/// `(host, port)` or `(host, port, flowinfo, scope_id)` from a kernel address, as the
-/// socket module builds them; `None` for other families.
-fn inet_address<'py>(
-    py: Python<'py>,
-    addr: &libc::sockaddr_storage,
-) -> PyResult<Option<Bound<'py, PyTuple>>> {
-    match i32::from(addr.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the kernel wrote a sockaddr_in (family AF_INET) into the storage,
-            // which is large and aligned enough for every address type.
-            let sin = unsafe { &*(addr as *const _ as *const libc::sockaddr_in) };
-            let host = ntop(
-                libc::AF_INET,
-                (&sin.sin_addr as *const libc::in_addr).cast(),
-            )?;
-            let port = u16::from_be(sin.sin_port);
-            Ok(Some((host, port).into_pyobject(py)?))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: as above, for a sockaddr_in6.
-            let sin6 = unsafe { &*(addr as *const _ as *const libc::sockaddr_in6) };
-            let host = ntop(
-                libc::AF_INET6,
-                (&sin6.sin6_addr as *const libc::in6_addr).cast(),
-            )?;
-            let tuple = (
-                host,
-                u16::from_be(sin6.sin6_port),
-                u32::from_be(sin6.sin6_flowinfo),
-                sin6.sin6_scope_id,
-            );
-            Ok(Some(tuple.into_pyobject(py)?))
-        }
-        _ => Ok(None),
-    }
 }
 
 /// What one `recvfrom` came to.

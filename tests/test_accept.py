@@ -1,0 +1,328 @@
+"""Accepting connections, on asyncio and ferroloop: peer addresses as `socket.accept()`
+gives them for every family, TCP_NODELAY as asyncio sets it, a queue longer than the
+batch all served, and no fd left open whether the protocol or transport is made or
+not; and ferroloop's native batch accept on its own (its bound, its errors)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gc
+import os
+import socket
+import ssl
+import warnings
+
+import ferroloop._serve
+import pytest
+from ferroloop._ferroloop import accept_connections
+
+from tests.conftest import open_fds
+
+certs = pytest.importorskip("test.test_asyncio.utils")
+
+
+class Recorder(asyncio.Protocol):
+    """Keeps each accepted transport; echoes what it receives, then closes."""
+
+    def __init__(self, accepted):
+        self.accepted = accepted
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.accepted.append(transport)
+
+    def data_received(self, data):
+        self.transport.write(data)
+        self.transport.close()
+
+
+def peername_seen(loop, server_sock, client):
+    """The `peername` of the server side of `client`'s connection (already queued)."""
+    accepted = []
+
+    async def main():
+        server = await loop.create_server(lambda: Recorder(accepted), sock=server_sock)
+        while not accepted:
+            await asyncio.sleep(0.01)
+        peer = accepted[0].get_extra_info("peername")
+        accepted[0].close()
+        server.close()
+        await server.wait_closed()
+        return peer
+
+    return loop.run_until_complete(asyncio.wait_for(main(), 30))
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_inet_peername_is_the_clients_address(loop, family):
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.bind((host, 0))
+    except OSError:
+        listener.close()
+        pytest.skip(f"no {host}")
+    listener.listen(8)
+    with socket.create_connection(listener.getsockname()[:2]) as client:
+        peer = peername_seen(loop, listener, client)
+        assert peer == client.getsockname()
+        assert len(peer) == (2 if family == socket.AF_INET else 4)
+
+
+@pytest.mark.parametrize("client_name", ["path", "unnamed", "abstract"])
+def test_unix_peername_as_socket_accept_gives_it(loop, tmp_path, client_name):
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "server.sock"))
+    listener.listen(8)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        if client_name == "path":
+            client.bind(str(tmp_path / "client-é.sock"))
+        elif client_name == "abstract":
+            client.bind(b"\0ferroloop-test-accept-%d" % os.getpid())
+        client.connect(str(tmp_path / "server.sock"))
+        expected = {
+            "path": str(tmp_path / "client-é.sock"),
+            "unnamed": "",
+            "abstract": b"\0ferroloop-test-accept-%d" % os.getpid(),
+        }[client_name]
+        assert client.getsockname() == expected
+        assert peername_seen(loop, listener, client) == expected
+
+
+@pytest.mark.parametrize("proto", [socket.IPPROTO_TCP, 0])
+def test_tcp_nodelay_as_asyncio_sets_it(loop, proto):
+    # asyncio sets TCP_NODELAY on an accepted connection only if the listening socket
+    # says IPPROTO_TCP (create_server's do; `socket.socket()` says 0).
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+
+    async def main():
+        server = await loop.create_server(lambda: Recorder(accepted), sock=listener)
+        with socket.create_connection(listener.getsockname()):
+            while not accepted:
+                await asyncio.sleep(0.01)
+            sock = accepted[0].get_extra_info("socket")
+            nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            accepted[0].close()
+        server.close()
+        await server.wait_closed()
+        return nodelay
+
+    nodelay = loop.run_until_complete(asyncio.wait_for(main(), 30))
+    assert bool(nodelay) == (proto == socket.IPPROTO_TCP)
+
+
+def test_a_queue_longer_than_the_batch_is_all_served(loop):
+    # 60 connections wait in the kernel's queue before serving starts; the server takes
+    # them in batches of `backlog` (4), one batch per readiness event.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(60)]
+    accepted = []
+
+    async def main():
+        server = await loop.create_server(lambda: Recorder(accepted), sock=listener, backlog=4)
+        replies = []
+        for i, client in enumerate(clients):
+            client.setblocking(False)
+            await loop.sock_sendall(client, b"%d" % i)
+        for client in clients:
+            replies.append(await loop.sock_recv(client, 100))
+        server.close()
+        await server.wait_closed()
+        return replies
+
+    try:
+        replies = loop.run_until_complete(asyncio.wait_for(main(), 60))
+    finally:
+        for client in clients:
+            client.close()
+    assert replies == [b"%d" % i for i in range(60)]
+    assert len(accepted) == 60
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_no_fd_left_after_many_accepted_connections(new_loop, tls):
+    # 200 connections accepted, echoed and closed; every fourth protocol factory call
+    # fails, whose connection the server must close without a transport.
+    count = 200 if not tls else 40
+    server_ctx = client_ctx = None
+    if tls:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(certs.SIGNED_CERTFILE)
+        client_ctx = ssl.create_default_context(cafile=certs.SIGNING_CA)
+    gc.collect()
+    before = open_fds()
+    loop = new_loop()
+    calls = 0
+    accepted = []
+
+    def factory():
+        nonlocal calls
+        calls += 1
+        if calls % 4 == 0:
+            raise RuntimeError("no protocol")
+        return Recorder(accepted)
+
+    async def one(port, i):
+        # A connection whose protocol failed is closed by the server: during the TLS
+        # handshake (an error here) or after the TCP one (end of stream or a reset).
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost" if tls else None
+            )
+        except OSError:
+            return None
+        writer.write(b"%d" % i)
+        try:
+            reply = await reader.read()
+        except OSError:
+            reply = None
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+        return reply
+
+    async def main():
+        server = await loop.create_server(factory, "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        replies = []
+        for i in range(count):
+            replies.append(await one(port, i))
+        server.close()
+        await server.wait_closed()
+        return replies
+
+    replies = loop.run_until_complete(asyncio.wait_for(main(), 120))
+    loop.close()
+    # The connections whose protocol was made (3 of 4) were echoed.
+    served = [r for r in replies if r]
+    assert served == [b"%d" % i for i in range(count) if (i + 1) % 4 != 0]
+    assert len(accepted) == count - count // 4
+    accepted.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_the_python_accept_of_other_families_serves_the_same(loop, monkeypatch, tls):
+    # A family accept_connections does not know goes through socket.accept(): made to
+    # here for TCP, it must give the same peername, TCP_NODELAY and echo.
+    monkeypatch.setattr(ferroloop._serve, "_NATIVE_FAMILIES", frozenset())
+    server_ctx = client_ctx = None
+    if tls:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(certs.SIGNED_CERTFILE)
+        client_ctx = ssl.create_default_context(cafile=certs.SIGNING_CA)
+    accepted = []
+    seen = []
+
+    class Checked(Recorder):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            seen.append((transport.get_extra_info("peername"), nodelay))
+
+    async def main():
+        server = await loop.create_server(
+            lambda: Checked(accepted), "127.0.0.1", 0, ssl=server_ctx
+        )
+        port = server.sockets[0].getsockname()[1]
+        replies = []
+        for i in range(5):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost" if tls else None
+            )
+            writer.write(b"%d" % i)
+            replies.append(await reader.read())
+            peer, nodelay = seen[-1]
+            assert peer == writer.get_extra_info("sockname")
+            assert nodelay != 0
+            writer.close()
+        server.close()
+        await server.wait_closed()
+        return replies
+
+    assert loop.run_until_complete(asyncio.wait_for(main(), 60)) == [b"%d" % i for i in range(5)]
+
+
+class SocketLike:
+    """A listening socket's wrapper that is no `socket.socket` (as gunicorn's are)."""
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def test_a_socket_like_listener_is_served(loop):
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+
+    async def main():
+        server = await loop.create_server(lambda: Recorder(accepted), sock=SocketLike(listener))
+        reader, writer = await asyncio.open_connection(*listener.getsockname())
+        writer.write(b"ping")
+        reply = await reader.read()
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return reply
+
+    assert loop.run_until_complete(asyncio.wait_for(main(), 30)) == b"ping"
+    assert len(accepted) == 1
+
+
+def test_native_accept_batch_bound_peernames_and_end():
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(32)
+    listener.setblocking(False)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(10)]
+    got = []
+    try:
+        for expected in (4, 4, 2, 0):
+            accepted, error = accept_connections(listener.fileno(), 4, True)
+            assert error is None
+            assert len(accepted) == expected
+            got += accepted
+        names = sorted(c.getsockname() for c in clients)
+        assert sorted(peer for _, peer in got) == names
+        for fd, _ in got:
+            assert os.get_blocking(fd) is False
+            assert os.get_inheritable(fd) is False
+            with socket.socket(fileno=fd) as conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        for c in clients:
+            c.close()
+        listener.close()
+
+
+def test_native_accept_errors_are_returned_as_the_oserror():
+    # Not a listening socket: EINVAL, as the OSError accept() would raise.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        accepted, error = accept_connections(sock.fileno(), 4, False)
+        assert accepted == []
+        assert type(error) is OSError and error.errno == errno.EINVAL
+    # Not a socket at all: ENOTSOCK.
+    r, w = os.pipe()
+    try:
+        accepted, error = accept_connections(r, 4, False)
+        assert accepted == [] and error.errno == errno.ENOTSOCK
+    finally:
+        os.close(r)
+        os.close(w)
+
