@@ -212,6 +212,32 @@ def test_no_fd_left_after_many_accepted_connections(new_loop, tls):
     assert open_fds() == before
 
 
+def test_a_tls_connection_whose_task_never_runs_leaves_no_fd(new_loop):
+    # The accept callback hands a TLS connection to a task; the loop is closed before
+    # that task's first step: the accepted connection's fd must still be closed.
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(certs.SIGNED_CERTFILE)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    client = socket.create_connection(listener.getsockname())
+    try:
+        gc.collect()
+        before = open_fds()
+        loop = new_loop()
+        loop._accept_connection(asyncio.Protocol, listener, server_ctx, None, 100, 60.0, 30.0)
+        assert len(asyncio.all_tasks(loop)) == 1
+        # Inside the filter: a recorded "never awaited" warning would keep the
+        # coroutine, and with it the connection, alive.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loop.close()
+            gc.collect()
+        assert open_fds() == before
+    finally:
+        client.close()
+        listener.close()
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
 def test_the_python_accept_of_other_families_serves_the_same(loop, monkeypatch, tls):
     # A family accept_connections does not know goes through socket.accept(): made to

@@ -125,12 +125,16 @@ class ServeMethods:
         handed_over = 0
         try:
             for fd, addr in accepted:
-                handed_over += 1
                 if sslcontext:
+                    # A socket object owns the fd until the task's first step takes it:
+                    # a task that never runs (the loop closed first) leaves it to be
+                    # closed when collected.
+                    conn = socket.socket(family, kind, proto, fileno=fd)
+                    handed_over += 1
                     self.create_task(
                         self._accept_ssl(
                             protocol_factory,
-                            fd,
+                            conn,
                             addr,
                             sslcontext,
                             server,
@@ -139,6 +143,7 @@ class ServeMethods:
                         )
                     )
                 else:
+                    handed_over += 1
                     self._accept_plain(protocol_factory, fd, addr, server)
         except BaseException:
             # Each fd has one owner: those not handed over yet are closed here.
@@ -193,12 +198,11 @@ class ServeMethods:
             except OSError:
                 conn.close()
                 continue
-            fd = conn.detach()
             if sslcontext:
                 self.create_task(
                     self._accept_ssl(
                         protocol_factory,
-                        fd,
+                        conn,
                         addr,
                         sslcontext,
                         server,
@@ -207,7 +211,7 @@ class ServeMethods:
                     )
                 )
             else:
-                self._accept_plain(protocol_factory, fd, addr, server)
+                self._accept_plain(protocol_factory, conn.detach(), addr, server)
 
     def _accept_failed(
         self,
@@ -273,9 +277,10 @@ class ServeMethods:
             )
 
     async def _accept_ssl(
-        self, protocol_factory, fd, peername, sslcontext, server, handshake_timeout,
+        self, protocol_factory, conn, peername, sslcontext, server, handshake_timeout,
         shutdown_timeout,
     ):
+        fd = conn.detach()
         protocol = transport = None
         try:
             try:
