@@ -14,6 +14,8 @@ from asyncio import sslproto
 import pytest
 from ferroloop import _ferroloop
 
+from tests.test_tls import server_context
+
 certs = pytest.importorskip("test.test_asyncio.utils")
 
 OWN_SSLPROTO = (3, 11) <= sys.version_info < (3, 14)
@@ -30,12 +32,6 @@ def protocol_class(loop_name):
 
         return SSLProtocol
     return sslproto.SSLProtocol
-
-
-def server_context():
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(certs.SIGNED_CERTFILE)
-    return ctx
 
 
 def attributes(proto):

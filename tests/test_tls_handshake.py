@@ -17,21 +17,13 @@ import ferroloop
 import pytest
 from ferroloop import _ferroloop
 
+from tests.test_tls import client_context, server_context
+
 certs = pytest.importorskip("test.test_asyncio.utils")
 CERT, CA = certs.SIGNED_CERTFILE, certs.SIGNING_CA  # CN=localhost, signed by CA
 
 OWN_SSLPROTO = (3, 11) <= sys.version_info < (3, 14)
 NATIVE = OWN_SSLPROTO and _ferroloop.native_tls_unavailable() is None
-
-
-def server_context():
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(CERT)
-    return ctx
-
-
-def client_context():
-    return ssl.create_default_context(cafile=CA)
 
 
 class Calls:

@@ -19,17 +19,15 @@ import ferroloop
 import pytest
 from ferroloop import _ferroloop
 
+from tests.test_tls import _echo, client_context, server_context
+
 certs = pytest.importorskip("test.test_asyncio.utils")
-CERT, CA = certs.SIGNED_CERTFILE, certs.SIGNING_CA
+CERT = certs.SIGNED_CERTFILE
 
 # ferroloop's own SSLProtocol (and so the native path) is used where asyncio's
 # sslproto is the one it follows; elsewhere asyncio's classes run as they are.
 OWN_SSLPROTO = (3, 11) <= sys.version_info < (3, 14)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def client_context():
-    return ssl.create_default_context(cafile=CA)
 
 
 def tls_server_then(lsock, after_handshake):
@@ -250,17 +248,10 @@ def test_records_cut_anywhere_echo_whole(loop, app):
     cuts = [1, 7, 300, 5000, 2, 16000, 90]
 
     async def main():
-        sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        sctx.load_cert_chain(CERT)
-
-        async def echo(reader, writer):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-            writer.close()
+        sctx = server_context()
 
         if app == "streams":
-            server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=sctx)
+            server = await asyncio.start_server(_echo, "127.0.0.1", 0, ssl=sctx)
         else:
             server = await asyncio.get_running_loop().create_server(BufferedEcho, "127.0.0.1", 0, ssl=sctx)
         try:
@@ -276,16 +267,9 @@ def test_a_patched_transport_write_gets_the_records(loop):
     # A patch on the transport instance (as mock.patch.object puts it) is called with
     # the records, as asyncio's SSLProtocol calls it: no path sends them past `write`.
     async def main():
-        sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        sctx.load_cert_chain(CERT)
+        sctx = server_context()
 
-        async def echo(reader, writer):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=sctx)
+        server = await asyncio.start_server(_echo, "127.0.0.1", 0, ssl=sctx)
         reader, writer = await asyncio.open_connection(
             *server.sockets[0].getsockname(), ssl=client_context(), server_hostname="localhost"
         )

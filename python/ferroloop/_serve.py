@@ -125,26 +125,17 @@ class ServeMethods:
         handed_over = 0
         try:
             for fd, addr in accepted:
-                if sslcontext:
-                    # A socket object owns the fd until the task's first step takes it:
-                    # a task that never runs (the loop closed first) leaves it to be
-                    # closed when collected.
-                    conn = socket.socket(family, kind, proto, fileno=fd)
-                    handed_over += 1
-                    self.create_task(
-                        self._accept_ssl(
-                            protocol_factory,
-                            conn,
-                            addr,
-                            sslcontext,
-                            server,
-                            ssl_handshake_timeout,
-                            ssl_shutdown_timeout,
-                        )
-                    )
-                else:
-                    handed_over += 1
-                    self._accept_plain(protocol_factory, fd, addr, server)
+                handed_over += 1
+                self._serve_accepted(
+                    protocol_factory,
+                    fd,
+                    addr,
+                    (family, kind, proto),
+                    sslcontext,
+                    server,
+                    ssl_handshake_timeout,
+                    ssl_shutdown_timeout,
+                )
         except BaseException:
             # Each fd has one owner: those not handed over yet are closed here.
             for fd, _ in accepted[handed_over:]:
@@ -198,20 +189,52 @@ class ServeMethods:
             except OSError:
                 conn.close()
                 continue
-            if sslcontext:
-                self.create_task(
-                    self._accept_ssl(
-                        protocol_factory,
-                        conn,
-                        addr,
-                        sslcontext,
-                        server,
-                        ssl_handshake_timeout,
-                        ssl_shutdown_timeout,
-                    )
-                )
-            else:
-                self._accept_plain(protocol_factory, conn.detach(), addr, server)
+            shape = (conn.family, conn.type, conn.proto)
+            self._serve_accepted(
+                protocol_factory,
+                conn.detach(),
+                addr,
+                shape,
+                sslcontext,
+                server,
+                ssl_handshake_timeout,
+                ssl_shutdown_timeout,
+            )
+
+    def _serve_accepted(
+        self,
+        protocol_factory,
+        fd,
+        addr,
+        shape,
+        sslcontext,
+        server,
+        ssl_handshake_timeout,
+        ssl_shutdown_timeout,
+    ):
+        """Hands an accepted connection's `fd` (owned from here on) to its transport:
+        at once when plain, from a task when TLS. `shape`: (family, type, proto)."""
+        if not sslcontext:
+            self._accept_plain(protocol_factory, fd, addr, server)
+            return
+        # A socket object owns the fd until the task's first step takes it: a task
+        # that never runs (the loop closed first) leaves it to be closed when collected.
+        try:
+            conn = socket.socket(*shape, fileno=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.create_task(
+            self._accept_ssl(
+                protocol_factory,
+                conn,
+                addr,
+                sslcontext,
+                server,
+                ssl_handshake_timeout,
+                ssl_shutdown_timeout,
+            )
+        )
 
     def _accept_failed(
         self,

@@ -711,27 +711,37 @@ fn run(args: &[String]) -> io::Result<()> {
     }
     let mut json = String::from("{\"targets\": [");
     for (k, t) in targets.iter_mut().enumerate() {
-        t.latencies_us.sort_unstable();
         if k > 0 {
             json.push_str(", ");
         }
-        let slices: Vec<String> = t
-            .slices
-            .iter()
-            .map(|(r, w, c)| format!("[{r}, {w:.6}, {c:.6}]"))
-            .collect();
-        let _ = write!(
-            json,
-            "{{\"name\": \"{}\", \"slices\": [{}], \"p50_us\": {}, \"p99_us\": {}}}",
-            t.name,
-            slices.join(", "),
-            percentile(&t.latencies_us, 0.5),
-            percentile(&t.latencies_us, 0.99)
-        );
+        target_json(&mut json, &t.name, &t.slices, &mut t.latencies_us);
     }
     json.push_str("]}");
     println!("{json}");
     Ok(())
+}
+
+/// One target's object in the JSON `run` and `handshakes` print: its slices
+/// (requests, wall seconds, server CPU seconds) and latency percentiles.
+fn target_json(
+    json: &mut String,
+    name: &str,
+    slices: &[(u64, f64, f64)],
+    latencies_us: &mut [u32],
+) {
+    latencies_us.sort_unstable();
+    let slices: Vec<String> = slices
+        .iter()
+        .map(|(r, w, c)| format!("[{r}, {w:.6}, {c:.6}]"))
+        .collect();
+    let _ = write!(
+        json,
+        "{{\"name\": \"{}\", \"slices\": [{}], \"p50_us\": {}, \"p99_us\": {}}}",
+        name,
+        slices.join(", "),
+        percentile(latencies_us, 0.5),
+        percentile(latencies_us, 0.99)
+    );
 }
 
 /// Raises the soft fd limit to the hard one: C10K needs more than the default 1024.
@@ -822,23 +832,10 @@ fn handshakes_json(targets: &mut [HandshakeTarget], warmup: u64) -> io::Result<S
     let mut json = String::from("{\"targets\": [");
     for (k, t) in targets.iter_mut().enumerate() {
         signal(t.pid, libc::SIGCONT)?;
-        t.latencies_us.sort_unstable();
         if k > 0 {
             json.push_str(", ");
         }
-        let slices: Vec<String> = t
-            .slices
-            .iter()
-            .map(|(r, w, c)| format!("[{r}, {w:.6}, {c:.6}]"))
-            .collect();
-        let _ = write!(
-            json,
-            "{{\"name\": \"{}\", \"slices\": [{}], \"p50_us\": {}, \"p99_us\": {}}}",
-            t.name,
-            slices.join(", "),
-            percentile(&t.latencies_us, 0.5),
-            percentile(&t.latencies_us, 0.99),
-        );
+        target_json(&mut json, &t.name, &t.slices, &mut t.latencies_us);
     }
     let _ = write!(json, "], \"warmup\": {warmup}}}");
     Ok(json)
