@@ -293,6 +293,22 @@ impl TlsState {
         handshake::asyncio_step(&Proto::of(slf), intern!(py, "_start_shutdown"))
     }
 
+    /// `SSLProtocol.connection_made`: the transport kept, then `_start_handshake`.
+    fn connection_made(slf: &Bound<'_, Self>, transport: Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let previous = Proto::of(slf)
+            .state_mut()?
+            .transport
+            .replace(transport.unbind());
+        drop(previous);
+        slf.call_method0(intern!(py, "_start_handshake")).map(drop)
+    }
+
+    /// `SSLProtocol._start_handshake` (`tls/handshake.rs`).
+    fn _start_handshake(slf: &Bound<'_, Self>) -> PyResult<()> {
+        handshake::start_handshake(&Proto::of(slf))
+    }
+
     /// `SSLProtocol._do_handshake` (`tls/handshake.rs`).
     fn _do_handshake(slf: &Bound<'_, Self>) -> PyResult<()> {
         handshake::do_handshake(&Proto::of(slf))
