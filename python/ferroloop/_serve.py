@@ -216,12 +216,13 @@ class ServeMethods:
         """Hands an accepted connection's `fd` (owned from here on) to its transport,
         plain or TLS. `shape`: (family, type, proto)."""
         if not sslcontext:
-            self._accept_plain(protocol_factory, fd, addr, server)
+            self._accept_plain(protocol_factory, fd, addr, shape, server)
         else:
             self._accept_tls(
                 protocol_factory,
                 fd,
                 addr,
+                shape,
                 sslcontext,
                 server,
                 ssl_handshake_timeout,
@@ -264,9 +265,10 @@ class ServeMethods:
             ssl_shutdown_timeout,
         )
 
-    def _accept_plain(self, protocol_factory, fd, peername, server):
+    def _accept_plain(self, protocol_factory, fd, peername, shape, server):
         """Makes the transport of an accepted connection, which takes `fd` over (it
-        closes it if it fails); if the protocol cannot be made, `fd` is closed here."""
+        closes it if it fails); if the protocol cannot be made, `fd` is closed here.
+        `shape`: the socket's (family, type, proto)."""
         try:
             protocol = protocol_factory()
         except (SystemExit, KeyboardInterrupt):
@@ -277,7 +279,9 @@ class ServeMethods:
             self._report_accept_error(exc)
             return
         try:
-            self._make_socket_transport(None, protocol, server=server, peername=peername, fd=fd)
+            self._make_socket_transport(
+                None, protocol, server=server, peername=peername, fd=fd, shape=shape
+            )
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: BLE001 - the server goes on
@@ -298,7 +302,7 @@ class ServeMethods:
         self.call_exception_handler(context)
 
     def _accept_tls(
-        self, protocol_factory, fd, peername, sslcontext, server, handshake_timeout,
+        self, protocol_factory, fd, peername, shape, sslcontext, server, handshake_timeout,
         shutdown_timeout,
     ):
         """asyncio's `_accept_connection2` for a TLS connection, without its task: the
@@ -324,7 +328,7 @@ class ServeMethods:
             return
         try:
             raw = self._make_socket_transport(
-                None, ssl_protocol, server=server, peername=peername, fd=fd
+                None, ssl_protocol, server=server, peername=peername, fd=fd, shape=shape
             )
         except (SystemExit, KeyboardInterrupt):
             raise
