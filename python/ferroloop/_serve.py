@@ -202,33 +202,6 @@ class ServeMethods:
                 ssl_shutdown_timeout,
             )
 
-    def _serve_accepted(
-        self,
-        protocol_factory,
-        fd,
-        addr,
-        shape,
-        sslcontext,
-        server,
-        ssl_handshake_timeout,
-        ssl_shutdown_timeout,
-    ):
-        """Hands an accepted connection's `fd` (owned from here on) to its transport,
-        plain or TLS. `shape`: (family, type, proto)."""
-        if not sslcontext:
-            self._accept_plain(protocol_factory, fd, addr, shape, server)
-        else:
-            self._accept_tls(
-                protocol_factory,
-                fd,
-                addr,
-                shape,
-                sslcontext,
-                server,
-                ssl_handshake_timeout,
-                ssl_shutdown_timeout,
-            )
-
     def _accept_failed(
         self,
         exc,
@@ -301,14 +274,18 @@ class ServeMethods:
             context["transport"] = transport
         self.call_exception_handler(context)
 
-    def _accept_tls(
+    def _serve_accepted(
         self, protocol_factory, fd, peername, shape, sslcontext, server, handshake_timeout,
         shutdown_timeout,
     ):
-        """asyncio's `_accept_connection2` for a TLS connection, without its task: the
-        transports are made here, and what follows `await waiter` there is
-        `_tls_handshake_done`, the waiter's done callback. `fd` is owned from here on:
-        closed here until the socket transport takes it over."""
+        """Hands an accepted connection's `fd` (owned from here on) to its transport.
+        `shape`: its (family, type, proto). A TLS connection is asyncio's
+        `_accept_connection2` without its task: the transports are made here, and what
+        follows `await waiter` there is `_tls_handshake_done`, the waiter's done
+        callback; `fd` is closed here until the socket transport takes it over."""
+        if not sslcontext:
+            self._accept_plain(protocol_factory, fd, peername, shape, server)
+            return
         protocol = None
         try:
             protocol = protocol_factory()
