@@ -333,12 +333,15 @@ class ServeMethods:
         self._report_accept_error(exc, protocol, transport)
 
     def _close_tls_handshakes(self):
-        """At the loop's close, the accepted connections still in their handshake are
-        closed and their fds released. asyncio has a task per such connection, which
-        `asyncio.run` cancels before closing the loop, closing the transport; here the
-        waiter is cancelled as that task's cancellation cancels it, with the same end,
-        and the connection loss the loop will no longer run is run now."""
-        for waiter, (_, _, raw) in list(self._tls_handshakes.items()):
+        """At the loop's close, the accepted connections whose handshake has not ended
+        for `_tls_handshake_done` are closed and their fds released. asyncio has a task
+        per such connection, which `asyncio.run` cancels before closing the loop: the
+        task meets a `CancelledError` at `await waiter` (whatever the waiter holds),
+        closes the transport and reports the error in debug mode. The same is done
+        here, and the connection loss the loop will no longer run is run now."""
+        handshakes, self._tls_handshakes = self._tls_handshakes, {}
+        for waiter, (protocol, transport, raw) in handshakes.items():
             waiter.cancel()
-            self._tls_handshake_done(waiter)
+            transport.close()
+            self._report_accept_error(asyncio.CancelledError(), protocol, transport)
             raw._call_connection_lost(None)
