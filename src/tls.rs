@@ -300,6 +300,7 @@ impl TlsState {
             .state_mut()?
             .transport
             .replace(transport.unbind());
+        // Released outside the borrow: its last reference may run Python code.
         drop(previous);
         slf.call_method0(intern!(py, "_start_handshake")).map(drop)
     }
@@ -1472,8 +1473,8 @@ unsafe extern "C" {
     fn PyInstanceMethod_New(func: *mut ffi::PyObject) -> *mut ffi::PyObject;
 }
 
-/// The app transport's `write`, `is_closing` and `get_extra_info`, as objects a class body can bind:
-/// `{name: instancemethod}`.
+/// The app transport's `write`, `is_closing` and `get_extra_info`, as objects a class
+/// body can bind: `{name: instancemethod}`.
 #[pyfunction]
 pub fn ssl_protocol_methods(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let methods = PyDict::new(py);

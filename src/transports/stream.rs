@@ -635,7 +635,7 @@ impl StreamTransport {
                 // SAFETY: `fd` is an open socket handed over by the caller, which keeps
                 // no other owner of it (ferroloop._serve passes an accepted one).
                 let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                // Dropped (closed) here without its shape, as the caller hands it over.
+                // Refused without its shape, and then closed here: it was handed over.
                 let shape = shape.ok_or_else(|| {
                     PyValueError::new_err("an accepted fd comes with its (family, type, proto)")
                 })?;
