@@ -44,6 +44,18 @@ pub fn accept(
     Ok((unsafe { OwnedFd::from_raw_fd(conn) }, len))
 }
 
+/// `getsockname`: the socket's own address written into `addr`, and its length.
+pub fn getsockname(fd: RawFd, addr: &mut libc::sockaddr_storage) -> io::Result<libc::socklen_t> {
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `addr` is a writable sockaddr_storage of the length passed.
+    let rc =
+        unsafe { libc::getsockname(fd, (addr as *mut libc::sockaddr_storage).cast(), &mut len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(len)
+}
+
 /// Sets `TCP_NODELAY` on a TCP socket.
 pub fn set_tcp_nodelay(fd: RawFd) -> io::Result<()> {
     let on: libc::c_int = 1;

@@ -293,6 +293,23 @@ impl TlsState {
         handshake::asyncio_step(&Proto::of(slf), intern!(py, "_start_shutdown"))
     }
 
+    /// `SSLProtocol.connection_made`: the transport kept, then `_start_handshake`.
+    fn connection_made(slf: &Bound<'_, Self>, transport: Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let previous = Proto::of(slf)
+            .state_mut()?
+            .transport
+            .replace(transport.unbind());
+        // Released outside the borrow: its last reference may run Python code.
+        drop(previous);
+        slf.call_method0(intern!(py, "_start_handshake")).map(drop)
+    }
+
+    /// `SSLProtocol._start_handshake` (`tls/handshake.rs`).
+    fn _start_handshake(slf: &Bound<'_, Self>) -> PyResult<()> {
+        handshake::start_handshake(&Proto::of(slf))
+    }
+
     /// `SSLProtocol._do_handshake` (`tls/handshake.rs`).
     fn _do_handshake(slf: &Bound<'_, Self>) -> PyResult<()> {
         handshake::do_handshake(&Proto::of(slf))
@@ -1423,14 +1440,41 @@ fn ssl_transport_is_closing<'py>(transport: &Bound<'py, PyAny>) -> PyResult<Boun
     transport.getattr(intern!(transport.py(), "_closed"))
 }
 
+/// `_SSLProtocolTransport.get_extra_info`, with the steps of the protocol's
+/// `_get_extra_info` done here for a protocol of ferroloop's class: its `_extra`
+/// first, then its transport's.
+#[pyfunction]
+#[pyo3(signature = (transport, name, default=None))]
+fn ssl_transport_get_extra_info<'py>(
+    transport: &Bound<'py, PyAny>,
+    name: &Bound<'py, PyAny>,
+    default: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = transport.py();
+    let default = default.unwrap_or_else(|| py.None().into_bound(py));
+    let protocol = transport.getattr(intern!(py, "_ssl_protocol"))?;
+    let extra = protocol.getattr(intern!(py, "_extra"))?;
+    let (Ok(tls), Ok(extra)) = (protocol.cast::<TlsState>(), extra.cast::<PyDict>()) else {
+        return protocol.call_method1(intern!(py, "_get_extra_info"), (name, default));
+    };
+    if let Some(value) = extra.get_item(name)? {
+        return Ok(value);
+    }
+    let inner = Proto::of(tls).get(|st| &st.transport)?;
+    if inner.is_none() {
+        return Ok(default);
+    }
+    inner.call_method1(intern!(py, "get_extra_info"), (name, default))
+}
+
 unsafe extern "C" {
     /// CPython's `instancemethod`: wraps a callable so that it binds to instances as a
     /// function does (what Cython uses for its methods); not exposed by pyo3-ffi.
     fn PyInstanceMethod_New(func: *mut ffi::PyObject) -> *mut ffi::PyObject;
 }
 
-/// The app transport's `write` and `is_closing`, as objects a class body can bind:
-/// `{name: instancemethod}`.
+/// The app transport's `write`, `is_closing` and `get_extra_info`, as objects a class
+/// body can bind: `{name: instancemethod}`.
 #[pyfunction]
 pub fn ssl_protocol_methods(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let methods = PyDict::new(py);
@@ -1439,6 +1483,10 @@ pub fn ssl_protocol_methods(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         (
             "is_closing",
             wrap_pyfunction!(ssl_transport_is_closing, py)?,
+        ),
+        (
+            "get_extra_info",
+            wrap_pyfunction!(ssl_transport_get_extra_info, py)?,
         ),
     ] {
         // SAFETY: attached; `func` is a live callable; returns a new reference or NULL

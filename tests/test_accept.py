@@ -213,9 +213,13 @@ def test_no_fd_left_after_many_accepted_connections(new_loop, tls):
     assert open_fds() == before
 
 
-def test_a_tls_connection_whose_task_never_runs_leaves_no_fd(new_loop, loop_name):
-    # The accept callback hands a TLS connection to a task; the loop is closed before
-    # that task's first step: the accepted connection's fd must still be closed.
+def test_a_tls_connection_accepted_just_before_the_loop_closes_leaves_no_fd(
+    new_loop, loop_name
+):
+    # The loop is closed right after the accept callback, before the handshake starts.
+    # asyncio hands the connection to a task that never runs (its fd is closed when the
+    # task is collected); ferroloop makes the transports in the callback, without a
+    # task, and closes the connection with the loop.
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(certs.SIGNED_CERTFILE)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -229,17 +233,75 @@ def test_a_tls_connection_whose_task_never_runs_leaves_no_fd(new_loop, loop_name
         if sys.version_info >= (3, 11) or loop_name == "ferroloop":
             args.append(30.0)  # ssl_shutdown_timeout, which 3.10's asyncio has not
         loop._accept_connection(*args)
-        assert len(asyncio.all_tasks(loop)) == 1
+        assert len(asyncio.all_tasks(loop)) == (1 if loop_name == "asyncio" else 0)
         # Inside the filter: a recorded "never awaited" warning would keep the
         # coroutine, and with it the connection, alive.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loop.close()
+            if loop_name == "ferroloop":
+                assert open_fds() == before
             gc.collect()
         assert open_fds() == before
     finally:
         client.close()
         listener.close()
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["", "debug"])
+def test_a_tls_connection_in_its_handshake_is_closed_at_the_end_of_a_run(
+    new_loop, debug
+):
+    # asyncio.run's end (its tasks cancelled, then the loop closed) with a connection
+    # whose handshake waits for the client: the connection is closed, its fd released
+    # without a garbage collection, and in debug mode the cancellation is reported as
+    # asyncio's accept reports a failed transport creation.
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(certs.SIGNED_CERTFILE)
+    made = []
+    gc.collect()
+    before = open_fds()
+    loop = new_loop()
+    loop.set_debug(debug)
+    reported = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+
+    async def main():
+        server = await loop.create_server(lambda: made.append(0) or asyncio.Protocol(),
+                                          "127.0.0.1", 0, ssl=server_ctx)
+        client = socket.create_connection(server.sockets[0].getsockname())
+        while not made:
+            await asyncio.sleep(0.01)
+        # One more turn: the connection's handshake has started (connection_made).
+        await asyncio.sleep(0)
+        server.close()
+        return client
+
+    client = loop.run_until_complete(asyncio.wait_for(main(), 60))
+    try:
+        # asyncio.run's end: its pending tasks (asyncio's accept task here, none on
+        # ferroloop) cancelled and awaited, then the close.
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        assert client.recv(100) == b""  # closed by the server, without a reply
+    finally:
+        client.close()
+    assert open_fds() == before
+    creation_errors = [
+        c for c in reported
+        if c["message"] == "Error on transport creation for incoming connection"
+    ]
+    if debug:
+        assert len(creation_errors) == 1
+        assert isinstance(creation_errors[0]["exception"], asyncio.CancelledError)
+        assert isinstance(creation_errors[0]["protocol"], asyncio.Protocol)
+    else:
+        assert creation_errors == []
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])

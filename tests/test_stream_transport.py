@@ -303,6 +303,10 @@ def test_extra_info_of_an_accepted_connection_survives_its_close(loop, host):
         sock = accepted.get_extra_info("socket")
         assert sock is accepted.get_extra_info("socket")
         assert sock.fileno() == -1
+        listener = server.sockets[0]
+        assert (sock.family, sock.type, sock.proto) == (
+            listener.family, listener.type, listener.proto
+        )
         server.close()
         await server.wait_closed()
 

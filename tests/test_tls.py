@@ -75,8 +75,16 @@ def test_tls_echo_50_clients_random_sizes(loop):
         assert info("cipher")[0]
         assert info("compression") is None
         assert isinstance(info("sslcontext"), ssl.SSLContext)
+        # Names the TLS protocol does not keep come from the socket transport.
+        assert info("peername") == ("127.0.0.1", port)
+        assert info("sockname") == info("socket").getsockname()
+        assert info("no such name") is None
+        assert info("no such name", 7) == 7
         writer.close()
         await writer.wait_closed()
+        # Closed, the socket transport is gone: only the protocol's names and defaults.
+        assert isinstance(info("ssl_object"), ssl.SSLObject)
+        assert info("peername", 7) == 7
         return sum(sizes)
 
     async def main():

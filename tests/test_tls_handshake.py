@@ -433,3 +433,42 @@ def test_a_peer_answering_close_notify_ends_the_shutdown_cleanly(loop):
         listener.close()
     assert (exc, received) == (None, b"hello")
     assert after_unwrap == [b""]
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["", "debug"])
+def test_a_silent_client_is_aborted_at_the_handshake_timeout(loop, debug, caplog):
+    # The accepted connection's handshake starts (connection_made, _start_handshake:
+    # logged in debug mode) and the client never sends its hello: the handshake timeout
+    # aborts the connection, and in debug mode the accept reports the error.
+    loop.set_debug(debug)
+    reported = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    caplog.set_level("DEBUG", logger="asyncio")
+
+    async def main():
+        server = await loop.create_server(
+            asyncio.Protocol, "127.0.0.1", 0, ssl=server_context(), ssl_handshake_timeout=0.2
+        )
+        client = socket.create_connection(server.sockets[0].getsockname())
+        client.setblocking(False)
+        try:
+            closed = await asyncio.wait_for(loop.sock_recv(client, 100), 60)
+        finally:
+            client.close()
+        server.close()
+        await server.wait_closed()
+        return closed
+
+    assert loop.run_until_complete(main()) == b""
+    started = [r for r in caplog.records if r.getMessage().endswith("starts SSL handshake")]
+    assert len(started) == (1 if debug else 0)
+    errors = [
+        c for c in reported
+        if c["message"] == "Error on transport creation for incoming connection"
+    ]
+    if debug:
+        assert len(errors) == 1
+        assert type(errors[0]["exception"]) is ConnectionAbortedError
+        assert "SSL handshake is taking longer than 0.2 seconds" in str(errors[0]["exception"])
+    else:
+        assert errors == []

@@ -67,6 +67,9 @@ class Loop(
         self._unix_server_paths: dict[socket.socket, tuple[str, int]] = {}
         # Children being watched: pid -> (pidfd or None, transport).
         self._children: dict[int, tuple[int | None, object]] = {}
+        # Accepted TLS connections in their handshake (`_serve.py`):
+        # waiter -> (protocol, SSL transport, socket transport).
+        self._tls_handshakes: dict[asyncio.Future, tuple[object, object, object]] = {}
         self._init_observe()
         if os.environ.get("FERROLOOP_STATS_TIMING") == "1":
             self.set_stats_timing(True)
@@ -140,6 +143,7 @@ class Loop(
             if pidfd is not None:
                 os.close(pidfd)
             reap_in_thread(pid, getattr(transport, "_proc", None))
+        self._close_tls_handshakes()
         self._close_core()
         self._executor_shutdown_called = True
         executor = self._default_executor

@@ -12,7 +12,8 @@ import os
 import socket
 from asyncio import base_events, constants, trsock
 
-from . import _workers
+from . import _sslproto, _workers
+from ._arguments import HAS_SSL_SHUTDOWN_TIMEOUT
 from ._ferroloop import accept_connections
 from ._server import Server
 from ._unix import unlink_if_same
@@ -201,41 +202,6 @@ class ServeMethods:
                 ssl_shutdown_timeout,
             )
 
-    def _serve_accepted(
-        self,
-        protocol_factory,
-        fd,
-        addr,
-        shape,
-        sslcontext,
-        server,
-        ssl_handshake_timeout,
-        ssl_shutdown_timeout,
-    ):
-        """Hands an accepted connection's `fd` (owned from here on) to its transport:
-        at once when plain, from a task when TLS. `shape`: (family, type, proto)."""
-        if not sslcontext:
-            self._accept_plain(protocol_factory, fd, addr, server)
-            return
-        # A socket object owns the fd until the task's first step takes it: a task
-        # that never runs (the loop closed first) leaves it to be closed when collected.
-        try:
-            conn = socket.socket(*shape, fileno=fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.create_task(
-            self._accept_ssl(
-                protocol_factory,
-                conn,
-                addr,
-                sslcontext,
-                server,
-                ssl_handshake_timeout,
-                ssl_shutdown_timeout,
-            )
-        )
-
     def _accept_failed(
         self,
         exc,
@@ -272,9 +238,10 @@ class ServeMethods:
             ssl_shutdown_timeout,
         )
 
-    def _accept_plain(self, protocol_factory, fd, peername, server):
+    def _accept_plain(self, protocol_factory, fd, peername, shape, server):
         """Makes the transport of an accepted connection, which takes `fd` over (it
-        closes it if it fails); if the protocol cannot be made, `fd` is closed here."""
+        closes it if it fails); if the protocol cannot be made, `fd` is closed here.
+        `shape`: the socket's (family, type, proto)."""
         try:
             protocol = protocol_factory()
         except (SystemExit, KeyboardInterrupt):
@@ -285,62 +252,96 @@ class ServeMethods:
             self._report_accept_error(exc)
             return
         try:
-            self._make_socket_transport(None, protocol, server=server, peername=peername, fd=fd)
+            self._make_socket_transport(
+                None, protocol, server=server, peername=peername, fd=fd, shape=shape
+            )
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: BLE001 - the server goes on
             self._report_accept_error(exc)
 
-    def _report_accept_error(self, exc):
+    def _report_accept_error(self, exc, protocol=None, transport=None):
         # Reported in debug mode only, as asyncio's _accept_connection2 does.
-        if self._debug:
-            self.call_exception_handler(
-                {"message": "Error on transport creation for incoming connection",
-                 "exception": exc}
-            )
+        if not self._debug:
+            return
+        context = {
+            "message": "Error on transport creation for incoming connection",
+            "exception": exc,
+        }
+        if protocol is not None:
+            context["protocol"] = protocol
+        if transport is not None:
+            context["transport"] = transport
+        self.call_exception_handler(context)
 
-    async def _accept_ssl(
-        self, protocol_factory, conn, peername, sslcontext, server, handshake_timeout,
+    def _serve_accepted(
+        self, protocol_factory, fd, peername, shape, sslcontext, server, handshake_timeout,
         shutdown_timeout,
     ):
-        fd = conn.detach()
-        protocol = transport = None
+        """Hands an accepted connection's `fd` (owned from here on) to its transport.
+        `shape`: its (family, type, proto). A TLS connection is asyncio's
+        `_accept_connection2` without its task: the transports are made here, and what
+        follows `await waiter` there is `_tls_handshake_done`, the waiter's done
+        callback; `fd` is closed here until the socket transport takes it over."""
+        if not sslcontext:
+            self._accept_plain(protocol_factory, fd, peername, shape, server)
+            return
+        protocol = None
         try:
-            try:
-                protocol = protocol_factory()
-                waiter = self.create_future()
-            except BaseException:
-                os.close(fd)
-                raise
-            transport = self._make_ssl_transport(
-                None,
-                protocol,
-                sslcontext,
-                waiter=waiter,
-                server_side=True,
-                peername=peername,
-                fd=fd,
-                server=server,
-                ssl_handshake_timeout=handshake_timeout,
-                ssl_shutdown_timeout=shutdown_timeout,
+            protocol = protocol_factory()
+            waiter = self.create_future()
+            timeouts = {"ssl_handshake_timeout": handshake_timeout}
+            if HAS_SSL_SHUTDOWN_TIMEOUT:
+                timeouts["ssl_shutdown_timeout"] = shutdown_timeout
+            ssl_protocol = _sslproto.SSLProtocol(
+                self, protocol, sslcontext, waiter, True, None, **timeouts
             )
-            try:
-                await waiter
-            except BaseException:
-                transport.close()
-                raise
+        except (SystemExit, KeyboardInterrupt):
+            os.close(fd)
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the server goes on
+            os.close(fd)
+            self._report_accept_error(exc, protocol)
+            return
+        try:
+            raw = self._make_socket_transport(
+                None, ssl_protocol, server=server, peername=peername, fd=fd, shape=shape
+            )
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: BLE001 - the server goes on
-            # A failed handshake is reported in debug mode only, as in asyncio.
-            if not self._debug:
-                return
-            context = {
-                "message": "Error on transport creation for incoming connection",
-                "exception": exc,
-            }
-            if protocol is not None:
-                context["protocol"] = protocol
-            if transport is not None:
-                context["transport"] = transport
-            self.call_exception_handler(context)
+            self._report_accept_error(exc, protocol)
+            return
+        self._tls_handshakes[waiter] = (protocol, ssl_protocol._app_transport, raw)
+        waiter.add_done_callback(self._tls_handshake_done)
+
+    def _tls_handshake_done(self, waiter):
+        """The end of an accepted connection's handshake: on failure (or a cancelled
+        waiter, as asyncio's cancelled task would meet it) the transport is closed and
+        the error reported in debug mode."""
+        entry = self._tls_handshakes.pop(waiter, None)
+        if entry is None:
+            return  # closed with the loop (`_close_tls_handshakes`)
+        try:
+            exc = waiter.exception()
+        except asyncio.CancelledError as cancelled:
+            exc = cancelled
+        if exc is None:
+            return
+        protocol, transport, _ = entry
+        transport.close()
+        self._report_accept_error(exc, protocol, transport)
+
+    def _close_tls_handshakes(self):
+        """At the loop's close, the accepted connections whose handshake has not ended
+        for `_tls_handshake_done` are closed and their fds released. asyncio has a task
+        per such connection, which `asyncio.run` cancels before closing the loop: the
+        task meets a `CancelledError` at `await waiter` (whatever the waiter holds),
+        closes the transport and reports the error in debug mode. The same is done
+        here, and the connection loss the loop will no longer run is run now."""
+        handshakes, self._tls_handshakes = self._tls_handshakes, {}
+        for waiter, (protocol, transport, raw) in handshakes.items():
+            waiter.cancel()
+            transport.close()
+            self._report_accept_error(asyncio.CancelledError(), protocol, transport)
+            raw._call_connection_lost(None)

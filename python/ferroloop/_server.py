@@ -17,16 +17,13 @@ class Server(base_events.Server):
     are found in the loop's fd registry, which holds every live transport with the
     server that accepted it; no per-connection set is kept."""
 
-    def _attach(self, transport=None) -> None:
-        if _BASE_TAKES_TRANSPORT:
-            super()._attach(transport)
-        else:
+    if not _BASE_TAKES_TRANSPORT:
+        # The transports pass themselves, as 3.12's do; 3.12's methods are inherited.
+
+        def _attach(self, transport=None) -> None:
             super()._attach()
 
-    def _detach(self, transport=None) -> None:
-        if _BASE_TAKES_TRANSPORT:
-            super()._detach(transport)
-        else:
+        def _detach(self, transport=None) -> None:
             super()._detach()
 
     def _accepted_transports(self) -> list:

@@ -21,6 +21,7 @@ if sys.version_info >= (3, 11) and sys.version_info < (3, 14):
     class _SSLProtocolTransport(sslproto._SSLProtocolTransport):
         write = _METHODS["write"]
         is_closing = _METHODS["is_closing"]
+        get_extra_info = _METHODS["get_extra_info"]
 
     class SSLProtocol(TlsState, sslproto.SSLProtocol):
         def __init__(self, *args, **kwargs):

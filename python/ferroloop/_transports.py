@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import os
 import socket
 import sys
 from asyncio import base_events, constants, futures, sslproto, transports, trsock
@@ -105,14 +104,18 @@ class TransportMethods:
     methods call."""
 
     def _make_socket_transport(
-        self, sock, protocol, waiter=None, *, extra=None, server=None, peername=None, fd=-1
+        self, sock, protocol, waiter=None, *, extra=None, server=None, peername=None, fd=-1,
+        shape=None,
     ):
         if sock is None:
             # An accepted connection (`_serve.py`), non-blocking and with TCP_NODELAY
             # where asyncio sets it: the transport takes `fd` over (it closes it if
-            # this fails), keeps `peername`, and makes a socket object and an extra
-            # dict only if asked for (an idle connection holds neither).
-            transport = SocketTransport(self, None, protocol, None, server, peername, fd)
+            # this fails), keeps `peername` and the socket's (family, type, proto)
+            # `shape`, and makes a socket object and an extra dict only if asked for
+            # (an idle connection holds neither).
+            transport = SocketTransport(
+                self, None, protocol, None, server, peername, fd, shape
+            )
         else:
             base_events._set_nodelay(sock)
             transport = SocketTransport(self, sock, protocol, socket_extra(sock, extra), server)
@@ -146,25 +149,14 @@ class TransportMethods:
         server=None,
         ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
         ssl_shutdown_timeout=None,
-        peername=None,
-        fd=-1,
     ):
-        """asyncio's, and for an accepted connection (`rawsock` None) its `fd`, which
-        the transport takes over, and its `peername`."""
         timeouts = {"ssl_handshake_timeout": ssl_handshake_timeout}
         if HAS_SSL_SHUTDOWN_TIMEOUT:
             timeouts["ssl_shutdown_timeout"] = ssl_shutdown_timeout
-        try:
-            ssl_protocol = _sslproto.SSLProtocol(
-                self, protocol, sslcontext, waiter, server_side, server_hostname, **timeouts
-            )
-        except BaseException:
-            if rawsock is None:
-                os.close(fd)
-            raise
-        self._make_socket_transport(
-            rawsock, ssl_protocol, extra=extra, server=server, peername=peername, fd=fd
+        ssl_protocol = _sslproto.SSLProtocol(
+            self, protocol, sslcontext, waiter, server_side, server_hostname, **timeouts
         )
+        self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
 
     # The versions whose `sslproto` ferroloop's `SSLProtocol` subclasses (`_sslproto.py`).

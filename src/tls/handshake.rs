@@ -27,7 +27,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 
-use super::{process_outgoing, sslproto, Proto};
+use super::{process_outgoing, sslproto, Proto, TlsState};
 use crate::libssl::{Io, NativeSsl, Shutdown};
 
 /// How a handshake or shutdown step ended, sorted as asyncio's `except` clauses sort it.
@@ -113,6 +113,50 @@ pub(super) fn asyncio_step(
         .getattr(name)?
         .call1((proto.any(),))
         .map(drop)
+}
+
+/// `SSLProtocol._start_handshake`: the state set to `DO_HANDSHAKE`, the timeout
+/// scheduled, the first step made. In debug mode (asyncio logs the start and times the
+/// handshake) asyncio's method runs.
+pub(super) fn start_handshake(proto: &Proto<'_>) -> PyResult<()> {
+    let py = proto.py();
+    let obj = proto.any();
+    let loop_ = obj.getattr(intern!(py, "_loop"))?;
+    if loop_.call_method0(intern!(py, "get_debug"))?.is_truthy()? {
+        return asyncio_step(proto, intern!(py, "_start_handshake"));
+    }
+    obj.setattr(intern!(py, "_handshake_start_time"), py.None())?;
+    TlsState::_set_state(&proto.obj, sslproto(py)?.do_handshake.bind(py))?;
+    let timeout = obj.getattr(intern!(py, "_ssl_handshake_timeout"))?;
+    let handle = loop_.call_method1(
+        intern!(py, "call_later"),
+        (timeout, handshake_timeout_callback(obj)?),
+    )?;
+    obj.setattr(intern!(py, "_handshake_timeout_handle"), handle)?;
+    do_handshake(proto)
+}
+
+/// `functools.partial` and `operator.methodcaller("_check_handshake_timeout")`.
+static TIMEOUT_CALLBACK_PARTS: PyOnceLock<(Py<PyAny>, Py<PyAny>)> = PyOnceLock::new();
+
+/// The handshake timeout's callback as asyncio schedules it: on 3.13 the bound method
+/// `_check_handshake_timeout`; before, a lambda that looks the method up when it runs,
+/// which `partial(methodcaller(name), self)` does too, without a Python frame.
+fn handshake_timeout_callback<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let py = obj.py();
+    let name = intern!(py, "_check_handshake_timeout");
+    if py.version_info() >= (3, 13) {
+        return obj.getattr(name);
+    }
+    let (partial, method_caller) = TIMEOUT_CALLBACK_PARTS.get_or_try_init(py, || {
+        let partial = py.import("functools")?.getattr("partial")?.unbind();
+        let caller = py
+            .import("operator")?
+            .getattr("methodcaller")?
+            .call1((name,))?;
+        PyResult::Ok((partial, caller.unbind()))
+    })?;
+    partial.bind(py).call1((method_caller, obj))
 }
 
 /// `SSLProtocol._do_handshake`.

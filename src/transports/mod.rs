@@ -173,25 +173,64 @@ pub(crate) fn schedule_connection_lost(
 }
 
 /// The end of `_call_connection_lost`: the fd leaves the loop first (its number may be
-/// reused as soon as it is closed), then the socket is closed, once.
+/// reused as soon as it is closed), then the socket is closed, once. An accepted
+/// connection whose socket object was never asked for is closed without making one:
+/// its `sockname` is read before the close, and its `Shape` returned, from which
+/// `get_extra_info("socket")` makes a closed socket object if asked.
 pub(crate) fn release_socket(
     py: Python<'_>,
     loop_: Option<&Py<LoopCore>>,
     token: Option<Token>,
     sock: Option<Sock>,
     extra: &Py<PyDict>,
-) -> PyResult<()> {
+) -> PyResult<Option<Shape>> {
     if let (Some(loop_), Some(token)) = (loop_, token) {
         loop_.get().deregister_transport(py, token)?;
     }
-    if let Some(mut sock) = sock {
-        // What asyncio reads at creation must still be there after the close. (Should
-        // making the object fail, dropping `sock` closes the fd.)
-        let sock = sock.object(py)?;
-        fill_socket_extra(py, sock.bind(py), extra)?;
-        sock.bind(py).call_method0("close")?;
+    match sock {
+        Some(Sock::Fd(fd, shape)) if NATIVE_FAMILIES.contains(&shape.0) => {
+            let extra = extra.bind(py);
+            let sockname = pyo3::intern!(py, "sockname");
+            if !extra.contains(sockname)? {
+                extra.set_item(sockname, local_address(py, fd.as_raw_fd())?)?;
+            }
+            drop(fd);
+            Ok(Some(shape))
+        }
+        Some(mut sock) => {
+            // What asyncio reads at creation must still be there after the close.
+            // (Should making the object fail, dropping `sock` closes the fd.)
+            let sock = sock.object(py)?;
+            fill_socket_extra(py, sock.bind(py), extra)?;
+            sock.bind(py).call_method0("close")?;
+            Ok(None)
+        }
+        None => Ok(None),
     }
-    Ok(())
+}
+
+/// The families whose addresses `sockaddr::socket_address` makes as the socket module
+/// does.
+const NATIVE_FAMILIES: [i32; 3] = [libc::AF_INET, libc::AF_INET6, libc::AF_UNIX];
+
+/// `getsockname()` of an open socket as the socket module gives it, or `None` where
+/// it fails (as `fill_socket_extra` has it).
+fn local_address(py: Python<'_>, fd: RawFd) -> PyResult<Py<PyAny>> {
+    // SAFETY: all-zero bytes are a valid sockaddr_storage.
+    let mut addr: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    Ok(match crate::sys::getsockname(fd, &mut addr) {
+        Ok(len) => crate::sockaddr::socket_address(py, &addr, len)?
+            .map_or_else(|| py.None(), Bound::unbind),
+        Err(_) => py.None(),
+    })
+}
+
+/// A closed socket object of `shape`: what `get_extra_info("socket")` gives (in a
+/// `TransportSocket`) once an accepted connection closed without one was made.
+fn closed_socket(py: Python<'_>, shape: Shape) -> PyResult<Bound<'_, PyAny>> {
+    let sock = new_socket(py, shape, None)?;
+    sock.call_method0(pyo3::intern!(py, "close"))?;
+    Ok(sock)
 }
 
 static FILL_SOCKET_EXTRA: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -312,8 +351,15 @@ pub(crate) fn get_extra_info<S: HasBase>(
     if !made_on_demand {
         return Ok(default.unwrap_or_else(|| py.None()));
     }
-    if let Some(sock) = socket_object(cell, py)? {
-        fill_socket_extra(py, sock.bind(py), &extra)?;
+    let sock = match socket_object(cell, py)? {
+        Some(sock) => Some(sock.into_bound(py)),
+        None => match base(cell, py)?.closed_shape {
+            Some(shape) => Some(closed_socket(py, shape)?),
+            None => None,
+        },
+    };
+    if let Some(sock) = sock {
+        fill_socket_extra(py, &sock, &extra)?;
         if let Some(value) = extra_dict.get_item(name)? {
             return Ok(value.unbind());
         }
@@ -338,6 +384,9 @@ pub(crate) struct Base {
     pub loop_: Option<Py<LoopCore>>,
     /// The socket; `None` once the connection is lost and the socket closed.
     pub sock: Option<Sock>,
+    /// An accepted connection's `Shape` once it is closed without a socket object
+    /// made (`release_socket`).
+    pub closed_shape: Option<Shape>,
     pub fd: RawFd,
     /// The fd's registration with the loop; `None` before `_register` and after loss.
     pub token: Option<Token>,
@@ -369,30 +418,45 @@ pub(crate) struct Base {
     pub created: std::time::Instant,
 }
 
+/// An accepted connection's socket family, type and protocol: the listening socket's,
+/// as `socket.accept()` gives its sockets.
+pub(crate) type Shape = (i32, i32, i32);
+
 /// A transport's socket: the socket object it was made with, or, for a connection the
-/// loop accepted, just the fd (owned here), until something asks for a socket object
-/// (an idle connection then holds one object fewer, as uvloop's do).
+/// loop accepted, just the fd (owned here) and its `Shape`, until something asks for a
+/// socket object (an idle connection then holds one object fewer, as uvloop's do).
 pub(crate) enum Sock {
     Object(Py<PyAny>),
-    Fd(OwnedFd),
+    Fd(OwnedFd, Shape),
+}
+
+static SOCKET_CLASS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// `socket.socket(family, type, proto, **kwargs)`. Given all three, the socket module
+/// asks an fd passed as `fileno` for none of them.
+fn new_socket<'py>(
+    py: Python<'py>,
+    (family, kind, proto): Shape,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let class = SOCKET_CLASS.get_or_try_init(py, || {
+        PyResult::Ok(py.import("socket")?.getattr("socket")?.unbind())
+    })?;
+    class.bind(py).call((family, kind, proto), kwargs)
 }
 
 impl Sock {
     /// The socket object, made on first need from the fd (which it then owns).
     pub fn object(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let raw = match self {
+        let (raw, shape) = match self {
             Sock::Object(obj) => return Ok(obj.clone_ref(py)),
-            Sock::Fd(fd) => fd.as_raw_fd(),
+            Sock::Fd(fd, shape) => (fd.as_raw_fd(), *shape),
         };
-        // Given only the fd, the socket module reads its family, type and protocol.
         let kwargs = PyDict::new(py);
         kwargs.set_item(pyo3::intern!(py, "fileno"), raw)?;
-        let obj = py
-            .import(pyo3::intern!(py, "socket"))?
-            .getattr(pyo3::intern!(py, "socket"))?
-            .call((), Some(&kwargs))?;
+        let obj = new_socket(py, shape, Some(&kwargs))?;
         // The object owns the fd from here on: it must not be closed twice.
-        if let Sock::Fd(fd) = mem::replace(self, Sock::Object(obj.clone().unbind())) {
+        if let Sock::Fd(fd, _) = mem::replace(self, Sock::Object(obj.clone().unbind())) {
             let _ = fd.into_raw_fd();
         }
         // Made from an fd, the object would take it for blocking; it is not.
@@ -404,7 +468,7 @@ impl Sock {
     pub fn as_object(&self) -> Option<&Py<PyAny>> {
         match self {
             Sock::Object(obj) => Some(obj),
-            Sock::Fd(_) => None,
+            Sock::Fd(..) => None,
         }
     }
 }
@@ -421,6 +485,7 @@ impl Base {
         Base {
             loop_: Some(loop_),
             sock: Some(sock),
+            closed_shape: None,
             fd,
             token: None,
             protocol: Some(protocol),

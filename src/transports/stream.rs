@@ -31,7 +31,7 @@ use crate::transports::read::{BufferedSink, DataSink, Outcome, ReadPath, Reader,
 use crate::transports::{
     asyncio_logger, close, flow_control, get_extra_info, in_context_if, in_read_context,
     is_fatal_to_loop, lose_connection, register, release_socket, report_fatal, set_limits,
-    set_reading, socket_object, start_reading, to_bytes, Base, Extra, HasBase, Peer, Sock,
+    set_reading, socket_object, start_reading, to_bytes, Base, Extra, HasBase, Peer, Shape, Sock,
     CONNLOST_LOG_THRESHOLD,
 };
 
@@ -611,7 +611,8 @@ impl StreamTransport {
     /// passes only `peername`. An accepted connection may also come as `sock=None` and
     /// its `fd`: the transport takes the fd over whatever happens (it closes it if this
     /// fails), so the caller must not use or close it again.
-    #[pyo3(signature = (r#loop, sock, protocol, extra, server=None, peername=None, fd=-1))]
+    #[pyo3(signature = (r#loop, sock, protocol, extra, server=None, peername=None, fd=-1, shape=None))]
+    #[allow(clippy::too_many_arguments)]
     fn py_new(
         r#loop: &Bound<'_, PyAny>,
         sock: Option<&Bound<'_, PyAny>>,
@@ -620,6 +621,7 @@ impl StreamTransport {
         server: Option<&Bound<'_, PyAny>>,
         peername: Option<&Bound<'_, PyAny>>,
         fd: RawFd,
+        shape: Option<Shape>,
     ) -> PyResult<StreamTransport> {
         let (sock, fd) = match sock {
             Some(sock) => {
@@ -629,9 +631,16 @@ impl StreamTransport {
                 }
                 (Sock::Object(sock.clone().unbind()), fd)
             }
-            // SAFETY: `fd` is an open socket handed over by the caller, which keeps no
-            // other owner of it (ferroloop._loop passes a detached accepted one).
-            None if fd >= 0 => (Sock::Fd(unsafe { OwnedFd::from_raw_fd(fd) }), fd),
+            None if fd >= 0 => {
+                // SAFETY: `fd` is an open socket handed over by the caller, which keeps
+                // no other owner of it (ferroloop._serve passes an accepted one).
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                // Refused without its shape, and then closed here: it was handed over.
+                let shape = shape.ok_or_else(|| {
+                    PyValueError::new_err("an accepted fd comes with its (family, type, proto)")
+                })?;
+                (Sock::Fd(owned, shape), fd)
+            }
             None => return Err(PyValueError::new_err("a socket or its fd is required")),
         };
         let loop_ = r#loop.cast::<LoopCore>()?.clone().unbind();
@@ -848,7 +857,8 @@ impl StreamTransport {
         };
         drop(released);
         let extra = slf.get().state.borrow_mut(py)?.base.extra_dict(py)?;
-        release_socket(py, loop_.as_ref(), token, sock, &extra)?;
+        let closed_shape = release_socket(py, loop_.as_ref(), token, sock, &extra)?;
+        slf.get().state.borrow_mut(py)?.base.closed_shape = closed_shape;
         if let Some(waiter) = waiter {
             let waiter = waiter.bind(py);
             if !waiter.call_method0("done")?.is_truthy()? {
