@@ -188,6 +188,31 @@ def test_repeated_sendfiles_leave_no_fd_behind(loop, data_file):
     assert open_fds() == before
 
 
+def test_a_write_patched_on_the_tcp_transport_sees_every_record(loop, data_file):
+    # asyncio hands every record to the TCP transport's `write`; ferroloop's native
+    # sendfile sends its records itself only when that `write` is the transport's own.
+    records = []
+
+    async def send(transport):
+        tcp = transport._ssl_protocol._transport
+        real_write = tcp.write
+
+        def write(data):
+            records.append(bytes(data))
+            real_write(data)
+
+        with open(data_file, "rb") as f, mock.patch.object(tcp, "write", write):
+            assert await loop.sendfile(transport, f) == len(DATA)
+
+    got = received_from(loop, send)
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(DATA).hexdigest()
+    # Application-data records (type 23) carrying at least the file: its bytes plus
+    # each record's header and tag.
+    ciphertext = b"".join(records)
+    assert ciphertext[0] == 23
+    assert len(ciphertext) > len(DATA) + 5 * (len(DATA) // 16384)
+
+
 # 3.10's sslproto fails there with an AttributeError of its own (resume_reading on a
 # transport already gone), on both loops.
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio's sslproto of 3.11+")
