@@ -423,6 +423,24 @@ impl NativeSsl {
         Ok(Some(bytes))
     }
 
+    /// Up to `buf.len()` bytes of what the TLS object produced, read into `buf` (which a
+    /// memory BIO fills as far as it holds): the number read, 0 when it holds nothing.
+    pub fn read_outgoing(&self, buf: &mut [u8]) -> PyResult<usize> {
+        let want = buf.len().min(self.outgoing_pending());
+        if want == 0 {
+            return Ok(0);
+        }
+        let len = c_int::try_from(want)
+            .map_err(|_| PyRuntimeError::new_err("read of 2 GiB or more from a memory BIO"))?;
+        // SAFETY: a live BIO holding at least `len` bytes; `buf` is writable for `len`.
+        let read = unsafe { (self.functions.bio_read)(self.wbio, buf.as_mut_ptr().cast(), len) };
+        if read == len {
+            Ok(want)
+        } else {
+            Err(PyRuntimeError::new_err("short read from a memory BIO"))
+        }
+    }
+
     /// Nothing decrypted waiting in the TLS object and no ciphertext in its incoming
     /// BIO: unless EOF is marked on that BIO, another read can only say it needs more
     /// input.

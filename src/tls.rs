@@ -36,6 +36,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PySlice, PyTuple};
 
 use crate::libssl::{Io, NativeSsl};
 use crate::transports::read::{Outcome, Reader, Sink, BUFFER_UPDATED_FAILED};
+use crate::transports::stream::StreamTransport;
 
 mod handshake;
 
@@ -326,15 +327,16 @@ impl TlsState {
     }
 
     /// One block of `loop.sendfile` over this connection (`Loop._sendfile_fallback`):
-    /// up to `count` bytes (`None`: a block) of the file `fd` read at `offset`, written
-    /// as `_write_appdata` writes them. The number of bytes read (0 at end of file).
+    /// up to `count` bytes (`None`: no limit) and at most a block of the file `fd` read
+    /// at `offset`, written as `_write_appdata` writes them. The number of bytes read
+    /// (0 at end of file).
     fn _sendfile_block(
         slf: &Bound<'_, Self>,
         fd: std::os::fd::RawFd,
         offset: i64,
         count: Option<usize>,
     ) -> PyResult<usize> {
-        let count = count.unwrap_or(SENDFILE_BLOCK);
+        let count = count.map_or(SENDFILE_BLOCK, |count| count.min(SENDFILE_BLOCK));
         sendfile_block(&Proto::of(slf), fd, offset, count)
     }
 
@@ -1167,18 +1169,22 @@ fn write_now(
     }
 }
 
-/// How much of the file one `sendfile_block` reads (at most the scratch buffer, which
-/// holds the block, then its ciphertext). Measured with bench/tls_sendfile.py, server
-/// CPU per 100 MiB: 64 KiB to 256 KiB cost the same within the noise (encryption and
-/// the kernel's copies are most of it); a larger block pays the per-block steps (a task
-/// step, a call, a `sendmsg`) less often.
-const SENDFILE_BLOCK: usize = SCRATCH_SIZE;
+/// How much of the file one `sendfile_block` call sends at most (the loop's other
+/// callbacks run between calls): four chunks, about 1 MiB. While the socket takes every
+/// chunk at once, a call goes on to the next without a task step or a Python call.
+const SENDFILE_BLOCK: usize = 4 * SENDFILE_CHUNK;
 
-/// The read and write of one `sendfile` block: read into this thread's scratch buffer
-/// (`pread`: the file position stays where `_sendfile_fallback` leaves it) and, when the
-/// connection is up with nothing queued before it and its records are written natively,
-/// encrypted from there without a `bytes` of the plaintext; else handed to
-/// `_write_appdata` as `bytes`, which does what asyncio would (queue, count a lost write).
+/// How much of the file one step of `sendfile_block` reads: the scratch buffer less
+/// room for the records' headers, tags and padding (a record carries at most 16 KiB of
+/// data), so that the ciphertext, read back from the BIO into the same buffer once the
+/// plaintext is encrypted, fits there in one piece and goes out in one `send`.
+const SENDFILE_CHUNK: usize = SCRATCH_SIZE - 16 * 1024;
+
+/// The reads and writes of one `sendfile` call: chunks of the file read with `pread`
+/// into this thread's scratch buffer (the file position stays where
+/// `_sendfile_fallback` leaves it) and written (`sendfile_step`) until `count` bytes,
+/// the end of the file, or a chunk the socket did not take whole. The number of bytes
+/// read (0 at end of file).
 fn sendfile_block(
     proto: &Proto<'_>,
     fd: std::os::fd::RawFd,
@@ -1186,44 +1192,124 @@ fn sendfile_block(
     count: usize,
 ) -> PyResult<usize> {
     let py = proto.py();
+    let direct = direct_transport(proto)?;
     let mut scratch = Scratch::take();
-    let len = count.min(SENDFILE_BLOCK).min(scratch.buf.len());
-    let n = loop {
-        match crate::sys::pread(fd, &mut scratch.buf[..len], offset) {
-            Ok(n) => break n,
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {
-                py.check_signals()?;
+    let mut total = 0;
+    while total < count {
+        let len = (count - total).min(SENDFILE_CHUNK);
+        let at = i64::try_from(total)
+            .ok()
+            .and_then(|total| offset.checked_add(total))
+            .ok_or_else(|| PyRuntimeError::new_err("sendfile offset out of range"))?;
+        let n = loop {
+            match crate::sys::pread(fd, &mut scratch.buf[..len], at) {
+                Ok(n) => break n,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {
+                    py.check_signals()?;
+                }
+                Err(err) => return Err(err.into()),
             }
-            Err(err) => return Err(err.into()),
+        };
+        total += n;
+        if n == 0 || !sendfile_step(proto, &mut scratch.buf, n, direct.as_ref())? || n < len {
+            break;
         }
-    };
-    if n == 0 {
-        return Ok(0);
     }
+    Ok(total)
+}
+
+/// Writes the chunk `buf[..n]`. When the connection is up with nothing queued before
+/// it and its records are written natively, it is encrypted from `buf` without a `bytes`
+/// of the plaintext and, when `direct` is given and the TLS protocol may write, its
+/// records are sent from `buf` too (`send_outgoing`); else it is handed to
+/// `_write_appdata` as `bytes`, which does what asyncio would (queue, count a lost
+/// write). True when the socket took all of it, so that another chunk may follow.
+fn sendfile_step(
+    proto: &Proto<'_>,
+    buf: &mut [u8],
+    n: usize,
+    direct: Option<&Bound<'_, StreamTransport>>,
+) -> PyResult<bool> {
+    let py = proto.py();
     let names = sslproto(py)?;
-    let native = {
+    let (native, writing_paused) = {
         let st = proto.state()?;
         let wrapped = st.state.as_ref().is_some_and(|s| s.is(&names.wrapped));
         let idle = match &st.write_backlog {
             Some(backlog) => backlog.bind(py).len()? == 0,
             None => false,
         };
-        st.native.filter(|_| wrapped && idle)
+        (st.native.filter(|_| wrapped && idle), st.ssl_writing_paused)
     };
     // No Python ran since the borrow: the state still holds the object that keeps
     // the `SSL` object.
-    if let Some(Io::Done(_)) = native.map(|native| native.write(&scratch.buf[..n])) {
-        drop(scratch);
-        let outcome = process_outgoing(proto);
-        fatal_on_exception(proto, outcome)?;
-        return Ok(n);
+    if let Some(Io::Done(_)) = native.map(|native| native.write(&buf[..n])) {
+        let sent = match direct.filter(|_| !writing_paused) {
+            Some(transport) => send_outgoing(proto, transport, buf),
+            None => Ok(false),
+        };
+        let outcome = sent.and_then(|sent| process_outgoing(proto).map(|()| sent));
+        return match outcome {
+            Ok(sent) => Ok(sent),
+            Err(err) => fatal_on_exception(proto, Err(err)).map(|()| false),
+        };
     }
     // A native write that did not complete is repeated by `_write_appdata`, in the end
     // through `_ssl`, which raises what asyncio's write would.
-    let data = PyBytes::new(py, &scratch.buf[..n]);
-    drop(scratch);
+    let data = PyBytes::new(py, &buf[..n]);
     write_appdata(proto, Written::One(data.as_any()))?;
-    Ok(n)
+    Ok(false)
+}
+
+/// Sends the records the TLS object holds from `buf`, into which they are read, while
+/// the transport has nothing buffered (`send_or_copy`, which `write` of a `bytearray`
+/// uses); what the socket does not take goes to the transport's buffer as `write`
+/// would queue it. True when the socket took everything.
+fn send_outgoing(
+    proto: &Proto<'_>,
+    transport: &Bound<'_, StreamTransport>,
+    buf: &mut [u8],
+) -> PyResult<bool> {
+    loop {
+        // Looked up for each read: a send that fails runs Python (the transport's
+        // fatal error), which may let go of the TLS object.
+        let Some(native) = proto.state()?.native else {
+            return Ok(false);
+        };
+        // No Python ran since the borrow.
+        let n = native.read_outgoing(buf)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if let Some(rest) = StreamTransport::send_or_copy(transport, &buf[..n])? {
+            StreamTransport::queue(transport, std::slice::from_ref(&rest))?;
+            return Ok(false);
+        }
+    }
+}
+
+/// The connection's TCP transport when `sendfile` may send records on it itself:
+/// ferroloop's stream transport whose `write` is its own. A `write` patched on the
+/// transport (as `mock.patch.object` does) or overridden by a subclass receives every
+/// record, as asyncio's `_process_outgoing` hands them all to `transport.write`.
+fn direct_transport<'py>(proto: &Proto<'py>) -> PyResult<Option<Bound<'py, StreamTransport>>> {
+    let py = proto.py();
+    let Ok(transport) = proto
+        .get(|st| &st.transport)?
+        .cast_into::<StreamTransport>()
+    else {
+        return Ok(None);
+    };
+    let write = intern!(py, "write");
+    let own = py.get_type::<StreamTransport>().getattr(write)?;
+    if !transport.get_type().getattr(write)?.is(&own) {
+        return Ok(None);
+    }
+    let patched = match transport.getattr_opt(intern!(py, "__dict__"))? {
+        Some(attrs) => attrs.contains(write)?,
+        None => false,
+    };
+    Ok((!patched).then_some(transport))
 }
 
 /// What encrypts: the C object under a stock `ssl.SSLObject`, or the object itself,

@@ -188,6 +188,31 @@ def test_repeated_sendfiles_leave_no_fd_behind(loop, data_file):
     assert open_fds() == before
 
 
+def test_a_write_patched_on_the_tcp_transport_sees_every_record(loop, data_file):
+    # asyncio hands every record to the TCP transport's `write`; ferroloop's native
+    # sendfile sends its records itself only when that `write` is the transport's own.
+    records = []
+
+    async def send(transport):
+        tcp = transport._ssl_protocol._transport
+        real_write = tcp.write
+
+        def write(data):
+            records.append(bytes(data))
+            real_write(data)
+
+        with open(data_file, "rb") as f, mock.patch.object(tcp, "write", write):
+            assert await loop.sendfile(transport, f) == len(DATA)
+
+    got = received_from(loop, send)
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(DATA).hexdigest()
+    # Application-data records (type 23) carrying at least the file: its bytes plus
+    # each record's header and tag.
+    ciphertext = b"".join(records)
+    assert ciphertext[0] == 23
+    assert len(ciphertext) > len(DATA) + 5 * (len(DATA) // 16384)
+
+
 # 3.10's sslproto fails there with an AttributeError of its own (resume_reading on a
 # transport already gone), on both loops.
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio's sslproto of 3.11+")
@@ -296,3 +321,45 @@ def test_sendfile_to_a_peer_that_does_not_read_buffers_little(loop, tmp_path):
     assert sent == 32 << 20
     assert digest == expected
     assert held < 2 << 20, held
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio's sslproto of 3.11+ (its BIOs)")
+def test_a_sendfile_that_fills_the_socket_keeps_the_order_of_the_stream(loop, tmp_path):
+    # The peer reads nothing until sendfile has paused: the socket filled part way
+    # through a chunk. What the peer then reads is the write before, the whole file
+    # and the write after, in that order. The file is larger than what the socket
+    # buffers of both ends hold without the peer reading.
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as fh:
+        fh.writelines(DATA[: 1 << 20] for _ in range(32))
+    body = big.read_bytes()
+
+    async def main():
+        paused = asyncio.Event()
+        pause = base_events._SendfileFallbackProtocol.pause_writing
+        outcome = {}
+
+        def pause_writing(self):
+            paused.set()
+            pause(self)
+
+        async def handler(reader, writer):
+            writer.write(b"head:")
+            with open(big, "rb") as f:
+                outcome["sent"] = await loop.sendfile(writer.transport, f)
+                outcome["tell"] = f.tell()
+            writer.write(b":tail")
+            await writer.drain()
+            writer.close()
+
+        server, reader, writer = await tls_pair(handler)
+        with mock.patch.object(base_events._SendfileFallbackProtocol, "pause_writing", pause_writing):
+            await paused.wait()
+            got = await reader.read()
+        await close(writer, server)
+        return got, outcome
+
+    got, outcome = loop.run_until_complete(asyncio.wait_for(main(), 60))
+    assert got[:5] == b"head:" and got[-5:] == b":tail"
+    assert hashlib.sha256(got[5:-5]).hexdigest() == hashlib.sha256(body).hexdigest()
+    assert outcome == {"sent": len(body), "tell": len(body)}

@@ -5,9 +5,9 @@ finishes them when the fd is ready; the others try the call at once and otherwis
 for readiness through `add_reader`/`add_writer` (`_sock_wait`). `loop.sendfile` and
 `loop.sock_sendfile` send with the native sendfile call, in blocks, waiting for
 writability between them. Over a TLS transport whose records are written natively,
-`loop.sendfile` reads the file from the loop's thread into a reused buffer and encrypts
-it from there, block by block, paced by the transport's flow control
-(`_sendfile_fallback`).
+`loop.sendfile` reads the file from the loop's thread into a reused buffer, encrypts
+it from there and, while the socket takes it, sends the records from that buffer too,
+block by block, paced by the transport's flow control (`_sendfile_fallback`).
 """
 
 from __future__ import annotations
@@ -239,8 +239,10 @@ class SocketMethods:
         `offset` when one is given; the protocol swapped for asyncio's
         `_SendfileFallbackProtocol`, which pauses reading, waits while writing is paused
         and restores both; the file position set after) it keeps, with each block read
-        and written by the TLS protocol in Rust (`_sendfile_block`) instead of read in
-        the executor and passed to `transport.write`."""
+        and written by the TLS protocol in Rust (`_sendfile_block`: up to about 1 MiB
+        while the socket takes it all, its records sent from the reused buffer when the
+        TCP transport has nothing buffered and its `write` is its own) instead of read
+        in the executor and passed to `transport.write`."""
         ssl_protocol = _native_tls_protocol(transp)
         fileno = _regular_fileno(file) if ssl_protocol is not None else None
         if fileno is None:

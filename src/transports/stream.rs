@@ -426,7 +426,7 @@ impl StreamTransport {
     /// be sent now) comes back copied, for `queue` (which also raises what asyncio
     /// raises for a write after write_eof or during sendfile). `None`: nothing is left,
     /// or the send failed and the connection is being lost.
-    fn send_or_copy<'py>(
+    pub(crate) fn send_or_copy<'py>(
         slf: &Bound<'py, StreamTransport>,
         view: &[u8],
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
@@ -465,7 +465,10 @@ impl StreamTransport {
     }
 
     /// Queues `chunks` for the end of the turn (a slice: `write` allocates nothing more).
-    fn queue(slf: &Bound<'_, StreamTransport>, chunks: &[Bound<'_, PyBytes>]) -> PyResult<()> {
+    pub(crate) fn queue(
+        slf: &Bound<'_, StreamTransport>,
+        chunks: &[Bound<'_, PyBytes>],
+    ) -> PyResult<()> {
         let py = slf.py();
         let pending = {
             let mut st = slf.get().state.borrow_mut(py)?;
