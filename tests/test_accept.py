@@ -419,8 +419,9 @@ def test_a_connection_whose_tcp_nodelay_fails_is_reported_in_debug_mode(loop, tm
         except ConnectionResetError:
             end = b""
         writer.close()
+        # Not wait_closed(): asyncio 3.12+ counted the failed transport as the server's
+        # (it attaches before setting TCP_NODELAY) and would wait for it forever.
         server.close()
-        await server.wait_closed()
         return end
 
     assert loop.run_until_complete(asyncio.wait_for(main(), 30)) == b""
