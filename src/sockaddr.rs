@@ -3,6 +3,7 @@
 //! name as `bytes`) for a Unix socket.
 
 use std::io;
+use std::net::Ipv4Addr;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
@@ -55,10 +56,9 @@ pub(crate) fn inet_address<'py>(
             // SAFETY: the kernel wrote a sockaddr_in (family AF_INET) into the storage,
             // which is large and aligned enough for every address type.
             let sin = unsafe { &*(addr as *const _ as *const libc::sockaddr_in) };
-            let host = ntop(
-                libc::AF_INET,
-                (&sin.sin_addr as *const libc::in_addr).cast(),
-            )?;
+            // Dotted decimal, as the C library prints it, without its sprintf (about
+            // 1,700 instructions an address, once per accepted connection).
+            let host = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).to_string();
             let port = u16::from_be(sin.sin_port);
             Ok(Some((host, port).into_pyobject(py)?))
         }
@@ -127,4 +127,39 @@ pub(crate) fn socket_address<'py>(
         return unix_address(py, addr, len).map(Some);
     }
     Ok(inet_address(py, addr)?.map(Bound::into_any))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_text_is_the_c_librarys() {
+        for octets in [
+            [0, 0, 0, 0],
+            [127, 0, 0, 1],
+            [10, 0, 100, 7],
+            [192, 168, 1, 255],
+            [255, 255, 255, 255],
+        ] {
+            let addr = libc::in_addr {
+                s_addr: u32::from_ne_bytes(octets),
+            };
+            let mut text = [0 as libc::c_char; 64];
+            // SAFETY: `addr` is an in_addr; `text` holds any IPv4 text and its NUL.
+            let host = unsafe {
+                inet_ntop(
+                    libc::AF_INET,
+                    (&addr as *const libc::in_addr).cast(),
+                    text.as_mut_ptr(),
+                    text.len() as libc::socklen_t,
+                )
+            };
+            assert!(!host.is_null());
+            // SAFETY: inet_ntop succeeded, so `text` holds a NUL-terminated string.
+            let theirs = unsafe { std::ffi::CStr::from_ptr(text.as_ptr()) }.to_string_lossy();
+            let ours = Ipv4Addr::from(u32::from_be(addr.s_addr)).to_string();
+            assert_eq!(theirs, ours);
+        }
+    }
 }
