@@ -438,7 +438,7 @@ pub(crate) enum Sock {
 static SOCKET_CLASS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// `socket.socket(family, type, proto, **kwargs)`. Given all three, the socket module
-/// asks an fd passed as `fileno` for none of them.
+/// asks an fd passed as `fileno` for none of them (one `getsockname` still checks it).
 fn new_socket<'py>(
     py: Python<'py>,
     (family, kind, proto): Shape,
