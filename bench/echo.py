@@ -12,7 +12,10 @@ settings, as users run them. Per cell it reports requests/s, server CPU µs per 
 latency, and ferroloop's ratio to uvloop as the median of per-cycle ratios with the
 p25-p75 spread. `tls-handshake` (not in the default kinds) makes each request a new
 TLS connection, one at a time, to the TLS streams echo: its requests/s are connections/s
-and its CPU µs per request the server's CPU per connection. The other TLS workloads (`tls`, the streams echo over TLS; `uvicorn-tls` and
+and its CPU µs per request the server's CPU per connection. `churn` (not in the default
+kinds either) is the same without TLS: a new plain TCP connection per 1 KiB echo, to the
+streams echo (`asyncio.start_server`, what users write a TCP service with), with as many
+connectors at once as the cell's connections. The other TLS workloads (`tls`, the streams echo over TLS; `uvicorn-tls` and
 `aiohttp-tls`, the framework servers over HTTPS) use a certificate made for the run
 (bench/_tls.py) and keep-alive connections, opened with their handshakes before the
 first measured slice: they measure records, not handshakes.
@@ -47,6 +50,11 @@ KINDS = ["streams", "readline", "protocol", "buffered", "sock", "http", "tls"]
 # The TLS streams echo server, each request a new connection (bench/loadgen
 # `handshakes`: connect, full handshake, one echo, close_notify, close), one at a time.
 HANDSHAKES = "tls-handshake"
+# The same without TLS (connect, one echo, the client's half-close, the server's close),
+# `--conns` connectors at a time.
+CHURN = "churn"
+# The kinds whose every request is a new connection (bench/loadgen `handshakes`).
+PER_CONNECTION = {HANDSHAKES, CHURN}
 
 
 def uses_tls(kind: str) -> bool:
@@ -134,14 +142,14 @@ class Server:
 
 
 def run_cell(targets: dict[str, Server], kind, size, conns, cycles, slice_ms, gen_core, ca=None) -> dict:
-    command = "handshakes" if kind == HANDSHAKES else "run"
+    command = "handshakes" if kind in PER_CONNECTION else "run"
     argv = [str(LOADGEN), command, "--size", str(size), "--conns", str(conns)]
     if kind in FRAMEWORKS:
         mode, path, body = FRAMEWORKS[kind]
         argv += ["--mode", mode]
         if path is not None:
             argv += ["--path", path, "--body", body.decode()]
-    elif kind != HANDSHAKES:
+    elif kind not in PER_CONNECTION:
         argv += ["--mode", MODES.get(kind, "echo")]
     if uses_tls(kind):
         # Servers started without the harness's certificate (bench/ab.py starts its own)
@@ -345,7 +353,7 @@ def c10k_markdown(rows: dict, kind="streams") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS + [HANDSHAKES] + list(FRAMEWORKS))
+    parser.add_argument("--kinds", nargs="*", default=KINDS, choices=KINDS + sorted(PER_CONNECTION) + list(FRAMEWORKS))
     parser.add_argument("--sizes", nargs="*", type=int, default=[1024])
     parser.add_argument("--conns", nargs="*", type=int, default=[10, 100])
     parser.add_argument("--cycles", type=int, default=20)

@@ -6,7 +6,8 @@ LOOP: asyncio | uvloop | ferroloop | rloop | rsloop.
 KIND: streams | readline | protocol | buffered | sock | http (httptools, keep-alive;
 the request path is the body size to answer with, as bench/loadgen sends it) | tls
 (the streams echo over TLS, with the certificate bench/_tls.py gives it) | tls-handshake
-(the same server, which the load generator reconnects to for every request).
+(the same server, which the load generator reconnects to for every request) | churn
+(the streams echo, which the load generator reconnects to for every request).
 """
 
 from __future__ import annotations
@@ -101,6 +102,21 @@ async def serve_sock(loop, listener):
         loop.create_task(sock_echo(loop, conn))
 
 
+def closes_after_eof(port: int) -> bool:
+    """Whether the server closes a connection after one echo and the client's half-close
+    (`churn` waits for that close; rloop 0.5 never reads the EOF and leaves the
+    connection in CLOSE-WAIT)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"x")
+        if conn.recv(1) != b"x":
+            return False
+        conn.shutdown(socket.SHUT_WR)
+        try:
+            return conn.recv(1) == b""
+        except TimeoutError:
+            return False
+
+
 async def main(kind: str) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
@@ -114,8 +130,8 @@ async def main(kind: str) -> None:
         port = listener.getsockname()[1]
         task = loop.create_task(serve_sock(loop, listener))
     else:
-        if kind in ("streams", "tls", "tls-handshake"):
-            tls = server_context() if kind != "streams" else None
+        if kind in ("streams", "churn", "tls", "tls-handshake"):
+            tls = server_context() if kind in ("tls", "tls-handshake") else None
             server = await asyncio.start_server(streams_handler, "127.0.0.1", 0, backlog=1024, ssl=tls)
         elif kind == "readline":
             server = await asyncio.start_server(
@@ -127,6 +143,11 @@ async def main(kind: str) -> None:
             )
             server = await loop.create_server(factory, "127.0.0.1", 0, backlog=1024)
         port = server.sockets[0].getsockname()[1]
+        if kind == "churn" and not await loop.run_in_executor(None, closes_after_eof, port):
+            # Said on the server's last line, without a port: the harness leaves it out.
+            print("the server does not close a connection after the client's EOF", file=sys.stderr)
+            server.close()
+            return
     print(port, flush=True)
     await stop
     if kind == "sock":

@@ -7,7 +7,9 @@
 Quick: the framework workloads (uvicorn with a raw ASGI app, uvicorn with Starlette,
 aiohttp.web, websockets echo, and uvicorn and aiohttp.web over HTTPS), the echo
 workloads (streams, readline, Protocol, BufferedProtocol, sock_*, HTTP/1.1 with
-httptools, TLS) at 1 KiB, each with 10 and 100 connections, and the micro benchmarks.
+httptools, TLS) at 1 KiB, each with 10 and 100 connections, connection churn (a new
+plain TCP connection per 1 KiB echo, 1 and 10 connectors at a time: about 10 s), and
+the micro benchmarks.
 Full: the same with echo at 1, 10 and 100 KiB and WebSocket messages at 1 and 100 KiB,
 20 cycles each, 10,000 idle connections, TLS handshakes (a new connection per 1 KiB
 echo, one at a time: connections/s and server CPU per connection) and sendfile over TLS
@@ -100,6 +102,12 @@ def written_names(written: list[Path]) -> str:
     return ", ".join(str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p) for p in written)
 
 
+CHURN_HEAD = (
+    "## Connection churn\n\nA new plain TCP connection per request, from 1 and from 10 connectors at "
+    "a time: connect, one 1 KiB echo, the client's half-close, the server's close (the streams echo). "
+    "Requests/s are connections/s, CPU µs/req the server's CPU per connection.\n\n"
+)
+
 HANDSHAKES_HEAD = (
     "## TLS handshakes\n\nA new connection per request, one at a time: connect, full handshake "
     "(no resumption), one 1 KiB echo, close_notify, close. Requests/s are connections/s, CPU µs/req "
@@ -165,6 +173,7 @@ def main() -> None:
     framework_kinds = echo.FRAMEWORK_KINDS + echo.TLS_FRAMEWORK_KINDS
     frameworks = echo.run_matrix(framework_kinds, ws_sizes, [10, 100], cycles, 100, args.fixed_malloc)
     cells = echo.run_matrix(echo.KINDS, sizes, [10, 100], cycles, 100, args.fixed_malloc)
+    churn = echo.run_matrix([echo.CHURN], [1024], [1, 10], cycles, 100, args.fixed_malloc)
     c10k = echo.run_c10k() if args.full else None
     handshakes = echo.run_matrix([echo.HANDSHAKES], [1024], [1], cycles, 100, args.fixed_malloc) if args.full else None
     sendfile = tls_sendfile.run(100 << 20, 10) if args.full else None
@@ -178,6 +187,7 @@ def main() -> None:
         "## Frameworks\n\n" + echo.markdown(frameworks),
         "## Echo\n\n" + echo.markdown(cells),
     ]
+    parts.append(CHURN_HEAD + echo.markdown(churn))
     if c10k:
         parts.append(echo.c10k_markdown(c10k))
     if handshakes:
@@ -190,7 +200,7 @@ def main() -> None:
     (RESULTS / "suite.json").write_text(
         json.dumps(
             {
-                "machine": machine(), "frameworks": frameworks, "cells": cells, "c10k": c10k,
+                "machine": machine(), "frameworks": frameworks, "cells": cells, "churn": churn, "c10k": c10k,
                 "handshakes": handshakes, "sendfile": sendfile, "micro": micro_raw,
             },
             indent=1,

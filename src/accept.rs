@@ -14,7 +14,9 @@ use crate::sys;
 /// Accepts up to `max` connections waiting on the listening socket `fd`: `(accepted,
 /// error)`, `accepted` a list of `(fd, peername)` (each fd non-blocking, close-on-exec,
 /// with `TCP_NODELAY` if `nodelay`, and the caller's to own), `peername` as
-/// `socket.accept()` gives it. The batch ends quietly when no connection is left
+/// `socket.accept()` gives it; a connection whose `TCP_NODELAY` could not be set is
+/// closed and comes as `(-1, the OSError)`, for the caller to report as asyncio reports
+/// a transport it could not make. The batch ends quietly when no connection is left
 /// (`EAGAIN`) or one was aborted before it was accepted (`ECONNABORTED`); any other
 /// failure ends it with `error` the `OSError` (or other exception) to raise once the
 /// connections already accepted are handed over, so that none is lost.
@@ -37,10 +39,16 @@ pub fn accept_connections<'py>(
                 _ => return (accepted, Some(os_error(err))),
             },
         };
-        // asyncio's transport closes a connection whose TCP_NODELAY cannot be set; it
-        // is dropped (closed) here, before anyone saw it.
-        if nodelay && sys::set_tcp_nodelay(conn.as_raw_fd()).is_err() {
-            continue;
+        // asyncio's transport fails to be made when TCP_NODELAY cannot be set, and the
+        // connection goes with it: closed here (dropped), the error left to report.
+        if nodelay {
+            if let Err(err) = sys::set_tcp_nodelay(conn.as_raw_fd()) {
+                drop(conn);
+                if let Err(err) = accepted.append((-1, os_error(err))) {
+                    return (accepted, Some(err));
+                }
+                continue;
+            }
         }
         let entry = socket_address(py, &addr, len).and_then(|peer| {
             let peer = peer.unwrap_or_else(|| py.None().into_bound(py));

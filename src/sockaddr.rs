@@ -3,6 +3,7 @@
 //! name as `bytes`) for a Unix socket.
 
 use std::io;
+use std::net::Ipv4Addr;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
@@ -44,6 +45,26 @@ fn ntop(family: libc::c_int, addr: *const libc::c_void) -> PyResult<String> {
         .into_owned())
 }
 
+/// An IPv4 address in dotted decimal, as the C library prints it, written digit by
+/// digit: an accepted connection's addresses are formatted once or twice each, and
+/// inet_ntop's sprintf (or `core::fmt`) costs about 1,700 instructions an address.
+pub(crate) fn ipv4_text(ip: Ipv4Addr) -> String {
+    let mut text = String::with_capacity(15);
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        if octet >= 100 {
+            text.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            text.push(char::from(b'0' + octet / 10 % 10));
+        }
+        text.push(char::from(b'0' + octet % 10));
+    }
+    text
+}
+
 /// `(host, port)` or `(host, port, flowinfo, scope_id)` from a kernel address, as the
 /// socket module builds them; `None` for other families.
 pub(crate) fn inet_address<'py>(
@@ -55,10 +76,7 @@ pub(crate) fn inet_address<'py>(
             // SAFETY: the kernel wrote a sockaddr_in (family AF_INET) into the storage,
             // which is large and aligned enough for every address type.
             let sin = unsafe { &*(addr as *const _ as *const libc::sockaddr_in) };
-            let host = ntop(
-                libc::AF_INET,
-                (&sin.sin_addr as *const libc::in_addr).cast(),
-            )?;
+            let host = ipv4_text(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
             let port = u16::from_be(sin.sin_port);
             Ok(Some((host, port).into_pyobject(py)?))
         }
@@ -127,4 +145,36 @@ pub(crate) fn socket_address<'py>(
         return unix_address(py, addr, len).map(Some);
     }
     Ok(inet_address(py, addr)?.map(Bound::into_any))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_text_is_the_c_librarys() {
+        // Every octet value in every position.
+        for octets in
+            (0..=255u8).flat_map(|v| [[v, 0, 1, 2], [9, v, 10, 99], [100, 255, v, 0], [1, 2, 3, v]])
+        {
+            let addr = libc::in_addr {
+                s_addr: u32::from_ne_bytes(octets),
+            };
+            let mut text = [0 as libc::c_char; 64];
+            // SAFETY: `addr` is an in_addr; `text` holds any IPv4 text and its NUL.
+            let host = unsafe {
+                inet_ntop(
+                    libc::AF_INET,
+                    (&addr as *const libc::in_addr).cast(),
+                    text.as_mut_ptr(),
+                    text.len() as libc::socklen_t,
+                )
+            };
+            assert!(!host.is_null());
+            // SAFETY: inet_ntop succeeded, so `text` holds a NUL-terminated string.
+            let theirs = unsafe { std::ffi::CStr::from_ptr(text.as_ptr()) }.to_string_lossy();
+            let ours = ipv4_text(Ipv4Addr::from(u32::from_be(addr.s_addr)));
+            assert_eq!(theirs, ours);
+        }
+    }
 }

@@ -379,6 +379,55 @@ def test_a_socket_like_listener_is_served(loop):
     assert len(accepted) == 1
 
 
+class ClaimsTcp(SocketLike):
+    """A socket-like wrapper of a Unix socket that claims to be TCP (so does what its
+    accept() gives): TCP_NODELAY, set on an accepted connection as asyncio sets it,
+    fails on it."""
+
+    family = socket.AF_INET
+    type = socket.SOCK_STREAM
+    proto = socket.IPPROTO_TCP
+
+    def accept(self):
+        conn, addr = self._sock.accept()
+        return ClaimsTcp(conn), addr
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs Unix sockets")
+def test_a_connection_whose_tcp_nodelay_fails_is_reported_in_debug_mode(loop, tmp_path):
+    # asyncio's transport cannot be made (its _set_nodelay raises): in debug mode the
+    # loop reports it, and the connection is closed (asyncio's when collected); the
+    # server goes on.
+    path = str(tmp_path / "s")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    reports = []
+    loop.set_debug(True)
+    loop.set_exception_handler(
+        lambda _, context: reports.append((context["message"], type(context.get("exception"))))
+    )
+
+    async def main():
+        server = await loop.create_server(asyncio.Protocol, sock=ClaimsTcp(listener))
+        reader, writer = await asyncio.open_unix_connection(path)
+        while not reports:
+            await asyncio.sleep(0.01)
+        gc.collect()
+        try:
+            end = await reader.read()
+        except ConnectionResetError:
+            end = b""
+        writer.close()
+        # Not wait_closed(): asyncio 3.12+ counted the failed transport as the server's
+        # (it attaches before setting TCP_NODELAY) and would wait for it forever.
+        server.close()
+        return end
+
+    assert loop.run_until_complete(asyncio.wait_for(main(), 30)) == b""
+    assert reports == [("Error on transport creation for incoming connection", OSError)]
+
+
 def test_native_accept_batch_bound_peernames_and_end():
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
@@ -403,6 +452,26 @@ def test_native_accept_batch_bound_peernames_and_end():
         for c in clients:
             c.close()
         listener.close()
+
+
+def test_native_accept_closes_a_connection_whose_tcp_nodelay_fails(tmp_path):
+    # TCP_NODELAY asked on a Unix socket's connection: EOPNOTSUPP, the connection
+    # closed at once and its error in its place in the batch.
+    path = str(tmp_path / "s")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(8)
+        listener.setblocking(False)
+        before = open_fds()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)
+            accepted, error = accept_connections(listener.fileno(), 4, True)
+            assert error is None
+            ((fd, exc),) = accepted
+            assert fd == -1 and type(exc) is OSError and exc.errno == errno.EOPNOTSUPP
+            assert open_fds() == before + 1
+            client.settimeout(30)
+            assert client.recv(1) == b""
 
 
 def test_native_accept_errors_are_returned_as_the_oserror():

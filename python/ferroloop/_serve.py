@@ -127,6 +127,10 @@ class ServeMethods:
         try:
             for fd, addr in accepted:
                 handed_over += 1
+                if fd < 0:
+                    # Closed: its TCP_NODELAY could not be set (`addr` is the OSError).
+                    self._report_accept_error(addr)
+                    continue
                 self._serve_accepted(
                     protocol_factory,
                     fd,
@@ -140,7 +144,8 @@ class ServeMethods:
         except BaseException:
             # Each fd has one owner: those not handed over yet are closed here.
             for fd, _ in accepted[handed_over:]:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             raise
         if exc is not None:
             self._accept_failed(
@@ -187,8 +192,9 @@ class ServeMethods:
             try:
                 conn.setblocking(False)
                 base_events._set_nodelay(conn)
-            except OSError:
+            except OSError as exc:
                 conn.close()
+                self._report_accept_error(exc)
                 continue
             shape = (conn.family, conn.type, conn.proto)
             self._serve_accepted(

@@ -13,7 +13,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString, PyTuple}
 
 use std::cell::RefMut;
 use std::mem;
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
@@ -21,6 +21,7 @@ use crate::event_loop::{LoopCore, NativeTransport};
 use crate::gil_cell::GilCell;
 use crate::handles::{copy_context, in_context_or_lent, is_empty_context};
 use crate::poller::{Interest, Token, READABLE, WRITABLE};
+use crate::sockaddr::ipv4_text;
 use crate::stats::ByteTotals;
 
 /// asyncio's `constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES`.
@@ -289,13 +290,17 @@ impl Peer {
             )),
             _ => return None,
         };
-        (parsed.ip().to_string() == host).then_some(Peer::Inet(parsed))
+        let text = match parsed.ip() {
+            IpAddr::V4(ip) => ipv4_text(ip),
+            IpAddr::V6(ip) => ip.to_string(),
+        };
+        (text == host).then_some(Peer::Inet(parsed))
     }
 
     fn to_object(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         Ok(match self {
             Peer::Object(obj) => obj.clone_ref(py),
-            Peer::Inet(SocketAddr::V4(a)) => (a.ip().to_string(), a.port())
+            Peer::Inet(SocketAddr::V4(a)) => (ipv4_text(*a.ip()), a.port())
                 .into_pyobject(py)?
                 .into_any()
                 .unbind(),
@@ -433,7 +438,7 @@ pub(crate) enum Sock {
 static SOCKET_CLASS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// `socket.socket(family, type, proto, **kwargs)`. Given all three, the socket module
-/// asks an fd passed as `fileno` for none of them.
+/// asks an fd passed as `fileno` for none of them (one `getsockname` still checks it).
 fn new_socket<'py>(
     py: Python<'py>,
     (family, kind, proto): Shape,

@@ -15,11 +15,14 @@
 //!   (framed by Content-Length) is exactly B. `--mode ws` opens each connection with a
 //!   WebSocket handshake, then sends masked binary frames of SIZE bytes and checks the
 //!   echoed frame, header and payload.
-//! `loadgen handshakes --size N --tls-ca PEM --slice-ms S --cycles K --target ...`:
-//!   sliced as `run`, but each request is a new TLS connection, one at a time: connect,
-//!   a full handshake (no resumption), one echo of N bytes (checked), close_notify,
-//!   then the server's close awaited. Prints the same JSON, requests being connections,
-//!   with `warmup`: the connections made before the first slice (all targets).
+//! `loadgen handshakes --size N [--tls-ca PEM] --conns C --slice-ms S --cycles K --target ...`:
+//!   sliced as `run`, but each request is a new connection, C connectors at a time
+//!   (each a thread, one connection after another): connect, one echo of N bytes
+//!   (checked), then the server's close awaited. With `--tls-ca` the connection is TLS:
+//!   a full handshake (no resumption) before the echo, close_notify after it; without,
+//!   plain TCP, the client's half-close (`shutdown(SHUT_WR)`) after the echo. Prints the
+//!   same JSON, requests being connections, with `warmup`: the connections made before
+//!   the first slice (all targets).
 //! `loadgen c10k --conns N --target NAME,PID,PORT`: opens N connections, echoes one
 //!   byte on each, prints the time that took, then holds them until stdin closes.
 //! `loadgen serve [--port P]`: a single-threaded epoll echo server; prints its port.
@@ -760,34 +763,41 @@ fn raise_fd_limit() -> io::Result<()> {
 /// Connections opened before waiting for their echoes, in C10K.
 const C10K_BATCH: usize = 250;
 
-/// C10K: N connections opened and each echoing one byte, timed; then held idle until
-/// stdin closes, so the caller can read the server's memory meanwhile.
-/// One connection of `loadgen handshakes` to `port`: handshake, one echo of `payload`
-/// into `buf`, close_notify, and the server's close (EOF or reset) awaited, so that its
-/// CPU for the connection is spent within the slice.
-fn one_handshake(
-    config: &Arc<rustls::ClientConfig>,
+/// One connection of `loadgen handshakes` to `port`: one echo of `payload` into
+/// `buf` (over TLS with a full handshake if `tls`, then close_notify; plain, then the
+/// client's half-close), and the server's close (EOF or reset) awaited, so that its CPU
+/// for the connection is spent within the slice.
+fn one_connection(
+    tls: Option<&Arc<rustls::ClientConfig>>,
     port: u16,
     payload: &[u8],
     buf: &mut [u8],
 ) -> io::Result<()> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_nodelay(true)?;
-    let name = rustls_pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
-    let mut session =
-        rustls::ClientConnection::new(config.clone(), name).map_err(io::Error::other)?;
-    {
-        let mut tls = rustls::Stream::new(&mut session, &mut stream);
-        tls.write_all(payload)?;
-        let echoed = &mut buf[..payload.len()];
-        tls.read_exact(echoed)?;
-        if echoed != payload {
-            return Err(io::Error::other("echoed bytes differ"));
+    let echoed = &mut buf[..payload.len()];
+    match tls {
+        Some(config) => {
+            let name =
+                rustls_pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
+            let mut session =
+                rustls::ClientConnection::new(config.clone(), name).map_err(io::Error::other)?;
+            let mut tls = rustls::Stream::new(&mut session, &mut stream);
+            tls.write_all(payload)?;
+            tls.read_exact(echoed)?;
+            session.send_close_notify();
+            while session.wants_write() {
+                session.write_tls(&mut stream)?;
+            }
+        }
+        None => {
+            stream.write_all(payload)?;
+            stream.read_exact(echoed)?;
+            stream.shutdown(std::net::Shutdown::Write)?;
         }
     }
-    session.send_close_notify();
-    while session.wants_write() {
-        session.write_tls(&mut stream)?;
+    if echoed != payload {
+        return Err(io::Error::other("echoed bytes differ"));
     }
     loop {
         match stream.read(buf) {
@@ -797,6 +807,41 @@ fn one_handshake(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// `conns` connectors making connections to `port` one after another for `length`:
+/// the connections made and the latency of each, in µs.
+fn connection_slice(
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    port: u16,
+    payload: &[u8],
+    conns: usize,
+    length: Duration,
+) -> io::Result<(u64, Vec<u32>)> {
+    let t0 = Instant::now();
+    let connector = || {
+        let mut buf = vec![0u8; payload.len().max(64 * 1024)];
+        let (mut done, mut latencies) = (0u64, Vec::new());
+        while t0.elapsed() < length {
+            let started = Instant::now();
+            one_connection(tls, port, payload, &mut buf)?;
+            latencies.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            done += 1;
+        }
+        io::Result::Ok((done, latencies))
+    };
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..conns).map(|_| scope.spawn(connector)).collect();
+        let (mut done, mut latencies) = (0u64, Vec::new());
+        for worker in workers {
+            let (n, l) = worker
+                .join()
+                .map_err(|_| io::Error::other("a connector panicked"))??;
+            done += n;
+            latencies.extend(l);
+        }
+        Ok((done, latencies))
+    })
 }
 
 /// One server of `loadgen handshakes` and what was measured on it.
@@ -845,6 +890,7 @@ fn handshakes(args: &[String]) -> io::Result<()> {
     let mut size = 1024usize;
     let mut slice_ms = 100u64;
     let mut cycles = 20usize;
+    let mut conns = 1usize;
     let mut ca = None;
     let mut specs = Vec::new();
     let mut it = args.iter();
@@ -860,29 +906,25 @@ fn handshakes(args: &[String]) -> io::Result<()> {
             "--cycles" => cycles = value()?.parse().map_err(io::Error::other)?,
             "--tls-ca" => ca = Some(value()?),
             "--target" => specs.push(value()?),
-            // One connection at a time, whatever the harness asks.
-            "--conns" => drop(value()?),
+            "--conns" => conns = value()?.parse().map_err(io::Error::other)?,
             other => return Err(io::Error::other(format!("unknown argument {other}"))),
         }
     }
-    let ca = ca.ok_or_else(|| io::Error::other("handshakes needs --tls-ca"))?;
-    let mut config = Arc::into_inner(tls_config(&ca)?)
-        .ok_or_else(|| io::Error::other("TLS configuration shared"))?;
-    config.resumption = rustls::client::Resumption::disabled();
-    let config = Arc::new(config);
+    let config = match ca {
+        Some(ca) => {
+            let mut config = Arc::into_inner(tls_config(&ca)?)
+                .ok_or_else(|| io::Error::other("TLS configuration shared"))?;
+            config.resumption = rustls::client::Resumption::disabled();
+            Some(Arc::new(config))
+        }
+        None => None,
+    };
     let mut targets = handshake_targets(&specs)?;
     let payload: Vec<u8> = (0..size).map(|i| pattern(0, 0, i)).collect();
-    let mut buf = vec![0u8; size.max(64 * 1024)];
-    let mut slice_of = |t: &mut HandshakeTarget, length: Duration| {
-        let t0 = Instant::now();
-        let mut done = 0u64;
-        while t0.elapsed() < length {
-            let started = Instant::now();
-            one_handshake(&config, t.port, &payload, &mut buf)?;
-            let us = started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
-            t.latencies_us.push(us);
-            done += 1;
-        }
+    let slice_of = |t: &mut HandshakeTarget, length: Duration| {
+        let (done, latencies) =
+            connection_slice(config.as_ref(), t.port, &payload, conns.max(1), length)?;
+        t.latencies_us.extend(latencies);
         io::Result::Ok(done)
     };
     // Connections made outside the measured slices, for a caller counting the server's
@@ -914,6 +956,8 @@ fn handshakes(args: &[String]) -> io::Result<()> {
     Ok(())
 }
 
+/// C10K: N connections opened and each echoing one byte, timed; then held idle until
+/// stdin closes, so the caller can read the server's memory meanwhile.
 fn c10k(args: &[String]) -> io::Result<()> {
     let (mut conns, mut spec) = (10_000usize, String::new());
     let mut it = args.iter();
