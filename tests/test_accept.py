@@ -116,6 +116,43 @@ def test_tcp_nodelay_as_asyncio_sets_it(loop, proto):
     assert bool(nodelay) == (proto == socket.IPPROTO_TCP)
 
 
+@pytest.mark.parametrize("proto", [0, socket.IPPROTO_TCP])
+def test_sockname_and_socket_after_a_close_nobody_asked_them_before(loop, proto):
+    # Closed before anything asked for its socket, ferroloop's connection closes its fd
+    # natively; afterwards get_extra_info still gives what asyncio's does: the local
+    # address, and a closed socket of the listener's family, type and protocol.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    address = listener.getsockname()
+    accepted = []
+
+    async def main():
+        lost = loop.create_future()
+
+        class Closing(Recorder):
+            def connection_lost(self, exc):
+                lost.set_result(None)
+
+        server = await loop.create_server(lambda: Closing(accepted), sock=listener)
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(b"x")
+        assert await reader.read() == b"x"
+        client_name = writer.get_extra_info("sockname")
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        await lost
+        tr = accepted[0]
+        return tr.get_extra_info("sockname"), tr.get_extra_info("socket"), client_name
+
+    sockname, sock, client_name = loop.run_until_complete(asyncio.wait_for(main(), 30))
+    assert sockname == address
+    assert sock.fileno() == -1
+    assert (sock.family, sock.type, sock.proto) == (socket.AF_INET, socket.SOCK_STREAM, proto)
+    assert client_name != sockname
+
+
 def test_a_queue_longer_than_the_batch_is_all_served(loop):
     # 60 connections wait in the kernel's queue before serving starts; the server takes
     # them in batches of `backlog` (4), one batch per readiness event.
