@@ -8,7 +8,7 @@ from asyncio import base_events
 
 __all__ = ["Server"]
 
-# 3.12 passes the transport to `_attach`/`_detach`; 3.11 does not.
+# 3.13 passes the transport to `_attach`/`_detach`; 3.10-3.12 do not.
 _BASE_TAKES_TRANSPORT = len(inspect.signature(base_events.Server._attach).parameters) > 1
 
 
@@ -18,12 +18,14 @@ class Server(base_events.Server):
     server that accepted it; no per-connection set is kept."""
 
     if not _BASE_TAKES_TRANSPORT:
-        # The transports pass themselves, as 3.12's do; 3.12's methods are inherited.
+        # ferroloop's transports pass themselves, as 3.13's do; 3.13's methods are
+        # inherited (no call in between: these run once per connection each). Same
+        # signature on every version, for the stub checker.
 
-        def _attach(self, transport=None) -> None:
+        def _attach(self, transport) -> None:
             super()._attach()
 
-        def _detach(self, transport=None) -> None:
+        def _detach(self, transport) -> None:
             super()._detach()
 
     def _accepted_transports(self) -> list:
