@@ -11,7 +11,8 @@ settings, as users run them. Per cell it reports requests/s, server CPU µs per 
 (server CPU time / requests: the steadiest figure on a shared machine), p50/p99
 latency, and ferroloop's ratio to uvloop as the median of per-cycle ratios with the
 p25-p75 spread. `tls-handshake` (not in the default kinds) makes each request a new
-TLS connection, one at a time, to the TLS streams echo: its requests/s are connections/s
+TLS connection (one at a time with `--conns 1`, as the suite runs it; N connectors
+at once with N) to the TLS streams echo: its requests/s are connections/s
 and its CPU µs per request the server's CPU per connection. `churn` (not in the default
 kinds either) is the same without TLS: a new plain TCP connection per 1 KiB echo, to the
 streams echo (`asyncio.start_server`, what users write a TCP service with), with as many
@@ -48,7 +49,8 @@ LOADGEN_DIR = BENCH / "loadgen"
 LOADGEN = LOADGEN_DIR / "target" / "release" / "ferroloop-loadgen"
 KINDS = ["streams", "readline", "protocol", "buffered", "sock", "http", "tls"]
 # The TLS streams echo server, each request a new connection (bench/loadgen
-# `handshakes`: connect, full handshake, one echo, close_notify, close), one at a time.
+# `handshakes`: connect, full handshake, one echo, close_notify, close), from as many
+# connectors at once as the cell's connections.
 HANDSHAKES = "tls-handshake"
 # The same without TLS (connect, one echo, the client's half-close, the server's close),
 # `--conns` connectors at a time.

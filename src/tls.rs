@@ -1207,6 +1207,9 @@ fn sendfile_block(
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {
                     py.check_signals()?;
                 }
+                // What this call sent is counted (the file position follows it); the
+                // next call reads at the same place and meets the error again.
+                Err(_) if total > 0 => return Ok(total),
                 Err(err) => return Err(err.into()),
             }
         };

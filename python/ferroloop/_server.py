@@ -15,7 +15,8 @@ _BASE_TAKES_TRANSPORT = len(inspect.signature(base_events.Server._attach).parame
 class Server(base_events.Server):
     """`asyncio.Server` with `close_clients()` and `abort_clients()`. The connections
     are found in the loop's fd registry, which holds every live transport with the
-    server that accepted it; no per-connection set is kept."""
+    server that accepted it (ferroloop keeps no per-connection set of its own; 3.13's
+base keeps its `_clients`)."""
 
     if not _BASE_TAKES_TRANSPORT:
         # ferroloop's transports pass themselves, as 3.13's do; 3.13's methods are

@@ -358,10 +358,15 @@ pub(crate) fn get_extra_info<S: HasBase>(
     }
     let sock = match socket_object(cell, py)? {
         Some(sock) => Some(sock.into_bound(py)),
-        None => match base(cell, py)?.closed_shape {
-            Some(shape) => Some(closed_socket(py, shape)?),
-            None => None,
-        },
+        None => {
+            // Read before the call: making the socket runs Python, which must not
+            // find the state borrowed.
+            let closed_shape = base(cell, py)?.closed_shape;
+            match closed_shape {
+                Some(shape) => Some(closed_socket(py, shape)?),
+                None => None,
+            }
+        }
     };
     if let Some(sock) = sock {
         fill_socket_extra(py, &sock, &extra)?;
