@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import inspect
+import sys
 from asyncio import base_events
 
 __all__ = ["Server"]
-
-# 3.13 passes the transport to `_attach`/`_detach`; 3.10-3.12 do not.
-_BASE_TAKES_TRANSPORT = len(inspect.signature(base_events.Server._attach).parameters) > 1
 
 
 class Server(base_events.Server):
@@ -18,15 +15,16 @@ class Server(base_events.Server):
     server that accepted it (ferroloop keeps no per-connection set of its own; 3.13's
 base keeps its `_clients`)."""
 
-    if not _BASE_TAKES_TRANSPORT:
-        # ferroloop's transports pass themselves, as 3.13's do; 3.13's methods are
-        # inherited (no call in between: these run once per connection each). Same
-        # signature on every version, for the stub checker.
+    if sys.version_info < (3, 13):
+        # ferroloop's transports pass themselves, as 3.13's do, to 3.13's methods,
+        # inherited (no call in between: these run once per connection each). Before
+        # 3.13 the base takes no transport; the default keeps a bare `_attach()` (as
+        # CPython's own tests call it) working.
 
-        def _attach(self, transport) -> None:
+        def _attach(self, transport=None) -> None:
             super()._attach()
 
-        def _detach(self, transport) -> None:
+        def _detach(self, transport=None) -> None:
             super()._detach()
 
     def _accepted_transports(self) -> list:
