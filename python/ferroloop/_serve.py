@@ -12,8 +12,7 @@ import os
 import socket
 from asyncio import base_events, constants, trsock
 
-from . import _sslproto, _workers
-from ._arguments import HAS_SSL_SHUTDOWN_TIMEOUT
+from . import _workers
 from ._ferroloop import accept_connections
 from ._server import Server
 from ._unix import unlink_if_same
@@ -296,11 +295,8 @@ class ServeMethods:
         try:
             protocol = protocol_factory()
             waiter = self.create_future()
-            timeouts = {"ssl_handshake_timeout": handshake_timeout}
-            if HAS_SSL_SHUTDOWN_TIMEOUT:
-                timeouts["ssl_shutdown_timeout"] = shutdown_timeout
-            ssl_protocol = _sslproto.SSLProtocol(
-                self, protocol, sslcontext, waiter, True, None, **timeouts
+            ssl_protocol = self._new_ssl_protocol(
+                protocol, sslcontext, waiter, True, None, handshake_timeout, shutdown_timeout
             )
         except (SystemExit, KeyboardInterrupt):
             os.close(fd)

@@ -150,14 +150,25 @@ class TransportMethods:
         ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
         ssl_shutdown_timeout=None,
     ):
-        timeouts = {"ssl_handshake_timeout": ssl_handshake_timeout}
-        if HAS_SSL_SHUTDOWN_TIMEOUT:
-            timeouts["ssl_shutdown_timeout"] = ssl_shutdown_timeout
-        ssl_protocol = _sslproto.SSLProtocol(
-            self, protocol, sslcontext, waiter, server_side, server_hostname, **timeouts
+        ssl_protocol = self._new_ssl_protocol(
+            protocol, sslcontext, waiter, server_side, server_hostname,
+            ssl_handshake_timeout, ssl_shutdown_timeout,
         )
         self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
+
+    def _new_ssl_protocol(
+        self, protocol, sslcontext, waiter, server_side, server_hostname,
+        handshake_timeout, shutdown_timeout,
+    ):
+        """ferroloop's `SSLProtocol`, given the shutdown timeout where the running
+        asyncio takes one."""
+        timeouts = {"ssl_handshake_timeout": handshake_timeout}
+        if HAS_SSL_SHUTDOWN_TIMEOUT:
+            timeouts["ssl_shutdown_timeout"] = shutdown_timeout
+        return _sslproto.SSLProtocol(
+            self, protocol, sslcontext, waiter, server_side, server_hostname, **timeouts
+        )
 
     # The versions whose `sslproto` ferroloop's `SSLProtocol` subclasses (`_sslproto.py`).
     if sys.version_info >= (3, 11) and sys.version_info < (3, 14):

@@ -121,19 +121,26 @@ pub(super) fn asyncio_step(
 pub(super) fn start_handshake(proto: &Proto<'_>) -> PyResult<()> {
     let py = proto.py();
     let obj = proto.any();
-    let loop_ = obj.getattr(intern!(py, "_loop"))?;
-    if loop_.call_method0(intern!(py, "get_debug"))?.is_truthy()? {
+    if loop_debug(obj)? {
         return asyncio_step(proto, intern!(py, "_start_handshake"));
     }
     obj.setattr(intern!(py, "_handshake_start_time"), py.None())?;
     TlsState::_set_state(&proto.obj, sslproto(py)?.do_handshake.bind(py))?;
     let timeout = obj.getattr(intern!(py, "_ssl_handshake_timeout"))?;
-    let handle = loop_.call_method1(
+    let handle = obj.getattr(intern!(py, "_loop"))?.call_method1(
         intern!(py, "call_later"),
         (timeout, handshake_timeout_callback(obj)?),
     )?;
     obj.setattr(intern!(py, "_handshake_timeout_handle"), handle)?;
     do_handshake(proto)
+}
+
+/// The protocol's loop is in debug mode, where asyncio logs and times the handshake.
+fn loop_debug(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = obj.py();
+    obj.getattr(intern!(py, "_loop"))?
+        .call_method0(intern!(py, "get_debug"))?
+        .is_truthy()
 }
 
 /// `functools.partial` and `operator.methodcaller("_check_handshake_timeout")`.
@@ -207,11 +214,7 @@ fn handshake_complete(proto: &Proto<'_>, raw: &Bound<'_, PyAny>) -> PyResult<()>
     let py = proto.py();
     let names = sslproto(py)?;
     let obj = proto.any();
-    let debug = obj
-        .getattr(intern!(py, "_loop"))?
-        .call_method0(intern!(py, "get_debug"))?
-        .is_truthy()?;
-    if debug || !proto.get(|st| &st.state)?.is(&names.do_handshake) {
+    if loop_debug(obj)? || !proto.get(|st| &st.state)?.is(&names.do_handshake) {
         let complete = intern!(py, "_on_handshake_complete");
         return obj.call_method1(complete, (py.None(),)).map(drop);
     }
